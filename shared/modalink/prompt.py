@@ -1,0 +1,109 @@
+"""Prompt assembly: the LLM's own chat template, with modality embeddings spliced in where they belong.
+
+A prompt becomes a list of *segments*: text (tokenized by the engine) or a tensor of embeddings
+[n, d_llm]. Every modality item is wrapped in text boundary markers, ``<image>`` ... ``</image>``.
+Items go where the user put them (interleaved, KOSMOS-1 style); a prompt with no placement gets
+AnyMAL's order, ``[<instruction> <modality tokens>]``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from modalink import MODALITIES
+from modalink.errors import InputError
+
+Segment = str | torch.Tensor
+
+_SLOT = "<|modalink:{}|>"
+_SLOT_RE = re.compile(r"<\|modalink:(\d+)\|>")
+_TAG_RE = re.compile(r"<(" + "|".join(MODALITIES) + r")>")
+
+
+@dataclass
+class Media:
+    """One modality item already projected into the LLM's embedding space."""
+
+    modality: str
+    embeddings: torch.Tensor  # [n_tokens, d_llm]
+
+
+Part = str | Media
+
+
+@dataclass
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: list[Part]
+
+
+def place_media(text: str, media: list[Media]) -> list[Part]:
+    """Interleave ``media`` with ``text``: at ``<image>``/``<audio>``/``<imu>``/``<video>`` tags in the
+    text, in order, when the text has exactly one tag per item; otherwise AnyMAL order (text first)."""
+    tags = list(_TAG_RE.finditer(text))
+    if tags and [m.group(1) for m in tags] == [m.modality for m in media]:
+        parts: list[Part] = []
+        pos = 0
+        for tag, item in zip(tags, media, strict=True):
+            parts += [text[pos : tag.start()], item]
+            pos = tag.end()
+        parts.append(text[pos:])
+        return [p for p in parts if not isinstance(p, str) or p]
+    if tags:
+        found = [m.group(1) for m in tags]
+        raise InputError(
+            f"the prompt places {found} but the inputs are {[m.modality for m in media]}: "
+            "use one tag per input, in the same order, or no tags"
+        )
+    return ([text] if text else []) + list(media)
+
+
+def build_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], system_prompt: str | None = None
+) -> list[Segment]:
+    """Render ``messages`` with the tokenizer's chat template and splice each media item's embeddings."""
+    if not messages or messages[-1].role != "user":
+        raise InputError("a prompt needs at least one message and must end with a user turn")
+    media: list[Media] = []
+    rendered = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for msg in messages:
+        if msg.role not in ("system", "user", "assistant"):
+            raise InputError(f"unknown role {msg.role!r}")
+        text = []
+        for part in msg.content:
+            if isinstance(part, Media):
+                if part.modality not in MODALITIES:
+                    raise InputError(f"unknown modality {part.modality!r}")
+                text.append(_SLOT.format(len(media)))
+                media.append(part)
+            else:
+                text.append(_SLOT_RE.sub("", part))  # a user cannot forge a slot
+        rendered.append({"role": msg.role, "content": "".join(text)})
+    if not any(r["content"].strip() for r in rendered if r["role"] == "user"):
+        raise InputError("the prompt is empty: give a question or at least one input")
+    chat = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+    segments: list[Segment] = []
+    pos = 0
+    for slot in _SLOT_RE.finditer(chat):
+        item = media[int(slot.group(1))]
+        segments += [chat[pos : slot.start()] + f"<{item.modality}>", item.embeddings, f"</{item.modality}>"]
+        pos = slot.end()
+    segments.append(chat[pos:])
+    return merge_text(segments)
+
+
+def merge_text(segments: list[Segment]) -> list[Segment]:
+    out: list[Segment] = []
+    for s in segments:
+        if isinstance(s, str):
+            if not s:
+                continue
+            if out and isinstance(out[-1], str):
+                out[-1] += s
+                continue
+        out.append(s)
+    return out

@@ -1,0 +1,115 @@
+"""Adapter registry: ``<root>/<modality>/<version>/{projector.safetensors, config.json, metrics.json}``.
+
+Versions are immutable and checksummed (``checksums.json``); a version is written into a temp dir and
+renamed into place, and ``CURRENT`` (the promoted version's name) is replaced atomically (write temp,
+fsync, rename), so a reader never sees half a version or a pointer to one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modalink.cache import atomic_dir
+from modalink.projectors import load_projector, save_projector
+
+_VERSION_RE = re.compile(r"^v(\d+)$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class AdapterVersion:
+    modality: str
+    version: str
+    path: Path
+    metrics: dict
+    current: bool
+
+
+class AdapterRegistry:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def versions(self, modality: str) -> list[str]:
+        d = self.root / modality
+        if not d.is_dir():
+            return []
+        found = [p.name for p in d.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)]
+        return sorted(found, key=lambda v: int(v[1:]))
+
+    def current(self, modality: str) -> str | None:
+        f = self.root / modality / "CURRENT"
+        return f.read_text().strip() if f.exists() else None
+
+    def list(self, modality: str) -> list[AdapterVersion]:
+        cur = self.current(modality)
+        out = []
+        for v in self.versions(modality):
+            p = self.root / modality / v
+            m = json.loads((p / "metrics.json").read_text()) if (p / "metrics.json").exists() else {}
+            out.append(AdapterVersion(modality, v, p, m, v == cur))
+        return out
+
+    def verify(self, modality: str, version: str) -> None:
+        d = self.root / modality / version
+        sums = json.loads((d / "checksums.json").read_text())
+        for name, digest in sums.items():
+            if _sha256(d / name) != digest:
+                raise RuntimeError(f"adapter {modality}/{version}: checksum mismatch in {name}")
+
+    def publish(
+        self, modality: str, projector: nn.Module, metrics: dict | None = None, extra: dict | None = None,
+        promote: bool = False,
+    ) -> str:
+        """Write a new immutable version (next ``vN``); optionally make it current."""
+        existing = self.versions(modality)
+        version = f"v{int(existing[-1][1:]) + 1 if existing else 1}"
+        with atomic_dir(self.root / modality / version) as tmp:
+            save_projector(projector, tmp, {"modality": modality, "version": version, **(extra or {})})
+            (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n")
+            sums = {n: _sha256(tmp / n) for n in ("projector.safetensors", "config.json", "metrics.json")}
+            (tmp / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
+        if promote:
+            self.promote(modality, version)
+        return version
+
+    def promote(self, modality: str, version: str) -> None:
+        if version not in self.versions(modality):
+            raise ValueError(f"no adapter version {modality}/{version}")
+        self.verify(modality, version)
+        _write_atomic(self.root / modality / "CURRENT", version + "\n")
+
+    def load(
+        self, modality: str, version: str | None = None, device: torch.device | str = "cpu"
+    ) -> tuple[nn.Module, str, dict] | None:
+        """The projector of ``version`` (default: current), checksum-verified; None if there is none."""
+        version = version or self.current(modality)
+        if version is None:
+            return None
+        self.verify(modality, version)
+        module, meta = load_projector(self.root / modality / version, device)
+        return module, version, meta
