@@ -41,11 +41,19 @@ class Assistant:
     def __init__(self, settings: Settings | None = None, engine: Engine | None = None):
         self.settings = settings or get_settings()
         self.settings.apply_threads()
-        self.engine = engine or TransformersEngine.load(settings=self.settings)
+        self._engine = engine
         self.registry = AdapterRegistry(self.settings.adapters_dir)
         self._encoders: dict[str, Encoder] = {}
         self._projectors: dict[str, tuple[nn.Module, str]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+
+    @property
+    def engine(self) -> Engine:
+        """Loaded on first use, so bad inputs are refused before the LLM is loaded."""
+        with self._lock:
+            if self._engine is None:
+                self._engine = TransformersEngine.load(settings=self.settings)
+            return self._engine
 
     def encoder(self, modality: str) -> Encoder:
         if modality not in MODALITIES:
@@ -67,11 +75,13 @@ class Assistant:
                 if loaded is not None:
                     module, version, _ = loaded
                 else:
-                    log.warning("no trained %s adapter in %s: using an untrained projector", modality,
-                                self.registry.root)
+                    log.warning(
+                        "no trained %s adapter in %s: using an untrained projector", modality, self.registry.root
+                    )
                     torch.manual_seed(0)
-                    cfg = ProjectorConfig(d_in=enc.feature_dim, d_llm=self.engine.hidden_size,
-                                          **DEFAULT_PROJECTORS[modality])
+                    cfg = ProjectorConfig(
+                        d_in=enc.feature_dim, d_llm=self.engine.hidden_size, **DEFAULT_PROJECTORS[modality]
+                    )
                     module, version = build_projector(cfg).eval(), UNTRAINED
                 if module.cfg.d_in != enc.feature_dim or module.cfg.d_llm != self.engine.hidden_size:
                     raise RuntimeError(
@@ -81,11 +91,17 @@ class Assistant:
                 self._projectors[modality] = (module.to(self.settings.torch_device()), version)
             return self._projectors[modality]
 
-    def embed(self, modality: str, items: Sequence[Any]) -> tuple[list[torch.Tensor], str]:
-        """Decode + encode + project a batch of raw items: one [n_tokens, d_llm] tensor each."""
+    def decode(self, modality: str, items: Sequence[Any]) -> list[Any]:
+        """Check and decode raw items (bytes or paths); raises InputError before any heavy work."""
         enc = self.encoder(modality)
+        return [enc.decode(x) for x in items]
+
+    def embed(self, modality: str, items: Sequence[Any], decoded: bool = False) -> tuple[list[torch.Tensor], str]:
+        """Encode + project a batch of raw (or already decoded) items: one [n_tokens, d_llm] tensor each."""
+        enc = self.encoder(modality)
+        inputs = list(items) if decoded else self.decode(modality, items)
         projector, version = self.projector(modality)
-        feats = enc.encode([enc.decode(x) for x in items])
+        feats = enc.encode(inputs)
         x, mask = pad_features([f.to(self.settings.torch_device()) for f in feats])
         with torch.inference_mode():
             out = projector(x, mask)
@@ -95,15 +111,21 @@ class Assistant:
         """Project (modality, raw) inputs, batching items of one modality together; keeps input order."""
         out: list[Media | None] = [None] * len(inputs)
         versions: dict[str, str] = {}
-        for modality in dict.fromkeys(m for m, _ in inputs):
-            idx = [i for i, (m, _) in enumerate(inputs) if m == modality]
-            embs, versions[modality] = self.embed(modality, [inputs[i][1] for i in idx])
+        groups = {
+            mod: [i for i, (m, _) in enumerate(inputs) if m == mod] for mod in dict.fromkeys(m for m, _ in inputs)
+        }
+        decoded = {mod: self.decode(mod, [inputs[i][1] for i in idx]) for mod, idx in groups.items()}
+        for modality, idx in groups.items():
+            embs, versions[modality] = self.embed(modality, decoded[modality], decoded=True)
             for i, e in zip(idx, embs, strict=True):
                 out[i] = Media(modality, e)
         return [m for m in out if m is not None], versions
 
     def stream(
-        self, text: str, inputs: Sequence[tuple[str, Any]] = (), params: GenerationParams | None = None,
+        self,
+        text: str,
+        inputs: Sequence[tuple[str, Any]] = (),
+        params: GenerationParams | None = None,
         history: Sequence[Message] = (),
     ) -> tuple[Iterator[TokenEvent], dict[str, str], int]:
         """Start answering: (token events, adapter versions used, prompt tokens)."""
@@ -113,9 +135,7 @@ class Assistant:
         prompt = build_prompt(self.engine.tokenizer, [*history, Message("user", parts)], self.settings.system_prompt)
         return self.engine.stream([prompt], params), versions, self.engine.prompt_length(prompt)
 
-    def ask(
-        self, text: str, inputs: Sequence[tuple[str, Any]] = (), params: GenerationParams | None = None
-    ) -> Answer:
+    def ask(self, text: str, inputs: Sequence[tuple[str, Any]] = (), params: GenerationParams | None = None) -> Answer:
         events, versions, prompt_tokens = self.stream(text, inputs, params)
         out, finish, n = [], "length", 0
         for ev in events:

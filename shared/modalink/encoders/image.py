@@ -31,7 +31,9 @@ def decode_image(data: Raw | Image.Image, max_pixels: int = 40_000_000) -> Image
         raw = read_bytes(data, "image")
         try:
             img = Image.open(io.BytesIO(raw))
-        except (UnidentifiedImageError, OSError) as e:
+        except UnidentifiedImageError:
+            raise InputError(f"not a decodable image ({len(raw)} bytes; PNG/JPEG/WebP/GIF/BMP/TIFF expected)") from None
+        except OSError as e:
             raise InputError(f"not a decodable image ({len(raw)} bytes): {e}") from None
         if img.format not in FORMATS:
             raise InputError(f"unsupported image format {img.format}; use one of {', '.join(FORMATS)}")
