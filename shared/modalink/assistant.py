@@ -75,7 +75,7 @@ class Assistant:
                 if loaded is not None:
                     module, version, _ = loaded
                 else:
-                    log.warning(
+                    log.info(
                         "no trained %s adapter in %s: using an untrained projector", modality, self.registry.root
                     )
                     torch.manual_seed(0)
