@@ -145,7 +145,7 @@ class _TextStream:
 
 def _sample(logits: torch.Tensor, p: GenerationParams, seen: torch.Tensor, gen: torch.Generator | None) -> int:
     """Next token for one row: repetition penalty, then greedy or temperature / top-k / top-p sampling."""
-    logits = logits.float()
+    logits = logits.to(torch.float32, copy=True)  # a normal tensor we may edit (the model's is an inference tensor)
     if p.repetition_penalty != 1.0 and seen.numel():
         vals = logits[seen]
         logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
@@ -203,6 +203,12 @@ class TransformersEngine(Engine):
         if not parts:
             raise InputError("empty prompt")
         return torch.cat(parts), text_ids
+
+    @torch.inference_mode()
+    def next_token_logits(self, prompt: list[Segment]) -> torch.Tensor:
+        """Logits [vocab] for the token after ``prompt`` (scoring, evaluation, tests)."""
+        embeds, _ = self._embed_prompt(prompt)
+        return self.model(inputs_embeds=embeds[None]).logits[0, -1].float()
 
     @torch.inference_mode()
     def _forward(self, **kw):

@@ -79,8 +79,10 @@ def build_prompt(
                     raise InputError(f"unknown modality {part.modality!r}")
                 text.append(_SLOT.format(len(media)))
                 media.append(part)
-            else:
+            elif isinstance(part, str):
                 text.append(_SLOT_RE.sub("", part))  # a user cannot forge a slot
+            else:
+                raise InputError(f"a message part must be text or a modality input, got {type(part).__name__}")
         rendered.append({"role": msg.role, "content": "".join(text)})
     if not any(r["content"].strip() for r in rendered if r["role"] == "user"):
         raise InputError("the prompt is empty: give a question or at least one input")

@@ -1,0 +1,74 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent / "modalink"
+
+
+def run(*args: str, adapters: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MODALINK_ADAPTERS_DIR": str(adapters), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_ask_help_documents_every_option(tmp_path):
+    out = run("ask", "--help", adapters=tmp_path)
+    assert out.returncode == 0
+    for option in ("--image", "--audio", "--imu", "--video", "--max-new-tokens", "--temperature", "--top-p",
+                   "--top-k", "--repetition-penalty", "--stop", "--seed", "--system", "--json"):  # fmt: skip
+        assert option in out.stdout, option
+    assert "<image>" in out.stdout and "AnyMAL" in out.stdout
+
+
+def test_ask_json_with_two_modalities(tmp_path, samples):
+    out = run("ask", "--image", samples["image"], "--imu", samples["imu"], "Compare <imu> and <image>.",
+              "-n", "4", "--json", adapters=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert set(result) == {"text", "finish_reason", "adapters", "usage"}
+    assert result["adapters"] == {"image": "untrained", "imu": "untrained"}
+    assert result["usage"]["completion_tokens"] <= 4 and result["usage"]["prompt_tokens"] > 20
+    assert "untrained" in out.stderr  # said plainly
+
+
+def test_ask_streams_plain_text(tmp_path):
+    out = run("ask", "What is the capital of France? Answer in one word.", "-n", "8", adapters=tmp_path)
+    assert out.returncode == 0 and "Paris" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "/nonexistent.png"], "image file not found"),
+        (["--audio", "{image}"], "not a decodable audio file"),
+        (["--image", "{corrupt}"], "not a decodable image"),
+        (["--imu", "{image}"], "IMU data must be"),
+        (["--temperature", "-1"], "temperature"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, samples, args, message):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    args = [a.format(image=samples["image"], corrupt=corrupt) for a in args]
+    out = run("ask", *args, "hi", adapters=tmp_path)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_modality_flag_is_a_usage_error(tmp_path):
+    out = run("ask", "--smell", "x.bin", "hi", adapters=tmp_path)
+    assert out.returncode == 2 and "--smell" in out.stderr
+
+
+def test_models_lists_configuration(tmp_path):
+    out = run("models", "--json", adapters=tmp_path)
+    assert out.returncode == 0
+    info = json.loads(out.stdout)
+    roles = {m["role"]: m for m in info["models"]}
+    assert roles["llm"]["model"] == "smollm2-135m-instruct" and roles["llm"]["cached"] is True
+    assert set(info["adapters"]) == {"image", "audio", "imu", "video"}

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+
+from modalink.projectors import KINDS, ProjectorConfig, build_projector, load_projector, pad_features, save_projector
+
+
+def make(kind: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = ProjectorConfig(kind=kind, d_in=32, d_llm=24, n_tokens=5, n_layers=2, d_model=16, n_heads=4, **kw)
+    return build_projector(cfg)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_output_shape_for_any_input_length(kind):
+    proj = make(kind)
+    for n_in in (1, 7, 49):
+        assert proj(torch.randn(3, n_in, 32)).shape == (3, 5, 24)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_parameter_gets_a_gradient(kind):
+    proj = make(kind)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    proj(x).pow(2).mean().backward()
+    for name, p in proj.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trip(kind, tmp_path):
+    proj = make(kind).eval()
+    save_projector(proj, tmp_path, {"modality": "image"})
+    assert (tmp_path / "projector.safetensors").exists()
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["projector"]["kind"] == kind and meta["modality"] == "image"
+    loaded, meta2 = load_projector(tmp_path)
+    x = torch.randn(2, 11, 32)
+    with torch.no_grad():
+        assert torch.equal(proj(x), loaded(x))
+    assert meta2 == meta
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padding_does_not_change_an_items_output(kind):
+    """A short item batched with a long one (padded + masked) projects as it does alone."""
+    proj = make(kind).eval()
+    short, long = torch.randn(4, 32), torch.randn(10, 32)
+    x, mask = pad_features([short, long])
+    with torch.no_grad():
+        batched = proj(x, mask)
+        alone = proj(short[None])
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_configs_are_rejected():
+    with pytest.raises(ValueError, match="unknown projector kind"):
+        ProjectorConfig(kind="transformer")
+    with pytest.raises(ValueError, match="n_tokens"):
+        ProjectorConfig(n_tokens=0)
+    with pytest.raises(ValueError, match="divisible"):
+        ProjectorConfig(kind="perceiver", d_model=30, n_heads=8)
+    with pytest.raises(ValueError, match="unknown projector config keys"):
+        ProjectorConfig.from_dict({"kind": "mlp", "bogus": 1})
