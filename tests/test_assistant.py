@@ -4,7 +4,6 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from modalink import MODALITIES
 from modalink.assistant import UNTRAINED, Assistant
-from modalink.config import Settings
 from modalink.encoders import load_encoder
 from modalink.engine import GenerationParams
 from modalink.errors import InputError

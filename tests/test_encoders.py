@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from PIL import Image
+
 from modalink import MODALITIES
 from modalink.config import Settings
 from modalink.encoders import load_encoder
@@ -21,7 +23,6 @@ from modalink.encoders.image import decode_image, to_tensor
 from modalink.encoders.imu import IMUCNN, IMUConfig, IMUEncoder, decode_imu, save_imu_encoder
 from modalink.encoders.video import decode_video, frames_to_gif, sample_indices
 from modalink.errors import InputError
-from PIL import Image
 
 # ---------------------------------------------------------------------------------------------------------
 # Fixtures and input builders
@@ -267,12 +268,6 @@ def test_decode_image_real_image_over_lowered_limit():
         decode_image(raw, max_pixels=29_999)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Image.DecompressionBombError,
-    reason="image.py:33 Image.open raises PIL.Image.DecompressionBombError (not OSError) for images over "
-    "2 * Image.MAX_IMAGE_PIXELS (~179 Mpx); decode_image does not catch it, so it escapes as a non-InputError",
-)
 def test_decode_image_huge_declared_size_is_input_error():
     with pytest.raises(InputError):
         decode_image(png_declaring(30_000, 30_000))
@@ -659,12 +654,6 @@ def test_decode_video_frame_size_limit(tmp_path):
         decode_video([Image.fromarray(f) for f in gray_frames(3)], max_pixels=4_000)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Image.DecompressionBombError,
-    reason="video.py:42 Image.open raises PIL.Image.DecompressionBombError for a GIF declaring > ~179 Mpx; "
-    "_container_frames catches only OSError/EOFError/ValueError, so it escapes as a non-InputError",
-)
 def test_decode_video_huge_declared_gif_is_input_error():
     with pytest.raises(InputError):
         decode_video(gif_declaring(30_000, 30_000))
@@ -712,3 +701,14 @@ def test_load_encoder_modalities(image_encoder, audio_encoder, imu_encoder, vide
     for modality, enc in zip(MODALITIES, (image_encoder, audio_encoder, imu_encoder, video_encoder), strict=True):
         assert enc.modality == modality
     assert video_encoder.name == "efficientnet-lite0+st-pool"
+
+
+def test_decode_audio_int16_pcm_and_samples_by_channels_layout():
+    t = np.arange(16_000) / 16_000
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    as_int16 = (tone * 32767).astype(np.int16)
+    out = decode_audio(as_int16, sample_rate=16_000)
+    assert out.dtype == np.float32 and abs(np.abs(out).max() - 0.5) < 1e-3
+    stereo_rows = np.stack([tone, np.zeros_like(tone)], axis=1)  # soundfile's [samples, channels]
+    out = decode_audio(stereo_rows, sample_rate=16_000)
+    assert out.shape == (16_000,) and abs(np.abs(out).max() - 0.25) < 1e-3

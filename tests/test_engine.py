@@ -24,7 +24,9 @@ def test_text_only_answer_is_sensible(engine):
     [out] = engine.generate([chat(engine.tokenizer, "What is the capital of France?")], GenerationParams(16))
     assert "Paris" in out.text
     assert out.finish_reason == "stop" and 0 < out.completion_tokens <= 16
-    assert out.prompt_tokens == len(engine.tokenizer(chat(engine.tokenizer, "What is the capital of France?")[0]).input_ids)
+    assert out.prompt_tokens == len(
+        engine.tokenizer(chat(engine.tokenizer, "What is the capital of France?")[0]).input_ids
+    )
 
 
 def test_the_prefix_changes_the_output(engine):

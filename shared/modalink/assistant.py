@@ -75,14 +75,13 @@ class Assistant:
                 if loaded is not None:
                     module, version, _ = loaded
                 else:
-                    log.info(
-                        "no trained %s adapter in %s: using an untrained projector", modality, self.registry.root
-                    )
-                    torch.manual_seed(0)
+                    log.info("no trained %s adapter in %s: using an untrained projector", modality, self.registry.root)
                     cfg = ProjectorConfig(
                         d_in=enc.feature_dim, d_llm=self.engine.hidden_size, **DEFAULT_PROJECTORS[modality]
                     )
-                    module, version = build_projector(cfg).eval(), UNTRAINED
+                    with torch.random.fork_rng():  # fixed init without touching the caller's RNG
+                        torch.manual_seed(0)
+                        module, version = build_projector(cfg).eval(), UNTRAINED
                 if module.cfg.d_in != enc.feature_dim or module.cfg.d_llm != self.engine.hidden_size:
                     raise RuntimeError(
                         f"{modality} adapter {version} maps {module.cfg.d_in}->{module.cfg.d_llm} but the encoder "

@@ -22,10 +22,11 @@ def package_dir(module: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
+def atomic_dir(target: Path, exist_ok: bool = True) -> Iterator[Path]:
     """Yield a temp dir beside ``target``; on success rename it into place, so readers never see half a copy.
 
-    If another process finished the same conversion first, its copy wins and ours is discarded.
+    If ``target`` appeared meanwhile (another process finished the same conversion first), its copy wins
+    and ours is discarded, or, with ``exist_ok=False``, ``FileExistsError`` is raised.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -40,5 +41,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         except OSError:
             if not target.exists():
                 raise
+            if not exist_ok:
+                raise FileExistsError(f"{target} was created by another writer") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -76,8 +76,12 @@ class AdapterRegistry:
 
     def verify(self, modality: str, version: str) -> None:
         d = self.root / modality / version
+        if not (d / "checksums.json").is_file():
+            raise RuntimeError(f"adapter {modality}/{version}: no checksums.json (incomplete or foreign version)")
         sums = json.loads((d / "checksums.json").read_text())
         for name, digest in sums.items():
+            if not (d / name).is_file():
+                raise RuntimeError(f"adapter {modality}/{version}: {name} is missing")
             if _sha256(d / name) != digest:
                 raise RuntimeError(f"adapter {modality}/{version}: checksum mismatch in {name}")
 
@@ -89,14 +93,24 @@ class AdapterRegistry:
         extra: dict | None = None,
         promote: bool = False,
     ) -> str:
-        """Write a new immutable version (next ``vN``); optionally make it current."""
-        existing = self.versions(modality)
-        version = f"v{int(existing[-1][1:]) + 1 if existing else 1}"
-        with atomic_dir(self.root / modality / version) as tmp:
-            save_projector(projector, tmp, {"modality": modality, "version": version, **(extra or {})})
-            (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n")
-            sums = {n: _sha256(tmp / n) for n in ("projector.safetensors", "config.json", "metrics.json")}
-            (tmp / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
+        """Write a new immutable version (next ``vN``); optionally make it current.
+
+        Two concurrent publishers never share a number: the loser of the rename race takes the next one.
+        """
+        for _ in range(100):
+            existing = self.versions(modality)
+            version = f"v{int(existing[-1][1:]) + 1 if existing else 1}"
+            try:
+                with atomic_dir(self.root / modality / version, exist_ok=False) as tmp:
+                    save_projector(projector, tmp, {"modality": modality, "version": version, **(extra or {})})
+                    (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n")
+                    sums = {n: _sha256(tmp / n) for n in ("projector.safetensors", "config.json", "metrics.json")}
+                    (tmp / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise RuntimeError(f"could not allocate a new {modality} adapter version")
         if promote:
             self.promote(modality, version)
         return version

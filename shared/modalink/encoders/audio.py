@@ -47,9 +47,15 @@ def decode_audio(data: Raw | np.ndarray, sample_rate: int | None = None, max_sec
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
             raise InputError(f"not a decodable audio file (WAV/FLAC/OGG expected, {len(raw)} bytes): {e}") from None
         audio = audio.mean(axis=1)
-    audio = np.asarray(audio, dtype=np.float32)
-    if audio.ndim == 2:  # [channels, samples] PCM
-        audio = audio.mean(axis=0)
+    audio = np.asarray(audio)
+    if audio.dtype.kind in "iu":  # integer PCM (e.g. int16) to [-1, 1]
+        info = np.iinfo(audio.dtype)
+        audio = (audio.astype(np.float32) - (info.max + info.min + 1) / 2) / ((info.max - info.min + 1) / 2)
+    elif audio.dtype.kind != "f":
+        raise InputError(f"audio PCM must be float or integer samples, got dtype {audio.dtype}")
+    audio = audio.astype(np.float32, copy=False)
+    if audio.ndim == 2:  # [channels, samples], or soundfile's [samples, channels]: channels is the short axis
+        audio = audio.mean(axis=0 if audio.shape[0] <= audio.shape[1] else 1)
     if audio.ndim != 1:
         raise InputError(f"audio PCM must be [samples] or [channels, samples], got shape {list(audio.shape)}")
     if audio.size == 0:

@@ -31,6 +31,8 @@ def decode_image(data: Raw | Image.Image, max_pixels: int = 40_000_000) -> Image
         raw = read_bytes(data, "image")
         try:
             img = Image.open(io.BytesIO(raw))
+        except Image.DecompressionBombError as e:
+            raise InputError(f"image dimensions exceed the decoder's safety limit: {e}") from None
         except UnidentifiedImageError:
             raise InputError(f"not a decodable image ({len(raw)} bytes; PNG/JPEG/WebP/GIF/BMP/TIFF expected)") from None
         except OSError as e:

@@ -112,8 +112,9 @@ class IMUEncoder(Encoder):
             self.model.load_state_dict(load_file(str(directory / "model.safetensors")))
             self.trained = True
         else:
-            torch.manual_seed(0)
-            self.model = IMUCNN(IMUConfig(channels=settings.imu_channels))
+            with torch.random.fork_rng():  # fixed init without touching the caller's RNG
+                torch.manual_seed(0)
+                self.model = IMUCNN(IMUConfig(channels=settings.imu_channels))
             self.trained = False
         self.channels = self.model.cfg.channels
         self.feature_dim = self.model.cfg.d_out

@@ -50,6 +50,10 @@ def _container_frames(raw: bytes, k: int, max_pixels: int) -> list[Image.Image]:
         return frames
     except UnidentifiedImageError:
         pass
+    except InputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InputError(f"video frame dimensions exceed the decoder's safety limit: {e}") from None
     except (OSError, EOFError, ValueError) as e:
         raise InputError(f"corrupt animated image: {e}") from None
     import av
