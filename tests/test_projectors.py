@@ -9,6 +9,8 @@ from modalink.projectors import KINDS, ProjectorConfig, build_projector, load_pr
 def make(kind: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = ProjectorConfig(kind=kind, d_in=32, d_llm=24, n_tokens=5, n_layers=2, d_model=16, n_heads=4, **kw)
+    if kind in ("perceiver", "qformer"):
+        cfg.max_positions = 8
     return build_projector(cfg)
 
 

@@ -182,6 +182,181 @@ def samples(out: Path = typer.Argument(Path("build/samples"), help="Folder to wr
         typer.echo(f"{modality:<6} {s['path']}  ({s['truth']})")
 
 
+data_app = typer.Typer(help="Build training/evaluation data from packaged sources.", no_args_is_help=True)
+adapters_app = typer.Typer(help="The adapter registry: versions, metrics, promotion, rollback.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(adapters_app, name="adapters")
+
+
+@data_app.command("build")
+def data_build(
+    out: Path = typer.Option(Path("build/data"), "--out", "-o", help="Output folder (manifests + files)."),
+    modality: list[str] = typer.Option(list(MODALITIES), "--modality", "-m", help="Modalities to build. Repeatable."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same seed writes the same data."),
+) -> None:
+    """Write JSONL manifests (train/val/test, and real recorded speech) and their files, reproducibly."""
+    from modalink.data import BuildConfig, build
+
+    for m in modality:
+        if m not in MODALITIES:
+            raise _fail(f"unknown modality {m!r}; expected one of {', '.join(MODALITIES)}")
+    try:
+        counts = build(out, tuple(modality), BuildConfig(seed=seed))
+    except FileNotFoundError as e:
+        raise _fail(str(e)) from None
+    for m, c in counts.items():
+        typer.echo(f"{m:<6} " + "  ".join(f"{k}: {v}" for k, v in c.items()) + f"   ({out / m}/*.jsonl)")
+
+
+@app.command()
+def train(
+    modality: str = typer.Option(..., "--modality", "-m", help="image | audio | imu | video."),
+    data: Path = typer.Option(Path("build/data"), "--data", help="Folder written by `modalink data build`."),
+    steps: int = typer.Option(150, "--steps", help="Optimizer steps."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Examples per step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (warmup, then cosine decay)."),
+    kind: str | None = typer.Option(
+        None, "--projector", help="linear | mlp | perceiver | qformer (default per modality)."
+    ),
+    n_tokens: int | None = typer.Option(None, "--n-tokens", help="Prefix tokens the projector emits."),
+    seed: int = typer.Option(0, "--seed", help="Seed (data order, init): runs are deterministic."),
+    promote: str = typer.Option("if-better", "--promote", help="if-better | always | never."),
+    restart: bool = typer.Option(False, "--restart", help="Ignore an existing checkpoint instead of resuming it."),
+) -> None:
+    """Stage-1 alignment: train a projector (encoder and LLM frozen), publish it, promote it if not worse."""
+    from modalink.config import get_settings
+    from modalink.train.align import AlignConfig
+    from modalink.train.run import train_modality
+
+    if modality not in MODALITIES:
+        raise _fail(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+    if promote not in ("if-better", "always", "never"):
+        raise _fail("--promote must be if-better, always or never")
+    if not (data / modality / "train.jsonl").exists():
+        raise _fail(f"no training data at {data / modality}/train.jsonl: run `modalink data build` first")
+    overrides = {k: v for k, v in {"kind": kind, "n_tokens": n_tokens}.items() if v is not None}
+    cfg = AlignConfig(modality, projector=overrides, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    settings = get_settings()
+    run_dir = settings.cache_dir / "runs" / modality
+    if restart:
+        (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)
+    result = train_modality(cfg, data, settings, run_dir=run_dir, promote=promote)
+    (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)  # published: the next run starts fresh
+    m = result["metrics"]
+    state = "promoted" if result["promoted"] else "not promoted"
+    typer.echo(f"{modality} {result['version']} ({state}): val accuracy {m['val_accuracy']:.1%} on {m['val_n']}, "
+               f"val loss {m['val_loss']}, {m['steps']} steps in {m['train_seconds']:.0f} s")  # fmt: skip
+
+
+@app.command("eval")
+def evaluate(
+    manifest: list[Path] = typer.Option([], "--manifest", help="JSONL of {id, modality, path, label, question?}."),
+    data: Path = typer.Option(Path("build/data"), "--data", help="Without --manifest: the built data's split."),
+    split: str = typer.Option("test", "--split", help="Split of the built data (test, val, real)."),
+    modality: list[str] = typer.Option(list(MODALITIES), "--modality", "-m", help="Modalities to evaluate."),
+    limit: int = typer.Option(0, "--limit", help="At most this many items per modality (0 = all)."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"modality": {"n", "accuracy"}} on stdout.'),
+    report: Path | None = typer.Option(
+        None,
+        "--report",
+        help="Write the results table with baselines (blind LLM, untrained projector, linear "
+        "probe) and real recorded speech to this markdown file (e.g. docs/RESULTS.md).",
+    ),
+    baseline_limit: int = typer.Option(100, "--baseline-limit", help="Items per modality for the baselines."),
+) -> None:
+    """Class-word accuracy of free-text answers, through the full assistant (models loaded once)."""
+    from modalink.assistant import Assistant
+    from modalink.data import read_manifest
+    from modalink.errors import InputError
+    from modalink.evaluate import accuracy, answer_rows
+
+    if report is not None:
+        from modalink.config import get_settings
+        from modalink.evaluate import write_report
+
+        cmd = f"modalink eval --data {data} --report {report} --baseline-limit {baseline_limit}"
+        result = write_report(report, data, get_settings(), baseline_limit, command=cmd)
+        for r in result["rows"]:
+            typer.echo(f"{r['modality']:<30} accuracy {r['accuracy']:.1%}  (n={r['n']})")
+        typer.echo(f"table written to {report}")
+        return
+    paths = manifest or [data / m / f"{split}.jsonl" for m in modality if (data / m / f"{split}.jsonl").exists()]
+    if not paths:
+        raise _fail(f"nothing to evaluate: no --manifest and no {split}.jsonl under {data}")
+    rows = []
+    for p in paths:
+        try:
+            got = [r for r in read_manifest(p) if r.get("modality") in modality]
+        except (OSError, ValueError) as e:
+            raise _fail(str(e)) from None
+        for r in got:
+            if not {"id", "modality", "path", "label"} <= set(r):
+                raise _fail(f"{p}: every row needs id, modality, path and label (row {r.get('id', '?')})")
+        by_mod: dict[str, int] = {}
+        for r in got:
+            by_mod[r["modality"]] = by_mod.get(r["modality"], 0) + 1
+            if not limit or by_mod[r["modality"]] <= limit:
+                rows.append(r)
+    try:
+        scored = list(answer_rows(Assistant(), rows))
+    except InputError as e:
+        raise _fail(str(e)) from None
+    result = accuracy(scored)
+    if as_json:
+        typer.echo(json.dumps({m: {"n": v["n"], "accuracy": v["accuracy"]} for m, v in result.items()}))
+        return
+    for m, v in result.items():
+        typer.echo(f"{m:<6} accuracy {v['accuracy']:.1%}  ({v['correct']}/{v['n']})")
+
+
+@adapters_app.command("list")
+def adapters_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Versions per modality with their metrics; * marks the current one."""
+    from modalink.config import get_settings
+    from modalink.registry import AdapterRegistry
+
+    reg = AdapterRegistry(get_settings().adapters_dir)
+    table = {m: [{"version": v.version, "current": v.current, "metrics": {k: x for k, x in v.metrics.items()
+                                                                       if k != "examples"}} for v in reg.list(m)]
+             for m in MODALITIES}  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(table, indent=2))
+        return
+    for m, versions in table.items():
+        if not versions:
+            typer.echo(f"{m:<6} (no versions: untrained projector)")
+        for v in versions:
+            acc = v["metrics"].get("val_accuracy")
+            acc_s = f"val accuracy {acc:.1%}" if acc is not None else ""
+            typer.echo(f"{m:<6} {'*' if v['current'] else ' '} {v['version']:<5} {acc_s}")
+
+
+@adapters_app.command("promote")
+def adapters_promote(modality: str, version: str) -> None:
+    """Make VERSION the current adapter of MODALITY (services pick it up without restart)."""
+    from modalink.config import get_settings
+    from modalink.registry import AdapterRegistry
+
+    try:
+        AdapterRegistry(get_settings().adapters_dir).promote(modality, version)
+    except (ValueError, RuntimeError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"{modality}: current is now {version}")
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(modality: str) -> None:
+    """Go back to the version that was current before the last promotion."""
+    from modalink.config import get_settings
+    from modalink.registry import AdapterRegistry
+
+    try:
+        version = AdapterRegistry(get_settings().adapters_dir).rollback(modality)
+    except (ValueError, RuntimeError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"{modality}: rolled back to {version}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

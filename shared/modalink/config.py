@@ -41,7 +41,10 @@ class Settings(BaseSettings):
     imu_channels: int = Field(6, ge=1, description="IMU channels expected (3-axis accelerometer + gyroscope).")
     max_image_pixels: int = Field(40_000_000, description="Decoded-size limit against decompression bombs.")
     max_audio_seconds: float = Field(600.0, description="Longest audio clip accepted.")
-    system_prompt: str | None = Field(None, description="System prompt; None keeps the chat template's own.")
+    system_prompt: str | None = Field(
+        "You are a helpful assistant.",
+        description="System prompt (adapters are trained with it); empty keeps the chat template's own.",
+    )
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

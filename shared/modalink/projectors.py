@@ -34,6 +34,7 @@ class ProjectorConfig:
     n_heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    max_positions: int = 0  # perceiver / qformer: learned input position embeddings (0 = orderless set)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -155,6 +156,8 @@ class QueryProjector(nn.Module):
         self.cfg = cfg
         layer = PerceiverLayer if cfg.kind == "perceiver" else QFormerLayer
         self.inp = nn.Sequential(nn.LayerNorm(cfg.d_in), nn.Linear(cfg.d_in, cfg.d_model))
+        # Without positions the queries see a set: order (video frames, audio time) would be invisible.
+        self.pos = nn.Parameter(torch.zeros(cfg.max_positions, cfg.d_model)) if cfg.max_positions else None
         self.queries = nn.Parameter(torch.randn(cfg.n_tokens, cfg.d_model) * cfg.d_model**-0.5)
         self.layers = nn.ModuleList(
             layer(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.n_layers)
@@ -163,6 +166,8 @@ class QueryProjector(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.inp(x)
+        if self.pos is not None:  # positions past the table share its last entry
+            x = x + self.pos[torch.arange(x.shape[1], device=x.device).clamp(max=self.cfg.max_positions - 1)]
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)
         for layer in self.layers:
             q = layer(q, x, mask)
@@ -196,9 +201,9 @@ def load_projector(directory: Path, device: torch.device | str = "cpu") -> tuple
 
 # Defaults until a trained adapter says otherwise (its config.json is the recipe that wins).
 DEFAULT_PROJECTORS: dict[str, dict] = {
-    "image": {"kind": "perceiver", "n_tokens": 16, "n_layers": 2},
-    "video": {"kind": "perceiver", "n_tokens": 16, "n_layers": 2},
-    "audio": {"kind": "perceiver", "n_tokens": 8, "n_layers": 2},
+    "image": {"kind": "perceiver", "n_tokens": 8, "n_layers": 2, "max_positions": 49},
+    "video": {"kind": "perceiver", "n_tokens": 8, "n_layers": 2, "max_positions": 64},
+    "audio": {"kind": "perceiver", "n_tokens": 8, "n_layers": 2, "max_positions": 1500},
     "imu": {"kind": "linear", "n_tokens": 4},
 }
 

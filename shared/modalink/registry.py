@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,7 +120,22 @@ class AdapterRegistry:
         if version not in self.versions(modality):
             raise ValueError(f"no adapter version {modality}/{version}")
         self.verify(modality, version)
+        previous = self.current(modality)
         _write_atomic(self.root / modality / "CURRENT", version + "\n")
+        if previous != version:
+            with open(self.root / modality / "HISTORY", "a") as f:  # promotion log, newest last (for rollback)
+                f.write(json.dumps({"version": version, "previous": previous, "time": time.time()}) + "\n")
+
+    def rollback(self, modality: str) -> str:
+        """Make the version that was current before the last promotion current again; returns it."""
+        log = self.root / modality / "HISTORY"
+        entries = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+        cur = self.current(modality)
+        for e in reversed(entries):
+            if e["version"] == cur and e["previous"]:
+                self.promote(modality, e["previous"])
+                return e["previous"]
+        raise ValueError(f"{modality}: no earlier promoted version to roll back to (current: {cur})")
 
     def load(
         self, modality: str, version: str | None = None, device: torch.device | str = "cpu"

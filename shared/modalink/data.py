@@ -1,0 +1,281 @@
+"""Training and evaluation data, built reproducibly from packaged sources (``modalink data build``).
+
+Every split of every modality is a JSONL manifest of ``{"id", "modality", "path", "label", "caption",
+"split"}`` with its files beside it. Sources: Fashion-MNIST (Debian), speech synthesized with espeak-ng
+(Debian) in many voices and conditions (recorded Asterisk speech is evaluation-only), BasicMotions IMU
+windows (PyPI aeon), and video clips made of Fashion-MNIST items whose captions need time.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from PIL import Image
+
+from modalink.datasets import FASHION_CLASSES, asterisk_wav, basic_motions, fashion_mnist
+from modalink.encoders.audio import resample
+from modalink.encoders.video import frames_to_gif
+from modalink.progress import progress
+
+# Class words an answer must name (checked by modalink.evaluate).
+GARMENTS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+WORDS = (
+    "yes", "no", "stop", "go", "left", "right", "up", "down", "hello", "goodbye", "water", "music", "coffee",
+    "house", "dog", "cat", "red", "blue", "green", "happy", "morning", "phone",
+)  # fmt: skip
+VOCABULARY = DIGITS + WORDS
+ACTIVITIES = ("badminton", "running", "standing", "walking")
+ACTIVITY_TEXT = {
+    "badminton": "playing badminton, swinging a racket",
+    "running": "running at a steady pace",
+    "standing": "standing still",
+    "walking": "walking at a normal pace",
+}
+
+ESPEAK_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-029", "en-us-nyc")
+# Voices are held out by variant: test and validation speakers never occur in training.
+VARIANTS = {
+    "train": ("m1", "m2", "m4", "m5", "m6", "m7", "f1", "f3", "f4", "klatt", "klatt2", "Alex", "Andy", "annie",
+              "belinda", "boris", "david", "edward", "linda", "max", "michel", "paul", "steph", "john"),
+    "val": ("m8", "f5", "klatt4", "robert", "grandpa"),
+    "test": ("m3", "f2", "klatt3", "Annie", "aunty", "grandma", "norbert"),
+}  # fmt: skip
+
+QUESTIONS = {
+    "image": ("What is shown in this picture?", "What kind of item is this?", "Describe the image briefly.",
+              "What is this?", "Which garment or accessory do you see?"),
+    "audio": ("What does the voice say?", "What word is spoken?", "Transcribe the audio.",
+              "Describe the audio briefly.", "What is said in this recording?"),
+    "imu": ("What activity is the person doing?", "What is the wearer doing?", "Describe the motion.",
+            "Which activity do these motion sensors show?"),
+    "video": ("What happens in this video?", "Describe the video in order.", "What appears first, and what next?"),
+}  # fmt: skip
+ANSWERS = {
+    "image": ("It is a {label}.", "This is a photo of a {label}.", "A {label}.", "The picture shows a {label}."),
+    "audio": ("The voice says the word {label}.", "A voice saying the word {label}.", "The word is {label}.",
+              "Someone says \"{label}\"."),
+    "imu": ("The person is {text}.", "The wearer is {text}.", "These motion signals show someone {text}."),
+    "video": ("First a {a}, then a {b}.", "The video shows a {a}, and then a {b}.", "A {a} appears first, then a {b}."),
+}  # fmt: skip
+
+
+def caption(modality: str, rng: random.Random, **kw: str) -> str:
+    return rng.choice(ANSWERS[modality]).format(**kw)
+
+
+@dataclass
+class BuildConfig:
+    seed: int = 0
+    image_train: int = 6000
+    image_val: int = 500
+    image_test: int = 1000
+    audio_train_per_word: int = 60
+    audio_val_per_word: int = 8
+    audio_test_per_word: int = 10
+    video_train: int = 2000
+    video_val: int = 100
+    video_test: int = 200
+
+
+def _write_manifest(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """Rows of a JSONL manifest with ``path`` made absolute (relative paths are relative to the manifest's folder)."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON: {e}") from None
+        if "path" in row:
+            row["path"] = str((Path(path).parent / row["path"]).resolve())
+        rows.append(row)
+    return rows
+
+
+def _balanced(labels: np.ndarray, n: int, rng: np.random.Generator, exclude: set[int] = frozenset()) -> list[int]:
+    per = n // len(FASHION_CLASSES)
+    out = []
+    for c in range(len(FASHION_CLASSES)):
+        idx = [i for i in np.flatnonzero(labels == c) if i not in exclude]
+        out += rng.choice(idx, per, replace=False).tolist()
+    return sorted(out)
+
+
+def build_image(out: Path, cfg: BuildConfig) -> dict[str, int]:
+    rng, prng = np.random.default_rng(cfg.seed), random.Random(cfg.seed)
+    train_x, train_y = fashion_mnist("train")
+    test_x, test_y = fashion_mnist("t10k")
+    val_idx = _balanced(train_y, cfg.image_val, rng)
+    train_idx = _balanced(train_y, cfg.image_train, rng, exclude=set(val_idx))
+    splits = {
+        "train": (train_x, train_y, train_idx, "train"),
+        "val": (train_x, train_y, val_idx, "train"),
+        "test": (test_x, test_y, _balanced(test_y, cfg.image_test, rng), "t10k"),
+    }
+    counts = {}
+    for split, (x, y, idx, src) in splits.items():
+        rows = []
+        for i in progress(idx, desc=f"image {split}", leave=False):
+            rel = f"images/{src}-{i:05d}.png"
+            if not (out / "image" / rel).exists():
+                (out / "image" / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(x[i]).save(out / "image" / rel)
+            label = GARMENTS[int(y[i])]
+            rows.append({"id": f"fmnist-{src}-{i}", "modality": "image", "path": rel, "label": label,
+                         "caption": caption("image", prng, label=label), "split": split})  # fmt: skip
+        _write_manifest(out / "image" / f"{split}.jsonl", rows)
+        counts[split] = len(rows)
+    return counts
+
+
+def _speak(text: str, voice: str, rng: random.Random, tmp: Path) -> tuple[np.ndarray, int]:
+    wav = tmp / "say.wav"
+    cmd = ["espeak-ng", "-v", voice, "-s", str(rng.randint(110, 210)), "-p", str(rng.randint(15, 85)),
+           "-a", str(rng.randint(70, 180)), "-g", str(rng.randint(0, 6)), "-w", str(wav), text]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    audio, rate = sf.read(wav, dtype="float32")
+    return audio, rate
+
+
+def degrade(audio: np.ndarray, rate: int, rng: random.Random) -> tuple[np.ndarray, int]:
+    """Recording conditions: padding, gain, telephone band (8 kHz), noise; so real phone speech is in range."""
+    pad = lambda s: np.zeros(int(rng.uniform(0.0, s) * rate), np.float32)  # noqa: E731
+    audio = np.concatenate([pad(0.4), audio, pad(0.6)])
+    if rng.random() < 0.6:  # telephone quality, like the 8 kHz evaluation recordings
+        audio, rate = resample(audio, rate, 8000), 8000
+    else:
+        audio, rate = resample(audio, rate, 16000), 16000
+    peak = float(np.abs(audio).max()) or 1.0
+    audio = audio / peak * rng.uniform(0.1, 0.9)
+    if rng.random() < 0.7:
+        snr_db = rng.uniform(10, 40)
+        noise = np.random.default_rng(rng.getrandbits(32)).standard_normal(audio.size).astype(np.float32)
+        if rng.random() < 0.5:  # brown-ish noise (hum, room)
+            noise = np.cumsum(noise)
+            noise -= noise.mean()
+        signal_power = float(np.mean(audio**2)) + 1e-12
+        noise *= np.sqrt(signal_power / (10 ** (snr_db / 10)) / (float(np.mean(noise**2)) + 1e-12))
+        audio = audio + noise
+    return np.clip(audio, -1, 1).astype(np.float32), rate
+
+
+def build_audio(out: Path, cfg: BuildConfig) -> dict[str, int]:
+    rng = random.Random(cfg.seed)
+    per_word = {"train": cfg.audio_train_per_word, "val": cfg.audio_val_per_word, "test": cfg.audio_test_per_word}
+    counts = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for split, n in per_word.items():
+            rows = []
+            jobs = [(w, k) for w in VOCABULARY for k in range(n)]
+            for word, k in progress(jobs, desc=f"audio {split}", leave=False):
+                voice = f"{rng.choice(ESPEAK_VOICES)}+{rng.choice(VARIANTS[split])}"
+                rel = f"{split}/{word}-{k:03d}.wav"
+                audio, rate = degrade(*_speak(word, voice, rng, Path(tmp)), rng)
+                (out / "audio" / rel).parent.mkdir(parents=True, exist_ok=True)
+                sf.write(out / "audio" / rel, audio, rate, subtype="PCM_16")
+                rows.append({"id": f"espeak-{split}-{word}-{k}", "modality": "audio", "path": rel, "label": word,
+                             "caption": caption("audio", rng, label=word), "split": split, "voice": voice})  # fmt: skip
+            _write_manifest(out / "audio" / f"{split}.jsonl", rows)
+            counts[split] = len(rows)
+    # Real recorded speech: evaluation only, never trained on.
+    rows = []
+    for d, word in enumerate(DIGITS):
+        rows.append({"id": f"asterisk-digit-{d}", "modality": "audio", "path": str(asterisk_wav(f"digits/{d}")),
+                     "label": word, "caption": f"A voice saying the word {word}.", "split": "real"})  # fmt: skip
+    for word in ("hello", "goodbye"):
+        try:
+            rows.append({"id": f"asterisk-{word}", "modality": "audio", "path": str(asterisk_wav(word)),
+                         "label": word, "caption": f"A voice saying the word {word}.", "split": "real"})  # fmt: skip
+        except FileNotFoundError:
+            pass
+    _write_manifest(out / "audio" / "real.jsonl", rows)
+    counts["real"] = len(rows)
+    return counts
+
+
+def build_imu(out: Path, cfg: BuildConfig) -> dict[str, int]:
+    rng = random.Random(cfg.seed)
+    train_x, train_y = basic_motions("TRAIN")
+    test_x, test_y = basic_motions("TEST")
+    order = list(range(len(train_y)))
+    rng.shuffle(order)
+    val = sorted(order[:8])  # 2 per class on average; the official TEST split is the final table
+    splits = {"train": [i for i in range(len(train_y)) if i not in val], "val": val}
+    counts = {}
+    for split, idx in {**splits, "test": list(range(len(test_y)))}.items():
+        x, y = (test_x, test_y) if split == "test" else (train_x, train_y)
+        rows = []
+        for i in idx:
+            label = y[i].lower()
+            rel = f"windows/{'TEST' if split == 'test' else 'TRAIN'}-{i:02d}.npy"
+            (out / "imu" / rel).parent.mkdir(parents=True, exist_ok=True)
+            np.save(out / "imu" / rel, x[i])
+            rows.append({"id": f"basicmotions-{rel[8:-4]}", "modality": "imu", "path": rel, "label": label,
+                         "caption": caption("imu", rng, text=ACTIVITY_TEXT[label]), "split": split})  # fmt: skip
+        _write_manifest(out / "imu" / f"{split}.jsonl", rows)
+        counts[split] = len(rows)
+    return counts
+
+
+def build_video(out: Path, cfg: BuildConfig) -> dict[str, int]:
+    """Clips of two Fashion-MNIST items, 4 frames each: the caption names them in order."""
+    rng = random.Random(cfg.seed + 1)
+    train_x, train_y = fashion_mnist("train")
+    test_x, test_y = fashion_mnist("t10k")
+    image_rows = {s: [json.loads(line) for line in (out / "image" / f"{s}.jsonl").open()] for s in ("train", "test")}
+    counts = {}
+    for split, n in (("train", cfg.video_train), ("val", cfg.video_val), ("test", cfg.video_test)):
+        # Items come from the image split of the same role (val clips reuse held-out image val items).
+        src = "test" if split == "test" else "train"
+        pool = image_rows[src] if split != "val" else [json.loads(x) for x in (out / "image" / "val.jsonl").open()]
+        x = test_x if split == "test" else train_x
+        rows = []
+        for k in range(n):
+            a, b = rng.sample(pool, 2)
+            while a["label"] == b["label"]:
+                b = rng.choice(pool)
+            frames = [x[int(a["id"].rsplit("-", 1)[1])]] * 4 + [x[int(b["id"].rsplit("-", 1)[1])]] * 4
+            rel = f"{split}/{k:05d}.gif"
+            (out / "video" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / "video" / rel).write_bytes(frames_to_gif(frames))
+            label = f"{a['label']}|{b['label']}"
+            rows.append({"id": f"clip-{split}-{k}", "modality": "video", "path": rel, "label": label,
+                         "caption": caption("video", rng, a=a["label"], b=b["label"]), "split": split,
+                         "items": [a["id"], b["id"]]})  # fmt: skip
+        _write_manifest(out / "video" / f"{split}.jsonl", rows)
+        counts[split] = len(rows)
+    return counts
+
+
+BUILDERS: dict[str, Callable[[Path, BuildConfig], dict[str, int]]] = {
+    "image": build_image, "audio": build_audio, "imu": build_imu, "video": build_video,
+}  # fmt: skip
+
+
+def build(out: Path, modalities: tuple[str, ...] = ("image", "audio", "imu", "video"), cfg: BuildConfig | None = None):
+    cfg = cfg or BuildConfig()
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for m in modalities:
+        if m == "video" and not (out / "image" / "train.jsonl").exists():
+            counts["image"] = build_image(out, cfg)
+        counts[m] = BUILDERS[m](out, cfg)
+    (out / "build.json").write_text(json.dumps({"config": cfg.__dict__, "counts": counts}, indent=2) + "\n")
+    return counts

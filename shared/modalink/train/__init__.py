@@ -1,0 +1,1 @@
+"""Training: cached encoder features, stage-1 alignment of projectors, the IMU encoder (IMU2CLIP-style)."""

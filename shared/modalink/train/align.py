@@ -1,0 +1,239 @@
+"""Stage 1 (alignment): train one modality's projector on (signal, caption) pairs, encoder and LLM frozen.
+
+The loss is next-token cross-entropy on the answer tokens only, and logits are computed only at those
+positions (the LLM head over 49k tokens would otherwise dominate). Encoder features come from the cache.
+Checkpoints (projector, optimizer, step, RNG) are safetensors, written atomically every
+``checkpoint_every`` steps: kill -9 and ``resume`` loses at most that interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from modalink.data import ACTIVITY_TEXT, ANSWERS, QUESTIONS
+from modalink.engine import GenerationParams, TransformersEngine
+from modalink.progress import progress
+from modalink.projectors import DEFAULT_PROJECTORS, ProjectorConfig, build_projector, pad_features
+from modalink.prompt import Media, Message, build_prompt
+
+
+@dataclass
+class AlignConfig:
+    modality: str
+    projector: dict = field(default_factory=dict)  # overrides of DEFAULT_PROJECTORS[modality]
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 20
+    weight_decay: float = 0.01
+    seed: int = 0
+    eval_every: int = 100
+    eval_items: int = 60
+    checkpoint_every: int = 20
+
+
+def answer_for(row: dict, rng: random.Random) -> str:
+    """A fresh answer template each time (the label is what matters; phrasing varies)."""
+    modality, label = row["modality"], row["label"]
+    template = rng.choice(ANSWERS[modality])
+    if modality == "video":
+        a, b = label.split("|")
+        return template.format(a=a, b=b)
+    if modality == "imu":
+        return template.format(text=ACTIVITY_TEXT[label])
+    return template.format(label=label)
+
+
+class Batcher:
+    """Turns (features, question, answer) into padded LLM inputs; the projector output is spliced in."""
+
+    def __init__(self, engine: TransformersEngine, system_prompt: str | None):
+        self.engine, self.tok, self.system = engine, engine.tokenizer, system_prompt
+        self._prompt_ids: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        self.end_ids = (
+            self.tok("<|im_end|>", add_special_tokens=False).input_ids
+            if "<|im_end|>" in (self.tok.eos_token or "")
+            else [self.tok.eos_token_id]
+        )
+
+    def prompt_ids(self, modality: str, question: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the modality embeddings for this question (cached)."""
+        key = (modality, question)
+        if key not in self._prompt_ids:
+            segs = build_prompt(
+                self.tok, [Message("user", [question, Media(modality, torch.zeros(1, 1))])], self.system
+            )
+            before, _, after = segs
+            enc = lambda s: self.tok(s, add_special_tokens=False).input_ids  # noqa: E731
+            self._prompt_ids[key] = (enc(before), enc(after))
+        return self._prompt_ids[key]
+
+    def build(self, media: torch.Tensor, modality: str, questions: list[str], answers: list[str]):
+        """(inputs_embeds [B, L, d], attention_mask [B, L], positions predicting answers, target ids)."""
+        emb = self.engine.embedding
+        rows, targets, where = [], [], []
+        for i, (q, a) in enumerate(zip(questions, answers, strict=True)):
+            before, after = self.prompt_ids(modality, q)
+            ans = self.tok(a, add_special_tokens=False).input_ids + self.end_ids
+            ids_before = torch.tensor(before)
+            ids_after = torch.tensor(after + ans)
+            x = torch.cat([emb(ids_before), media[i].to(emb.weight.dtype), emb(ids_after)])
+            start = len(before) + media.shape[1] + len(after)  # first answer position
+            where.append(torch.arange(start - 1, start - 1 + len(ans)))  # positions that predict answer tokens
+            targets.append(torch.tensor(ans))
+            rows.append(x)
+        width = max(r.shape[0] for r in rows)
+        x = torch.zeros(len(rows), width, rows[0].shape[1], dtype=rows[0].dtype)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            x[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = 1
+        return x, mask, where, targets
+
+
+def answer_loss(engine: TransformersEngine, x, mask, where, targets) -> torch.Tensor:
+    hidden = engine.model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+    h = torch.cat([hidden[i, w] for i, w in enumerate(where)])
+    logits = engine.model.lm_head(h)
+    return F.cross_entropy(logits.float(), torch.cat(targets))
+
+
+def _atomic_save(tensors: dict, meta: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class AlignTrainer:
+    def __init__(
+        self, cfg: AlignConfig, engine: TransformersEngine, d_in: int, train: list[tuple[dict, torch.Tensor]],
+        val: list[tuple[dict, torch.Tensor]], run_dir: Path, system_prompt: str | None = None,
+    ):  # fmt: skip
+        self.cfg, self.engine, self.train, self.val, self.run_dir = cfg, engine, train, val, Path(run_dir)
+        torch.manual_seed(cfg.seed)
+        pcfg = {**DEFAULT_PROJECTORS[cfg.modality], **cfg.projector}
+        self.projector = build_projector(ProjectorConfig(d_in=d_in, d_llm=engine.hidden_size, **pcfg))
+        self.opt = torch.optim.AdamW(self.projector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.batcher = Batcher(engine, system_prompt)
+        self.step = 0
+        self.rng = random.Random(cfg.seed)
+        self.history: list[dict] = []
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "checkpoint.safetensors"
+
+    def save_checkpoint(self) -> None:
+        tensors = {f"projector.{k}": v.detach().contiguous() for k, v in self.projector.state_dict().items()}
+        opt = self.opt.state_dict()
+        for pid, st in opt["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+        meta = {"step": self.step, "rng": self.rng.getstate()[1], "config": asdict(self.cfg), "history": self.history,
+                "torch_rng": torch.get_rng_state().tolist()}  # fmt: skip
+        _atomic_save(tensors, meta, self.checkpoint)
+
+    def resume(self) -> bool:
+        if not self.checkpoint.exists():
+            return False
+        from safetensors import safe_open
+
+        with safe_open(str(self.checkpoint), "pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+        tensors = load_file(str(self.checkpoint))
+        self.projector.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("projector.")})
+        opt = self.opt.state_dict()
+        for key, v in tensors.items():
+            if key.startswith("opt."):
+                _, pid, name = key.split(".", 2)
+                opt["state"].setdefault(int(pid), {})[name] = v
+        self.opt.load_state_dict(opt)
+        self.step, self.history = meta["step"], meta["history"]
+        self.rng.setstate((3, tuple(meta["rng"]), None))
+        torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+        return True
+
+    # -- training ----------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        if step < c.warmup:
+            return c.lr * (step + 1) / c.warmup
+        return c.lr * 0.5 * (1 + math.cos(math.pi * (step - c.warmup) / max(1, c.steps - c.warmup)))
+
+    def loss_on(self, items: list[tuple[dict, torch.Tensor]], rng: random.Random) -> torch.Tensor:
+        x, mask = pad_features([f.float() for _, f in items])
+        media = self.projector(x, mask)
+        questions = [rng.choice(QUESTIONS[self.cfg.modality]) for _ in items]
+        answers = [answer_for(row, rng) for row, _ in items]
+        return answer_loss(self.engine, *self.batcher.build(media, self.cfg.modality, questions, answers))
+
+    def val_loss(self) -> float:
+        rng = random.Random(1234)
+        items = self.val[: self.cfg.eval_items]
+        self.projector.eval()
+        with torch.no_grad():
+            losses = [self.loss_on(items[i : i + 16], rng).item() for i in range(0, len(items), 16)]
+        self.projector.train()
+        return sum(losses) / len(losses)
+
+    def fit(self) -> nn.Module:
+        c = self.cfg
+        self.projector.train()
+        bar = progress(total=c.steps, initial=self.step, desc=f"align {c.modality}", unit="step")
+        t0, seen = time.time(), 0
+        while self.step < c.steps:
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr_at(self.step)
+            batch = self.rng.sample(self.train, min(c.batch_size, len(self.train)))
+            loss = self.loss_on(batch, self.rng)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.projector.parameters(), 1.0)
+            self.opt.step()
+            self.step += 1
+            seen += len(batch)
+            entry = {"step": self.step, "loss": round(loss.item(), 4)}
+            if self.step % c.eval_every == 0 or self.step == c.steps:
+                entry["val_loss"] = round(self.val_loss(), 4)
+            self.history.append(entry)
+            bar.set_postfix(loss=f"{loss.item():.3f}", **({"val": entry["val_loss"]} if "val_loss" in entry else {}),
+                            ips=f"{seen / (time.time() - t0):.1f}")  # fmt: skip
+            bar.update(1)
+            if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                self.save_checkpoint()
+        bar.close()
+        return self.projector.eval()
+
+    @torch.no_grad()
+    def answers(self, items: list[tuple[dict, torch.Tensor]], question: str, max_new_tokens: int = 24) -> list[str]:
+        """Greedy free-text answers from cached features (the same prompt as the assistant builds)."""
+        out = []
+        for i in range(0, len(items), 32):
+            chunk = items[i : i + 32]
+            x, mask = pad_features([f.float() for _, f in chunk])
+            media = self.projector.eval()(x, mask)
+            prompts = [
+                build_prompt(
+                    self.engine.tokenizer,
+                    [Message("user", [question, Media(self.cfg.modality, m)])],
+                    self.batcher.system,
+                )  # fmt: skip
+                for m in media
+            ]
+            out += [c.text for c in self.engine.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens))]
+        return out

@@ -1,0 +1,100 @@
+"""``modalink train``: stage-1 alignment of one modality end to end, published to the adapter registry."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from modalink.config import Settings
+from modalink.data import read_manifest
+from modalink.encoders import load_encoder
+from modalink.engine import TransformersEngine
+from modalink.evaluate import default_question, is_correct
+from modalink.registry import AdapterRegistry
+from modalink.train.align import AlignConfig, AlignTrainer
+from modalink.train.features import encode_rows, load_or_compute, video_from_image_features
+
+log = logging.getLogger(__name__)
+
+
+def ensure_imu_encoder(data_dir: Path, settings: Settings, retrain: bool = False) -> dict | None:
+    """Train the IMU CNN (once) into ``<adapters>/encoders/imu-cnn`` unless it is there already."""
+    import numpy as np
+
+    from modalink.train.imu_encoder import train_imu_encoder
+
+    out = settings.adapters_dir / "encoders" / "imu-cnn"
+    if (out / "model.safetensors").exists() and not retrain:
+        return None
+    load = lambda split: read_manifest(data_dir / "imu" / f"{split}.jsonl")  # noqa: E731
+    train, val = load("train"), load("val")
+    windows = lambda rows: np.stack([np.load(r["path"]) for r in rows])  # noqa: E731
+    return train_imu_encoder(windows(train), [r["label"] for r in train], out,
+                             val=(windows(val), [r["label"] for r in val]))  # fmt: skip
+
+
+def features_for(
+    modality: str, split: str, data_dir: Path, settings: Settings, encoder
+) -> list[tuple[dict, torch.Tensor]]:
+    manifest = data_dir / modality / f"{split}.jsonl"
+    rows = read_manifest(manifest)
+    if modality == "video":  # clips of still items: pool the items' cached image features
+        image_split = {"train": "train", "val": "val", "test": "test"}[split]
+        img_manifest = data_dir / "image" / f"{image_split}.jsonl"
+        img = load_or_compute(settings.cache_dir, encoder.image, img_manifest, read_manifest(img_manifest))
+        return [(r, video_from_image_features([img[i] for i in r["items"]])) for r in rows]
+    if modality == "imu":  # tiny, and the encoder itself is trained here: never cached
+        feats = encode_rows(encoder, rows)
+    else:
+        feats = load_or_compute(settings.cache_dir, encoder, manifest, rows)
+    return [(r, feats[r["id"]]) for r in rows]
+
+
+def train_modality(
+    cfg: AlignConfig, data_dir: Path, settings: Settings, run_dir: Path | None = None, promote: str = "if-better",
+    engine: TransformersEngine | None = None,
+) -> dict:  # fmt: skip
+    """Train, evaluate on the validation split, publish a new version; promote it per ``promote``."""
+    settings.apply_threads()
+    m = cfg.modality
+    extra_metrics = {}
+    if m == "imu":
+        extra_metrics["imu_encoder"] = ensure_imu_encoder(data_dir, settings)
+    engine = engine or TransformersEngine.load(settings=settings)
+    encoder = load_encoder(m, settings)
+    train = features_for(m, "train", data_dir, settings, encoder)
+    val = features_for(m, "val", data_dir, settings, encoder)
+    run_dir = run_dir or settings.cache_dir / "runs" / m
+    trainer = AlignTrainer(cfg, engine, encoder.feature_dim, train, val, run_dir, settings.system_prompt)
+    if trainer.resume():
+        log.warning("resuming %s from step %d (%s)", m, trainer.step, trainer.checkpoint)
+    t0 = time.time()
+    projector = trainer.fit()
+    train_s = time.time() - t0
+    answers = trainer.answers(val, default_question(m))
+    correct = [is_correct(m, r["label"], a) for (r, _), a in zip(val, answers, strict=True)]
+    metrics = {
+        "val_accuracy": round(sum(correct) / len(correct), 4),
+        "val_n": len(correct),
+        "val_loss": trainer.history[-1].get("val_loss"),
+        "steps": trainer.step,
+        "train_seconds": round(train_s, 1),
+        "examples": [{"label": r["label"], "answer": a} for (r, _), a in list(zip(val, answers, strict=True))[:5]],
+        **{k: v for k, v in extra_metrics.items() if v},
+    }
+    registry = AdapterRegistry(settings.adapters_dir)
+    extra = {"train": asdict(cfg), "encoder": encoder.name, "llm": settings.llm,
+             "system_prompt": settings.system_prompt, "history": trainer.history}  # fmt: skip
+    version = registry.publish(m, projector, metrics=metrics, extra=extra)
+    current = registry.current(m)
+    current_acc = next((v.metrics.get("val_accuracy", 0) for v in registry.list(m) if v.current), None)
+    promoted = promote == "always" or (
+        promote == "if-better" and (current is None or metrics["val_accuracy"] >= (current_acc or 0))
+    )
+    if promoted:
+        registry.promote(m, version)
+    return {"modality": m, "version": version, "promoted": promoted, "metrics": metrics}

@@ -1,0 +1,132 @@
+"""Data building, a short training run, and registry crash-safety (real processes, real models)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from modalink.data import VARIANTS, BuildConfig, build, read_manifest
+from modalink.evaluate import is_correct, mentioned
+from modalink.projectors import ProjectorConfig, build_projector
+from modalink.registry import AdapterRegistry
+
+SMALL = BuildConfig(seed=3, image_train=20, image_val=10, image_test=10, audio_train_per_word=1,
+                    audio_val_per_word=1, audio_test_per_word=1, video_train=6, video_val=2, video_test=2)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    build(out, ("image", "audio", "imu", "video"), SMALL)
+    return out
+
+
+def test_manifests_have_the_documented_fields_and_files(data):
+    for modality in ("image", "audio", "imu", "video"):
+        for split in ("train", "val", "test"):
+            rows = read_manifest(data / modality / f"{split}.jsonl")
+            assert rows, (modality, split)
+            for r in rows:
+                assert {"id", "modality", "path", "label", "caption", "split"} <= set(r)
+                assert r["modality"] == modality and r["split"] == split
+                assert os.path.isfile(r["path"])
+                assert is_correct(modality, r["label"], r["caption"]), r  # captions name their label
+    real = read_manifest(data / "audio" / "real.jsonl")
+    assert [r["label"] for r in real[:10]] == ["zero", "one", "two", "three", "four", "five", "six", "seven",
+                                               "eight", "nine"]  # fmt: skip
+
+
+def test_splits_are_disjoint_and_speakers_held_out(data):
+    ids = {s: {r["id"] for r in read_manifest(data / "image" / f"{s}.jsonl")} for s in ("train", "val", "test")}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"]
+    for split in ("train", "val", "test"):
+        for r in read_manifest(data / "audio" / f"{split}.jsonl"):
+            assert r["voice"].split("+")[1] in VARIANTS[split]
+
+
+def test_building_is_reproducible_from_the_seed(data, tmp_path):
+    build(tmp_path, ("imu", "image"), SMALL)
+    for m in ("imu", "image"):
+        assert (tmp_path / m / "train.jsonl").read_text() == (data / m / "train.jsonl").read_text()
+
+
+def test_class_word_scoring_is_strict():
+    assert is_correct("image", "shirt", "It is a shirt.")
+    assert not is_correct("image", "shirt", "It is a t-shirt.")
+    assert not is_correct("image", "shirt", "A shirt or maybe a coat.")  # hedging is wrong
+    assert is_correct("audio", "seven", "The word is 7.")
+    assert is_correct("video", "coat|bag", "First a coat, then a bag.")
+    assert not is_correct("video", "coat|bag", "First a bag, then a coat.")
+    assert mentioned("imu", "Someone is walking, not running.") == ["walking", "running"]
+
+
+def test_a_short_training_run_lowers_the_loss(data, engine, settings, tmp_path):
+    from modalink.encoders import load_encoder
+    from modalink.train.align import AlignConfig, AlignTrainer
+    from modalink.train.features import encode_rows
+
+    enc = load_encoder("image", settings)
+    rows = read_manifest(data / "image" / "train.jsonl")[:8]
+    items = list(zip(rows, encode_rows(enc, rows).values(), strict=True))
+    cfg = AlignConfig("image", steps=8, batch_size=4, lr=2e-3, warmup=1, eval_every=100, eval_items=8,
+                      checkpoint_every=4)  # fmt: skip
+    trainer = AlignTrainer(cfg, engine, enc.feature_dim, items, items, tmp_path / "run")
+    before = trainer.val_loss()
+    trainer.fit()
+    after = trainer.val_loss()
+    assert after < before - 0.5, (before, after)
+    # The checkpoint resumes exactly where training stopped.
+    resumed = AlignTrainer(cfg, engine, enc.feature_dim, items, items, tmp_path / "run")
+    assert resumed.resume() and resumed.step == 8
+    for (k, a), b in zip(trainer.projector.state_dict().items(), resumed.projector.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+WRITER = """
+import sys, torch
+from pathlib import Path
+from modalink.projectors import ProjectorConfig, build_projector
+from modalink.registry import AdapterRegistry
+reg = AdapterRegistry(Path(sys.argv[1]))
+proj = build_projector(ProjectorConfig(kind="linear", d_in=2048, d_llm=2048, n_tokens=8))  # ~134 MB
+print("ready", flush=True)
+while True:
+    reg.publish("image", proj, metrics={"val_accuracy": 0.1}, promote=True)
+"""
+
+
+def test_a_writer_killed_mid_publish_leaves_current_complete(tmp_path):
+    """SIGKILL during publish/promote: CURRENT always names a complete, checksum-valid version."""
+    reg = AdapterRegistry(tmp_path)
+    reg.publish("image", build_projector(ProjectorConfig(kind="linear", d_in=4, d_llm=4, n_tokens=1)), promote=True)
+    for delay in (0.3, 0.9, 1.7):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        current = reg.current("image")
+        assert current in reg.versions("image")
+        reg.verify("image", current)  # complete and checksum-valid
+        for v in reg.versions("image"):
+            reg.verify("image", v)  # no half-written version is visible
+    for leftover in (tmp_path / "image").iterdir():
+        assert leftover.name in {"CURRENT", "HISTORY"} or leftover.name.startswith(("v", "."))
+
+
+def test_rollback_returns_to_the_previous_promotion(tmp_path):
+    reg = AdapterRegistry(tmp_path)
+    proj = build_projector(ProjectorConfig(kind="linear", d_in=4, d_llm=4, n_tokens=1))
+    v1 = reg.publish("audio", proj, promote=True)
+    v2 = reg.publish("audio", proj, promote=True)
+    assert reg.current("audio") == v2
+    assert reg.rollback("audio") == v1 and reg.current("audio") == v1
+    with pytest.raises(ValueError, match="no earlier"):
+        reg.rollback("audio")
+    history = [json.loads(x) for x in (tmp_path / "audio" / "HISTORY").read_text().splitlines()]
+    assert [h["version"] for h in history] == [v1, v2, v1]
