@@ -72,3 +72,46 @@ def test_models_lists_configuration(tmp_path):
     roles = {m["role"]: m for m in info["models"]}
     assert roles["llm"]["model"] == "smollm2-135m-instruct" and roles["llm"]["cached"] is True
     assert set(info["adapters"]) == {"image", "audio", "imu", "video"}
+
+
+def test_eval_manifest_json_prints_only_json(tmp_path, samples):
+    """Users evaluate on their own manifest; relative paths resolve against the manifest's folder."""
+    import shutil
+
+    shutil.copy(samples["imu"], tmp_path / "walk.npy")
+    shutil.copy(samples["image"], tmp_path / "shoe.png")
+    (tmp_path / "mine.jsonl").write_text(
+        json.dumps({"id": "a", "modality": "imu", "path": "walk.npy", "label": "walking"}) + "\n"
+        + json.dumps({"id": "b", "modality": "image", "path": "shoe.png", "label": "sneaker",
+                      "question": "What is this?"}) + "\n"
+    )  # fmt: skip
+    out = run("eval", "--manifest", str(tmp_path / "mine.jsonl"), "--json", adapters=tmp_path / "empty")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)  # nothing else on stdout
+    assert set(result) == {"imu", "image"}
+    assert result["imu"]["n"] == 1 and result["image"]["n"] == 1
+    assert 0.0 <= result["imu"]["accuracy"] <= 1.0
+
+
+def test_eval_refuses_a_manifest_without_labels(tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "x", "modality": "imu", "path": "x.npy"}) + "\n")
+    out = run("eval", "--manifest", str(tmp_path / "bad.jsonl"), adapters=tmp_path)
+    assert out.returncode == 2 and "needs id, modality, path and label" in out.stderr
+
+
+def test_adapters_promote_and_rollback_commands(tmp_path):
+    from modalink.projectors import ProjectorConfig, build_projector
+    from modalink.registry import AdapterRegistry
+
+    reg = AdapterRegistry(tmp_path)
+    proj = build_projector(ProjectorConfig(kind="linear", d_in=4, d_llm=4, n_tokens=1))
+    reg.publish("audio", proj, metrics={"val_accuracy": 0.5}, promote=True)
+    reg.publish("audio", proj, metrics={"val_accuracy": 0.7})
+    listed = json.loads(run("adapters", "list", "--json", adapters=tmp_path).stdout)
+    assert [(v["version"], v["current"]) for v in listed["audio"]] == [("v1", True), ("v2", False)]
+    assert run("adapters", "promote", "audio", "v2", adapters=tmp_path).returncode == 0
+    assert reg.current("audio") == "v2"
+    out = run("adapters", "rollback", "audio", adapters=tmp_path)
+    assert out.returncode == 0 and "v1" in out.stdout and reg.current("audio") == "v1"
+    bad = run("adapters", "promote", "audio", "v9", adapters=tmp_path)
+    assert bad.returncode == 2 and "no adapter version" in bad.stderr
