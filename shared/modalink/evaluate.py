@@ -174,17 +174,9 @@ def caption_scores(scored: Sequence[Scored]) -> dict[str, float]:
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    from modalink.data import ACTIVITY_TEXT, ANSWERS
+    from modalink.data import ANSWERS, fill
 
-    def refs(s: Scored) -> list[str]:
-        if s.modality == "video":
-            a, b = s.label.split("|")
-            return [_norm(t.format(a=a, b=b)) for t in ANSWERS["video"]]
-        if s.modality == "imu":
-            return [_norm(t.format(text=ACTIVITY_TEXT[s.label])) for t in ANSWERS["imu"]]
-        return [_norm(t.format(label=s.label)) for t in ANSWERS[s.modality]]
-
-    gts = {s.id: refs(s) for s in scored}
+    gts = {s.id: [_norm(fill(t, s.modality, s.label)) for t in ANSWERS[s.modality]] for s in scored}
     res = {s.id: [_norm(s.answer) or "empty"] for s in scored}
     with contextlib.redirect_stdout(io.StringIO()):  # the BLEU scorer prints its internals
         bleu = Bleu(4).compute_score(gts, res)[0][3]

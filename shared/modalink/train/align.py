@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modalink.data import ACTIVITY_TEXT, ANSWERS, QUESTIONS
+from modalink.data import QUESTIONS, caption
 from modalink.engine import GenerationParams, TransformersEngine
 from modalink.progress import progress
 from modalink.projectors import DEFAULT_PROJECTORS, ProjectorConfig, build_projector, pad_features
@@ -45,14 +45,7 @@ class AlignConfig:
 
 def answer_for(row: dict, rng: random.Random) -> str:
     """A fresh answer template each time (the label is what matters; phrasing varies)."""
-    modality, label = row["modality"], row["label"]
-    template = rng.choice(ANSWERS[modality])
-    if modality == "video":
-        a, b = label.split("|")
-        return template.format(a=a, b=b)
-    if modality == "imu":
-        return template.format(text=ACTIVITY_TEXT[label])
-    return template.format(label=label)
+    return caption(row["modality"], row["label"], rng)
 
 
 class Batcher:
