@@ -15,8 +15,13 @@ CFG = ProjectorConfig(kind="linear", d_in=16, d_llm=8, n_tokens=2)
 
 
 def make_projector(seed: int) -> torch.nn.Module:
+    """Weights that fp16 represents exactly, since the registry stores adapters as fp16 at rest."""
     torch.manual_seed(seed)
-    return build_projector(CFG).eval()
+    module = build_projector(CFG).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.half().float())
+    return module
 
 
 @pytest.fixture
@@ -67,7 +72,7 @@ def test_current_is_none_until_promote(registry):
     registry.promote("imu", "v2")
     assert registry.current("imu") == "v2"
     # No temp files of the atomic write are left beside CURRENT.
-    assert sorted(p.name for p in (registry.root / "imu").iterdir()) == ["CURRENT", "v1", "v2"]
+    assert sorted(p.name for p in (registry.root / "imu").iterdir()) == ["CURRENT", "HISTORY", "v1", "v2"]
 
 
 def test_publish_with_promote(registry):
@@ -212,3 +217,17 @@ def test_concurrent_publish_does_not_silently_lose_a_version(tmp_path, features)
         return  # refusing loudly is acceptable; handing back someone else's version is not
     module, _, _ = AdapterRegistry(registry.root).load("imu", version)
     torch.testing.assert_close(outputs(module, features), outputs(mine, features), rtol=0, atol=0)
+
+
+def test_adapters_are_stored_as_fp16_and_load_as_fp32(registry):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    proj = build_projector(CFG).eval()
+    version = registry.publish("imu", proj)
+    stored = load_file(str(registry.root / "imu" / version / "projector.safetensors"))
+    assert all(t.dtype == torch.float16 for t in stored.values())
+    module, _, _ = registry.load("imu", version)
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    x = torch.randn(2, 5, CFG.d_in)
+    torch.testing.assert_close(module(x), proj(x), atol=2e-3, rtol=2e-3)

@@ -182,10 +182,15 @@ def build_projector(cfg: ProjectorConfig) -> nn.Module:
     return QueryProjector(cfg)
 
 
-def save_projector(module: nn.Module, directory: Path, extra: dict | None = None) -> None:
-    """Write ``projector.safetensors`` and ``config.json`` (the projector config plus ``extra`` metadata)."""
+def save_projector(module: nn.Module, directory: Path, extra: dict | None = None, half: bool = False) -> None:
+    """Write ``projector.safetensors`` and ``config.json`` (the projector config plus ``extra`` metadata).
+
+    ``half`` stores float weights as fp16 (half the size in the repo); loading casts back to float32.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     save_file(state, str(directory / "projector.safetensors"))
     meta = {"projector": asdict(module.cfg), **(extra or {})}
     (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -195,15 +200,16 @@ def load_projector(directory: Path, device: torch.device | str = "cpu") -> tuple
     """Rebuild a projector from its JSON config and load its safetensors weights (never pickle)."""
     meta = json.loads((Path(directory) / "config.json").read_text())
     module = build_projector(ProjectorConfig.from_dict(meta["projector"]))
-    module.load_state_dict(load_file(str(Path(directory) / "projector.safetensors"), device=str(device)))
+    state = load_file(str(Path(directory) / "projector.safetensors"), device=str(device))
+    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return module.to(device).eval(), meta
 
 
 # Defaults until a trained adapter says otherwise (its config.json is the recipe that wins).
 DEFAULT_PROJECTORS: dict[str, dict] = {
-    "image": {"kind": "perceiver", "n_tokens": 8, "n_layers": 2, "max_positions": 49},
-    "video": {"kind": "perceiver", "n_tokens": 8, "n_layers": 2, "max_positions": 64},
-    "audio": {"kind": "perceiver", "n_tokens": 8, "n_layers": 2, "max_positions": 1500},
+    "image": {"kind": "perceiver", "n_tokens": 8, "n_layers": 2, "d_model": 256, "max_positions": 49},
+    "video": {"kind": "perceiver", "n_tokens": 8, "n_layers": 2, "d_model": 256, "max_positions": 64},
+    "audio": {"kind": "perceiver", "n_tokens": 8, "n_layers": 2, "d_model": 256, "max_positions": 1500},
     "imu": {"kind": "linear", "n_tokens": 4},
 }
 

@@ -103,7 +103,8 @@ class AdapterRegistry:
             version = f"v{int(existing[-1][1:]) + 1 if existing else 1}"
             try:
                 with atomic_dir(self.root / modality / version, exist_ok=False) as tmp:
-                    save_projector(projector, tmp, {"modality": modality, "version": version, **(extra or {})})
+                    meta = {"modality": modality, "version": version, **(extra or {})}
+                    save_projector(projector, tmp, meta, half=True)  # fp16 at rest: adapters live in the repo
                     (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n")
                     sums = {n: _sha256(tmp / n) for n in ("projector.safetensors", "config.json", "metrics.json")}
                     (tmp / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
