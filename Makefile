@@ -54,7 +54,7 @@ data: install
 	$(BIN)/modalink data build --out build/data
 
 # Re-trains every embedded-default adapter from the packaged data (stage 1; about an hour on 2 cores).
-ADAPTER_STEPS ?= imu=60 image=150 audio=120 video=120
+ADAPTER_STEPS ?= imu=40 image=100 audio=80 video=80
 adapters: data
 	rm -rf adapters/encoders/imu-cnn
 	for ms in $(ADAPTER_STEPS); do \

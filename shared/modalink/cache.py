@@ -32,8 +32,10 @@ def atomic_dir(target: Path, exist_ok: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a registry is read by other users (services)
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, 0o644)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         try:

@@ -205,6 +205,9 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed (data order, init): runs are deterministic."),
     promote: str = typer.Option("if-better", "--promote", help="if-better | always | never."),
     restart: bool = typer.Option(False, "--restart", help="Ignore an existing checkpoint instead of resuming it."),
+    init_from: str | None = typer.Option(
+        None, "--init-from", help="Start from a published version ('current' or vN) instead of a fresh projector."
+    ),
 ) -> None:
     """Stage-1 alignment: train a projector (encoder and LLM frozen), publish it, promote it if not worse."""
     from modalink.config import get_settings
@@ -218,7 +221,8 @@ def train(
     if not (data / modality / "train.jsonl").exists():
         raise _fail(f"no training data at {data / modality}/train.jsonl: run `modalink data build` first")
     overrides = {k: v for k, v in {"kind": kind, "n_tokens": n_tokens}.items() if v is not None}
-    cfg = AlignConfig(modality, projector=overrides, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    cfg = AlignConfig(modality, projector=overrides, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                      init_from=init_from)  # fmt: skip
     settings = get_settings()
     run_dir = settings.cache_dir / "runs" / modality
     if restart:

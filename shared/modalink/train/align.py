@@ -41,6 +41,7 @@ class AlignConfig:
     eval_every: int = 100
     eval_items: int = 60
     checkpoint_every: int = 20
+    init_from: str | None = None  # registry version to start from ("current", "v3"); None = fresh init
 
 
 def answer_for(row: dict, rng: random.Random) -> str:
@@ -114,11 +115,15 @@ class AlignTrainer:
     def __init__(
         self, cfg: AlignConfig, engine: TransformersEngine, d_in: int, train: list[tuple[dict, torch.Tensor]],
         val: list[tuple[dict, torch.Tensor]], run_dir: Path, system_prompt: str | None = None,
+        init: nn.Module | None = None,
     ):  # fmt: skip
         self.cfg, self.engine, self.train, self.val, self.run_dir = cfg, engine, train, val, Path(run_dir)
         torch.manual_seed(cfg.seed)
-        pcfg = {**DEFAULT_PROJECTORS[cfg.modality], **cfg.projector}
-        self.projector = build_projector(ProjectorConfig(d_in=d_in, d_llm=engine.hidden_size, **pcfg))
+        if init is not None:  # continue from a published version (its own recipe wins)
+            self.projector = init
+        else:
+            pcfg = {**DEFAULT_PROJECTORS[cfg.modality], **cfg.projector}
+            self.projector = build_projector(ProjectorConfig(d_in=d_in, d_llm=engine.hidden_size, **pcfg))
         self.opt = torch.optim.AdamW(self.projector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.batcher = Batcher(engine, system_prompt)
         self.step = 0

@@ -69,7 +69,16 @@ def train_modality(
     train = features_for(m, "train", data_dir, settings, encoder)
     val = features_for(m, "val", data_dir, settings, encoder)
     run_dir = run_dir or settings.cache_dir / "runs" / m
-    trainer = AlignTrainer(cfg, engine, encoder.feature_dim, train, val, run_dir, settings.system_prompt)
+    registry = AdapterRegistry(settings.adapters_dir)
+    init = None
+    if cfg.init_from:
+        version = registry.current(m) if cfg.init_from == "current" else cfg.init_from
+        loaded = registry.load(m, version) if version else None
+        if loaded is None:
+            raise ValueError(f"no {m} adapter version {cfg.init_from!r} to start from")
+        init = loaded[0].train()
+        extra_metrics["init_from"] = loaded[1]
+    trainer = AlignTrainer(cfg, engine, encoder.feature_dim, train, val, run_dir, settings.system_prompt, init)
     if trainer.resume():
         log.warning("resuming %s from step %d (%s)", m, trainer.step, trainer.checkpoint)
     t0 = time.time()
@@ -86,7 +95,6 @@ def train_modality(
         "examples": [{"label": r["label"], "answer": a} for (r, _), a in list(zip(val, answers, strict=True))[:5]],
         **{k: v for k, v in extra_metrics.items() if v},
     }
-    registry = AdapterRegistry(settings.adapters_dir)
     extra = {"train": asdict(cfg), "encoder": encoder.name, "llm": settings.llm,
              "system_prompt": settings.system_prompt, "history": trainer.history}  # fmt: skip
     version = registry.publish(m, projector, metrics=metrics, extra=extra)
