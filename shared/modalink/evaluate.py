@@ -152,9 +152,13 @@ def linear_probe(train: Sequence[tuple[dict, torch.Tensor]], test: Sequence[tupl
 
 
 def grounding(scored: Sequence[Scored]) -> float:
-    """Share of input pairs with different labels (same question) where both answers are correct, hence differ."""
+    """Share of input pairs with different labels (same question) where both answers are correct, hence differ.
+
+    Item i is paired with item i + n/2, so pairs mix classes whatever the manifest's order.
+    """
+    half = len(scored) // 2
     pairs = ok = 0
-    for a, b in zip(scored[::2], scored[1::2], strict=False):
+    for a, b in zip(scored[:half], scored[half : 2 * half], strict=True):
         if a.label != b.label:
             pairs += 1
             ok += a.correct and b.correct and a.answer != b.answer
@@ -251,8 +255,8 @@ def write_report(path, data_dir, settings, baseline_limit: int = 100, command: s
                      f"| {r['cider']:.2f} |")  # fmt: skip
     lines += [
         "",
-        "- grounding: pairs of consecutive test items with different labels where both answers are right "
-        "(so the same question got two different, correct answers).",
+        "- grounding: pairs of test items (i, i + n/2) with different labels where both answers are right "
+        "and differ (the same question got two different, correct answers).",
         "- blind LLM: the same question without the input; untrained projector: a fixed-seed random "
         "projector; linear probe: logistic regression on mean-pooled encoder features (train split -> test).",
         "- BLEU-4 / ROUGE-L / CIDEr (pycocoevalcap): the answer to the default question against every answer "
