@@ -146,3 +146,18 @@ def test_imu_encoder_aligns_to_text_and_loads_as_trained(data, tmp_path):
     assert metrics["val_zero_shot_accuracy"] >= 0.75  # 4 classes: chance is 0.25
     enc = IMUEncoder(Settings(adapters_dir=tmp_path))
     assert enc.trained and enc(windows[0]).shape == (13, 256)
+
+
+def test_cached_video_features_equal_the_video_encoder(data, settings):
+    """Training derives clip features from the items' image features; that must equal the real encoder path."""
+    from modalink.encoders import load_encoder
+    from modalink.train.features import encode_rows, video_from_image_features
+
+    video = load_encoder("video", settings)
+    clip = read_manifest(data / "video" / "train.jsonl")[0]
+    images = {r["id"]: r for r in read_manifest(data / "image" / "train.jsonl")}
+    feats = encode_rows(video.image, [images[i] for i in clip["items"]])
+    derived = video_from_image_features([feats[i] for i in clip["items"]]).float()
+    direct = video(clip["path"])
+    assert derived.shape == direct.shape == (49 + 8, 1280)
+    torch.testing.assert_close(derived, direct, atol=2e-2, rtol=2e-2)  # fp16 cache

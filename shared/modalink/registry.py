@@ -35,6 +35,7 @@ def _sha256(path: Path) -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o644)  # mkstemp makes it private; services read it as other users
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
