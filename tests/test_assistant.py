@@ -17,10 +17,11 @@ def test_each_modality_answers_end_to_end(assistant, samples, modality):
     assert answer.text.strip()
     assert answer.adapters == {modality: UNTRAINED}
     n_tokens = DEFAULT_PROJECTORS[modality]["n_tokens"]
-    chat = assistant.engine.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is this?"}], tokenize=False, add_generation_prompt=True
-    )
-    text_only = assistant.engine.prompt_length([chat])
+    from modalink.prompt import Message, build_prompt
+
+    text_prompt = build_prompt(assistant.engine.tokenizer, [Message("user", ["What is this?"])],
+                               assistant.settings.system_prompt)  # fmt: skip
+    text_only = assistant.engine.prompt_length(text_prompt)
     assert answer.usage["prompt_tokens"] > text_only + n_tokens  # embeddings + boundary markers
     assert answer.usage["completion_tokens"] == 6 or answer.finish_reason == "stop"
 

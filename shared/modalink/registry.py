@@ -118,26 +118,38 @@ class AdapterRegistry:
             self.promote(modality, version)
         return version
 
-    def promote(self, modality: str, version: str) -> None:
+    def promote(self, modality: str, version: str, _rollback: bool = False) -> None:
         if version not in self.versions(modality):
             raise ValueError(f"no adapter version {modality}/{version}")
         self.verify(modality, version)
         previous = self.current(modality)
         _write_atomic(self.root / modality / "CURRENT", version + "\n")
         if previous != version:
-            with open(self.root / modality / "HISTORY", "a") as f:  # promotion log, newest last (for rollback)
-                f.write(json.dumps({"version": version, "previous": previous, "time": time.time()}) + "\n")
+            entry = {"version": version, "previous": previous, "time": time.time(), "rollback": _rollback}
+            with open(self.root / modality / "HISTORY", "a") as f:  # promotion log, newest last
+                f.write(json.dumps(entry) + "\n")
+
+    def promotions(self, modality: str) -> list[str]:
+        """The stack of promotions still in effect (rollbacks pop), oldest first."""
+        log = self.root / modality / "HISTORY"
+        stack: list[str] = []
+        for line in log.read_text().splitlines() if log.exists() else []:
+            entry = json.loads(line)
+            if entry.get("rollback"):
+                stack.pop()
+            else:
+                stack.append(entry["version"])
+        return stack
 
     def rollback(self, modality: str) -> str:
-        """Make the version that was current before the last promotion current again; returns it."""
-        log = self.root / modality / "HISTORY"
-        entries = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
-        cur = self.current(modality)
-        for e in reversed(entries):
-            if e["version"] == cur and e["previous"]:
-                self.promote(modality, e["previous"])
-                return e["previous"]
-        raise ValueError(f"{modality}: no earlier promoted version to roll back to (current: {cur})")
+        """Undo the last promotion still in effect: the version current before it becomes current again."""
+        stack = self.promotions(modality)
+        if len(stack) < 2:
+            raise ValueError(
+                f"{modality}: no earlier promoted version to roll back to (current: {self.current(modality)})"
+            )
+        self.promote(modality, stack[-2], _rollback=True)
+        return stack[-2]
 
     def load(
         self, modality: str, version: str | None = None, device: torch.device | str = "cpu"
