@@ -621,7 +621,8 @@ def test_decode_video_mp4(tmp_path):
 def test_decode_video_large_frames_are_shrunk():
     big = [np.full((600, 1000, 3), 10 + 20 * i, np.uint8) for i in range(3)]
     frames = decode_video(frames_to_gif(big), n_frames=8)
-    assert len(frames) == 3
+    assert len(frames) == 8  # an animated image is sampled in time: 3 equal-length frames fill 8 samples
+    assert [np.asarray(f)[0, 0, 0] for f in frames] == [10, 10, 10, 30, 30, 50, 50, 50]
     assert all(min(f.size) == 448 and f.size[0] > f.size[1] for f in frames)
 
 
@@ -712,3 +713,10 @@ def test_decode_audio_int16_pcm_and_samples_by_channels_layout():
     stereo_rows = np.stack([tone, np.zeros_like(tone)], axis=1)  # soundfile's [samples, channels]
     out = decode_audio(stereo_rows, sample_rate=16_000)
     assert out.shape == (16_000,) and abs(np.abs(out).max() - 0.25) < 1e-3
+
+
+def test_gif_with_merged_duplicate_frames_is_sampled_by_duration():
+    """GIF writers merge identical consecutive frames; a still item must still fill its share of the clip."""
+    frames = [np.full((28, 28), 10, np.uint8)] * 6 + [np.full((28, 28), 200, np.uint8)] * 2
+    out = decode_video(frames_to_gif(frames), n_frames=8)
+    assert [int(np.asarray(f)[0, 0, 0]) for f in out] == [10] * 6 + [200] * 2

@@ -6,7 +6,9 @@ spatial token (what is where) followed by the spatial mean of every frame (what 
 
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,29 @@ def _shrink(img: Image.Image, side: int = 448) -> Image.Image:
     return img
 
 
+def _sample_by_time(img: Image.Image, n: int, k: int) -> list[Image.Image]:
+    """``k`` frames of an animated image sampled uniformly in time, honouring each frame's duration.
+
+    GIF encoders merge identical consecutive frames into one longer frame, so sampling by frame index
+    would see a still item once instead of for as long as it is shown.
+    """
+    durations = []
+    for i in range(n):
+        img.seek(i)
+        durations.append(max(1, int(img.info.get("duration") or 100)))
+    if n == 1:
+        img.seek(0)
+        return [img.copy()]
+    total = sum(durations)
+    ends = list(itertools.accumulate(durations))
+    frames = []
+    for j in range(k):
+        t = (j + 0.5) * total / k
+        img.seek(bisect.bisect_right(ends, t))
+        frames.append(img.copy())
+    return frames
+
+
 def _container_frames(raw: bytes, k: int, max_pixels: int) -> list[Image.Image]:
     """Frames of an animated image (GIF/WebP) via Pillow, else of a video container (MP4, WebM...) via PyAV."""
     try:
@@ -43,11 +68,7 @@ def _container_frames(raw: bytes, k: int, max_pixels: int) -> list[Image.Image]:
         n = getattr(img, "n_frames", 1)
         if img.size[0] * img.size[1] > max_pixels:
             raise InputError(f"video frame size {img.size[0]}x{img.size[1]} exceeds {max_pixels} pixels")
-        frames = []
-        for i in sample_indices(n, k):
-            img.seek(i)
-            frames.append(_shrink(img))
-        return frames
+        return [_shrink(f) for f in _sample_by_time(img, n, k)]
     except UnidentifiedImageError:
         pass
     except InputError:
