@@ -80,28 +80,33 @@ def default_question(modality: str) -> str:
     return QUESTIONS[modality][0]
 
 
-def answer_rows(assistant, rows: Sequence[dict], batch_size: int = 16, max_new_tokens: int = 24) -> Iterator[Scored]:
-    """Run the full assistant (files -> encoder -> projector -> LLM) on manifest rows, batched per modality."""
+def answer_media(
+    engine, modality: str, media: Sequence[torch.Tensor], questions: Sequence[str], system_prompt: str | None,
+    max_new_tokens: int = 24,
+) -> list[str]:  # fmt: skip
+    """Greedy answers to ``[question, <modality> embeddings]`` prompts, one batch, as the assistant builds them."""
     from modalink.engine import GenerationParams
     from modalink.prompt import Media, Message, build_prompt
 
-    tok = assistant.engine.tokenizer
+    prompts = [
+        build_prompt(engine.tokenizer, [Message("user", [q, Media(modality, m)])], system_prompt)
+        for q, m in zip(questions, media, strict=True)
+    ]
+    return [c.text for c in engine.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens))]
+
+
+def answer_rows(assistant, rows: Sequence[dict], batch_size: int = 16, max_new_tokens: int = 24) -> Iterator[Scored]:
+    """Run the full assistant (files -> encoder -> projector -> LLM) on manifest rows, batched per modality."""
     for modality in dict.fromkeys(r["modality"] for r in rows):
         group = [r for r in rows if r["modality"] == modality]
         for i in range(0, len(group), batch_size):
             chunk = group[i : i + batch_size]
             media, _ = assistant.embed(modality, [r["path"] for r in chunk])
-            prompts = [
-                build_prompt(
-                    tok,
-                    [Message("user", [r.get("question") or default_question(modality), Media(modality, m)])],
-                    assistant.settings.system_prompt,
-                )  # fmt: skip
-                for r, m in zip(chunk, media, strict=True)
-            ]
-            outs = assistant.engine.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens))
-            for r, o in zip(chunk, outs, strict=True):
-                yield Scored(r["id"], modality, r["label"], o.text, is_correct(modality, r["label"], o.text))
+            questions = [r.get("question") or default_question(modality) for r in chunk]
+            texts = answer_media(assistant.engine, modality, media, questions, assistant.settings.system_prompt,
+                                 max_new_tokens)  # fmt: skip
+            for r, text in zip(chunk, texts, strict=True):
+                yield Scored(r["id"], modality, r["label"], text, is_correct(modality, r["label"], text))
 
 
 def accuracy(scored: Sequence[Scored]) -> dict[str, dict]:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modalink.data import QUESTIONS, caption
-from modalink.engine import GenerationParams, TransformersEngine
+from modalink.engine import TransformersEngine
 from modalink.progress import progress
 from modalink.projectors import DEFAULT_PROJECTORS, ProjectorConfig, build_projector, pad_features
 from modalink.prompt import Media, Message, build_prompt
@@ -220,18 +220,13 @@ class AlignTrainer:
     @torch.no_grad()
     def answers(self, items: list[tuple[dict, torch.Tensor]], question: str, max_new_tokens: int = 24) -> list[str]:
         """Greedy free-text answers from cached features (the same prompt as the assistant builds)."""
+        from modalink.evaluate import answer_media
+
         out = []
         for i in range(0, len(items), 32):
             chunk = items[i : i + 32]
             x, mask = pad_features([f.float() for _, f in chunk])
             media = self.projector.eval()(x, mask)
-            prompts = [
-                build_prompt(
-                    self.engine.tokenizer,
-                    [Message("user", [question, Media(self.cfg.modality, m)])],
-                    self.batcher.system,
-                )  # fmt: skip
-                for m in media
-            ]
-            out += [c.text for c in self.engine.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens))]
+            out += answer_media(self.engine, self.cfg.modality, list(media), [question] * len(chunk),
+                                self.batcher.system, max_new_tokens)  # fmt: skip
         return out
