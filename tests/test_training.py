@@ -12,7 +12,7 @@ import torch
 
 from modalink.data import VARIANTS, BuildConfig, build, read_manifest
 from modalink.evaluate import is_correct, mentioned
-from modalink.projectors import ProjectorConfig, build_projector
+from modalink.projectors import ProjectorConfig, build_projector, pad_features
 from modalink.registry import AdapterRegistry
 
 SMALL = BuildConfig(seed=3, image_train=20, image_val=10, image_test=10, audio_train_per_word=1,
@@ -87,10 +87,61 @@ def test_a_short_training_run_lowers_the_loss(data, engine, settings, tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_stage_two_trains_a_lora_that_the_registry_ships_and_the_assistant_serves(data, settings, tmp_path):
+    from modalink.assistant import Assistant
+    from modalink.encoders import load_encoder
+    from modalink.engine import GenerationParams, TransformersEngine
+    from modalink.prompt import Media, Message, build_prompt
+    from modalink.train.align import AlignConfig, AlignTrainer
+    from modalink.train.features import encode_rows
+
+    engine = TransformersEngine.load(settings=settings)  # its own: training adds a LoRA to the model in place
+    enc = load_encoder("image", settings)
+    rows = read_manifest(data / "image" / "train.jsonl")[:8]
+    items = list(zip(rows, encode_rows(enc, rows).values(), strict=True))
+    cfg = AlignConfig("image", stage=2, steps=8, batch_size=4, lr=2e-3, lora_lr=2e-3, warmup=1, eval_every=100,
+                      eval_items=8, checkpoint_every=4)  # fmt: skip
+    trainer = AlignTrainer(cfg, engine, enc.feature_dim, items, items, tmp_path / "run")
+    before = trainer.val_loss()
+    trainer.fit()
+    assert trainer.val_loss() < before - 0.5
+    tensors, lora_config = trainer.lora_state()
+    assert lora_config["r"] == 8 and sorted(lora_config["target_modules"]) == ["q_proj", "v_proj"]
+    assert any(v.abs().sum() > 0 for k, v in tensors.items() if "lora_B" in k)  # B starts at zero: it learned
+
+    registry = AdapterRegistry(tmp_path / "adapters")
+    version = registry.publish("image", trainer.projector, lora=(tensors, lora_config), promote=True)
+    assert registry.lora_path("image", version) is not None
+    served = Assistant(settings.model_copy(update={"adapters_dir": tmp_path / "adapters"}))
+    name = served.lora("image")
+    assert name == f"image@{version}"
+    # The served LoRA (fp16 at rest) reproduces the trained one on the same prompt; the bare LLM differs.
+    media = trainer.projector(*pad_features([items[0][1].float()]))[0]
+    prompt = build_prompt(engine.tokenizer, [Message("user", ["What is this?", Media("image", media.detach())])],
+                          settings.system_prompt)  # fmt: skip
+    trained = engine.next_token_logits(prompt, adapter=trainer.adapter)
+    loaded = served.engine.next_token_logits(prompt, adapter=name)
+    bare = served.engine.next_token_logits(prompt)
+    assert torch.allclose(trained, loaded, atol=0.05 * trained.abs().max().item())
+    assert (trained - bare).abs().max() > 10 * (trained - loaded).abs().max()
+    # One batch, one LoRA per row: each row answers as it would alone.
+    params = GenerationParams(max_new_tokens=8)
+    mixed = served.engine.generate([prompt, prompt], params, [name, None])
+    assert mixed[0].text == served.engine.generate([prompt], params, [name])[0].text
+    assert mixed[1].text == served.engine.generate([prompt], params)[0].text
+    with pytest.raises(Exception, match="unknown LoRA adapter"):
+        served.engine.generate([prompt], params, ["audio@v9"])
+    # The LoRA is checksummed like the projector.
+    weights = registry.lora_path("image", version) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-2] + b"00")
+    with pytest.raises(RuntimeError, match="checksum mismatch in lora/adapter_model.safetensors"):
+        registry.verify("image", version)
+
+
 WRITER = """
 import sys, torch
 from pathlib import Path
-from modalink.projectors import ProjectorConfig, build_projector
+from modalink.projectors import ProjectorConfig, build_projector, pad_features
 from modalink.registry import AdapterRegistry
 reg = AdapterRegistry(Path(sys.argv[1]))
 proj = build_projector(ProjectorConfig(kind="linear", d_in=2048, d_llm=2048, n_tokens=8))  # ~134 MB

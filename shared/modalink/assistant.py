@@ -45,6 +45,7 @@ class Assistant:
         self.registry = AdapterRegistry(self.settings.adapters_dir)
         self._encoders: dict[str, Encoder] = {}
         self._projectors: dict[str, tuple[nn.Module, str]] = {}
+        self._loras: dict[str, str | None] = {}  # modality -> name of its LoRA in the engine (stage-2 versions)
         self._lock = threading.RLock()
 
     @property
@@ -87,8 +88,17 @@ class Assistant:
                         f"{modality} adapter {version} maps {module.cfg.d_in}->{module.cfg.d_llm} but the encoder "
                         f"gives {enc.feature_dim} and the LLM takes {self.engine.hidden_size}"
                     )
+                lora_dir = self.registry.lora_path(modality, version) if version != UNTRAINED else None
+                if lora_dir is not None:
+                    self.engine.load_adapter(f"{modality}@{version}", lora_dir)
+                self._loras[modality] = f"{modality}@{version}" if lora_dir is not None else None
                 self._projectors[modality] = (module.to(self.settings.torch_device()), version)
             return self._projectors[modality]
+
+    def lora(self, modality: str) -> str | None:
+        """The LLM LoRA trained with this modality's projector (stage 2), or None (stage 1: the bare LLM)."""
+        self.projector(modality)
+        return self._loras[modality]
 
     def decode(self, modality: str, items: Sequence[Any]) -> list[Any]:
         """Check and decode raw items (bytes or paths); raises InputError before any heavy work."""
@@ -132,7 +142,9 @@ class Assistant:
         media, versions = self.media(inputs)
         parts: list[Part] = place_media(text, media)
         prompt = build_prompt(self.engine.tokenizer, [*history, Message("user", parts)], self.settings.system_prompt)
-        return self.engine.stream([prompt], params), versions, self.engine.prompt_length(prompt)
+        # One LoRA per prompt: the first input's modality that has one (mixed-modality prompts share it).
+        adapter = next((a for m in media if (a := self.lora(m.modality))), None)
+        return self.engine.stream([prompt], params, [adapter]), versions, self.engine.prompt_length(prompt)
 
     def ask(self, text: str, inputs: Sequence[tuple[str, Any]] = (), params: GenerationParams | None = None) -> Answer:
         events, versions, prompt_tokens = self.stream(text, inputs, params)

@@ -208,8 +208,20 @@ def train(
     init_from: str | None = typer.Option(
         None, "--init-from", help="Start from a published version ('current' or vN) instead of a fresh projector."
     ),
+    stage: int = typer.Option(
+        1,
+        "--stage",
+        help="1: align the projector (LLM frozen). 2: LoRA instruction tuning of LLM + projector, "
+        "from the current (or --init-from) version.",
+    ),  # fmt: skip
+    lora_rank: int = typer.Option(8, "--lora-rank", help="Stage 2: LoRA rank (on q_proj and v_proj)."),
+    lora_lr: float = typer.Option(2e-4, "--lora-lr", help="Stage 2: peak learning rate of the LoRA weights."),
 ) -> None:
-    """Stage-1 alignment: train a projector (encoder and LLM frozen), publish it, promote it if not worse."""
+    """Train one modality's adapter, publish it as a new version, promote it if not worse.
+
+    Stage 1 trains the projector on (signal, caption) pairs with encoder and LLM frozen; stage 2 adds a LoRA
+    adapter on the LLM and trains both on instructions. Kill it any time: rerunning resumes the checkpoint.
+    """
     from modalink.config import get_settings
     from modalink.train.align import AlignConfig
     from modalink.train.run import train_modality
@@ -220,11 +232,16 @@ def train(
         raise _fail("--promote must be if-better, always or never")
     if not (data / modality / "train.jsonl").exists():
         raise _fail(f"no training data at {data / modality}/train.jsonl: run `modalink data build` first")
+    if stage not in (1, 2):
+        raise _fail("--stage must be 1 or 2")
+    if stage == 2 and (kind or n_tokens):
+        raise _fail("stage 2 keeps the projector of the version it starts from: drop --projector / --n-tokens")
     overrides = {k: v for k, v in {"kind": kind, "n_tokens": n_tokens}.items() if v is not None}
     cfg = AlignConfig(modality, projector=overrides, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                      init_from=init_from)  # fmt: skip
+                      init_from=init_from, stage=stage, lora={"r": lora_rank, "alpha": 2 * lora_rank},
+                      lora_lr=lora_lr)  # fmt: skip
     settings = get_settings()
-    run_dir = settings.cache_dir / "runs" / modality
+    run_dir = settings.cache_dir / "runs" / (modality if stage == 1 else f"{modality}-stage2")
     if restart:
         (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)
     result = train_modality(cfg, data, settings, run_dir=run_dir, promote=promote)

@@ -82,6 +82,32 @@ def caption(modality: str, label: str, rng: random.Random) -> str:
     return fill(rng.choice(ANSWERS[modality]), modality, label)
 
 
+# Stage-2 instructions beyond "what is it": yes/no checks against a named class (the true one or another),
+# answered "Yes." / "No." plus the true description, so following the instruction needs the input.
+CHECKS = {
+    "image": ("Is this a {x}?", "Is the item in the picture a {x}?", "Do you see a {x} here?"),
+    "audio": ('Does the voice say "{x}"?', "Is the spoken word {x}?", "Is the word in this recording {x}?"),
+    "imu": ("Is the person {x}?", "Is the wearer {x}?"),
+    "video": ("Does a {x} appear first?", "Is the first item a {x}?"),
+}
+_LABELS = {"image": GARMENTS, "audio": VOCABULARY, "imu": ACTIVITIES, "video": GARMENTS}
+
+
+def _check_phrase(modality: str, label: str) -> str:
+    return ACTIVITY_TEXT[label].split(",")[0] if modality == "imu" else label
+
+
+def instruction(modality: str, label: str, rng: random.Random, checks: float = 0.0) -> tuple[str, str]:
+    """(question, answer) for training: with probability ``checks`` a yes/no check, else a describe question."""
+    answer = caption(modality, label, rng)
+    if rng.random() >= checks:
+        return rng.choice(QUESTIONS[modality]), answer
+    truth = label.split("|")[0] if modality == "video" else label
+    asked = truth if rng.random() < 0.5 else rng.choice([x for x in _LABELS[modality] if x != truth])
+    question = rng.choice(CHECKS[modality]).format(x=_check_phrase(modality, asked))
+    return question, f"{'Yes' if asked == truth else 'No'}. {answer}"
+
+
 @dataclass
 class BuildConfig:
     seed: int = 0

@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from modalink.errors import InputError
+from modalink.lora import BASE as LORA_BASE
 from modalink.prompt import Segment
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
@@ -78,9 +79,16 @@ class Engine(ABC):
 
     @abstractmethod
     def stream(
-        self, prompts: Sequence[list[Segment]], params: GenerationParams | Sequence[GenerationParams]
+        self,
+        prompts: Sequence[list[Segment]],
+        params: GenerationParams | Sequence[GenerationParams],
+        adapters: Sequence[str | None] | None = None,
     ) -> Iterator[TokenEvent]:
-        """Token events of all prompts, generated together, as they come."""
+        """Token events of all prompts, generated together, as they come; ``adapters``: a LoRA name per prompt."""
+
+    def load_adapter(self, name: str, path) -> None:
+        """Load a peft LoRA adapter folder under ``name`` (prompts then select it by name)."""
+        raise NotImplementedError(f"{type(self).__name__} does not serve LoRA adapters")
 
     def prompt_length(self, prompt: list[Segment]) -> int:
         return sum(
@@ -89,12 +97,15 @@ class Engine(ABC):
         )
 
     def generate(
-        self, prompts: Sequence[list[Segment]], params: GenerationParams | Sequence[GenerationParams]
+        self,
+        prompts: Sequence[list[Segment]],
+        params: GenerationParams | Sequence[GenerationParams],
+        adapters: Sequence[str | None] | None = None,
     ) -> list[Completion]:
         texts = [""] * len(prompts)
         ids: list[list[int]] = [[] for _ in prompts]
         finish = [FINISH_LENGTH] * len(prompts)
-        for ev in self.stream(prompts, params):
+        for ev in self.stream(prompts, params, adapters):
             texts[ev.index] += ev.text
             if ev.token_id >= 0:
                 ids[ev.index].append(ev.token_id)
@@ -178,6 +189,43 @@ class TransformersEngine(Engine):
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
+        self.peft = None  # a peft.PeftModel around ``model`` once a LoRA adapter is loaded or trained
+        self.adapters: set[str] = set()
+
+    def load_adapter(self, name: str, path) -> None:
+        from peft import PeftModel
+
+        if name in self.adapters:
+            return
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+        else:
+            self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        self.peft.eval()  # also the base model: peft routes mixed batches only in eval mode
+        self.adapters.add(name)
+
+    def train_adapter(self, name: str, settings=None) -> list[torch.nn.Parameter]:
+        """Add a fresh LoRA adapter ``name`` and make it active for direct ``self.model`` calls (training)."""
+        from modalink import lora
+
+        self.peft = lora.attach(self.peft or self.model, name, settings)
+        self.peft.eval()  # also the base model: peft routes mixed batches only in eval mode
+        self.adapters.add(name)
+        return lora.parameters(self.peft, name)
+
+    def _adapter_kw(self, adapters: Sequence[str | None] | None, n: int) -> dict:
+        """peft mixed-batch routing: every row names its adapter (or none); without LoRA, nothing to route."""
+        if self.peft is None:
+            if adapters and any(adapters):
+                raise InputError(f"unknown LoRA adapter(s) {sorted({a for a in adapters if a})}: none loaded")
+            return {}
+        names = list(adapters) if adapters is not None else [None] * n
+        if len(names) != n:
+            raise ValueError("one adapter name (or None) per prompt")
+        unknown = {a for a in names if a and a not in self.adapters}
+        if unknown:
+            raise InputError(f"unknown LoRA adapter(s) {sorted(unknown)}; loaded: {sorted(self.adapters)}")
+        return {"adapter_names": [a or LORA_BASE for a in names]}
 
     @classmethod
     def load(cls, name: str | None = None, settings=None) -> TransformersEngine:
@@ -204,21 +252,29 @@ class TransformersEngine(Engine):
             raise InputError("empty prompt")
         return torch.cat(parts), text_ids
 
+    @property
+    def _runner(self):
+        return self.peft if self.peft is not None else self.model
+
     @torch.inference_mode()
-    def next_token_logits(self, prompt: list[Segment]) -> torch.Tensor:
+    def next_token_logits(self, prompt: list[Segment], adapter: str | None = None) -> torch.Tensor:
         """Logits [vocab] for the token after ``prompt`` (scoring, evaluation, tests)."""
         embeds, _ = self._embed_prompt(prompt)
-        return self.model(inputs_embeds=embeds[None]).logits[0, -1].float()
+        return self._runner(inputs_embeds=embeds[None], **self._adapter_kw([adapter], 1)).logits[0, -1].float()
 
     @torch.inference_mode()
     def _forward(self, **kw):
-        out = self.model(use_cache=True, **kw)
+        out = self._runner(use_cache=True, **kw)
         return out.logits[:, -1], out.past_key_values
 
     def stream(
-        self, prompts: Sequence[list[Segment]], params: GenerationParams | Sequence[GenerationParams]
+        self,
+        prompts: Sequence[list[Segment]],
+        params: GenerationParams | Sequence[GenerationParams],
+        adapters: Sequence[str | None] | None = None,
     ) -> Iterator[TokenEvent]:
         n = len(prompts)
+        route = self._adapter_kw(adapters, n)
         plist = [params] * n if isinstance(params, GenerationParams) else list(params)
         if len(plist) != n:
             raise ValueError("one GenerationParams per prompt")
@@ -241,7 +297,7 @@ class TransformersEngine(Engine):
             embeds[i, width - e.shape[0] :] = e
             mask[i, width - e.shape[0] :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        logits, cache = self._forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **route)
 
         gens = [torch.Generator().manual_seed(p.seed if p.seed is not None else random.getrandbits(63)) for p in plist]
         seen = [torch.tensor(ids, dtype=torch.long) for _, ids in embedded]
@@ -277,6 +333,6 @@ class TransformersEngine(Engine):
             mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
             ids = torch.tensor(step, device=self.device).unsqueeze(1)
             logits, cache = self._forward(
-                input_ids=ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache
+                input_ids=ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache, **route
             )
             next_pos = next_pos + 1

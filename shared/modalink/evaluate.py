@@ -82,9 +82,12 @@ def default_question(modality: str) -> str:
 
 def answer_media(
     engine, modality: str, media: Sequence[torch.Tensor], questions: Sequence[str], system_prompt: str | None,
-    max_new_tokens: int = 24,
+    max_new_tokens: int = 24, adapter: str | None = None,
 ) -> list[str]:  # fmt: skip
-    """Greedy answers to ``[question, <modality> embeddings]`` prompts, one batch, as the assistant builds them."""
+    """Greedy answers to ``[question, <modality> embeddings]`` prompts, one batch, as the assistant builds them.
+
+    ``adapter``: the LLM LoRA to answer with (stage-2 adapters), None for the bare LLM.
+    """
     from modalink.engine import GenerationParams
     from modalink.prompt import Media, Message, build_prompt
 
@@ -92,7 +95,8 @@ def answer_media(
         build_prompt(engine.tokenizer, [Message("user", [q, Media(modality, m)])], system_prompt)
         for q, m in zip(questions, media, strict=True)
     ]
-    return [c.text for c in engine.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens))]
+    params = GenerationParams(max_new_tokens=max_new_tokens)
+    return [c.text for c in engine.generate(prompts, params, [adapter] * len(prompts) if adapter else None)]
 
 
 def answer_rows(assistant, rows: Sequence[dict], batch_size: int = 16, max_new_tokens: int = 24) -> Iterator[Scored]:
@@ -104,7 +108,7 @@ def answer_rows(assistant, rows: Sequence[dict], batch_size: int = 16, max_new_t
             media, _ = assistant.embed(modality, [r["path"] for r in chunk])
             questions = [r.get("question") or default_question(modality) for r in chunk]
             texts = answer_media(assistant.engine, modality, media, questions, assistant.settings.system_prompt,
-                                 max_new_tokens)  # fmt: skip
+                                 max_new_tokens, adapter=assistant.lora(modality))  # fmt: skip
             for r, text in zip(chunk, texts, strict=True):
                 yield Scored(r["id"], modality, r["label"], text, is_correct(modality, r["label"], text))
 

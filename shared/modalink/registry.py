@@ -1,5 +1,7 @@
 """Adapter registry: ``<root>/<modality>/<version>/{projector.safetensors, config.json, metrics.json}``.
 
+A stage-2 version also holds the LLM LoRA it was trained with, as a peft folder ``lora/`` (see lora.py).
+
 Versions are immutable and checksummed (``checksums.json``); a version is written into a temp dir and
 renamed into place, and ``CURRENT`` (the promoted version's name) is replaced atomically (write temp,
 fsync, rename), so a reader never sees half a version or a pointer to one.
@@ -94,6 +96,7 @@ class AdapterRegistry:
         metrics: dict | None = None,
         extra: dict | None = None,
         promote: bool = False,
+        lora: tuple[dict[str, torch.Tensor], dict] | None = None,
     ) -> str:
         """Write a new immutable version (next ``vN``); optionally make it current.
 
@@ -107,7 +110,12 @@ class AdapterRegistry:
                     meta = {"modality": modality, "version": version, **(extra or {})}
                     save_projector(projector, tmp, meta, half=True)  # fp16 at rest: adapters live in the repo
                     (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n")
-                    sums = {n: _sha256(tmp / n) for n in ("projector.safetensors", "config.json", "metrics.json")}
+                    names = ["projector.safetensors", "config.json", "metrics.json"]
+                    if lora is not None:
+                        from modalink import lora as lora_files
+
+                        names += [f"lora/{n}" for n in lora_files.save(tmp / "lora", *lora, half=True)]
+                    sums = {n: _sha256(tmp / n) for n in names}
                     (tmp / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
                 break
             except FileExistsError:
@@ -161,3 +169,8 @@ class AdapterRegistry:
         self.verify(modality, version)
         module, meta = load_projector(self.root / modality / version, device)
         return module, version, meta
+
+    def lora_path(self, modality: str, version: str) -> Path | None:
+        """The peft LoRA folder a stage-2 version was trained with (None for stage-1 versions)."""
+        d = self.root / modality / version / "lora"
+        return d if (d / "adapter_config.json").is_file() else None

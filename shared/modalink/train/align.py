@@ -1,4 +1,8 @@
-"""Stage 1 (alignment): train one modality's projector on (signal, caption) pairs, encoder and LLM frozen.
+"""Training one modality's adapter: stage 1 (alignment) and stage 2 (instruction tuning with LoRA).
+
+Stage 1 trains the projector on (signal, caption) pairs, encoder and LLM frozen. Stage 2 goes on from a
+stage-1 projector and adds a LoRA adapter on the LLM (peft), trained together with the projector on
+instructions: describe questions plus yes/no checks (``data.instruction``).
 
 The loss is next-token cross-entropy on the answer tokens only, and logits are computed only at those
 positions (the LLM head over 49k tokens would otherwise dominate). Encoder features come from the cache.
@@ -21,7 +25,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modalink.data import QUESTIONS, caption
+from modalink import lora
+from modalink.data import instruction
 from modalink.engine import TransformersEngine
 from modalink.progress import progress
 from modalink.projectors import DEFAULT_PROJECTORS, ProjectorConfig, build_projector, pad_features
@@ -42,11 +47,14 @@ class AlignConfig:
     eval_items: int = 60
     checkpoint_every: int = 20
     init_from: str | None = None  # registry version to start from ("current", "v3"); None = fresh init
+    stage: int = 1  # 2 = LoRA on the LLM + projector, on instructions
+    lora: dict = field(default_factory=dict)  # overrides of lora.LoraSettings
+    lora_lr: float = 2e-4
+    checks: float = 0.5  # stage 2: share of yes/no check instructions
 
-
-def answer_for(row: dict, rng: random.Random) -> str:
-    """A fresh answer template each time (the label is what matters; phrasing varies)."""
-    return caption(row["modality"], row["label"], rng)
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
 
 
 class Batcher:
@@ -115,7 +123,7 @@ class AlignTrainer:
     def __init__(
         self, cfg: AlignConfig, engine: TransformersEngine, d_in: int, train: list[tuple[dict, torch.Tensor]],
         val: list[tuple[dict, torch.Tensor]], run_dir: Path, system_prompt: str | None = None,
-        init: nn.Module | None = None,
+        init: nn.Module | None = None, init_lora: dict[str, torch.Tensor] | None = None,
     ):  # fmt: skip
         self.cfg, self.engine, self.train, self.val, self.run_dir = cfg, engine, train, val, Path(run_dir)
         torch.manual_seed(cfg.seed)
@@ -124,7 +132,18 @@ class AlignTrainer:
         else:
             pcfg = {**DEFAULT_PROJECTORS[cfg.modality], **cfg.projector}
             self.projector = build_projector(ProjectorConfig(d_in=d_in, d_llm=engine.hidden_size, **pcfg))
-        self.opt = torch.optim.AdamW(self.projector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.stage == 1 and engine.peft is not None:
+            raise ValueError("stage 1 trains against the bare LLM: use an engine without LoRA adapters")
+        groups = [{"params": list(self.projector.parameters()), "scale": 1.0}]
+        self.adapter: str | None = None  # the LoRA being trained (stage 2)
+        if cfg.stage == 2:
+            self.adapter = f"{cfg.modality}-training"
+            lora_params = engine.train_adapter(self.adapter, lora.LoraSettings(**cfg.lora))
+            if init_lora is not None:
+                lora.load_state(engine.peft, self.adapter, init_lora)
+            groups.append({"params": lora_params, "scale": cfg.lora_lr / cfg.lr, "weight_decay": 0.0})
+        self.params = [p for g in groups for p in g["params"]]
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.batcher = Batcher(engine, system_prompt)
         self.step = 0
         self.rng = random.Random(cfg.seed)
@@ -138,6 +157,8 @@ class AlignTrainer:
 
     def save_checkpoint(self) -> None:
         tensors = {f"projector.{k}": v.detach().contiguous() for k, v in self.projector.state_dict().items()}
+        if self.adapter:
+            tensors.update({f"lora.{k}": v for k, v in self.lora_state()[0].items()})
         opt = self.opt.state_dict()
         for pid, st in opt["state"].items():
             for k, v in st.items():
@@ -153,8 +174,15 @@ class AlignTrainer:
 
         with safe_open(str(self.checkpoint), "pt") as f:
             meta = json.loads(f.metadata()["meta"])
+        if meta["config"].get("stage", 1) != self.cfg.stage or meta["config"]["modality"] != self.cfg.modality:
+            raise ValueError(
+                f"{self.checkpoint} is a {meta['config']['modality']} stage-{meta['config'].get('stage', 1)} "
+                "checkpoint: train with --restart to start over"
+            )
         tensors = load_file(str(self.checkpoint))
         self.projector.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("projector.")})
+        if self.adapter:
+            lora.load_state(self.engine.peft, self.adapter, {k[5:]: v for k, v in tensors.items() if k[:5] == "lora."})
         opt = self.opt.state_dict()
         for key, v in tensors.items():
             if key.startswith("opt."):
@@ -166,6 +194,9 @@ class AlignTrainer:
         torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
         return True
 
+    def lora_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return lora.state(self.engine.peft, self.adapter)
+
     # -- training ----------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
         c = self.cfg
@@ -176,8 +207,9 @@ class AlignTrainer:
     def loss_on(self, items: list[tuple[dict, torch.Tensor]], rng: random.Random) -> torch.Tensor:
         x, mask = pad_features([f.float() for _, f in items])
         media = self.projector(x, mask)
-        questions = [rng.choice(QUESTIONS[self.cfg.modality]) for _ in items]
-        answers = [answer_for(row, rng) for row, _ in items]
+        checks = self.cfg.checks if self.cfg.stage == 2 else 0.0
+        pairs = [instruction(row["modality"], row["label"], rng, checks) for row, _ in items]
+        questions, answers = [q for q, _ in pairs], [a for _, a in pairs]
         return answer_loss(self.engine, *self.batcher.build(media, self.cfg.modality, questions, answers))
 
     def val_loss(self) -> float:
@@ -196,12 +228,12 @@ class AlignTrainer:
         t0, seen = time.time(), 0
         while self.step < c.steps:
             for g in self.opt.param_groups:
-                g["lr"] = self.lr_at(self.step)
+                g["lr"] = self.lr_at(self.step) * g["scale"]
             batch = self.rng.sample(self.train, min(c.batch_size, len(self.train)))
             loss = self.loss_on(batch, self.rng)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.projector.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
             self.step += 1
             seen += len(batch)
@@ -228,5 +260,5 @@ class AlignTrainer:
             x, mask = pad_features([f.float() for _, f in chunk])
             media = self.projector.eval()(x, mask)
             out += answer_media(self.engine, self.cfg.modality, list(media), [question] * len(chunk),
-                                self.batcher.system, max_new_tokens)  # fmt: skip
+                                self.batcher.system, max_new_tokens, adapter=self.adapter)  # fmt: skip
         return out

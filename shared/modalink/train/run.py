@@ -1,7 +1,9 @@
-"""``modalink train``: stage-1 alignment of one modality end to end, published to the adapter registry."""
+"""``modalink train``: one modality's stage 1 (alignment) or stage 2 (LoRA instruction tuning), end to end,
+published to the adapter registry."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -70,15 +72,26 @@ def train_modality(
     val = features_for(m, "val", data_dir, settings, encoder)
     run_dir = run_dir or settings.cache_dir / "runs" / m
     registry = AdapterRegistry(settings.adapters_dir)
-    init = None
+    init, init_lora = None, None
+    if cfg.stage == 2 and not cfg.init_from:
+        cfg.init_from = "current"  # instruction tuning goes on from the aligned projector
     if cfg.init_from:
         version = registry.current(m) if cfg.init_from == "current" else cfg.init_from
         loaded = registry.load(m, version) if version else None
         if loaded is None:
-            raise ValueError(f"no {m} adapter version {cfg.init_from!r} to start from")
+            raise ValueError(f"no {m} adapter version {cfg.init_from!r} to start from (train stage 1 first)")
         init = loaded[0].train()
         extra_metrics["init_from"] = loaded[1]
-    trainer = AlignTrainer(cfg, engine, encoder.feature_dim, train, val, run_dir, settings.system_prompt, init)
+        lora_dir = registry.lora_path(m, loaded[1])
+        if lora_dir is not None and cfg.stage == 2:  # continue its LoRA too, with its own shape
+            from safetensors.torch import load_file
+
+            lcfg = json.loads((lora_dir / "adapter_config.json").read_text())
+            cfg.lora = {"r": lcfg["r"], "alpha": lcfg["lora_alpha"], "target_modules": lcfg["target_modules"]}
+            init_lora = load_file(str(lora_dir / "adapter_model.safetensors"))
+    trainer = AlignTrainer(
+        cfg, engine, encoder.feature_dim, train, val, run_dir, settings.system_prompt, init, init_lora
+    )
     if trainer.resume():
         log.warning("resuming %s from step %d (%s)", m, trainer.step, trainer.checkpoint)
     t0 = time.time()
@@ -90,6 +103,7 @@ def train_modality(
         "val_accuracy": round(sum(correct) / len(correct), 4),
         "val_n": len(correct),
         "val_loss": trainer.history[-1].get("val_loss"),
+        "stage": cfg.stage,
         "steps": trainer.step,
         "train_seconds": round(train_s, 1),
         "examples": [{"label": r["label"], "answer": a} for (r, _), a in list(zip(val, answers, strict=True))[:5]],
@@ -97,7 +111,8 @@ def train_modality(
     }
     extra = {"train": asdict(cfg), "encoder": encoder.name, "llm": settings.llm,
              "system_prompt": settings.system_prompt, "history": trainer.history}  # fmt: skip
-    version = registry.publish(m, projector, metrics=metrics, extra=extra)
+    lora_files = trainer.lora_state() if trainer.adapter else None
+    version = registry.publish(m, projector, metrics=metrics, extra=extra, lora=lora_files)
     current = registry.current(m)
     current_acc = next((v.metrics.get("val_accuracy", 0) for v in registry.list(m) if v.current), None)
     promoted = promote == "always" or (
