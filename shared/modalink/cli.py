@@ -215,7 +215,7 @@ def train(
         "from the current (or --init-from) version.",
     ),  # fmt: skip
     lora_rank: int = typer.Option(8, "--lora-rank", help="Stage 2: LoRA rank (on q_proj and v_proj)."),
-    lora_lr: float = typer.Option(2e-4, "--lora-lr", help="Stage 2: peak learning rate of the LoRA weights."),
+    lora_lr: float = typer.Option(5e-4, "--lora-lr", help="Stage 2: peak learning rate of the LoRA weights."),
 ) -> None:
     """Train one modality's adapter, publish it as a new version, promote it if not worse.
 
@@ -363,7 +363,13 @@ def adapters_rollback(modality: str) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    app()
+    from modalink.errors import ConfigError
+
+    try:
+        app()
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -36,6 +37,11 @@ class Settings(BaseSettings):
     imu_encoder: str = Field("imu-cnn", description="'imu-cnn' or a dir with imu_encoder.safetensors+config.json.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     dtype: str = Field("auto", description="'auto' (fp32 on CPU, bf16 on GPU), 'float32', 'bfloat16', 'float16'.")
+    quantize: Literal["none", "8bit", "4bit"] = Field(
+        "none",
+        description="Frozen LLM in 8- or 4-bit NF4 (bitsandbytes, CUDA only), as AnyMAL trains 70B on one GPU; "
+        "projectors and LoRA stay in full precision.",
+    )
     num_threads: int = Field(0, description="torch intra-op threads; 0 = number of usable cores.")
     video_frames: int = Field(8, ge=1, le=64, description="Frames sampled uniformly from a video.")
     imu_channels: int = Field(6, ge=1, description="IMU channels expected (3-axis accelerometer + gyroscope).")

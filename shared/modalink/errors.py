@@ -3,3 +3,7 @@
 
 class InputError(ValueError):
     """The request or file is unusable (corrupt, wrong shape/format, unknown modality); the message says why."""
+
+
+class ConfigError(ValueError):
+    """The configuration asks for something this machine or install cannot do (reported, not a traceback)."""

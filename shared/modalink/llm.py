@@ -17,6 +17,7 @@ from transformers.utils import logging as hf_logging
 
 from modalink.cache import atomic_dir, package_dir
 from modalink.config import Settings, get_settings
+from modalink.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,32 @@ def load_llm(
     settings.apply_threads()
     path = resolve_llm_path(name or settings.llm, settings)
     hf_logging.disable_progress_bar()  # a one-second load needs no bar
+    kw = quantization_kwargs(settings)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=settings.torch_dtype(), local_files_only=True, low_cpu_mem_usage=True
+        path, dtype=settings.torch_dtype(), local_files_only=True, low_cpu_mem_usage=True, **kw
     )
-    model.to(settings.torch_device()).eval().requires_grad_(False)
+    if not kw:  # a quantized model is placed by its device_map and cannot be moved
+        model.to(settings.torch_device())
+    model.eval().requires_grad_(False)
     return model, load_tokenizer(name, settings)
+
+
+def quantization_kwargs(settings: Settings) -> dict:
+    """``from_pretrained`` arguments for a frozen 8-bit / 4-bit NF4 LLM (bitsandbytes needs a CUDA GPU)."""
+    if settings.quantize == "none":
+        return {}
+    device = settings.torch_device()
+    if device.type != "cuda":
+        raise ConfigError(f"MODALINK_QUANTIZE={settings.quantize} needs a CUDA device (bitsandbytes); got {device}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"MODALINK_QUANTIZE={settings.quantize} needs `pip install bitsandbytes`") from None
+    from transformers import BitsAndBytesConfig
+
+    if settings.quantize == "8bit":
+        cfg = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=settings.torch_dtype())  # fmt: skip
+    return {"quantization_config": cfg, "device_map": {"": device.index or 0}}

@@ -49,8 +49,8 @@ class AlignConfig:
     init_from: str | None = None  # registry version to start from ("current", "v3"); None = fresh init
     stage: int = 1  # 2 = LoRA on the LLM + projector, on instructions
     lora: dict = field(default_factory=dict)  # overrides of lora.LoraSettings
-    lora_lr: float = 2e-4
-    checks: float = 0.5  # stage 2: share of yes/no check instructions
+    lora_lr: float = 5e-4
+    checks: float = 0.3  # stage 2: share of yes/no check instructions
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
