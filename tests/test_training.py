@@ -197,6 +197,16 @@ def test_imu_encoder_aligns_to_text_and_loads_as_trained(data, tmp_path):
     assert metrics["val_zero_shot_accuracy"] >= 0.75  # 4 classes: chance is 0.25
     enc = IMUEncoder(Settings(adapters_dir=tmp_path))
     assert enc.trained and enc(windows[0]).shape == (13, 256)
+    # An IMU adapter records the encoder weights it was trained on; other weights are refused, not misread.
+    from modalink.assistant import Assistant
+
+    proj = build_projector(ProjectorConfig(kind="linear", d_in=256, d_llm=576, n_tokens=4))
+    AdapterRegistry(tmp_path).publish("imu", proj, extra={"encoder_weights": enc.weights_id}, promote=True)
+    settings = Settings(adapters_dir=tmp_path)
+    assert Assistant(settings).projector("imu")[1] == "v1"
+    train_imu_encoder(windows, [r["label"] for r in train], tmp_path / "encoders" / "imu-cnn", steps=2, seed=1)
+    with pytest.raises(RuntimeError, match="trained on encoder weights"):
+        Assistant(settings).projector("imu")
 
 
 def test_cached_video_features_equal_the_video_encoder(data, settings):

@@ -74,7 +74,12 @@ class Assistant:
             if modality not in self._projectors:
                 loaded = self.registry.load(modality, device=self.settings.torch_device())
                 if loaded is not None:
-                    module, version, _ = loaded
+                    module, version, meta = loaded
+                    if meta.get("encoder_weights") and meta["encoder_weights"] != enc.weights_id:
+                        raise RuntimeError(
+                            f"{modality} adapter {version} was trained on encoder weights {meta['encoder_weights']} "
+                            f"but {enc.name} has {enc.weights_id}: retrain the adapter or restore that encoder"
+                        )
                 else:
                     log.info("no trained %s adapter in %s: using an untrained projector", modality, self.registry.root)
                     cfg = ProjectorConfig(

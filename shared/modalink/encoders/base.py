@@ -36,6 +36,9 @@ class Encoder(ABC):
     name: str
     feature_dim: int
     trained: bool = True  # False for an encoder whose weights are not trained yet (IMU before training)
+    # Digest of weights trained in this project (IMU): adapters record it, so one trained against other
+    # encoder weights is refused instead of silently answering wrong.
+    weights_id: str | None = None
 
     @abstractmethod
     def decode(self, data: Any) -> Any: ...

@@ -7,6 +7,7 @@ fixed-seed initialization and reports ``trained = False``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass
@@ -111,6 +112,7 @@ class IMUEncoder(Encoder):
             self.model = IMUCNN(cfg)
             self.model.load_state_dict(load_file(str(directory / "model.safetensors")))
             self.trained = True
+            self.weights_id = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()[:16]
         else:
             with torch.random.fork_rng():  # fixed init without touching the caller's RNG
                 torch.manual_seed(0)

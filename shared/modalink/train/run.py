@@ -109,7 +109,7 @@ def train_modality(
         "examples": [{"label": r["label"], "answer": a} for (r, _), a in list(zip(val, answers, strict=True))[:5]],
         **{k: v for k, v in extra_metrics.items() if v},
     }
-    extra = {"train": asdict(cfg), "encoder": encoder.name, "llm": settings.llm,
+    extra = {"train": asdict(cfg), "encoder": encoder.name, "encoder_weights": encoder.weights_id, "llm": settings.llm,
              "system_prompt": settings.system_prompt, "history": trainer.history}  # fmt: skip
     lora_files = trainer.lora_state() if trainer.adapter else None
     version = registry.publish(m, projector, metrics=metrics, extra=extra, lora=lora_files)
