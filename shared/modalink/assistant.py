@@ -38,14 +38,18 @@ class Answer:
 
 
 class Assistant:
-    def __init__(self, settings: Settings | None = None, engine: Engine | None = None):
+    def __init__(
+        self, settings: Settings | None = None, engine: Engine | None = None, versions: dict[str, str] | None = None
+    ):
+        """``versions`` pins adapter versions per modality (default: the registry's current ones)."""
         self.settings = settings or get_settings()
         self.settings.apply_threads()
         self._engine = engine
         self.registry = AdapterRegistry(self.settings.adapters_dir)
         self._encoders: dict[str, Encoder] = {}
         self._projectors: dict[str, tuple[nn.Module, str]] = {}
-        self._loras: dict[str, str | None] = {}  # modality -> name of its LoRA in the engine (stage-2 versions)
+        self._loras: dict[str, str | None] = {}
+        self.pinned = dict(versions or {})  # modality -> name of its LoRA in the engine (stage-2 versions)
         self._lock = threading.RLock()
 
     @property
@@ -72,7 +76,7 @@ class Assistant:
         enc = self.encoder(modality)
         with self._lock:
             if modality not in self._projectors:
-                loaded = self.registry.load(modality, device=self.settings.torch_device())
+                loaded = self.registry.load(modality, self.pinned.get(modality), self.settings.torch_device())
                 if loaded is not None:
                     module, version, meta = loaded
                     if meta.get("encoder_weights") and meta["encoder_weights"] != enc.weights_id:

@@ -228,10 +228,15 @@ def write_report(path, data_dir, settings, baseline_limit: int = 100, command: s
             probe = linear_probe(features_for(m, "train", data_dir, settings, enc),
                                  features_for(m, "test", data_dir, settings, enc))  # fmt: skip
         _, version = assistant.projector(m)
+        stage1 = None  # the same items through the stage-1 version a stage-2 adapter started from
+        init = assistant.registry.list(m)[assistant.registry.versions(m).index(version)].metrics.get("init_from")
+        if assistant.lora(m) and init:
+            stage1 = accuracy(list(answer_rows(Assistant(settings, assistant.engine, {m: init}), few)))[m]["accuracy"]
+            version = f"{version} (stage 2, from {init})"
         caps = caption_scores(scored)
         rows_out.append({"modality": m, "split": "test", "n": acc["n"], "accuracy": acc["accuracy"], **caps,
                          "grounding": round(grounding(scored), 4), "blind": blind["accuracy"],
-                         "untrained": rand["accuracy"], "baseline_n": len(few),
+                         "untrained": rand["accuracy"], "baseline_n": len(few), "stage1": stage1,
                          "linear_probe": None if probe is None else round(probe, 4), "adapter": version})  # fmt: skip
         examples += [(m, s.label, s.answer, s.correct) for s in scored[:3]]
         if m == "audio" and (data_dir / "audio" / "real.jsonl").exists():
@@ -241,7 +246,8 @@ def write_report(path, data_dir, settings, baseline_limit: int = 100, command: s
             rows_out.append({"modality": "audio (real recorded digits)", "split": "real", "n": racc["n"],
                              **caption_scores(sr),
                              "accuracy": racc["accuracy"], "grounding": round(grounding(sr), 4), "blind": None,
-                             "untrained": None, "baseline_n": 0, "linear_probe": None, "adapter": version})  # fmt: skip
+                             "untrained": None, "baseline_n": 0, "linear_probe": None, "adapter": version,
+                             "stage1": None})  # fmt: skip
             examples += [("audio (real)", s.label, s.answer, s.correct) for s in sr]
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     lines = [
@@ -249,25 +255,27 @@ def write_report(path, data_dir, settings, baseline_limit: int = 100, command: s
         "",
         f"Reproduce: `{command or 'modalink eval --report docs/RESULTS.md'}` (after `make adapters`).",
         f"Measured {datetime.date.today()} on {platform.machine()}, {len(__import__('os').sched_getaffinity(0))} "
-        f"CPU cores, LLM `{settings.llm}` (frozen), greedy decoding. An answer is right when the class words it "
-        "names are exactly the true one (video: both items, in order).",
+        f"CPU cores, LLM `{settings.llm}` (frozen; stage-2 adapters add their LoRA), greedy decoding. "
+        "An answer is right when the class words it names are exactly the true one (video: both items, in order).",
         "",
-        "| modality | adapter | n | accuracy | grounding | blind LLM | untrained projector | linear probe "
-        "| BLEU-4 | ROUGE-L | CIDEr |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| modality | adapter | n | accuracy | grounding | blind LLM | untrained projector | stage 1 only "
+        "| linear probe | BLEU-4 | ROUGE-L | CIDEr |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows_out:
         bn = f" (n={r['baseline_n']})" if r["baseline_n"] else ""
+        s1 = f"{pct(r['stage1'])}{bn}" if r["stage1"] is not None else "–"
         lines.append(f"| {r['modality']} | {r['adapter']} | {r['n']} | **{pct(r['accuracy'])}** "
                      f"| {pct(r['grounding'])} | {pct(r['blind'])}{bn} | {pct(r['untrained'])}{bn} "
-                     f"| {pct(r['linear_probe'])} | {r['bleu4']:.3f} | {r['rougeL']:.3f} "
+                     f"| {s1} | {pct(r['linear_probe'])} | {r['bleu4']:.3f} | {r['rougeL']:.3f} "
                      f"| {r['cider']:.2f} |")  # fmt: skip
     lines += [
         "",
         "- grounding: pairs of test items (i, i + n/2) with different labels where both answers are right "
         "and differ (the same question got two different, correct answers).",
         "- blind LLM: the same question without the input; untrained projector: a fixed-seed random "
-        "projector; linear probe: logistic regression on mean-pooled encoder features (train split -> test).",
+        "projector; stage 1 only: the aligned projector a stage-2 (LoRA) adapter was trained from, without the "
+        "LoRA; linear probe: logistic regression on mean-pooled encoder features (train split -> test).",
         "- BLEU-4 / ROUGE-L / CIDEr (pycocoevalcap): the answer to the default question against every answer "
         "template for the true label, lower-cased, punctuation removed.",
         "",
