@@ -229,8 +229,10 @@ def write_report(path, data_dir, settings, baseline_limit: int = 100, command: s
                                  features_for(m, "test", data_dir, settings, enc))  # fmt: skip
         _, version = assistant.projector(m)
         stage1 = None  # the same items through the stage-1 version a stage-2 adapter started from
-        init = assistant.registry.list(m)[assistant.registry.versions(m).index(version)].metrics.get("init_from")
-        if assistant.lora(m) and init:
+        init = None
+        if assistant.lora(m):
+            init = next(v.metrics.get("init_from") for v in assistant.registry.list(m) if v.version == version)
+        if init:
             stage1 = accuracy(list(answer_rows(Assistant(settings, assistant.engine, {m: init}), few)))[m]["accuracy"]
             version = f"{version} (stage 2, from {init})"
         caps = caption_scores(scored)
