@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modalink import lora
-from modalink.data import instruction
+from modalink.data import QUESTIONS, caption, instruction
 from modalink.engine import TransformersEngine
 from modalink.progress import progress
 from modalink.projectors import DEFAULT_PROJECTORS, ProjectorConfig, build_projector, pad_features
@@ -207,9 +207,13 @@ class AlignTrainer:
     def loss_on(self, items: list[tuple[dict, torch.Tensor]], rng: random.Random) -> torch.Tensor:
         x, mask = pad_features([f.float() for _, f in items])
         media = self.projector(x, mask)
-        checks = self.cfg.checks if self.cfg.stage == 2 else 0.0
-        pairs = [instruction(row["modality"], row["label"], rng, checks) for row, _ in items]
-        questions, answers = [q for q, _ in pairs], [a for _, a in pairs]
+        m = self.cfg.modality
+        if self.cfg.stage == 1:  # a describe question, then a fresh answer template (phrasing varies)
+            questions = [rng.choice(QUESTIONS[m]) for _ in items]
+            answers = [caption(m, row["label"], rng) for row, _ in items]
+        else:
+            pairs = [instruction(m, row["label"], rng, self.cfg.checks) for row, _ in items]
+            questions, answers = [q for q, _ in pairs], [a for _, a in pairs]
         return answer_loss(self.engine, *self.batcher.build(media, self.cfg.modality, questions, answers))
 
     def val_loss(self) -> float:
