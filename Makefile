@@ -53,9 +53,11 @@ demo: install
 data: install
 	$(BIN)/modalink data build --out build/data
 
-# Re-trains every embedded-default adapter from the packaged data, exactly as the shipped ones were made
-# (stage 1; about 70 minutes on 2 cores). Each run publishes a new version and promotes it.
+# Re-trains every embedded-default adapter from the packaged data, exactly as the shipped ones were made:
+# stage 1 aligns each projector (LLM frozen); for image and audio, stage 2 then adds the modality's LoRA and
+# tunes both on instructions (about two hours on 2 cores). Each run publishes a new version.
 TRAIN := $(BIN)/modalink train --promote always --restart
+STAGE2 := $(BIN)/modalink train --restart --stage 2 --lr 5e-4  # promoted only if not worse on validation
 adapters: data
 	rm -rf adapters/encoders/imu-cnn
 	$(TRAIN) --modality imu --steps 40
@@ -64,6 +66,9 @@ adapters: data
 	$(TRAIN) --modality image --steps 150 --init-from current
 	$(TRAIN) --modality audio --steps 120 --lr 2e-3
 	$(TRAIN) --modality video --steps 80
+	$(TRAIN) --modality video --steps 150 --init-from current
+	$(STAGE2) --modality image --steps 100
+	$(STAGE2) --modality audio --steps 100
 
 eval: data
 	$(BIN)/modalink eval --data build/data --split test
