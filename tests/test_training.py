@@ -87,6 +87,36 @@ def test_a_short_training_run_lowers_the_loss(data, engine, settings, tmp_path):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_shared_prompt_heads_give_the_plain_loss_and_gradients(data, settings, stage, tmp_path):
+    from modalink.encoders import load_encoder
+    from modalink.engine import TransformersEngine
+    from modalink.train.align import AlignConfig, AlignTrainer, answer_loss, plain_answer_loss
+    from modalink.train.features import encode_rows
+
+    engine = TransformersEngine.load(settings=settings)
+    enc = load_encoder("image", settings)
+    rows = read_manifest(data / "image" / "train.jsonl")[:6]
+    items = list(zip(rows, encode_rows(enc, rows).values(), strict=True))
+    trainer = AlignTrainer(AlignConfig("image", stage=stage), engine, enc.feature_dim, items, items, tmp_path)
+    x, mask = pad_features([f.float() for _, f in items])
+    media = trainer.projector(x, mask)
+    questions = ["What is this?", "Describe the image briefly.", "What is this?", "What kind of item is this?",
+                 "Describe the image briefly.", "What is this?"]  # fmt: skip
+    answers = ["It is a " + r["label"] + "." for r in rows]
+    batch = trainer.batcher.build(media, "image", questions, answers)
+    assert len(batch.heads) == 3 and len({len(h) for h in batch.heads}) > 1  # heads of different lengths
+    losses, grads = [], []
+    for fn in (lambda: answer_loss(engine, trainer.heads, batch), lambda: plain_answer_loss(engine, batch)):
+        trainer.opt.zero_grad()
+        loss = fn()
+        loss.backward(retain_graph=True)
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.params]))
+    assert abs(losses[0] - losses[1]) < 1e-4 * losses[1], losses
+    assert torch.allclose(grads[0], grads[1], atol=1e-5 + 1e-3 * grads[1].abs().max().item())
+
+
 def test_stage_two_trains_a_lora_that_the_registry_ships_and_the_assistant_serves(data, settings, tmp_path):
     from modalink.assistant import Assistant
     from modalink.encoders import load_encoder

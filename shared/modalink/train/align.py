@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import DynamicCache
 
 from modalink import lora
 from modalink.data import QUESTIONS, caption, instruction
@@ -57,6 +58,18 @@ class AlignConfig:
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
 
 
+@dataclass
+class Batch:
+    """One training batch: the rows after their prompt heads, and which head each row continues."""
+
+    heads: list[tuple[int, ...]]  # distinct token ids before the media (system prompt + question)
+    row_head: list[int]  # index into ``heads`` per row
+    x: torch.Tensor  # [B, L, d] media embeddings + the prompt tail + the answer, right-padded
+    mask: torch.Tensor  # [B, L]
+    where: list[torch.Tensor]  # positions (in x) that predict answer tokens
+    targets: list[torch.Tensor]
+
+
 class Batcher:
     """Turns (features, question, answer) into padded LLM inputs; the projector output is spliced in."""
 
@@ -81,17 +94,16 @@ class Batcher:
             self._prompt_ids[key] = (enc(before), enc(after))
         return self._prompt_ids[key]
 
-    def build(self, media: torch.Tensor, modality: str, questions: list[str], answers: list[str]):
-        """(inputs_embeds [B, L, d], attention_mask [B, L], positions predicting answers, target ids)."""
+    def build(self, media: torch.Tensor, modality: str, questions: list[str], answers: list[str]) -> Batch:
         emb = self.engine.embedding
-        rows, targets, where = [], [], []
+        heads: dict[tuple[int, ...], int] = {}
+        rows, row_head, targets, where = [], [], [], []
         for i, (q, a) in enumerate(zip(questions, answers, strict=True)):
             before, after = self.prompt_ids(modality, q)
             ans = self.tok(a, add_special_tokens=False).input_ids + self.end_ids
-            ids_before = torch.tensor(before)
-            ids_after = torch.tensor(after + ans)
-            x = torch.cat([emb(ids_before), media[i].to(emb.weight.dtype), emb(ids_after)])
-            start = len(before) + media.shape[1] + len(after)  # first answer position
+            row_head.append(heads.setdefault(tuple(before), len(heads)))
+            x = torch.cat([media[i].to(emb.weight.dtype), emb(torch.tensor(after + ans))])
+            start = media.shape[1] + len(after)  # first answer position
             where.append(torch.arange(start - 1, start - 1 + len(ans)))  # positions that predict answer tokens
             targets.append(torch.tensor(ans))
             rows.append(x)
@@ -101,14 +113,76 @@ class Batcher:
         for i, r in enumerate(rows):
             x[i, : r.shape[0]] = r
             mask[i, : r.shape[0]] = 1
-        return x, mask, where, targets
+        return Batch(list(heads), row_head, x, mask, where, targets)
 
 
-def answer_loss(engine: TransformersEngine, x, mask, where, targets) -> torch.Tensor:
-    hidden = engine.model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
-    h = torch.cat([hidden[i, w] for i, w in enumerate(where)])
+class HeadCache:
+    """Keys/values of the prompt heads, computed once per distinct head instead of once per row.
+
+    Every row starts with the system prompt and one of a few questions: about half of its tokens. With
+    the LLM frozen (stage 1) a head's KV never changes and is computed once per run; with a LoRA in
+    training (stage 2) it is recomputed each step, with gradients, but for the few distinct heads only.
+    """
+
+    def __init__(self, engine: TransformersEngine):
+        self.engine = engine
+        self._frozen: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def _compute(self, ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        x = self.engine.embedding(torch.tensor([ids]))
+        cache = self.engine.model.model(inputs_embeds=x, use_cache=True).past_key_values
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def kv(self, ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if any(p.requires_grad for p in self.engine.model.parameters()):
+            return self._compute(ids)
+        if ids not in self._frozen:
+            with torch.no_grad():
+                self._frozen[ids] = self._compute(ids)
+        return self._frozen[ids]
+
+    def cache_for(self, batch: Batch) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """(KV cache [B, heads, P, hd] with heads left-padded to P, their mask [B, P], their lengths [B])."""
+        kvs = [self.kv(h) for h in batch.heads]
+        width = max(len(h) for h in batch.heads)
+        rows = torch.tensor(batch.row_head)
+        cache = DynamicCache()
+        pad = lambda t: F.pad(t, (0, 0, width - t.shape[2], 0))  # noqa: E731  (left-pad the sequence axis)
+        for layer in range(len(kvs[0])):
+            keys = torch.cat([pad(kv[layer][0]) for kv in kvs])[rows]
+            values = torch.cat([pad(kv[layer][1]) for kv in kvs])[rows]
+            cache.update(keys, values, layer)
+        lengths = torch.tensor([len(batch.heads[r]) for r in batch.row_head])
+        mask = (torch.arange(width) >= width - lengths[:, None]).long()
+        return cache, mask, lengths
+
+
+def answer_loss(engine: TransformersEngine, heads: HeadCache, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of the answer tokens; the LM head runs at answer positions only."""
+    cache, head_mask, lengths = heads.cache_for(batch)
+    positions = lengths[:, None] + torch.arange(batch.x.shape[1])
+    hidden = engine.model.model(
+        inputs_embeds=batch.x, attention_mask=torch.cat([head_mask, batch.mask], 1), position_ids=positions,
+        past_key_values=cache, use_cache=True,
+    ).last_hidden_state  # fmt: skip
+    h = torch.cat([hidden[i, w] for i, w in enumerate(batch.where)])
     logits = engine.model.lm_head(h)
-    return F.cross_entropy(logits.float(), torch.cat(targets))
+    return F.cross_entropy(logits.float(), torch.cat(batch.targets))
+
+
+def plain_answer_loss(engine: TransformersEngine, batch: Batch) -> torch.Tensor:
+    """``answer_loss`` the plain way, each row with its own head tokens (the reference for tests and bench)."""
+    emb = engine.embedding
+    rows, where = [], []
+    for i, r in enumerate(batch.row_head):
+        head = emb(torch.tensor(batch.heads[r]))
+        n = int(batch.mask[i].sum())
+        rows.append(torch.cat([head, batch.x[i, :n]]))
+        where.append(batch.where[i] + len(head))
+    x, mask = pad_features(rows)
+    hidden = engine.model.model(inputs_embeds=x, attention_mask=mask.long()).last_hidden_state
+    logits = engine.model.lm_head(torch.cat([hidden[i, w] for i, w in enumerate(where)]))
+    return F.cross_entropy(logits.float(), torch.cat(batch.targets))
 
 
 def _atomic_save(tensors: dict, meta: dict, path: Path) -> None:
@@ -145,6 +219,7 @@ class AlignTrainer:
         self.params = [p for g in groups for p in g["params"]]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.batcher = Batcher(engine, system_prompt)
+        self.heads = HeadCache(engine)
         self.step = 0
         self.rng = random.Random(cfg.seed)
         self.history: list[dict] = []
@@ -214,7 +289,7 @@ class AlignTrainer:
         else:
             pairs = [instruction(m, row["label"], rng, self.cfg.checks) for row, _ in items]
             questions, answers = [q for q, _ in pairs], [a for _, a in pairs]
-        return answer_loss(self.engine, *self.batcher.build(media, self.cfg.modality, questions, answers))
+        return answer_loss(self.engine, self.heads, self.batcher.build(media, m, questions, answers))
 
     def val_loss(self) -> float:
         rng = random.Random(1234)
