@@ -361,6 +361,63 @@ def adapters_rollback(modality: str) -> None:
     typer.echo(f"{modality}: rolled back to {version}")
 
 
+serve_app = typer.Typer(help="Run one service of the topology (see services/).", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+
+
+def _service_logging() -> None:
+    logging.getLogger().setLevel(logging.INFO)
+
+
+@serve_app.command("encoder")
+def serve_encoder(
+    modality: str = typer.Option(..., "--modality", "-m", help=f"{' | '.join(MODALITIES)}."),
+    http_port: int | None = typer.Option(
+        None,
+        help="Triton HTTP port (default: image 8000, audio 8010, imu 8020, "
+        "video 8030; gRPC and metrics on the next two).",
+    ),  # fmt: skip
+    grpc_port: int | None = typer.Option(None, help="Triton gRPC port (default: HTTP port + 1)."),
+    metrics_port: int | None = typer.Option(None, help="Prometheus metrics port (default: HTTP port + 2)."),
+    max_batch_size: int = typer.Option(32, min=1, help="Most requests Triton concatenates into one forward pass."),
+    max_queue_delay_us: int = typer.Option(2000, min=0, help="How long Triton waits to fill a batch (microseconds)."),
+    host: str = typer.Option("0.0.0.0", help="Address to bind."),
+) -> None:
+    """Encoder + projector of one modality on Triton (PyTriton), model <modality>_encoder, dynamic batching."""
+    if modality not in MODALITIES:
+        raise _fail(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+    _service_logging()
+    from services.encoder.server import serve
+
+    serve(modality, None, http_port, grpc_port, metrics_port, max_batch_size, max_queue_delay_us, host)
+
+
+@serve_app.command("llm")
+def serve_llm(
+    port: int = typer.Option(50061, help="gRPC port of modalink.v1.LLM."),
+    max_batch: int = typer.Option(8, min=1, help="Most requests decoded together."),
+    max_wait_ms: float = typer.Option(5.0, min=0, help="How long the first request waits for others to batch with."),
+    host: str = typer.Option("[::]", help="Address to bind."),
+) -> None:
+    """The frozen LLM behind gRPC modalink.v1.LLM (prefix embeddings, streaming, dynamic batching)."""
+    _service_logging()
+    from services.llm.server import serve
+
+    serve(None, port, host, max_batch, max_wait_ms)
+
+
+@serve_app.command("gateway")
+def serve_gateway(
+    port: int = typer.Option(50051, help="gRPC port of modalink.v1.Assistant."),
+    host: str = typer.Option("[::]", help="Address to bind."),
+) -> None:
+    """The public gRPC API; encoder and LLM addresses from MODALINK_ENCODERS and MODALINK_LLM_ADDRESS."""
+    _service_logging()
+    from services.gateway.server import serve
+
+    serve(None, port, host)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from modalink.errors import ConfigError

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     imu_channels: int = Field(6, ge=1, description="IMU channels expected (3-axis accelerometer + gyroscope).")
     max_image_pixels: int = Field(40_000_000, description="Decoded-size limit against decompression bombs.")
     max_audio_seconds: float = Field(600.0, description="Longest audio clip accepted.")
+    encoders: str = Field(
+        "image=localhost:8001,audio=localhost:8011,imu=localhost:8021,video=localhost:8031",
+        description="Encoder services' Triton gRPC addresses, '<modality>=<host:port>' comma-separated; repeat a "
+        "modality for replicas (the gateway balances round robin).",
+    )
+    llm_address: str = Field("localhost:50061", description="The LLM service's gRPC address.")
     system_prompt: str | None = Field(
         "You are a helpful assistant.",
         description="System prompt (adapters are trained with it); empty keeps the chat template's own.",

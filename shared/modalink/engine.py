@@ -252,6 +252,25 @@ class TransformersEngine(Engine):
             raise InputError("empty prompt")
         return torch.cat(parts), text_ids
 
+    def _check_budget(self, prompt_tokens: int, params: GenerationParams) -> None:
+        params.validate()
+        if prompt_tokens + params.max_new_tokens > self.max_context:
+            raise InputError(
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"context of {self.max_context} tokens"
+            )
+
+    def check(self, prompt: list[Segment], params: GenerationParams, adapter: str | None = None) -> int:
+        """Everything ``stream`` would refuse about one request, without running the model: its prompt tokens.
+
+        A server checks each request before batching it with others, so one bad request fails alone.
+        """
+        self._adapter_kw([adapter], 1)
+        with torch.inference_mode():
+            embeds, _ = self._embed_prompt(prompt)
+        self._check_budget(embeds.shape[0], params)
+        return embeds.shape[0]
+
     @property
     def _runner(self):
         return self.peft if self.peft is not None else self.model
@@ -278,17 +297,11 @@ class TransformersEngine(Engine):
         plist = [params] * n if isinstance(params, GenerationParams) else list(params)
         if len(plist) != n:
             raise ValueError("one GenerationParams per prompt")
-        for p in plist:
-            p.validate()
         with torch.inference_mode():
             embedded = [self._embed_prompt(p) for p in prompts]
         lengths = [e.shape[0] for e, _ in embedded]
         for length, p in zip(lengths, plist, strict=True):
-            if length + p.max_new_tokens > self.max_context:
-                raise InputError(
-                    f"prompt ({length} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
-                    f"context of {self.max_context} tokens"
-                )
+            self._check_budget(length, p)
         # Left padding: every row's last prompt position lines up, so one step decodes all rows.
         width = max(lengths)
         embeds = torch.zeros(n, width, self.hidden_size, device=self.device, dtype=self.dtype)

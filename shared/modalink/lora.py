@@ -81,3 +81,36 @@ def save(directory: Path, tensors: dict[str, torch.Tensor], config: dict, half: 
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     return ["adapter_model.safetensors", "adapter_config.json"]
+
+
+def serve(engine, registry, modality: str, version: str) -> str | None:
+    """Make the LoRA that ``modality``'s adapter ``version`` was trained with available in ``engine``.
+
+    Returns its engine name, ``"<modality>@<version>"``, or None for a stage-1 version (the bare LLM).
+    The assistant and the LLM service both resolve adapters through here, so they answer alike.
+    """
+    from modalink.errors import InputError
+
+    if version not in registry.versions(modality):
+        if version == "untrained" or not registry.versions(modality):
+            return None
+        raise InputError(f"unknown {modality} adapter version {version!r}; have {registry.versions(modality)}")
+    path = registry.lora_path(modality, version)
+    if path is None:
+        return None
+    name = f"{modality}@{version}"
+    if name not in engine.adapters:
+        registry.verify(modality, version)
+        engine.load_adapter(name, path)
+    return name
+
+
+def parse_name(name: str) -> tuple[str, str]:
+    """``"audio@v3"`` -> ("audio", "v3"), with a clear error for anything else."""
+    from modalink import MODALITIES
+    from modalink.errors import InputError
+
+    modality, _, version = name.partition("@")
+    if modality not in MODALITIES or not version:
+        raise InputError(f"adapter must be '<modality>@<version>' with a modality in {MODALITIES}, got {name!r}")
+    return modality, version

@@ -1,0 +1,1 @@
+"""The encoder service (see server.py)."""

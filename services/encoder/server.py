@@ -1,0 +1,69 @@
+"""Encoder service: one modality's frozen encoder + trained projector on Triton (PyTriton).
+
+    modalink serve encoder --modality image [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+
+Serves model ``<modality>_encoder`` (contract in ``modalink.triton``) with dynamic batching: concurrent
+requests are concatenated into one forward pass. Stock ``tritonclient`` (gRPC or HTTP) talks to it.
+The projector follows the adapter registry's ``CURRENT`` pointer between batches (hot reload).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import numpy as np
+from pytriton.decorators import batch
+from pytriton.exceptions import PyTritonBadParameterError
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.triton import Triton, TritonConfig
+
+from modalink.config import Settings
+from modalink.embedder import Embedder
+from modalink.errors import InputError
+from modalink.triton import INVALID_INPUT, PORTS, EncoderModel, input_spec, model_name
+
+log = logging.getLogger("modalink.encoder")
+
+
+def serve(
+    modality: str, settings: Settings | None = None, http_port: int | None = None, grpc_port: int | None = None,
+    metrics_port: int | None = None, max_batch_size: int = 32, max_queue_delay_us: int = 2000, host: str = "0.0.0.0",
+) -> None:  # fmt: skip
+    """Run until SIGINT/SIGTERM."""
+    base = PORTS[modality]
+    model = EncoderModel(Embedder(settings), modality)
+
+    @batch
+    def infer(data: np.ndarray) -> dict[str, np.ndarray]:
+        try:
+            return model.infer(data)
+        except InputError as e:
+            raise PyTritonBadParameterError(INVALID_INPUT + str(e)) from None
+
+    dtype, shape = input_spec(modality)
+    config = TritonConfig(
+        http_address=host, grpc_address=host, http_port=http_port or base, grpc_port=grpc_port or base + 1,
+        metrics_port=metrics_port or base + 2, exit_timeout_secs=5,
+    )  # fmt: skip
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # else tritonserver lingers after a SIGTERM
+    with Triton(config=config) as triton:
+        triton.bind(
+            model_name=model_name(modality),
+            infer_func=infer,
+            inputs=[Tensor(name="data", dtype=dtype, shape=shape)],
+            outputs=[
+                Tensor(name="embeddings", dtype=np.float32, shape=(model.n_tokens, model.d_llm)),
+                Tensor(name="adapter_version", dtype=np.bytes_, shape=(1,)),
+                Tensor(name="error", dtype=np.bytes_, shape=(1,)),
+            ],
+            config=ModelConfig(
+                max_batch_size=max_batch_size, batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us)
+            ),
+            strict=True,
+        )
+        log.info("%s ready: HTTP %s, gRPC %s", model_name(modality), config.http_port, config.grpc_port)
+        try:
+            triton.serve()
+        except KeyboardInterrupt:
+            pass

@@ -1,0 +1,96 @@
+"""Gateway: the public gRPC API ``modalink.v1.Assistant`` (with health checking and reflection).
+
+    modalink serve gateway [--port 50051]
+
+It sends each media part to its modality's encoder service (Triton, round robin over replicas,
+concurrently), assembles the prompt with the LLM's chat template, and streams the LLM service's answer
+back. Deadlines propagate to both hops; a client that cancels cancels the LLM generation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from modalink.config import Settings, get_settings
+from modalink.data import QUESTIONS
+from modalink.errors import InputError
+from modalink.llm import load_tokenizer
+from modalink.remote import EncoderPool, RemoteAssistant, parse_addresses
+from modalink.rpc import abort_on_input_error, make_server
+from modalink.v1 import assistant_pb2, assistant_pb2_grpc
+from modalink.wire import params_from_msg, part_input, text_and_inputs, to_tensor_msg
+
+log = logging.getLogger("modalink.gateway")
+SERVICE = "modalink.v1.Assistant"
+
+
+class AssistantService(assistant_pb2_grpc.AssistantServicer):
+    def __init__(self, remote: RemoteAssistant):
+        self.remote = remote
+
+    def _start(self, text, inputs, params, context):
+        """(LLM token stream, versions); the LLM call is cancelled when the client goes away."""
+        stream, versions = self.remote.stream(text, inputs, params, context.time_remaining())
+        context.add_callback(stream.cancel)
+        return stream, versions
+
+    def Generate(self, request: assistant_pb2.GenerateRequest, context: grpc.ServicerContext):
+        try:
+            text, inputs = text_and_inputs(request.parts)
+            stream, versions = self._start(text, inputs, params_from_msg(request.params), context)
+            first = True
+            for tok in stream:
+                yield assistant_pb2.GenerateResponse(
+                    text=tok.text, finish_reason=tok.finish_reason, adapter_versions=versions if first else None,
+                    usage=tok.usage if tok.finish_reason else None,
+                )  # fmt: skip
+                first = False
+        except grpc.RpcError as e:  # the LLM service refused or failed: pass its status on
+            context.abort(e.code(), f"llm service: {e.details()}")
+        except Exception as e:  # noqa: BLE001
+            abort_on_input_error(context, e)
+
+    def Embed(self, request: assistant_pb2.EmbedRequest, context: grpc.ServicerContext):
+        try:
+            modality, raw = part_input(request.part)
+            if modality == "text":
+                raise InputError("Embed takes a media part (image, audio, imu, video), not text")
+            (media,), versions = self.remote.media([(modality, raw)], context.time_remaining())
+            return assistant_pb2.EmbedResponse(embeddings=to_tensor_msg(media.embeddings),
+                                               adapter_version=versions[modality], modality=modality)  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            abort_on_input_error(context, e)
+
+    def Caption(self, request: assistant_pb2.CaptionRequest, context: grpc.ServicerContext):
+        try:
+            modality, raw = part_input(request.part)
+            if modality == "text":
+                raise InputError("Caption takes a media part (image, audio, imu, video), not text")
+            params = params_from_msg(request.params, default_max_new_tokens=48)
+            stream, versions = self._start(QUESTIONS[modality][0], [(modality, raw)], params, context)
+            text = "".join(tok.text for tok in stream)
+            return assistant_pb2.CaptionResponse(caption=text.strip(), adapter_version=versions[modality],
+                                                 modality=modality)  # fmt: skip
+        except grpc.RpcError as e:
+            context.abort(e.code(), f"llm service: {e.details()}")
+        except Exception as e:  # noqa: BLE001
+            abort_on_input_error(context, e)
+
+
+def build(settings: Settings) -> AssistantService:
+    pool = EncoderPool(parse_addresses(settings.encoders))
+    remote = RemoteAssistant(pool, settings.llm_address, load_tokenizer(settings=settings), settings.system_prompt)
+    return AssistantService(remote)
+
+
+def serve(settings: Settings | None = None, port: int = 50051, host: str = "[::]") -> None:
+    settings = settings or get_settings()
+    server, bound = make_server(port, [(assistant_pb2_grpc.add_AssistantServicer_to_server, build(settings))],
+                                [SERVICE], host)  # fmt: skip
+    log.info("%s ready on %s:%d", SERVICE, host, bound)
+    try:
+        server.wait_for_termination()
+    except KeyboardInterrupt:
+        server.stop(grace=5)

@@ -1,0 +1,1 @@
+"""The llm service (see server.py)."""

@@ -1,0 +1,89 @@
+"""LLM service: the frozen chat LLM behind gRPC ``modalink.v1.LLM``, reading prefix embeddings.
+
+    modalink serve llm [--port 50061]
+
+Prompts arrive as segments (chat-templated text, or float32 [n, d_llm] embeddings from an encoder
+service). Concurrent requests are batched by ``modalink.batching.DynamicBatcher``. A request may name the
+LoRA its projector was trained with (``"audio@v3"``); it is loaded from the adapter registry on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import grpc
+import torch
+
+from modalink import lora
+from modalink.batching import DynamicBatcher
+from modalink.config import Settings, get_settings
+from modalink.engine import Engine, TransformersEngine
+from modalink.registry import AdapterRegistry
+from modalink.rpc import abort_on_input_error, make_server
+from modalink.v1 import common_pb2, llm_pb2, llm_pb2_grpc
+from modalink.wire import from_tensor_msg, params_from_msg
+
+log = logging.getLogger("modalink.llm")
+SERVICE = "modalink.v1.LLM"
+
+
+class LLMService(llm_pb2_grpc.LLMServicer):
+    def __init__(
+        self, engine: Engine, registry: AdapterRegistry, model: str, max_batch: int = 8, max_wait_ms: float = 5.0
+    ):
+        self.engine, self.registry, self.model = engine, registry, model
+        self.batcher = DynamicBatcher(engine, max_batch, max_wait_ms)
+        self._lora_lock = threading.Lock()
+
+    def _adapter(self, names: list[str]) -> str | None:
+        """The first of the request's adapters that has a LoRA (as the in-process Assistant picks it)."""
+        for name in names:
+            modality, version = lora.parse_name(name)
+            if name in self.engine.adapters:
+                return name
+            with self._lora_lock, self.batcher.lock:  # peft adds modules in place: between batches only
+                if served := lora.serve(self.engine, self.registry, modality, version):
+                    return served
+        return None
+
+    def Generate(self, request: llm_pb2.LLMRequest, context: grpc.ServicerContext):
+        try:
+            prompt = [
+                seg.text if seg.WhichOneof("kind") == "text"
+                else torch.from_numpy(from_tensor_msg(seg.embeddings, "embeddings segment", ndim=2))
+                for seg in request.segments
+            ]  # fmt: skip
+            req = self.batcher.submit(prompt, params_from_msg(request.params), self._adapter(list(request.adapters)))
+        except Exception as e:  # noqa: BLE001
+            abort_on_input_error(context, e)
+        context.add_callback(req.cancelled.set)  # client cancel or deadline: stop generating for it
+        n = 0
+        for ev in self.batcher.events(req):
+            n += ev.token_id >= 0
+            usage = None
+            if ev.finish_reason:
+                usage = common_pb2.Usage(prompt_tokens=req.prompt_tokens, completion_tokens=n,
+                                         total_tokens=req.prompt_tokens + n)  # fmt: skip
+            yield llm_pb2.Token(id=ev.token_id, text=ev.text, finish_reason=ev.finish_reason or "", usage=usage)
+
+    def Info(self, request: llm_pb2.InfoRequest, context: grpc.ServicerContext) -> llm_pb2.InfoResponse:
+        return llm_pb2.InfoResponse(
+            model=self.model, hidden_size=self.engine.hidden_size, max_context=self.engine.max_context,
+            adapters=sorted(self.engine.adapters), batches=self.batcher.stats.batches,
+            batched_requests=self.batcher.stats.requests, generated_tokens=self.batcher.stats.generated_tokens,
+        )  # fmt: skip
+
+
+def serve(settings: Settings | None = None, port: int = 50061, host: str = "[::]", max_batch: int = 8,
+          max_wait_ms: float = 5.0) -> None:  # fmt: skip
+    """Run until interrupted."""
+    settings = settings or get_settings()
+    service = LLMService(TransformersEngine.load(settings=settings), AdapterRegistry(settings.adapters_dir),
+                         settings.llm, max_batch, max_wait_ms)  # fmt: skip
+    server, bound = make_server(port, [(llm_pb2_grpc.add_LLMServicer_to_server, service)], [SERVICE], host)
+    log.info("%s ready on %s:%d", SERVICE, host, bound)
+    try:
+        server.wait_for_termination()
+    except KeyboardInterrupt:
+        server.stop(grace=5)

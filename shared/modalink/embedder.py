@@ -1,0 +1,147 @@
+"""Encoders + projectors: raw media in, LLM-space embeddings out. What an encoder service runs.
+
+It needs no LLM weights (only its hidden size, from the checkpoint's config), so an encoder service
+starts in seconds. Projectors come from the adapter registry and follow its ``CURRENT`` pointer:
+``refresh`` picks up a newly promoted version between batches (hot reload).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from modalink import MODALITIES
+from modalink.config import Settings, get_settings
+from modalink.encoders import Encoder, load_encoder
+from modalink.errors import InputError
+from modalink.projectors import DEFAULT_PROJECTORS, ProjectorConfig, build_projector, pad_features
+from modalink.prompt import Media
+from modalink.registry import AdapterRegistry
+
+log = logging.getLogger(__name__)
+
+UNTRAINED = "untrained"
+
+
+def llm_hidden_size(settings: Settings) -> int:
+    """The LLM's embedding width from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from modalink.llm import resolve_llm_path
+
+    return AutoConfig.from_pretrained(resolve_llm_path(settings.llm, settings), local_files_only=True).hidden_size
+
+
+class Embedder:
+    def __init__(self, settings: Settings | None = None, versions: dict[str, str] | None = None):
+        """``versions`` pins adapter versions per modality (default: the registry's current ones, followed)."""
+        self.settings = settings or get_settings()
+        self.settings.apply_threads()
+        self.registry = AdapterRegistry(self.settings.adapters_dir)
+        self.pinned = dict(versions or {})
+        self._encoders: dict[str, Encoder] = {}
+        self._projectors: dict[str, tuple[nn.Module, str]] = {}
+        self._d_llm: int | None = None
+        self._lock = threading.RLock()
+
+    @property
+    def d_llm(self) -> int:
+        if self._d_llm is None:
+            self._d_llm = llm_hidden_size(self.settings)
+        return self._d_llm
+
+    def encoder(self, modality: str) -> Encoder:
+        if modality not in MODALITIES:
+            raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+        with self._lock:
+            if modality not in self._encoders:
+                image = self._encoders.get("image")
+                self._encoders[modality] = load_encoder(modality, self.settings, image=image)
+                if modality == "video" and "image" not in self._encoders:
+                    self._encoders["image"] = self._encoders["video"].image  # type: ignore[attr-defined]
+            return self._encoders[modality]
+
+    def projector(self, modality: str) -> tuple[nn.Module, str]:
+        """The registry's current adapter, or a fixed-seed untrained one (answers are then meaningless)."""
+        enc = self.encoder(modality)
+        with self._lock:
+            if modality not in self._projectors:
+                self._projectors[modality] = self._load(modality, enc)
+            return self._projectors[modality]
+
+    def _load(self, modality: str, enc: Encoder) -> tuple[nn.Module, str]:
+        loaded = self.registry.load(modality, self.pinned.get(modality), self.settings.torch_device())
+        if loaded is not None:
+            module, version, meta = loaded
+            if meta.get("encoder_weights") and meta["encoder_weights"] != enc.weights_id:
+                raise RuntimeError(
+                    f"{modality} adapter {version} was trained on encoder weights {meta['encoder_weights']} "
+                    f"but {enc.name} has {enc.weights_id}: retrain the adapter or restore that encoder"
+                )
+        else:
+            log.info("no trained %s adapter in %s: using an untrained projector", modality, self.registry.root)
+            cfg = ProjectorConfig(d_in=enc.feature_dim, d_llm=self.d_llm, **DEFAULT_PROJECTORS[modality])
+            with torch.random.fork_rng():  # fixed init without touching the caller's RNG
+                torch.manual_seed(0)
+                module, version = build_projector(cfg).eval(), UNTRAINED
+        if module.cfg.d_in != enc.feature_dim or module.cfg.d_llm != self.d_llm:
+            raise RuntimeError(
+                f"{modality} adapter {version} maps {module.cfg.d_in}->{module.cfg.d_llm} but the encoder "
+                f"gives {enc.feature_dim} and the LLM takes {self.d_llm}"
+            )
+        return module.to(self.settings.torch_device()), version
+
+    def refresh(self, modality: str) -> str | None:
+        """Switch to the registry's current version if it changed (hot reload); returns the new version or None.
+
+        A broken new version is logged and skipped: the service keeps answering with the one it has.
+        """
+        if modality in self.pinned or modality not in self._projectors:
+            return None
+        current = self.registry.current(modality)
+        if current is None or current == self._projectors[modality][1]:
+            return None
+        try:
+            loaded = self._load(modality, self.encoder(modality))
+        except Exception as e:  # noqa: BLE001  (keep serving the loaded version)
+            log.error("not switching %s to %s: %s", modality, current, e)
+            return None
+        with self._lock:
+            self._projectors[modality] = loaded
+        log.info("%s adapter switched to %s", modality, loaded[1])
+        return loaded[1]
+
+    def decode(self, modality: str, items: Sequence[Any]) -> list[Any]:
+        """Check and decode raw items (bytes or paths); raises InputError before any heavy work."""
+        enc = self.encoder(modality)
+        return [enc.decode(x) for x in items]
+
+    def embed(self, modality: str, items: Sequence[Any], decoded: bool = False) -> tuple[list[torch.Tensor], str]:
+        """Encode + project a batch of raw (or already decoded) items: one [n_tokens, d_llm] tensor each."""
+        enc = self.encoder(modality)
+        inputs = list(items) if decoded else self.decode(modality, items)
+        projector, version = self.projector(modality)
+        feats = enc.encode(inputs)
+        x, mask = pad_features([f.to(self.settings.torch_device()) for f in feats])
+        with torch.inference_mode():
+            out = projector(x, mask)
+        return list(out.float().cpu()), version
+
+    def media(self, inputs: Sequence[tuple[str, Any]]) -> tuple[list[Media], dict[str, str]]:
+        """Project (modality, raw) inputs, batching items of one modality together; keeps input order."""
+        out: list[Media | None] = [None] * len(inputs)
+        versions: dict[str, str] = {}
+        groups = {
+            mod: [i for i, (m, _) in enumerate(inputs) if m == mod] for mod in dict.fromkeys(m for m, _ in inputs)
+        }
+        decoded = {mod: self.decode(mod, [inputs[i][1] for i in idx]) for mod, idx in groups.items()}
+        for modality, idx in groups.items():
+            embs, versions[modality] = self.embed(modality, decoded[modality], decoded=True)
+            for i, e in zip(idx, embs, strict=True):
+                out[i] = Media(modality, e)
+        return [m for m in out if m is not None], versions

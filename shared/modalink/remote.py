@@ -1,0 +1,135 @@
+"""The assistant over the network: encoder services (Triton) + the LLM service (gRPC), as the gateway and the
+worker call them. Same prompt assembly as the in-process ``Assistant``, so answers match it.
+
+Each modality may have several encoder replicas: the pool picks them round robin per call (one gRPC
+connection pins to one pod behind a Kubernetes Service, so balancing is done here) and retries the next
+replica when one is unavailable. A request's media are encoded concurrently, one thread per item.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from modalink import MODALITIES
+from modalink.engine import GenerationParams
+from modalink.errors import ConfigError, InputError
+from modalink.prompt import Media, Message, build_prompt, place_media
+from modalink.rpc import CHANNEL_OPTIONS
+from modalink.triton import INVALID_INPUT, model_name
+from modalink.v1 import llm_pb2, llm_pb2_grpc
+from modalink.wire import params_to_msg, to_tensor_msg
+
+log = logging.getLogger(__name__)
+
+
+def parse_addresses(spec: str) -> dict[str, list[str]]:
+    """``"image=h1:8001,image=h2:8001,audio=h3:8011"`` -> {"image": ["h1:8001", "h2:8001"], "audio": [...]}."""
+    out: dict[str, list[str]] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        modality, sep, addr = item.partition("=")
+        if not sep or modality not in MODALITIES or not addr:
+            raise ConfigError(f"encoder address {item!r}: expected <modality>=<host:port> with a modality in "
+                              f"{', '.join(MODALITIES)}")  # fmt: skip
+        out.setdefault(modality, []).append(addr)
+    return out
+
+
+def _triton_input(modality: str, raw: Any):
+    import tritonclient.grpc as tc
+
+    if modality == "imu":
+        arr = np.asarray(raw, dtype=np.float32)[None]
+        inp = tc.InferInput("data", list(arr.shape), "FP32")
+    else:
+        items = raw if isinstance(raw, list) else [raw]
+        arr = np.array([[bytes(x) for x in items]], dtype=object)
+        inp = tc.InferInput("data", list(arr.shape), "BYTES")
+    inp.set_data_from_numpy(arr)
+    return inp
+
+
+class EncoderPool:
+    """tritonclient gRPC clients for every replica of every modality's encoder service."""
+
+    def __init__(self, addresses: dict[str, list[str]], timeout_s: float = 60.0, retries: int = 2):
+        import tritonclient.grpc as tc
+
+        self.timeout_s, self.retries = timeout_s, retries
+        self.clients = {m: [tc.InferenceServerClient(a) for a in addrs] for m, addrs in addresses.items()}
+        self._turn = {m: itertools.count() for m in addresses}
+        self._lock = threading.Lock()
+
+    def embed(self, modality: str, raw: Any, timeout_s: float | None = None) -> tuple[torch.Tensor, str]:
+        """(embeddings [n_tokens, d_llm], adapter version) from the next replica; retries others when down."""
+        from tritonclient.utils import InferenceServerException
+
+        if modality not in self.clients:
+            known = ", ".join(self.clients) or "none"
+            raise InputError(f"no encoder service for modality {modality!r} is configured (have: {known})")
+        clients = self.clients[modality]
+        with self._lock:
+            start = next(self._turn[modality])
+        last: Exception | None = None
+        for attempt in range(min(len(clients), 1 + self.retries) if len(clients) > 1 else 1 + self.retries):
+            client = clients[(start + attempt) % len(clients)]
+            try:
+                res = client.infer(model_name(modality), [_triton_input(modality, raw)],
+                                   client_timeout=timeout_s or self.timeout_s)  # fmt: skip
+            except InferenceServerException as e:
+                msg = e.message() if callable(getattr(e, "message", None)) else str(e)
+                if INVALID_INPUT in (msg or ""):
+                    raise InputError(msg.split(INVALID_INPUT, 1)[1].split("\n")[0].strip()) from None
+                status = str(e.status() or "")
+                if "UNAVAILABLE" not in status and "DEADLINE" not in status:
+                    raise RuntimeError(f"{model_name(modality)}: {msg}") from None
+                log.warning("%s replica %s unavailable (%s); trying the next", modality, client._channel, status)
+                last = e
+                continue
+            error = res.as_numpy("error")[0, 0]
+            if error:
+                raise InputError(error.decode() if isinstance(error, bytes) else str(error))
+            version = res.as_numpy("adapter_version")[0, 0]
+            return torch.from_numpy(res.as_numpy("embeddings")[0].copy()), version.decode()
+        raise RuntimeError(f"every {modality} encoder replica is unavailable: {last}")
+
+
+class RemoteAssistant:
+    """``Assistant.stream`` across services: encoders in parallel, then the LLM's token stream."""
+
+    def __init__(self, encoders: EncoderPool, llm_address: str, tokenizer, system_prompt: str | None):
+        self.encoders, self.tokenizer, self.system_prompt = encoders, tokenizer, system_prompt
+        self.channel = grpc.insecure_channel(llm_address, options=CHANNEL_OPTIONS)
+        self.llm = llm_pb2_grpc.LLMStub(self.channel)
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="encode")
+
+    def media(self, inputs: Sequence[tuple[str, Any]], timeout_s: float | None = None):
+        """Project every input on its encoder service, concurrently; (media in order, versions by modality)."""
+        for modality, _ in inputs:
+            if modality not in MODALITIES:
+                raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+        jobs = [self._pool.submit(self.encoders.embed, m, raw, timeout_s) for m, raw in inputs]
+        results = [j.result() for j in jobs]
+        versions = {m: v for (m, _), (_, v) in zip(inputs, results, strict=True)}
+        return [Media(m, e) for (m, _), (e, _) in zip(inputs, results, strict=True)], versions
+
+    def stream(
+        self, text: str, inputs: Sequence[tuple[str, Any]], params: GenerationParams, timeout_s: float | None = None
+    ) -> tuple[Iterator[llm_pb2.Token], dict[str, str]]:
+        """(the LLM's token stream, adapter versions). Cancel the stream to stop the generation."""
+        media, versions = self.media(inputs, timeout_s)
+        prompt = build_prompt(self.tokenizer, [Message("user", place_media(text, media))], self.system_prompt)
+        request = llm_pb2.LLMRequest(
+            segments=[llm_pb2.Segment(text=s) if isinstance(s, str) else llm_pb2.Segment(embeddings=to_tensor_msg(s))
+                      for s in prompt],
+            params=params_to_msg(params), adapters=[f"{m}@{v}" for m, v in versions.items()],
+        )  # fmt: skip
+        return self.llm.Generate(request, timeout=timeout_s), versions

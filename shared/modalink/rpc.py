@@ -1,0 +1,48 @@
+"""gRPC plumbing shared by the services and the client: server setup, status mapping, channel options."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from modalink.errors import InputError
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 << 20  # a few images or seconds of audio per request; larger is refused
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def make_server(
+    port: int, add: Sequence[tuple[Callable, object]], services: Sequence[str], host: str = "[::]", workers: int = 32
+) -> tuple[grpc.Server, int]:
+    """A started gRPC server with health checking and reflection (so grpcurl works); returns (server, port)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
+    for add_fn, servicer in add:
+        add_fn(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in [*services, ""]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    return server, bound
+
+
+def abort_on_input_error(context: grpc.ServicerContext, e: Exception) -> None:
+    """Bad input -> INVALID_ARGUMENT with its message; anything else -> INTERNAL (logged, server keeps serving)."""
+    if isinstance(e, InputError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    log.exception("request failed")
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")

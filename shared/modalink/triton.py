@@ -1,0 +1,80 @@
+"""The encoder model as Triton sees it: named numpy tensors in and out, one batch at a time.
+
+Shared by the PyTriton service (``services/encoder/server.py``) and the classic model repository's
+python backend (``services/encoder/model_repository``), so both serve the same contract:
+
+- model ``<modality>_encoder``; input ``data``: image/audio = BYTES [1] (an encoded file: PNG/JPEG/...,
+  WAV/FLAC/OGG), video = BYTES [n] (one encoded file, or n encoded frames), imu = FP32 [channels, time];
+- outputs ``embeddings`` FP32 [n_tokens, d_llm] (already projected into the LLM's space),
+  ``adapter_version`` BYTES [1] and ``error`` BYTES [1] (empty when the item is fine).
+
+Triton fails a whole batch when the model raises, so one bad item must not raise while it shares a
+batch with good ones: its row carries the message in ``error`` (and zero embeddings). A batch in which
+every item is bad raises, so a lone bad request gets an ordinary Triton error with the message.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from modalink.embedder import Embedder
+from modalink.errors import InputError
+
+INVALID_INPUT = "invalid input: "  # prefixes bad-input errors, so clients can tell them from failures
+PORTS = {"image": 8000, "audio": 8010, "imu": 8020, "video": 8030}  # HTTP; gRPC +1, metrics +2
+
+
+def model_name(modality: str) -> str:
+    return f"{modality}_encoder"
+
+
+def input_spec(modality: str) -> tuple[type, tuple[int, ...]]:
+    """(numpy dtype, shape without the batch axis) of the ``data`` input."""
+    if modality == "imu":
+        return np.float32, (-1, -1)
+    return np.bytes_, (-1,) if modality == "video" else (1,)
+
+
+def _raw(modality: str, row: np.ndarray):
+    if modality == "imu":
+        return np.asarray(row, dtype=np.float32)
+    items = [bytes(x) for x in row.reshape(-1)]
+    if modality == "video" and len(items) > 1:
+        return items  # frames
+    if len(items) != 1:
+        raise InputError(f"{modality} input 'data' must hold one encoded file, got {len(items)} elements")
+    return items[0]
+
+
+class EncoderModel:
+    """Decode each item on its own (bad ones are reported, not raised), then encode + project the rest at once."""
+
+    def __init__(self, embedder: Embedder, modality: str):
+        self.embedder, self.modality = embedder, modality
+        self.embedder.projector(modality)  # load encoder + projector now, not on the first request
+        self.n_tokens = self.embedder.projector(modality)[0].cfg.n_tokens
+        self.d_llm = self.embedder.d_llm
+
+    def infer(self, data: np.ndarray) -> dict[str, np.ndarray]:
+        self.embedder.refresh(self.modality)  # hot reload between batches
+        decoded, errors = [], []
+        for row in data:
+            try:
+                decoded.append(self.embedder.decode(self.modality, [_raw(self.modality, row)])[0])
+                errors.append("")
+            except InputError as e:
+                decoded.append(None)
+                errors.append(str(e))
+        good = [i for i, d in enumerate(decoded) if d is not None]
+        if not good:
+            raise InputError("; ".join(dict.fromkeys(errors)))
+        embs, version = self.embedder.embed(self.modality, [decoded[i] for i in good], decoded=True)
+        out = np.zeros((len(data), *embs[0].shape), dtype=np.float32)
+        for i, e in zip(good, embs, strict=True):
+            out[i] = e.numpy()
+        n = len(data)
+        return {
+            "embeddings": out,
+            "adapter_version": np.array([[version.encode()]] * n, dtype=np.bytes_),
+            "error": np.array([[e.encode()] for e in errors], dtype=object),
+        }

@@ -1,0 +1,314 @@
+"""The service topology as real processes on free loopback ports: two image encoders and an audio encoder on
+Triton (PyTriton), the LLM service and the gateway, called with stock clients (tritonclient, grpcio stubs).
+
+They serve the shipped adapters (``adapters/``), so answers are real and must equal the in-process ones.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from modalink.config import Settings
+from modalink.wire import assistant_pb2, common_pb2, from_tensor_msg, llm_pb2
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_grpc(address: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.time() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{address} exited:\n{log.read_text()[-3000:]}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.5)
+    raise TimeoutError(f"{address} not healthy:\n{log.read_text()[-3000:]}")
+
+
+def wait_triton(http: int, model: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    import tritonclient.http as th
+
+    client = th.InferenceServerClient(f"127.0.0.1:{http}")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"encoder on {http} exited:\n{log.read_text()[-3000:]}")
+        try:
+            if client.is_model_ready(model):
+                return
+        except Exception:  # noqa: BLE001  (not listening yet)
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{model} on {http} not ready:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Encoders (image x2, audio), LLM, gateway; yields their addresses; stops them all afterwards."""
+    logs = tmp_path_factory.mktemp("logs")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MODALINK_NUM_THREADS": "1"}
+    procs: list[subprocess.Popen] = []
+    modalink = [sys.executable, "-m", "modalink.cli"]
+
+    def start(name: str, args: list[str], extra_env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+        log = logs / f"{name}.log"
+        proc = subprocess.Popen([*modalink, *args], env={**env, **(extra_env or {})}, stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        procs.append(proc)
+        return proc, log
+
+    encoders: dict[str, list[dict]] = {"image": [], "audio": []}
+    try:
+        waits = []
+        for modality, replicas in (("image", 2), ("audio", 1)):
+            for i in range(replicas):
+                http, grpc_port, metrics = free_port(), free_port(), free_port()
+                proc, log = start(f"{modality}{i}", ["serve", "encoder", "-m", modality, "--http-port", str(http),
+                                  "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)])  # fmt: skip
+                encoders[modality].append({"http": http, "grpc": grpc_port, "metrics": metrics})
+                waits.append((http, f"{modality}_encoder", proc, log))
+        llm_port, gw_port = free_port(), free_port()
+        llm = start("llm", ["serve", "llm", "--port", str(llm_port), "--max-wait-ms", "50"])
+        spec = ",".join(f"{m}=127.0.0.1:{r['grpc']}" for m, reps in encoders.items() for r in reps)
+        gateway = start("gateway", ["serve", "gateway", "--port", str(gw_port)],
+                        {"MODALINK_ENCODERS": spec, "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}"})  # fmt: skip
+        for w in waits:
+            wait_triton(*w)
+        wait_grpc(f"127.0.0.1:{llm_port}", *llm)
+        wait_grpc(f"127.0.0.1:{gw_port}", *gateway)
+        yield {"encoders": encoders, "llm": f"127.0.0.1:{llm_port}", "gateway": f"127.0.0.1:{gw_port}", "logs": logs}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 15)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+
+
+@pytest.fixture(scope="module")
+def local():
+    """The in-process assistant on the same shipped adapters."""
+    from modalink.assistant import Assistant
+
+    return Assistant(Settings())
+
+
+@pytest.fixture(scope="module")
+def gateway(stack):
+    from modalink.v1 import assistant_pb2_grpc
+
+    with grpc.insecure_channel(stack["gateway"]) as ch:
+        yield assistant_pb2_grpc.AssistantStub(ch)
+
+
+def image_part(path) -> common_pb2.Part:
+    return common_pb2.Part(image=common_pb2.Image(data=Path(path).read_bytes(), mime="image/png"))
+
+
+def test_stock_tritonclient_gets_the_in_process_embeddings(stack, local, samples):
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    raw = Path(samples["image"]).read_bytes()
+    expected, version = local.embed("image", [raw])
+    data = np.array([[raw]], dtype=object)
+    replica = stack["encoders"]["image"][0]
+    for client, mod in ((tg.InferenceServerClient(f"127.0.0.1:{replica['grpc']}"), tg),
+                        (th.InferenceServerClient(f"127.0.0.1:{replica['http']}"), th)):  # fmt: skip
+        inp = mod.InferInput("data", [1, 1], "BYTES")
+        inp.set_data_from_numpy(data)
+        res = client.infer("image_encoder", [inp])
+        assert res.as_numpy("embeddings").shape == (1, *expected[0].shape)
+        np.testing.assert_allclose(res.as_numpy("embeddings")[0], expected[0].numpy(), atol=1e-4)
+        assert res.as_numpy("adapter_version")[0, 0].decode() == version
+        assert not res.as_numpy("error")[0, 0]
+
+
+def test_a_bad_item_fails_alone_in_a_shared_batch(stack, samples):
+    """Concurrent good and corrupt images: Triton batches them; only the corrupt one gets an error."""
+    from modalink.remote import EncoderPool
+
+    pool = EncoderPool({"image": [f"127.0.0.1:{stack['encoders']['image'][1]['grpc']}"]})
+    good = Path(samples["image"]).read_bytes()
+    results: dict[int, object] = {}
+
+    def call(i: int, raw: bytes) -> None:
+        try:
+            results[i] = pool.embed("image", raw)[0].shape
+        except Exception as e:  # noqa: BLE001
+            results[i] = e
+
+    threads = [threading.Thread(target=call, args=(i, good if i % 2 else b"\x89PNG not really")) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, r in results.items():
+        if i % 2:
+            assert tuple(r) == (8, 576), r
+        else:
+            assert "not a decodable image" in str(r) and type(r).__name__ == "InputError", r
+
+
+def test_gateway_streams_the_in_process_answer(gateway, local, samples):
+    question = "What is shown in this picture?"
+    request = assistant_pb2.GenerateRequest(
+        parts=[image_part(samples["image"]), common_pb2.Part(text=question)],
+        params=common_pb2.GenerationParams(max_new_tokens=24),
+    )
+    chunks = list(gateway.Generate(request, timeout=120))
+    text = "".join(c.text for c in chunks)
+    expected = local.ask(question, [("image", samples["image"])], local_params(24))
+    assert text == expected.text and text.strip()
+    assert chunks[0].adapter_versions["image"] == expected.adapters["image"]
+    assert chunks[-1].finish_reason == expected.finish_reason
+    assert chunks[-1].usage.prompt_tokens == expected.usage["prompt_tokens"]
+    assert chunks[-1].usage.completion_tokens == expected.usage["completion_tokens"]
+    assert len(chunks) > 2  # streamed token by token, not in one piece
+
+
+def test_a_stage_two_adapter_answers_through_its_lora(gateway, local, stack, samples):
+    """Audio's shipped adapter has a LoRA: the LLM service loads it from the registry and answers as in-process."""
+    from modalink.v1 import llm_pb2_grpc
+
+    question = "What does the voice say?"
+    part = common_pb2.Part(audio=common_pb2.Audio(data=Path(samples["audio"]).read_bytes(), mime="audio/wav"))
+    request = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text=question), part],
+                                            params=common_pb2.GenerationParams(max_new_tokens=16))  # fmt: skip
+    text = "".join(c.text for c in gateway.Generate(request, timeout=120))
+    assert text == local.ask(question, [("audio", samples["audio"])], local_params(16)).text
+    if local.lora("audio"):
+        with grpc.insecure_channel(stack["llm"]) as ch:
+            info = llm_pb2_grpc.LLMStub(ch).Info(llm_pb2.InfoRequest(), timeout=10)
+        assert local.lora("audio") in info.adapters
+
+
+def test_embed_and_caption(gateway, local, samples):
+    res = gateway.Embed(assistant_pb2.EmbedRequest(part=image_part(samples["image"])), timeout=60)
+    expected, version = local.embed("image", [samples["image"]])
+    np.testing.assert_allclose(from_tensor_msg(res.embeddings), expected[0].numpy(), atol=1e-4)
+    assert (res.adapter_version, res.modality) == (version, "image")
+    cap = gateway.Caption(assistant_pb2.CaptionRequest(part=image_part(samples["image"])), timeout=120)
+    assert cap.caption and cap.modality == "image"
+
+
+@pytest.mark.parametrize(
+    "part, message",
+    [
+        (common_pb2.Part(image=common_pb2.Image(data=b"GIF89a broken")), "image"),
+        (common_pb2.Part(imu=common_pb2.Imu(data=common_pb2.Tensor(dtype="float32", shape=[6, 10], data=b"x"))),
+         "needs 240 bytes"),
+        (common_pb2.Part(), "empty part"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_invalid_argument_and_the_gateway_keeps_serving(gateway, samples, part, message):
+    with pytest.raises(grpc.RpcError) as err:
+        list(gateway.Generate(assistant_pb2.GenerateRequest(parts=[part]), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+    ok = gateway.Embed(assistant_pb2.EmbedRequest(part=image_part(samples["image"])), timeout=60)
+    assert ok.embeddings.shape == [8, 576]
+
+
+def test_unconfigured_modality_and_bad_params_are_refused(gateway, samples):
+    zeros = common_pb2.Tensor(dtype="float32", shape=[6, 100], data=np.zeros((6, 100), np.float32).tobytes())
+    imu = common_pb2.Part(imu=common_pb2.Imu(data=zeros))
+    with pytest.raises(grpc.RpcError) as err:
+        gateway.Embed(assistant_pb2.EmbedRequest(part=imu), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no encoder service" in err.value.details()
+    bad = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="hi")],
+                                        params=common_pb2.GenerationParams(temperature=-1))  # fmt: skip
+    with pytest.raises(grpc.RpcError) as err:
+        list(gateway.Generate(bad, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in err.value.details()
+
+
+def triton_successes(metrics_port: int, model: str) -> int:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    m = re.search(rf'nv_inference_request_success\{{model="{model}",version="1"\}} (\d+)', text)
+    return int(m.group(1)) if m else 0
+
+
+def test_both_image_replicas_receive_traffic(gateway, stack, samples):
+    before = [triton_successes(r["metrics"], "image_encoder") for r in stack["encoders"]["image"]]
+    for _ in range(4):
+        gateway.Embed(assistant_pb2.EmbedRequest(part=image_part(samples["image"])), timeout=60)
+    after = [triton_successes(r["metrics"], "image_encoder") for r in stack["encoders"]["image"]]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2]
+
+
+def test_concurrent_requests_share_llm_batches(gateway, stack):
+    from modalink.v1 import llm_pb2_grpc
+
+    with grpc.insecure_channel(stack["llm"]) as ch:
+        llm = llm_pb2_grpc.LLMStub(ch)
+        before = llm.Info(llm_pb2.InfoRequest(), timeout=10)
+        questions = ["Name a color.", "Name a fruit.", "Name an animal.", "Name a city."]
+        answers: dict[str, str] = {}
+
+        def ask(q: str) -> None:
+            req = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text=q)],
+                                                params=common_pb2.GenerationParams(max_new_tokens=8))  # fmt: skip
+            answers[q] = "".join(c.text for c in gateway.Generate(req, timeout=120))
+
+        threads = [threading.Thread(target=ask, args=(q,)) for q in questions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = llm.Info(llm_pb2.InfoRequest(), timeout=10)
+    assert all(answers.get(q) for q in questions), answers
+    batches, requests = after.batches - before.batches, after.batched_requests - before.batched_requests
+    assert requests == 4 and batches < 4, (batches, requests)  # at least two requests shared a batch
+
+
+def test_client_cancel_stops_the_generation(gateway, stack):
+    from modalink.v1 import llm_pb2_grpc
+
+    with grpc.insecure_channel(stack["llm"]) as ch:
+        llm = llm_pb2_grpc.LLMStub(ch)
+        before = llm.Info(llm_pb2.InfoRequest(), timeout=10).generated_tokens
+        req = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="Count from one to one hundred.")],
+                                            params=common_pb2.GenerationParams(max_new_tokens=300))  # fmt: skip
+        call = gateway.Generate(req, timeout=120)
+        next(call)
+        call.cancel()
+        short = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="Say hi.")],
+                                              params=common_pb2.GenerationParams(max_new_tokens=4))  # fmt: skip
+        assert "".join(c.text for c in gateway.Generate(short, timeout=120))  # served after the cancelled one
+        generated = llm.Info(llm_pb2.InfoRequest(), timeout=10).generated_tokens - before
+    assert generated < 100, generated  # the cancelled request stopped long before its 300 tokens
+
+
+def local_params(n: int):
+    from modalink.engine import GenerationParams
+
+    return GenerationParams(max_new_tokens=n)
