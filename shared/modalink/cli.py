@@ -62,6 +62,9 @@ def ask(
     as_json: bool = typer.Option(
         False, "--json", help='Print one JSON object {"text", "finish_reason", "adapters", "usage"} at the end.'
     ),
+    remote: str | None = typer.Option(
+        None, "--remote", metavar="HOST:PORT", help="Ask a running gateway (gRPC) instead of loading the models here."
+    ),
 ) -> None:
     """Ask a question about zero or more inputs; the answer streams to stdout."""
     from modalink.config import get_settings
@@ -74,6 +77,10 @@ def ask(
         if not path.exists():
             raise _fail(f"{modality} file not found: {path}")
     params = GenerationParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, list(stop), seed)
+    if remote:
+        if system is not None:
+            raise _fail("--system applies to the in-process assistant; the gateway uses its MODALINK_SYSTEM_PROMPT")
+        return _ask_remote(remote, prompt, inputs, params, as_json)
     try:
         params.validate()
         from modalink.assistant import UNTRAINED, Assistant
@@ -103,6 +110,31 @@ def ask(
     if as_json:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
         out = {"text": "".join(text), "finish_reason": finish, "adapters": versions, "usage": usage}
+        typer.echo(json.dumps(out, ensure_ascii=False))
+    else:
+        typer.echo()
+
+
+def _ask_remote(address: str, prompt: str, inputs: list[tuple[str, Path]], params, as_json: bool) -> None:
+    import grpc
+
+    from modalink import client
+
+    parts = [prompt, *(getattr(client, m)(p) for m, p in inputs)]
+    text = []
+    with client.Client(address) as c:
+        try:
+            for delta in c.generate(parts, params):
+                text.append(delta)
+                if not as_json:
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+        except grpc.RpcError as e:
+            raise _fail(f"{address}: {e.code().name}: {e.details()}") from None
+        last, versions = c.last, c.versions
+    if as_json:
+        usage = {k: getattr(last.usage, k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        out = {"text": "".join(text), "finish_reason": last.finish_reason, "adapters": versions, "usage": usage}
         typer.echo(json.dumps(out, ensure_ascii=False))
     else:
         typer.echo()

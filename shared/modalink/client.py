@@ -1,0 +1,169 @@
+"""A thin Python client for the gateway's gRPC API (``modalink.v1.Assistant``), sync and asyncio.
+
+    from modalink.client import Client, image
+    with Client("localhost:50051") as c:
+        for delta in c.generate([image("cat.png"), "What is this?"]):
+            print(delta, end="")
+
+Parts are built with ``image``/``audio``/``imu``/``video`` (a path, bytes or an array) or given as plain
+strings. Calls carry a deadline, are retried on UNAVAILABLE (gRPC retry policy, before any response
+arrived), and send ``x-api-key`` metadata when an API key is set.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from modalink.engine import GenerationParams
+from modalink.rpc import CHANNEL_OPTIONS
+from modalink.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
+from modalink.wire import from_tensor_msg, params_to_msg, to_tensor_msg
+
+PartLike = common_pb2.Part | str
+
+_RETRY = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "modalink.v1.Assistant"}],
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }]
+})  # fmt: skip
+
+
+def _bytes(src: str | Path | bytes) -> bytes:
+    return src if isinstance(src, bytes) else Path(src).read_bytes()
+
+
+def image(src: str | Path | bytes, mime: str = "") -> common_pb2.Part:
+    return common_pb2.Part(image=common_pb2.Image(data=_bytes(src), mime=mime))
+
+
+def audio(src: str | Path | bytes | np.ndarray, sample_rate: int = 16000, mime: str = "") -> common_pb2.Part:
+    """An audio file (path/bytes), or PCM samples (float32 [n] or [channels, n]) at ``sample_rate``."""
+    if isinstance(src, np.ndarray):
+        pcm = to_tensor_msg(src.astype(np.float32))
+        return common_pb2.Part(audio=common_pb2.Audio(pcm=pcm, sample_rate=sample_rate))
+    return common_pb2.Part(audio=common_pb2.Audio(data=_bytes(src), mime=mime))
+
+
+def imu(src: str | Path | np.ndarray) -> common_pb2.Part:
+    """IMU window float32 [channels, time], or a .npy file of one."""
+    arr = src if isinstance(src, np.ndarray) else np.load(src, allow_pickle=False)
+    return common_pb2.Part(imu=common_pb2.Imu(data=to_tensor_msg(np.asarray(arr, dtype=np.float32))))
+
+
+def video(src: str | Path | bytes | Sequence[str | Path | bytes], mime: str = "") -> common_pb2.Part:
+    """A video file (GIF/MP4/WebM), or its frames as image files/bytes in order."""
+    if isinstance(src, (list, tuple)):
+        return common_pb2.Part(video=common_pb2.Video(frames=[common_pb2.Image(data=_bytes(f)) for f in src]))
+    return common_pb2.Part(video=common_pb2.Video(data=_bytes(src), mime=mime))
+
+
+def _parts(parts: Sequence[PartLike] | PartLike) -> list[common_pb2.Part]:
+    if isinstance(parts, (str, common_pb2.Part)):
+        parts = [parts]
+    return [common_pb2.Part(text=p) if isinstance(p, str) else p for p in parts]
+
+
+def _request(parts, params: GenerationParams | None, **kw) -> assistant_pb2.GenerateRequest:
+    params = params or GenerationParams(**kw)
+    return assistant_pb2.GenerateRequest(parts=_parts(parts), params=params_to_msg(params))
+
+
+@dataclass
+class Embedding:
+    embeddings: np.ndarray  # float32 [n_tokens, d_llm]
+    adapter_version: str
+    modality: str
+
+
+class _Base:
+    def __init__(self, address: str = "localhost:50051", api_key: str | None = None, timeout: float = 120.0):
+        self.address, self.timeout = address, timeout
+        self.metadata = (("x-api-key", api_key),) if api_key else ()
+        self.options = [*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", _RETRY)]
+
+
+class Client(_Base):
+    """Blocking client; ``generate`` yields text deltas as they are generated."""
+
+    def __init__(self, address: str = "localhost:50051", api_key: str | None = None, timeout: float = 120.0):
+        super().__init__(address, api_key, timeout)
+        self.channel = grpc.insecure_channel(address, options=self.options)
+        self.stub = assistant_pb2_grpc.AssistantStub(self.channel)
+        self.last: assistant_pb2.GenerateResponse | None = None  # the final message (finish_reason, usage)
+        self.versions: dict[str, str] = {}  # adapter versions the last generate used
+
+    def generate(self, parts, params: GenerationParams | None = None, **kw) -> Iterator[str]:
+        """Text deltas; ``params`` or keyword arguments of ``GenerationParams`` (max_new_tokens=...)."""
+        call = self.stub.Generate(_request(parts, params, **kw), timeout=self.timeout, metadata=self.metadata)
+        try:
+            for msg in call:
+                self.last = msg
+                if msg.adapter_versions:
+                    self.versions = dict(msg.adapter_versions)
+                if msg.text:
+                    yield msg.text
+        finally:
+            call.cancel()  # a caller that stops reading stops the generation
+
+    def ask(self, parts, params: GenerationParams | None = None, **kw) -> str:
+        return "".join(self.generate(parts, params, **kw))
+
+    def embed(self, part: common_pb2.Part) -> Embedding:
+        res = self.stub.Embed(assistant_pb2.EmbedRequest(part=part), timeout=self.timeout, metadata=self.metadata)
+        return Embedding(from_tensor_msg(res.embeddings), res.adapter_version, res.modality)
+
+    def caption(self, part: common_pb2.Part, max_new_tokens: int = 48) -> str:
+        req = assistant_pb2.CaptionRequest(part=part, params=common_pb2.GenerationParams(max_new_tokens=max_new_tokens))
+        return self.stub.Caption(req, timeout=self.timeout, metadata=self.metadata).caption
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient(_Base):
+    """asyncio client (grpc.aio): ``async for delta in client.generate([...])``."""
+
+    def __init__(self, address: str = "localhost:50051", api_key: str | None = None, timeout: float = 120.0):
+        super().__init__(address, api_key, timeout)
+        self.channel = grpc.aio.insecure_channel(address, options=self.options)
+        self.stub = assistant_pb2_grpc.AssistantStub(self.channel)
+
+    async def generate(self, parts, params: GenerationParams | None = None, **kw) -> AsyncIterator[str]:
+        call = self.stub.Generate(_request(parts, params, **kw), timeout=self.timeout, metadata=self.metadata)
+        try:
+            async for msg in call:
+                if msg.text:
+                    yield msg.text
+        finally:
+            call.cancel()
+
+    async def ask(self, parts, params: GenerationParams | None = None, **kw) -> str:
+        return "".join([d async for d in self.generate(parts, params, **kw)])
+
+    async def embed(self, part: common_pb2.Part) -> Embedding:
+        req = assistant_pb2.EmbedRequest(part=part)
+        res = await self.stub.Embed(req, timeout=self.timeout, metadata=self.metadata)
+        return Embedding(from_tensor_msg(res.embeddings), res.adapter_version, res.modality)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
