@@ -95,11 +95,17 @@ def stack(tmp_path_factory):
         spec = ",".join(f"{m}=127.0.0.1:{r['grpc']}" for m, reps in encoders.items() for r in reps)
         gateway = start("gateway", ["serve", "gateway", "--port", str(gw_port)],
                         {"MODALINK_ENCODERS": spec, "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}"})  # fmt: skip
+        locked_port = free_port()
+        locked = start("gateway-locked", ["serve", "gateway", "--port", str(locked_port)],
+                       {"MODALINK_ENCODERS": spec, "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}",
+                        "MODALINK_API_KEYS": "k1,k2"})  # fmt: skip
         for w in waits:
             wait_triton(*w)
         wait_grpc(f"127.0.0.1:{llm_port}", *llm)
         wait_grpc(f"127.0.0.1:{gw_port}", *gateway)
-        yield {"encoders": encoders, "llm": f"127.0.0.1:{llm_port}", "gateway": f"127.0.0.1:{gw_port}", "logs": logs}
+        wait_grpc(f"127.0.0.1:{locked_port}", *locked)
+        yield {"encoders": encoders, "llm": f"127.0.0.1:{llm_port}", "gateway": f"127.0.0.1:{gw_port}",
+               "locked": f"127.0.0.1:{locked_port}", "logs": logs}  # fmt: skip
     finally:
         for p in procs:
             if p.poll() is None:
@@ -306,6 +312,48 @@ def test_client_cancel_stops_the_generation(gateway, stack):
         assert "".join(c.text for c in gateway.Generate(short, timeout=120))  # served after the cancelled one
         generated = llm.Info(llm_pb2.InfoRequest(), timeout=10).generated_tokens - before
     assert generated < 100, generated  # the cancelled request stopped long before its 300 tokens
+
+
+def test_python_client_sync_async_and_cli(stack, local, samples):
+    import asyncio
+
+    from modalink import client
+
+    question = "What is shown in this picture?"
+    expected = local.ask(question, [("image", samples["image"])], local_params(16)).text
+    with client.Client(stack["gateway"]) as c:
+        assert c.ask([question, client.image(samples["image"])], max_new_tokens=16) == expected
+        assert c.versions["image"] == local.projector("image")[1] and c.last.finish_reason
+        emb = c.embed(client.image(samples["image"]))
+        assert emb.embeddings.shape == (8, 576) and emb.modality == "image"
+
+    async def run() -> str:
+        async with client.AsyncClient(stack["gateway"]) as c:
+            return await c.ask([question, client.image(samples["image"])], max_new_tokens=16)
+
+    assert asyncio.run(run()) == expected
+    cmd = [sys.executable, "-m", "modalink.cli", "ask", "--remote", stack["gateway"], "-i", samples["image"], question]
+    out = subprocess.run([*cmd, "-n", "16"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected.strip()
+
+
+def test_api_keys_are_required_when_configured(stack, samples):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from modalink import client
+
+    with client.Client(stack["locked"]) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.ask("Say hi.", max_new_tokens=2)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            c.embed(client.image(samples["image"]))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = health_pb2_grpc.HealthStub(c.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no key
+    with client.Client(stack["locked"], api_key="k2") as c:
+        assert c.ask("Say hi.", max_new_tokens=2)
 
 
 def local_params(n: int):

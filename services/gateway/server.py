@@ -88,7 +88,7 @@ def build(settings: Settings) -> AssistantService:
 def serve(settings: Settings | None = None, port: int = 50051, host: str = "[::]") -> None:
     settings = settings or get_settings()
     server, bound = make_server(port, [(assistant_pb2_grpc.add_AssistantServicer_to_server, build(settings))],
-                                [SERVICE], host)  # fmt: skip
+                                [SERVICE], host, api_keys=settings.api_keys)  # fmt: skip
     log.info("%s ready on %s:%d", SERVICE, host, bound)
     try:
         server.wait_for_termination()

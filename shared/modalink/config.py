@@ -52,6 +52,7 @@ class Settings(BaseSettings):
         description="Encoder services' Triton gRPC addresses, '<modality>=<host:port>' comma-separated; repeat a "
         "modality for replicas (the gateway balances round robin).",
     )
+    api_keys: str = Field("", description="Comma-separated keys the gateway accepts (x-api-key); empty: open.")
     llm_address: str = Field("localhost:50061", description="The LLM service's gRPC address.")
     system_prompt: str | None = Field(
         "You are a helpful assistant.",

@@ -21,11 +21,38 @@ CHANNEL_OPTIONS = [
 ]
 
 
+class APIKeyInterceptor(grpc.ServerInterceptor):
+    """Requires ``x-api-key`` metadata from the given set on every call except health checks and reflection."""
+
+    OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, keys: set[str]):
+        self.keys = keys
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key (x-api-key metadata)")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith(self.OPEN):
+            return continuation(details)
+        if dict(details.invocation_metadata).get("x-api-key") in self.keys:
+            return continuation(details)
+        return self._deny
+
+
 def make_server(
-    port: int, add: Sequence[tuple[Callable, object]], services: Sequence[str], host: str = "[::]", workers: int = 32
-) -> tuple[grpc.Server, int]:
-    """A started gRPC server with health checking and reflection (so grpcurl works); returns (server, port)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
+    port: int, add: Sequence[tuple[Callable, object]], services: Sequence[str], host: str = "[::]", workers: int = 32,
+    api_keys: str = "",
+) -> tuple[grpc.Server, int]:  # fmt: skip
+    """A started gRPC server with health checking and reflection (so grpcurl works); returns (server, port).
+
+    ``api_keys`` (comma-separated): when set, calls need one of them as ``x-api-key`` metadata.
+    """
+    keys = {k.strip() for k in api_keys.split(",") if k.strip()}
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS,
+                         interceptors=[APIKeyInterceptor(keys)] if keys else [])  # fmt: skip
     for add_fn, servicer in add:
         add_fn(servicer, server)
     health_servicer = health.HealthServicer()
