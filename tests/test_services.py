@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from modalink.config import Settings
 from modalink.wire import assistant_pb2, common_pb2, from_tensor_msg, llm_pb2
@@ -360,3 +361,64 @@ def local_params(n: int):
     from modalink.engine import GenerationParams
 
     return GenerationParams(max_new_tokens=n)
+
+
+def test_encoder_hot_reloads_a_promoted_adapter_without_failing_requests(tmp_path, samples):
+    """Promote a new IMU version while requests stream in: they all succeed and switch to it."""
+    import shutil
+
+    from modalink.registry import AdapterRegistry
+    from modalink.remote import EncoderPool
+
+    adapters = tmp_path / "adapters"
+    shutil.copytree(Settings().adapters_dir, adapters, ignore=shutil.ignore_patterns("image", "audio", "video"))
+    registry = AdapterRegistry(adapters)
+    old = registry.current("imu")
+    http, grpc_port, metrics = free_port(), free_port(), free_port()
+    log = tmp_path / "imu.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modalink.cli", "serve", "encoder", "-m", "imu", "--http-port", str(http),
+         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)],
+        env={**os.environ, "MODALINK_ADAPTERS_DIR": str(adapters), "MODALINK_NUM_THREADS": "1"},
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_triton(http, "imu_encoder", proc, log)
+        pool = EncoderPool({"imu": [f"127.0.0.1:{grpc_port}"]})
+        x = np.load(samples["imu"])
+        seen, errors, stop = [], [], threading.Event()
+
+        def hammer() -> None:
+            while not stop.is_set():
+                try:
+                    emb, version = pool.embed("imu", x)
+                    seen.append((version, emb))
+                except Exception as e:  # noqa: BLE001
+                    errors.append(e)
+
+        threads = [threading.Thread(target=hammer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        while len(seen) < 5:
+            time.sleep(0.05)
+        projector = registry.load("imu")[0]
+        with torch.no_grad():
+            for p in projector.parameters():
+                p.mul_(-1.0)  # a visibly different adapter
+        weights = registry.load("imu", old)[2].get("encoder_weights")
+        new = registry.publish("imu", projector, promote=True, extra={"encoder_weights": weights})
+        deadline = time.time() + 60
+        while not any(v == new for v, _ in seen[-3:]) and time.time() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        for t in threads:
+            t.join()
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+    assert not errors, errors[:3]
+    versions = [v for v, _ in seen]
+    assert versions[0] == old and versions[-1] == new, (old, new, versions[-5:])
+    first_new = versions.index(new)
+    assert set(versions[first_new:]) == {new}  # switched once, never back
+    assert (seen[-1][1] - seen[0][1]).abs().max() > 0.1  # the new projector's embeddings, not the old ones
