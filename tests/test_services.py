@@ -91,8 +91,10 @@ def stack(tmp_path_factory):
                                   "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)])  # fmt: skip
                 encoders[modality].append({"http": http, "grpc": grpc_port, "metrics": metrics})
                 waits.append((http, f"{modality}_encoder", proc, log))
-        llm_port, gw_port = free_port(), free_port()
-        llm = start("llm", ["serve", "llm", "--port", str(llm_port), "--max-wait-ms", "50"])
+        llm_port, gw_port, tgi_port = free_port(), free_port(), free_port()
+        llm = start(
+            "llm", ["serve", "llm", "--port", str(llm_port), "--http-port", str(tgi_port), "--max-wait-ms", "50"]
+        )
         spec = ",".join(f"{m}=127.0.0.1:{r['grpc']}" for m, reps in encoders.items() for r in reps)
         gateway = start("gateway", ["serve", "gateway", "--port", str(gw_port)],
                         {"MODALINK_ENCODERS": spec, "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}"})  # fmt: skip
@@ -106,6 +108,7 @@ def stack(tmp_path_factory):
         wait_grpc(f"127.0.0.1:{gw_port}", *gateway)
         wait_grpc(f"127.0.0.1:{locked_port}", *locked)
         yield {"encoders": encoders, "llm": f"127.0.0.1:{llm_port}", "gateway": f"127.0.0.1:{gw_port}",
+               "tgi": f"http://127.0.0.1:{tgi_port}",
                "locked": f"127.0.0.1:{locked_port}", "logs": logs}  # fmt: skip
     finally:
         for p in procs:
@@ -422,3 +425,51 @@ def test_encoder_hot_reloads_a_promoted_adapter_without_failing_requests(tmp_pat
     first_new = versions.index(new)
     assert set(versions[first_new:]) == {new}  # switched once, never back
     assert (seen[-1][1] - seen[0][1]).abs().max() > 0.1  # the new projector's embeddings, not the old ones
+
+
+def test_stock_text_generation_client_against_the_tgi_api(stack, engine):
+    """The PyPI ``text-generation`` client, unchanged: generate, stream, chat; same text as the engine."""
+    import json as _json
+    import urllib.error
+    import urllib.request
+
+    from text_generation import Client as TGIClient
+
+    from modalink.engine import GenerationParams
+
+    tgi = TGIClient(stack["tgi"], timeout=120)
+    prompt = "The capital of France is"
+    expected = engine.generate([[prompt]], GenerationParams(max_new_tokens=8))[0]
+    res = tgi.generate(prompt, max_new_tokens=8)
+    assert res.generated_text == expected.text
+    assert res.details.generated_tokens == len(expected.token_ids)
+    assert [t.id for t in res.details.tokens] == expected.token_ids
+    streamed = list(tgi.generate_stream(prompt, max_new_tokens=8))
+    assert "".join(r.token.text for r in streamed if not r.token.special) == expected.text
+    assert streamed[-1].generated_text == expected.text and streamed[-1].details.finish_reason.value in (
+        "length", "eos_token")  # fmt: skip
+    chat = tgi.chat(messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
+    assert chat.choices[0].message.content and chat.usage["completion_tokens"] <= 8
+    chunks = list(tgi.chat(messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+
+    def post(path: str, body: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(stack["tgi"] + path, _json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, _json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, _json.loads(e.read())
+
+    status, body = post("/generate", {"inputs": "hi", "parameters": {"temperature": -2}})
+    assert status == 422 and "temperature" in body["error"] and body["error_type"] == "validation"
+    status, body = post("/generate", {"inputs": ""})
+    assert status == 422 and "inputs" in body["error"]
+    status, body = post("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 2}})
+    assert status == 200 and body["generated_text"]  # still serving
+    info = _json.loads(urllib.request.urlopen(stack["tgi"] + "/info", timeout=10).read())
+    assert info["model_id"] == "smollm2-135m-instruct" and info["max_total_tokens"] > 0
+    assert urllib.request.urlopen(stack["tgi"] + "/health", timeout=10).status == 200
+    metrics = urllib.request.urlopen(stack["tgi"] + "/metrics", timeout=10).read().decode()
+    assert re.search(r"^modalink_llm_batches_total \d", metrics, re.M), metrics[:500]

@@ -427,15 +427,16 @@ def serve_encoder(
 @serve_app.command("llm")
 def serve_llm(
     port: int = typer.Option(50061, help="gRPC port of modalink.v1.LLM."),
+    http_port: int = typer.Option(8081, help="TGI-compatible HTTP API port (0 = off)."),
     max_batch: int = typer.Option(8, min=1, help="Most requests decoded together."),
     max_wait_ms: float = typer.Option(5.0, min=0, help="How long the first request waits for others to batch with."),
     host: str = typer.Option("[::]", help="Address to bind."),
 ) -> None:
-    """The frozen LLM behind gRPC modalink.v1.LLM (prefix embeddings, streaming, dynamic batching)."""
+    """The frozen LLM: gRPC modalink.v1.LLM (prefix embeddings, streaming) and TGI's HTTP API, dynamic batching."""
     _service_logging()
     from services.llm.server import serve
 
-    serve(None, port, host, max_batch, max_wait_ms)
+    serve(None, port, host, max_batch, max_wait_ms, http_port)
 
 
 @serve_app.command("gateway")
