@@ -91,15 +91,17 @@ def stack(tmp_path_factory):
                                   "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)])  # fmt: skip
                 encoders[modality].append({"http": http, "grpc": grpc_port, "metrics": metrics})
                 waits.append((http, f"{modality}_encoder", proc, log))
-        llm_port, gw_port, tgi_port = free_port(), free_port(), free_port()
+        llm_port, gw_port, tgi_port, http_port = free_port(), free_port(), free_port(), free_port()
         llm = start(
             "llm", ["serve", "llm", "--port", str(llm_port), "--http-port", str(tgi_port), "--max-wait-ms", "50"]
         )
         spec = ",".join(f"{m}=127.0.0.1:{r['grpc']}" for m, reps in encoders.items() for r in reps)
-        gateway = start("gateway", ["serve", "gateway", "--port", str(gw_port)],
+        gateway = start("gateway", ["serve", "gateway", "--port", str(gw_port), "--http-port", str(http_port)],
                         {"MODALINK_ENCODERS": spec, "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}"})  # fmt: skip
         locked_port = free_port()
-        locked = start("gateway-locked", ["serve", "gateway", "--port", str(locked_port)],
+        locked_http = free_port()
+        locked_args = ["serve", "gateway", "--port", str(locked_port), "--http-port", str(locked_http)]
+        locked = start("gateway-locked", locked_args,
                        {"MODALINK_ENCODERS": spec, "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}",
                         "MODALINK_API_KEYS": "k1,k2"})  # fmt: skip
         for w in waits:
@@ -108,7 +110,8 @@ def stack(tmp_path_factory):
         wait_grpc(f"127.0.0.1:{gw_port}", *gateway)
         wait_grpc(f"127.0.0.1:{locked_port}", *locked)
         yield {"encoders": encoders, "llm": f"127.0.0.1:{llm_port}", "gateway": f"127.0.0.1:{gw_port}",
-               "tgi": f"http://127.0.0.1:{tgi_port}",
+               "tgi": f"http://127.0.0.1:{tgi_port}", "http": f"http://127.0.0.1:{http_port}",
+               "locked_http": f"http://127.0.0.1:{locked_http}",
                "locked": f"127.0.0.1:{locked_port}", "logs": logs}  # fmt: skip
     finally:
         for p in procs:
@@ -473,3 +476,44 @@ def test_stock_text_generation_client_against_the_tgi_api(stack, engine):
     assert urllib.request.urlopen(stack["tgi"] + "/health", timeout=10).status == 200
     metrics = urllib.request.urlopen(stack["tgi"] + "/metrics", timeout=10).read().decode()
     assert re.search(r"^modalink_llm_batches_total \d", metrics, re.M), metrics[:500]
+
+
+def test_openai_client_against_the_gateway(stack, local, samples):
+    import base64
+
+    import openai
+
+    question = "What is shown in this picture?"
+    png = base64.b64encode(Path(samples["image"]).read_bytes()).decode()
+    content = [{"type": "text", "text": question},
+               {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]  # fmt: skip
+    expected = local.ask(question, [("image", samples["image"])], local_params(16)).text
+    client = openai.OpenAI(base_url=stack["http"] + "/v1", api_key="unused", timeout=120)
+    res = client.chat.completions.create(model="modalink", messages=[{"role": "user", "content": content}],
+                                         max_tokens=16)  # fmt: skip
+    assert res.choices[0].message.content == expected
+    assert res.usage.completion_tokens > 0 and "image@" in res.system_fingerprint
+    chunks = list(client.chat.completions.create(model="modalink", messages=[{"role": "user", "content": content}],
+                                                 max_tokens=16, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    wav = base64.b64encode(Path(samples["audio"]).read_bytes()).decode()
+    audio_q = "What does the voice say?"
+    sound = {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}
+    res = client.chat.completions.create(model="modalink", max_tokens=16, messages=[
+        {"role": "user", "content": [{"type": "text", "text": audio_q}, sound]}])  # fmt: skip
+    assert res.choices[0].message.content == local.ask(audio_q, [("audio", samples["audio"])], local_params(16)).text
+
+    for url, message in (("https://example.com/cat.png", "data: URL"), ("data:image/png;base64,%%%", "base64"),
+                         ("data:image/png;base64,aGVsbG8=", "image")):  # fmt: skip
+        bad = {"type": "image_url", "image_url": {"url": url}}
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="modalink", max_tokens=4,
+                                           messages=[{"role": "user", "content": [bad]}])  # fmt: skip
+        assert message in str(err.value)
+    locked = openai.OpenAI(base_url=stack["locked_http"] + "/v1", api_key="wrong", timeout=60)
+    with pytest.raises(openai.AuthenticationError):
+        locked.chat.completions.create(model="modalink", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    ok = openai.OpenAI(base_url=stack["locked_http"] + "/v1", api_key="k1", timeout=60)
+    assert ok.chat.completions.create(model="modalink", messages=[{"role": "user", "content": "hi"}], max_tokens=2)

@@ -79,18 +79,31 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
             abort_on_input_error(context, e)
 
 
-def build(settings: Settings) -> AssistantService:
+def build(settings: Settings) -> RemoteAssistant:
     pool = EncoderPool(parse_addresses(settings.encoders))
-    remote = RemoteAssistant(pool, settings.llm_address, load_tokenizer(settings=settings), settings.system_prompt)
-    return AssistantService(remote)
+    return RemoteAssistant(pool, settings.llm_address, load_tokenizer(settings=settings), settings.system_prompt)
 
 
-def serve(settings: Settings | None = None, port: int = 50051, host: str = "[::]") -> None:
+def serve(settings: Settings | None = None, port: int = 50051, host: str = "[::]", http_port: int = 8080,
+          http_host: str = "0.0.0.0") -> None:  # fmt: skip
+    """gRPC on ``port`` and the OpenAI-compatible HTTP API on ``http_port`` (0 = off); until interrupted."""
+    import uvicorn
+
+    from services.gateway.openai_http import build_app
+
     settings = settings or get_settings()
-    server, bound = make_server(port, [(assistant_pb2_grpc.add_AssistantServicer_to_server, build(settings))],
+    remote = build(settings)
+    server, bound = make_server(port, [(assistant_pb2_grpc.add_AssistantServicer_to_server, AssistantService(remote))],
                                 [SERVICE], host, api_keys=settings.api_keys)  # fmt: skip
     log.info("%s ready on %s:%d", SERVICE, host, bound)
     try:
-        server.wait_for_termination()
+        if http_port:
+            log.info("OpenAI-compatible HTTP on %s:%d", http_host, http_port)
+            uvicorn.run(build_app(remote, api_keys=settings.api_keys), host=http_host, port=http_port,
+                        log_level="warning")  # fmt: skip
+        else:
+            server.wait_for_termination()
     except KeyboardInterrupt:
+        pass
+    finally:
         server.stop(grace=5)

@@ -8,17 +8,17 @@ Routes: ``POST /generate``, ``POST /generate_stream`` (SSE), ``POST /`` (what th
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
+from modalink.aio import iterate_in_thread
 from modalink.batching import DynamicBatcher
 from modalink.engine import FINISH_LENGTH, GenerationParams, TokenEvent
 from modalink.errors import InputError
@@ -95,9 +95,8 @@ def build_app(batcher: DynamicBatcher, model_id: str) -> FastAPI:
     async def events(prompt, params) -> AsyncIterator[TokenEvent]:
         """Token events of one request, without blocking the event loop; cancelled when the client leaves."""
         req = batcher.submit(prompt, params)
-        it: Iterator[TokenEvent] = batcher.events(req)
         try:
-            while (ev := await asyncio.to_thread(next, it, None)) is not None:
+            async for ev in iterate_in_thread(batcher.events(req)):
                 yield ev
         finally:
             req.cancelled.set()

@@ -442,13 +442,14 @@ def serve_llm(
 @serve_app.command("gateway")
 def serve_gateway(
     port: int = typer.Option(50051, help="gRPC port of modalink.v1.Assistant."),
+    http_port: int = typer.Option(8080, help="OpenAI-compatible HTTP port (/v1/chat/completions; 0 = off)."),
     host: str = typer.Option("[::]", help="Address to bind."),
 ) -> None:
-    """The public gRPC API; encoder and LLM addresses from MODALINK_ENCODERS and MODALINK_LLM_ADDRESS."""
+    """The public gRPC API and OpenAI-compatible HTTP; encoders and LLM from MODALINK_ENCODERS, MODALINK_LLM_ADDRESS."""
     _service_logging()
     from services.gateway.server import serve
 
-    serve(None, port, host)
+    serve(None, port, host, http_port)
 
 
 def main() -> None:

@@ -122,11 +122,16 @@ class RemoteAssistant:
         return [Media(m, e) for (m, _), (e, _) in zip(inputs, results, strict=True)], versions
 
     def stream(
-        self, text: str, inputs: Sequence[tuple[str, Any]], params: GenerationParams, timeout_s: float | None = None
-    ) -> tuple[Iterator[llm_pb2.Token], dict[str, str]]:
-        """(the LLM's token stream, adapter versions). Cancel the stream to stop the generation."""
+        self, text: str, inputs: Sequence[tuple[str, Any]], params: GenerationParams, timeout_s: float | None = None,
+        history: Sequence[Message] = (),
+    ) -> tuple[Iterator[llm_pb2.Token], dict[str, str]]:  # fmt: skip
+        """(the LLM's token stream, adapter versions). Cancel the stream to stop the generation.
+
+        ``history``: earlier text turns of the conversation (as ``Assistant.stream`` takes them).
+        """
         media, versions = self.media(inputs, timeout_s)
-        prompt = build_prompt(self.tokenizer, [Message("user", place_media(text, media))], self.system_prompt)
+        messages = [*history, Message("user", place_media(text, media))]
+        prompt = build_prompt(self.tokenizer, messages, self.system_prompt)
         request = llm_pb2.LLMRequest(
             segments=[llm_pb2.Segment(text=s) if isinstance(s, str) else llm_pb2.Segment(embeddings=to_tensor_msg(s))
                       for s in prompt],
