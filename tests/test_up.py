@@ -1,0 +1,44 @@
+"""`modalink up` / `ps` / `down`: the topology as local processes on the default ports, then gone again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def modalink(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modalink.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "MODALINK_NUM_THREADS": "1"})  # fmt: skip
+
+
+def test_up_serves_through_the_gateway_and_down_stops_everything(tmp_path, samples):
+    import json
+
+    from modalink.client import Client, imu
+
+    run = str(tmp_path / "run")
+    started = modalink("up", "--modalities", "imu", "--replicas", "imu=2", "--run-dir", run)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "imu-encoder-1" in started.stdout and "redis" in started.stdout
+        again = modalink("up", "--modalities", "imu", "--run-dir", run)
+        assert again.returncode == 2 and "already up" in again.stderr
+        with Client("localhost:50051") as c:
+            answer = c.ask(["What activity is the person doing?", imu(np.load(samples["imu"]))], max_new_tokens=16)
+        assert answer.strip()
+        ps = modalink("ps", "--run-dir", run)
+        assert ps.stdout.count("healthy") == 5, ps.stdout  # redis, 2 imu encoders, llm, gateway
+        pids = [s["pid"] for s in json.loads((tmp_path / "run" / "state.json").read_text())]
+    finally:
+        stopped = modalink("down", "--run-dir", run)
+    assert stopped.returncode == 0 and stopped.stdout.count("stopped") == 5
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert "nothing is up" in modalink("ps", "--run-dir", run).stdout
