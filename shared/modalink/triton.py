@@ -78,3 +78,46 @@ class EncoderModel:
             "adapter_version": np.array([[version.encode()]] * n, dtype=np.bytes_),
             "error": np.array([[e.encode()] for e in errors], dtype=object),
         }
+
+
+class TritonPythonModel:
+    """Triton python backend model (the classic model repository's ``model.py`` imports this class).
+
+    The model's name (``<modality>_encoder``) picks the modality. Triton hands a list of requests: same-shape
+    ones are concatenated into one batch. Unlike PyTriton, the python backend can fail requests one by
+    one, so a bad item gets its own Triton error and its batch-mates their embeddings.
+    """
+
+    def initialize(self, args: dict) -> None:
+        from modalink.config import Settings
+
+        modality = args["model_name"].removesuffix("_encoder")
+        self.model = EncoderModel(Embedder(Settings()), modality)
+
+    def execute(self, requests):
+        import triton_python_backend_utils as pb_utils
+
+        arrays = [pb_utils.get_input_tensor_by_name(r, "data").as_numpy() for r in requests]
+        responses: list = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, a in enumerate(arrays):
+            groups.setdefault(a.shape[1:], []).append(i)
+        for idx in groups.values():
+            data = np.concatenate([arrays[i] for i in idx])
+            try:
+                out = self.model.infer(data)
+            except InputError as e:
+                out = {"error": np.array([[str(e).encode()]] * len(data), dtype=object)}
+            row = 0
+            for i in idx:
+                n = len(arrays[i])
+                errors = [e for e in out["error"][row : row + n, 0] if e]
+                if errors:
+                    msg = INVALID_INPUT + (errors[0].decode() if isinstance(errors[0], bytes) else str(errors[0]))
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
+                else:
+                    responses[i] = pb_utils.InferenceResponse(
+                        [pb_utils.Tensor(k, v[row : row + n]) for k, v in out.items()]
+                    )
+                row += n
+        return responses
