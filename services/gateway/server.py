@@ -26,6 +26,13 @@ log = logging.getLogger("modalink.gateway")
 SERVICE = "modalink.v1.Assistant"
 
 
+def media_part(part, method: str):
+    modality, raw = part_input(part)
+    if modality == "text":
+        raise InputError(f"{method} takes a media part (image, audio, imu, video), not text")
+    return modality, raw
+
+
 class AssistantService(assistant_pb2_grpc.AssistantServicer):
     def __init__(self, remote: RemoteAssistant):
         self.remote = remote
@@ -47,16 +54,12 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
                     usage=tok.usage if tok.finish_reason else None,
                 )  # fmt: skip
                 first = False
-        except grpc.RpcError as e:  # the LLM service refused or failed: pass its status on
-            context.abort(e.code(), f"llm service: {e.details()}")
         except Exception as e:  # noqa: BLE001
             abort_on_input_error(context, e)
 
     def Embed(self, request: assistant_pb2.EmbedRequest, context: grpc.ServicerContext):
         try:
-            modality, raw = part_input(request.part)
-            if modality == "text":
-                raise InputError("Embed takes a media part (image, audio, imu, video), not text")
+            modality, raw = media_part(request.part, "Embed")
             (media,), versions = self.remote.media([(modality, raw)], context.time_remaining())
             return assistant_pb2.EmbedResponse(embeddings=to_tensor_msg(media.embeddings),
                                                adapter_version=versions[modality], modality=modality)  # fmt: skip
@@ -65,16 +68,12 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
 
     def Caption(self, request: assistant_pb2.CaptionRequest, context: grpc.ServicerContext):
         try:
-            modality, raw = part_input(request.part)
-            if modality == "text":
-                raise InputError("Caption takes a media part (image, audio, imu, video), not text")
+            modality, raw = media_part(request.part, "Caption")
             params = params_from_msg(request.params, default_max_new_tokens=48)
             stream, versions = self._start(QUESTIONS[modality][0], [(modality, raw)], params, context)
             text = "".join(tok.text for tok in stream)
             return assistant_pb2.CaptionResponse(caption=text.strip(), adapter_version=versions[modality],
                                                  modality=modality)  # fmt: skip
-        except grpc.RpcError as e:
-            context.abort(e.code(), f"llm service: {e.details()}")
         except Exception as e:  # noqa: BLE001
             abort_on_input_error(context, e)
 

@@ -68,8 +68,11 @@ def make_server(
 
 
 def abort_on_input_error(context: grpc.ServicerContext, e: Exception) -> None:
-    """Bad input -> INVALID_ARGUMENT with its message; anything else -> INTERNAL (logged, server keeps serving)."""
+    """Bad input -> INVALID_ARGUMENT with its message; an upstream service's status is passed on; anything
+    else -> INTERNAL (logged; the server keeps serving)."""
     if isinstance(e, InputError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
+        context.abort(e.code(), f"upstream: {e.details()}")
     log.exception("request failed")
     context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
