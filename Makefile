@@ -75,20 +75,18 @@ data: install
 	$(BIN)/modalink data build --out build/data
 
 # Re-trains every embedded-default adapter from the packaged data, exactly as the shipped ones were made:
-# stage 1 aligns each projector (LLM frozen); for image and audio, stage 2 then adds the modality's LoRA and
-# tunes both on instructions (about two hours on 2 cores). Each run publishes a new version.
+# stage 1 aligns each projector (LLM frozen; about 55 min for all four on 2 cores); for audio, stage 2 then adds
+# its LoRA and tunes both on instructions (about 10 min). Each run publishes a new version.
 TRAIN := $(BIN)/modalink train --promote always --restart
 STAGE2 := $(BIN)/modalink train --restart --stage 2 --lr 5e-4  # promoted only if not worse on validation
 adapters: data
 	rm -rf adapters/encoders/imu-cnn
 	$(TRAIN) --modality imu --steps 40
 	$(TRAIN) --modality imu --steps 40 --init-from current
-	$(TRAIN) --modality image --steps 100
-	$(TRAIN) --modality image --steps 150 --init-from current
+	$(TRAIN) --modality image --steps 450
 	$(TRAIN) --modality audio --steps 120 --lr 2e-3
 	$(TRAIN) --modality video --steps 80
 	$(TRAIN) --modality video --steps 150 --init-from current
-	$(STAGE2) --modality image --steps 100
 	$(STAGE2) --modality audio --steps 100
 
 eval: data
