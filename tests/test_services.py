@@ -477,3 +477,26 @@ def test_openai_client_against_the_gateway(stack, local, samples):
         locked.chat.completions.create(model="modalink", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     ok = openai.OpenAI(base_url=stack["locked_http"] + "/v1", api_key="k1", timeout=60)
     assert ok.chat.completions.create(model="modalink", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def test_gateway_metrics_count_grpc_http_and_encoder_calls(gateway, stack, samples):
+    import urllib.request
+
+    def scrape() -> str:
+        return urllib.request.urlopen(stack["http"] + "/metrics", timeout=10).read().decode()
+
+    def value(text: str, pattern: str) -> float:
+        m = re.search(pattern + r" ([0-9.e+]+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    ok = r'modalink_requests_total\{api="grpc",code="OK",method="Embed"\}'
+    bad = r'modalink_requests_total\{api="grpc",code="INVALID_ARGUMENT",method="Embed"\}'
+    calls = r'modalink_encoder_call_seconds_count\{modality="image"\}'
+    before = scrape()
+    gateway.Embed(assistant_pb2.EmbedRequest(part=image_part(samples["image"])), timeout=60)
+    with pytest.raises(grpc.RpcError):
+        gateway.Embed(assistant_pb2.EmbedRequest(part=common_pb2.Part(text="no")), timeout=60)
+    after = scrape()
+    assert value(after, ok) == value(before, ok) + 1
+    assert value(after, bad) == value(before, bad) + 1
+    assert value(after, calls) == value(before, calls) + 1

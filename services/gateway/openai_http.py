@@ -18,11 +18,12 @@ import uuid
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import generate_latest
 
 from modalink.aio import iterate_in_thread
 from modalink.engine import GenerationParams
 from modalink.errors import InputError
+from modalink.metrics import LATENCY, REQUESTS
 from modalink.prompt import Message
 from modalink.remote import RemoteAssistant
 
@@ -113,26 +114,27 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", api_keys: str
                 return _error(401, "missing or unknown API key", "authentication_error")
         return await call_next(request)
 
-    metrics = CollectorRegistry()
-    requests = Counter("modalink_gateway_http_requests", "HTTP chat requests.", ["status"], registry=metrics)
-    latency = Histogram("modalink_gateway_http_seconds", "Time to the full answer.", registry=metrics)
+    latency = LATENCY.labels("http", "chat.completions")
+
+    def count(status: str) -> None:
+        REQUESTS.labels("http", "chat.completions", status).inc()
 
     @app.exception_handler(InputError)
     async def bad_input(request: Request, e: InputError):
-        requests.labels("400").inc()
+        count("400")
         return _error(400, str(e))
 
     @app.exception_handler(grpc.RpcError)
     async def upstream(request: Request, e: grpc.RpcError):
         bad = e.code() == grpc.StatusCode.INVALID_ARGUMENT
-        requests.labels("400" if bad else "502").inc()
+        count("400" if bad else "502")
         return _error(
             400 if bad else 502, f"llm service: {e.details()}", "invalid_request_error" if bad else "api_error"
         )
 
     @app.exception_handler(Exception)
     async def failure(request: Request, e: Exception):
-        requests.labels("500").inc()
+        count("500")
         return _error(500, f"{type(e).__name__}: {e}", "api_error")
 
     @app.post("/v1/chat/completions")
@@ -167,7 +169,7 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", api_keys: str
                             chunk["usage"] = _usage(tok.usage)
                         yield f"data: {json.dumps(chunk)}\n\n"
                     yield "data: [DONE]\n\n"
-                    requests.labels("200").inc()
+                    count("200")
                     latency.observe(time.perf_counter() - t0)
                 finally:
                     stream.cancel()  # the client left: stop the generation
@@ -177,7 +179,7 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", api_keys: str
         async for tok in iterate_in_thread(stream):
             text_out.append(tok.text)
             last = tok
-        requests.labels("200").inc()
+        count("200")
         latency.observe(time.perf_counter() - t0)
         return {**base, "object": "chat.completion", "choices": [{
             "index": 0, "message": {"role": "assistant", "content": "".join(text_out)}, "logprobs": None,
@@ -189,7 +191,7 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", api_keys: str
 
     @app.get("/metrics")
     async def prom():
-        return Response(generate_latest(metrics), media_type="text/plain; version=0.0.4")
+        return Response(generate_latest(), media_type="text/plain; version=0.0.4")  # gRPC + HTTP + encoder calls
 
     return app
 

@@ -9,6 +9,7 @@ back. Deadlines propagate to both hops; a client that cancels cancels the LLM ge
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import grpc
@@ -17,6 +18,7 @@ from modalink.config import Settings, get_settings
 from modalink.data import QUESTIONS
 from modalink.errors import InputError
 from modalink.llm import load_tokenizer
+from modalink.metrics import track
 from modalink.remote import EncoderPool, RemoteAssistant, parse_addresses
 from modalink.rpc import abort_on_input_error, make_server
 from modalink.v1 import assistant_pb2, assistant_pb2_grpc
@@ -24,6 +26,17 @@ from modalink.wire import params_from_msg, part_input, text_and_inputs, to_tenso
 
 log = logging.getLogger("modalink.gateway")
 SERVICE = "modalink.v1.Assistant"
+
+
+def tracked(method):
+    """Count and time a unary gRPC method in the gateway's metrics."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        with track("grpc", method.__name__, context):
+            return method(self, request, context)
+
+    return wrapper
 
 
 def media_part(part, method: str):
@@ -44,6 +57,10 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         return stream, versions
 
     def Generate(self, request: assistant_pb2.GenerateRequest, context: grpc.ServicerContext):
+        with track("grpc", "Generate", context):
+            yield from self._generate(request, context)
+
+    def _generate(self, request: assistant_pb2.GenerateRequest, context: grpc.ServicerContext):
         try:
             text, inputs = text_and_inputs(request.parts)
             stream, versions = self._start(text, inputs, params_from_msg(request.params), context)
@@ -57,6 +74,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         except Exception as e:  # noqa: BLE001
             abort_on_input_error(context, e)
 
+    @tracked
     def Embed(self, request: assistant_pb2.EmbedRequest, context: grpc.ServicerContext):
         try:
             modality, raw = media_part(request.part, "Embed")
@@ -66,6 +84,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         except Exception as e:  # noqa: BLE001
             abort_on_input_error(context, e)
 
+    @tracked
     def Caption(self, request: assistant_pb2.CaptionRequest, context: grpc.ServicerContext):
         try:
             modality, raw = media_part(request.part, "Caption")

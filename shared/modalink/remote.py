@@ -22,6 +22,7 @@ import torch
 from modalink import MODALITIES
 from modalink.engine import GenerationParams
 from modalink.errors import ConfigError, InputError
+from modalink.metrics import ENCODER_CALLS
 from modalink.prompt import Media, Message, build_prompt, place_media
 from modalink.rpc import CHANNEL_OPTIONS
 from modalink.triton import INVALID_INPUT, model_name
@@ -82,8 +83,9 @@ class EncoderPool:
         for attempt in range(min(len(clients), 1 + self.retries) if len(clients) > 1 else 1 + self.retries):
             client = clients[(start + attempt) % len(clients)]
             try:
-                res = client.infer(model_name(modality), [_triton_input(modality, raw)],
-                                   client_timeout=timeout_s or self.timeout_s)  # fmt: skip
+                with ENCODER_CALLS.labels(modality).time():
+                    res = client.infer(model_name(modality), [_triton_input(modality, raw)],
+                                       client_timeout=timeout_s or self.timeout_s)  # fmt: skip
             except InferenceServerException as e:
                 msg = e.message() if callable(getattr(e, "message", None)) else str(e)
                 if INVALID_INPUT in (msg or ""):
