@@ -264,12 +264,13 @@ def test_concurrent_requests_share_llm_batches(gateway, stack):
 
 
 def test_client_cancel_stops_the_generation(gateway, stack):
+    """Uncancelled, this prompt runs to its 300-token limit (greedy); cancelled, it stops within a few tokens."""
     from modalink.v1 import llm_pb2_grpc
 
     with grpc.insecure_channel(stack["llm"]) as ch:
         llm = llm_pb2_grpc.LLMStub(ch)
         before = llm.Info(llm_pb2.InfoRequest(), timeout=10).generated_tokens
-        req = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="Count from one to one hundred.")],
+        req = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="Write a long story about a dragon.")],
                                             params=common_pb2.GenerationParams(max_new_tokens=300))  # fmt: skip
         call = gateway.Generate(req, timeout=120)
         next(call)
@@ -500,3 +501,23 @@ def test_gateway_metrics_count_grpc_http_and_encoder_calls(gateway, stack, sampl
     assert value(after, ok) == value(before, ok) + 1
     assert value(after, bad) == value(before, bad) + 1
     assert value(after, calls) == value(before, calls) + 1
+
+
+def test_a_deadline_reaches_the_llm(gateway, stack):
+    """A client deadline ends the call with DEADLINE_EXCEEDED and stops the generation behind it."""
+    from modalink.v1 import llm_pb2_grpc
+
+    with grpc.insecure_channel(stack["llm"]) as ch:
+        llm = llm_pb2_grpc.LLMStub(ch)
+        before = llm.Info(llm_pb2.InfoRequest(), timeout=10).generated_tokens
+        req = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="Write a long story about a dragon.")],
+                                            params=common_pb2.GenerationParams(max_new_tokens=300))  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            list(gateway.Generate(req, timeout=2.0))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(3)  # let the LLM service notice
+        short = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="Say hi.")],
+                                              params=common_pb2.GenerationParams(max_new_tokens=4))  # fmt: skip
+        assert "".join(c.text for c in gateway.Generate(short, timeout=120))
+        generated = llm.Info(llm_pb2.InfoRequest(), timeout=10).generated_tokens - before
+    assert generated < 100, generated  # not the 300 the expired request asked for
