@@ -133,3 +133,18 @@ def test_tiny_random_llama_exercises_the_llama_path(tokenizer):
     assert [b.token_ids for b in batched] == [s.token_ids for s in singles]
     assert all(len(b.token_ids) >= 1 for b in batched)
     assert engine.next_token_logits(prompts[0]).shape == (len(tokenizer),)
+
+
+def test_vllm_engine_reads_the_embedding_table_and_refuses_a_cpu(engine, settings):
+    """The vLLM engine embeds text with the checkpoint's table, read alone from its safetensors: the same one
+    the transformers engine uses. On a machine without CUDA, asking for it is a clear configuration error."""
+    from modalink.engine import load_engine
+    from modalink.engine_vllm import embedding_table
+    from modalink.errors import ConfigError
+    from modalink.llm import resolve_llm_path
+
+    table = embedding_table(resolve_llm_path(settings.llm, settings))
+    assert torch.equal(table.float(), engine.embedding.weight.float())
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA GPU"):
+            load_engine(settings.model_copy(update={"engine": "vllm"}))

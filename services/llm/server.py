@@ -18,7 +18,7 @@ import torch
 from modalink import lora
 from modalink.batching import DynamicBatcher
 from modalink.config import Settings, get_settings
-from modalink.engine import Engine, TransformersEngine
+from modalink.engine import Engine, load_engine
 from modalink.registry import AdapterRegistry
 from modalink.rpc import abort_on_input_error, make_server
 from modalink.v1 import common_pb2, llm_pb2, llm_pb2_grpc
@@ -83,7 +83,7 @@ def serve(settings: Settings | None = None, port: int = 50061, host: str = "[::]
     from services.llm.tgi import build_app
 
     settings = settings or get_settings()
-    service = LLMService(TransformersEngine.load(settings=settings), AdapterRegistry(settings.adapters_dir),
+    service = LLMService(load_engine(settings), AdapterRegistry(settings.adapters_dir),
                          settings.llm, max_batch, max_wait_ms)  # fmt: skip
     server, bound = make_server(port, [(llm_pb2_grpc.add_LLMServicer_to_server, service)], [SERVICE], host)
     log.info("%s ready on %s:%d", SERVICE, host, bound)

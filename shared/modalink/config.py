@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     imu_encoder: str = Field("imu-cnn", description="'imu-cnn' or a dir with imu_encoder.safetensors+config.json.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     dtype: str = Field("auto", description="'auto' (fp32 on CPU, bf16 on GPU), 'float32', 'bfloat16', 'float16'.")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="LLM runtime of the LLM service: transformers, or vllm (CUDA, prompt embeds)."
+    )
     quantize: Literal["none", "8bit", "4bit"] = Field(
         "none",
         description="Frozen LLM in 8- or 4-bit NF4 (bitsandbytes, CUDA only), as AnyMAL trains 70B on one GPU; "

@@ -90,6 +90,13 @@ class Engine(ABC):
         """Load a peft LoRA adapter folder under ``name`` (prompts then select it by name)."""
         raise NotImplementedError(f"{type(self).__name__} does not serve LoRA adapters")
 
+    @abstractmethod
+    def check(self, prompt: list[Segment], params: GenerationParams, adapter: str | None = None) -> int:
+        """Everything ``stream`` would refuse about one request, without running the model: its prompt tokens.
+
+        A server checks each request before batching it with others, so one bad request fails alone.
+        """
+
     def prompt_length(self, prompt: list[Segment]) -> int:
         return sum(
             len(self.tokenizer(s, add_special_tokens=False).input_ids) if isinstance(s, str) else s.shape[0]
@@ -261,10 +268,6 @@ class TransformersEngine(Engine):
             )
 
     def check(self, prompt: list[Segment], params: GenerationParams, adapter: str | None = None) -> int:
-        """Everything ``stream`` would refuse about one request, without running the model: its prompt tokens.
-
-        A server checks each request before batching it with others, so one bad request fails alone.
-        """
         self._adapter_kw([adapter], 1)
         with torch.inference_mode():
             embeds, _ = self._embed_prompt(prompt)
@@ -349,3 +352,15 @@ class TransformersEngine(Engine):
                 input_ids=ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache, **route
             )
             next_pos = next_pos + 1
+
+
+def load_engine(settings=None) -> Engine:
+    """The engine ``MODALINK_ENGINE`` names: transformers (default, CPU or GPU) or vllm (GPU, prompt embeds)."""
+    from modalink.config import get_settings
+
+    settings = settings or get_settings()
+    if settings.engine == "vllm":
+        from modalink.engine_vllm import VLLMEngine
+
+        return VLLMEngine(settings)
+    return TransformersEngine.load(settings=settings)
