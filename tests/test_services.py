@@ -273,22 +273,32 @@ def test_concurrent_requests_share_llm_batches(gateway, stack):
     assert requests == 4 and batches < 4, (batches, requests)  # at least two requests shared a batch
 
 
-def test_client_cancel_stops_the_generation(gateway, stack):
-    """Uncancelled, this prompt runs to its 300-token limit (greedy); cancelled, it stops within a few tokens."""
+LONG = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="Write a long story about a dragon.")],
+                                     params=common_pb2.GenerationParams(max_new_tokens=300))  # fmt: skip
+
+
+def tokens_made_while(gateway, stack, abandon) -> int:
+    """Tokens the LLM service generated while ``abandon`` started LONG and gave it up, plus one short request
+    served after it. Left alone, LONG runs to its 300-token limit (greedy)."""
     from modalink.v1 import llm_pb2_grpc
 
     with grpc.insecure_channel(stack["llm"]) as ch:
         llm = llm_pb2_grpc.LLMStub(ch)
         before = llm.Info(llm_pb2.InfoRequest(), timeout=10).generated_tokens
-        req = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="Write a long story about a dragon.")],
-                                            params=common_pb2.GenerationParams(max_new_tokens=300))  # fmt: skip
-        call = gateway.Generate(req, timeout=120)
-        next(call)
-        call.cancel()
+        abandon()
         short = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="Say hi.")],
                                               params=common_pb2.GenerationParams(max_new_tokens=4))  # fmt: skip
-        assert "".join(c.text for c in gateway.Generate(short, timeout=120))  # served after the cancelled one
-        generated = llm.Info(llm_pb2.InfoRequest(), timeout=10).generated_tokens - before
+        assert "".join(c.text for c in gateway.Generate(short, timeout=120))  # served after the abandoned one
+        return llm.Info(llm_pb2.InfoRequest(), timeout=10).generated_tokens - before
+
+
+def test_client_cancel_stops_the_generation(gateway, stack):
+    def cancel() -> None:
+        call = gateway.Generate(LONG, timeout=120)
+        next(call)
+        call.cancel()
+
+    generated = tokens_made_while(gateway, stack, cancel)
     assert generated < 100, generated  # the cancelled request stopped long before its 300 tokens
 
 
@@ -515,19 +525,12 @@ def test_gateway_metrics_count_grpc_http_and_encoder_calls(gateway, stack, sampl
 
 def test_a_deadline_reaches_the_llm(gateway, stack):
     """A client deadline ends the call with DEADLINE_EXCEEDED and stops the generation behind it."""
-    from modalink.v1 import llm_pb2_grpc
 
-    with grpc.insecure_channel(stack["llm"]) as ch:
-        llm = llm_pb2_grpc.LLMStub(ch)
-        before = llm.Info(llm_pb2.InfoRequest(), timeout=10).generated_tokens
-        req = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="Write a long story about a dragon.")],
-                                            params=common_pb2.GenerationParams(max_new_tokens=300))  # fmt: skip
+    def expire() -> None:
         with pytest.raises(grpc.RpcError) as err:
-            list(gateway.Generate(req, timeout=2.0))
+            list(gateway.Generate(LONG, timeout=2.0))
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         time.sleep(3)  # let the LLM service notice
-        short = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="Say hi.")],
-                                              params=common_pb2.GenerationParams(max_new_tokens=4))  # fmt: skip
-        assert "".join(c.text for c in gateway.Generate(short, timeout=120))
-        generated = llm.Info(llm_pb2.InfoRequest(), timeout=10).generated_tokens - before
+
+    generated = tokens_made_while(gateway, stack, expire)
     assert generated < 100, generated  # not the 300 the expired request asked for

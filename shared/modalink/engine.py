@@ -90,6 +90,14 @@ class Engine(ABC):
         """Load a peft LoRA adapter folder under ``name`` (prompts then select it by name)."""
         raise NotImplementedError(f"{type(self).__name__} does not serve LoRA adapters")
 
+    def _check_budget(self, prompt_tokens: int, params: GenerationParams) -> None:
+        params.validate()
+        if prompt_tokens + params.max_new_tokens > self.max_context:
+            raise InputError(
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"context of {self.max_context} tokens"
+            )
+
     @abstractmethod
     def check(self, prompt: list[Segment], params: GenerationParams, adapter: str | None = None) -> int:
         """Everything ``stream`` would refuse about one request, without running the model: its prompt tokens.
@@ -258,14 +266,6 @@ class TransformersEngine(Engine):
         if not parts:
             raise InputError("empty prompt")
         return torch.cat(parts), text_ids
-
-    def _check_budget(self, prompt_tokens: int, params: GenerationParams) -> None:
-        params.validate()
-        if prompt_tokens + params.max_new_tokens > self.max_context:
-            raise InputError(
-                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                f"context of {self.max_context} tokens"
-            )
 
     def check(self, prompt: list[Segment], params: GenerationParams, adapter: str | None = None) -> int:
         self._adapter_kw([adapter], 1)

@@ -84,12 +84,10 @@ class VLLMEngine(Engine):
         return torch.cat(parts)
 
     def check(self, prompt: list[Segment], params: GenerationParams, adapter: str | None = None) -> int:
-        params.validate()
         if adapter and adapter not in self.adapters:
             raise InputError(f"unknown LoRA adapter {adapter!r}")
         n = self._embeds(prompt).shape[0]
-        if n + params.max_new_tokens > self.max_context:
-            raise InputError(f"prompt ({n} tokens) + max_new_tokens exceeds the context of {self.max_context}")
+        self._check_budget(n, params)
         return n
 
     def stream(
