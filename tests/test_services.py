@@ -534,3 +534,15 @@ def test_a_deadline_reaches_the_llm(gateway, stack):
 
     generated = tokens_made_while(gateway, stack, expire)
     assert generated < 100, generated  # not the 300 the expired request asked for
+
+
+def test_an_unavailable_replica_is_skipped(stack, samples):
+    from modalink.remote import EncoderPool
+
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    live = f"127.0.0.1:{stack['encoders']['image'][0]['grpc']}"
+    pool = EncoderPool({"image": [dead, live]}, retries=1)
+    raw = Path(samples["image"]).read_bytes()
+    assert [tuple(pool.embed("image", raw)[0].shape) for _ in range(4)] == [(8, 576)] * 4
+    with pytest.raises(RuntimeError, match="every image encoder replica is unavailable"):
+        EncoderPool({"image": [dead]}, retries=1).embed("image", raw)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -65,23 +66,26 @@ class EncoderPool:
         import tritonclient.grpc as tc
 
         self.timeout_s, self.retries = timeout_s, retries
-        self.clients = {m: [tc.InferenceServerClient(a) for a in addrs] for m, addrs in addresses.items()}
+        self.replicas = {m: [(a, tc.InferenceServerClient(a)) for a in addrs] for m, addrs in addresses.items()}
         self._turn = {m: itertools.count() for m in addresses}
         self._lock = threading.Lock()
 
     def embed(self, modality: str, raw: Any, timeout_s: float | None = None) -> tuple[torch.Tensor, str]:
-        """(embeddings [n_tokens, d_llm], adapter version) from the next replica; retries others when down."""
+        """(embeddings [n_tokens, d_llm], adapter version) from the next replica; an unavailable replica is
+        skipped for the next one, ``retries`` times, with a short backoff."""
         from tritonclient.utils import InferenceServerException
 
-        if modality not in self.clients:
-            known = ", ".join(self.clients) or "none"
+        if modality not in self.replicas:
+            known = ", ".join(self.replicas) or "none"
             raise InputError(f"no encoder service for modality {modality!r} is configured (have: {known})")
-        clients = self.clients[modality]
+        replicas = self.replicas[modality]
         with self._lock:
             start = next(self._turn[modality])
         last: Exception | None = None
-        for attempt in range(min(len(clients), 1 + self.retries) if len(clients) > 1 else 1 + self.retries):
-            client = clients[(start + attempt) % len(clients)]
+        for attempt in range(1 + self.retries):
+            if attempt:
+                time.sleep(0.1 * 2**attempt)
+            address, client = replicas[(start + attempt) % len(replicas)]
             try:
                 with ENCODER_CALLS.labels(modality).time():
                     res = client.infer(model_name(modality), [_triton_input(modality, raw)],
@@ -90,10 +94,9 @@ class EncoderPool:
                 msg = e.message() if callable(getattr(e, "message", None)) else str(e)
                 if INVALID_INPUT in (msg or ""):
                     raise InputError(msg.split(INVALID_INPUT, 1)[1].split("\n")[0].strip()) from None
-                status = str(e.status() or "")
-                if "UNAVAILABLE" not in status and "DEADLINE" not in status:
-                    raise RuntimeError(f"{model_name(modality)}: {msg}") from None
-                log.warning("%s replica %s unavailable (%s); trying the next", modality, client._channel, status)
+                if "UNAVAILABLE" not in str(e.status() or ""):
+                    raise RuntimeError(f"{model_name(modality)} at {address}: {msg}") from None
+                log.warning("%s encoder at %s is unavailable; trying the next replica", modality, address)
                 last = e
                 continue
             error = res.as_numpy("error")[0, 0]
