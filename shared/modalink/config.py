@@ -56,6 +56,7 @@ class Settings(BaseSettings):
         "modality for replicas (the gateway balances round robin).",
     )
     api_keys: str = Field("", description="Comma-separated keys the gateway accepts (x-api-key); empty: open.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker and job store (modalink up sets it).")
     llm_address: str = Field("localhost:50061", description="The LLM service's gRPC address.")
     system_prompt: str | None = Field(
         "You are a helpful assistant.",
