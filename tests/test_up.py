@@ -32,12 +32,21 @@ def test_up_serves_through_the_gateway_and_down_stops_everything(tmp_path, sampl
         with Client("localhost:50051") as c:
             answer = c.ask(["What activity is the person doing?", imu(np.load(samples["imu"]))], max_new_tokens=16)
         assert answer.strip()
+        manifest = tmp_path / "items.jsonl"
+        manifest.write_text("".join(json.dumps({"id": f"w{i}", "modality": "imu", "path": samples["imu"]}) + "\n"
+                                    for i in range(3)))  # fmt: skip
+        job = modalink("caption", "submit", str(manifest), "--wait", "--json")
+        assert job.returncode == 0, job.stderr
+        summary = json.loads(job.stdout)
+        assert (summary["state"], summary["items"], summary["ok"], summary["errors"]) == ("done", 3, 3, 0)
+        captions = [json.loads(line) for line in open(summary["results"])]
+        assert sorted(c["id"] for c in captions) == ["w0", "w1", "w2"] and all(c["caption"] for c in captions)
         ps = modalink("ps", "--run-dir", run)
-        assert ps.stdout.count("healthy") == 5, ps.stdout  # redis, 2 imu encoders, llm, gateway
+        assert ps.stdout.count("healthy") == 6, ps.stdout  # redis, 2 imu encoders, llm, worker, gateway
         pids = [s["pid"] for s in json.loads((tmp_path / "run" / "state.json").read_text())]
     finally:
         stopped = modalink("down", "--run-dir", run)
-    assert stopped.returncode == 0 and stopped.stdout.count("stopped") == 5
+    assert stopped.returncode == 0 and stopped.stdout.count("stopped") == 6
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

