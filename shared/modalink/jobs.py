@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from modalink import MODALITIES
+from modalink import MODALITIES, data
 from modalink.data import QUESTIONS
 from modalink.engine import GenerationParams
 from modalink.errors import InputError
@@ -25,19 +25,13 @@ KEY = "modalink:job:{}"
 
 def read_manifest(path: Path) -> list[dict]:
     """Rows ``{"id", "modality", "path"}``; relative paths are resolved against the manifest's folder."""
-    path = Path(path)
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not JSON: {e}") from None
+    try:
+        rows = data.read_manifest(path)
+    except (ValueError, TypeError) as e:  # not JSON, or a line that is not an object
+        raise InputError(f"{path}: {e}") from None
+    for n, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not row.get("id") or not row.get("path"):
-            raise InputError(f"{path}:{n}: a row needs an id and a path")
-        row["path"] = str((path.parent / row["path"]).resolve())
-        rows.append(row)
+            raise InputError(f"{path}: item {n} needs an id and a path")
     if len({r["id"] for r in rows}) != len(rows):
         raise InputError(f"{path}: item ids must be unique")
     return rows
