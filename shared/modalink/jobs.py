@@ -27,8 +27,10 @@ def read_manifest(path: Path) -> list[dict]:
     """Rows ``{"id", "modality", "path"}``; relative paths are resolved against the manifest's folder."""
     try:
         rows = data.read_manifest(path)
-    except (ValueError, TypeError) as e:  # not JSON, or a line that is not an object
-        raise InputError(f"{path}: {e}") from None
+    except ValueError as e:  # not JSON (the message names the line)
+        raise InputError(str(e)) from None
+    except TypeError:
+        raise InputError(f"{path}: every line must be a JSON object") from None
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not row.get("id") or not row.get("path"):
             raise InputError(f"{path}: item {n} needs an id and a path")
