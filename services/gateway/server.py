@@ -15,7 +15,7 @@ import logging
 import grpc
 
 from modalink.config import Settings, get_settings
-from modalink.data import QUESTIONS
+from modalink.data import default_question
 from modalink.errors import InputError
 from modalink.llm import load_tokenizer
 from modalink.metrics import track
@@ -29,12 +29,15 @@ SERVICE = "modalink.v1.Assistant"
 
 
 def tracked(method):
-    """Count and time a unary gRPC method in the gateway's metrics."""
+    """A unary gRPC method, counted and timed in the gateway's metrics, its errors mapped to statuses."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
         with track("grpc", method.__name__, context):
-            return method(self, request, context)
+            try:
+                return method(self, request, context)
+            except Exception as e:  # noqa: BLE001
+                abort_on_input_error(context, e)
 
     return wrapper
 
@@ -76,25 +79,19 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
 
     @tracked
     def Embed(self, request: assistant_pb2.EmbedRequest, context: grpc.ServicerContext):
-        try:
-            modality, raw = media_part(request.part, "Embed")
-            (media,), versions = self.remote.media([(modality, raw)], context.time_remaining())
-            return assistant_pb2.EmbedResponse(embeddings=to_tensor_msg(media.embeddings),
-                                               adapter_version=versions[modality], modality=modality)  # fmt: skip
-        except Exception as e:  # noqa: BLE001
-            abort_on_input_error(context, e)
+        modality, raw = media_part(request.part, "Embed")
+        (media,), versions = self.remote.media([(modality, raw)], context.time_remaining())
+        return assistant_pb2.EmbedResponse(embeddings=to_tensor_msg(media.embeddings),
+                                           adapter_version=versions[modality], modality=modality)  # fmt: skip
 
     @tracked
     def Caption(self, request: assistant_pb2.CaptionRequest, context: grpc.ServicerContext):
-        try:
-            modality, raw = media_part(request.part, "Caption")
-            params = params_from_msg(request.params, default_max_new_tokens=48)
-            stream, versions = self._start(QUESTIONS[modality][0], [(modality, raw)], params, context)
-            text = "".join(tok.text for tok in stream)
-            return assistant_pb2.CaptionResponse(caption=text.strip(), adapter_version=versions[modality],
-                                                 modality=modality)  # fmt: skip
-        except Exception as e:  # noqa: BLE001
-            abort_on_input_error(context, e)
+        modality, raw = media_part(request.part, "Caption")
+        params = params_from_msg(request.params, default_max_new_tokens=48)
+        stream, versions = self._start(default_question(modality), [(modality, raw)], params, context)
+        text = "".join(tok.text for tok in stream)
+        return assistant_pb2.CaptionResponse(caption=text.strip(), adapter_version=versions[modality],
+                                             modality=modality)  # fmt: skip
 
 
 def build(settings: Settings) -> RemoteAssistant:

@@ -90,6 +90,13 @@ CHECKS = {
     "imu": ("Is the person {x}?", "Is the wearer {x}?"),
     "video": ("Does a {x} appear first?", "Is the first item a {x}?"),
 }
+
+
+def default_question(modality: str) -> str:
+    """The question asked when none is given (captions, evaluation, captioning jobs)."""
+    return QUESTIONS[modality][0]
+
+
 _LABELS = {"image": GARMENTS, "audio": VOCABULARY, "imu": ACTIVITIES, "video": GARMENTS}
 
 

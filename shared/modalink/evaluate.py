@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modalink.data import ACTIVITIES, DIGITS, GARMENTS, QUESTIONS, VOCABULARY
+from modalink.data import ACTIVITIES, DIGITS, GARMENTS, VOCABULARY, default_question
 
 _NUMERALS = {str(i): w for i, w in enumerate(DIGITS)}
 SYNONYMS = {
@@ -74,10 +74,6 @@ class Scored:
     label: str
     answer: str
     correct: bool
-
-
-def default_question(modality: str) -> str:
-    return QUESTIONS[modality][0]
 
 
 def answer_media(

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from modalink import MODALITIES, data
-from modalink.data import QUESTIONS
+from modalink.data import default_question
 from modalink.engine import GenerationParams
 from modalink.errors import InputError
 
@@ -105,7 +105,7 @@ def caption_batch(remote, modality: str, rows: list[dict], params: GenerationPar
             if modality not in MODALITIES:
                 raise InputError(f"unknown modality {row.get('modality')!r}; expected one of {', '.join(MODALITIES)}")
             raw = Path(row["path"]).read_bytes() if modality != "imu" else _imu(row["path"])
-            stream, versions = remote.stream(QUESTIONS[modality][0], [(modality, raw)], params)
+            stream, versions = remote.stream(default_question(modality), [(modality, raw)], params)
             return {"id": row["id"], "caption": "".join(t.text for t in stream).strip(),
                     "adapter_version": versions[modality]}  # fmt: skip
         except (InputError, OSError) as e:

@@ -51,8 +51,8 @@ class EncoderModel:
 
     def __init__(self, embedder: Embedder, modality: str):
         self.embedder, self.modality = embedder, modality
-        self.embedder.projector(modality)  # load encoder + projector now, not on the first request
-        self.n_tokens = self.embedder.projector(modality)[0].cfg.n_tokens
+        projector, _ = self.embedder.projector(modality)  # loads encoder + projector now, not on a request
+        self.n_tokens = projector.cfg.n_tokens
         self.d_llm = self.embedder.d_llm
 
     def infer(self, data: np.ndarray) -> dict[str, np.ndarray]:
