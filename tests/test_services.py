@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from procs import free_port, wait_grpc, wait_triton
+from procs import free_port, triton_metric, wait_grpc, wait_triton
 
 from modalink.config import Settings
 from modalink.wire import assistant_pb2, common_pb2, from_tensor_msg, llm_pb2
@@ -226,14 +226,6 @@ def test_unconfigured_modality_and_bad_params_are_refused(gateway, samples):
     with pytest.raises(grpc.RpcError) as err:
         list(gateway.Generate(bad, timeout=30))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in err.value.details()
-
-
-def triton_metric(metrics_port: int, name: str, model: str) -> int:
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    m = re.search(rf'{name}\{{model="{model}",version="1"\}} (\d+)', text)
-    return int(m.group(1)) if m else 0
 
 
 def test_both_image_replicas_receive_traffic(gateway, stack, samples):

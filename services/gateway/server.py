@@ -9,11 +9,13 @@ back. Deadlines propagate to both hops; a client that cancels cancels the LLM ge
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
 import grpc
 
+from modalink import jobs
 from modalink.config import Settings, get_settings
 from modalink.data import default_question
 from modalink.errors import InputError
@@ -50,8 +52,8 @@ def media_part(part, method: str):
 
 
 class AssistantService(assistant_pb2_grpc.AssistantServicer):
-    def __init__(self, remote: RemoteAssistant):
-        self.remote = remote
+    def __init__(self, remote: RemoteAssistant, settings: Settings | None = None):
+        self.remote, self.settings = remote, settings or get_settings()
 
     def _start(self, text, inputs, params, context):
         """(LLM token stream, versions); the LLM call is cancelled when the client goes away."""
@@ -93,6 +95,60 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         return assistant_pb2.CaptionResponse(caption=text.strip(), adapter_version=versions[modality],
                                              modality=modality)  # fmt: skip
 
+    # -- offline captioning jobs (the Celery workers do the work; Redis holds the state) -------------
+    @tracked
+    def SubmitCaptionJob(self, request: assistant_pb2.SubmitCaptionJobRequest, context: grpc.ServicerContext):
+        from services.worker.app import submit
+
+        jobs_dir = self.settings.jobs_dir
+        which = request.WhichOneof("manifest")
+        if which == "manifest_jsonl":
+            rows = jobs.parse_manifest(request.manifest_jsonl, jobs_dir, "manifest_jsonl")
+        elif which == "manifest_path":
+            rows = jobs.read_manifest(jobs_dir / request.manifest_path)
+        else:
+            raise InputError("set manifest_jsonl (JSONL rows) or manifest_path (a file the workers can read)")
+        params = params_from_msg(request.params, default_max_new_tokens=48)
+        results = request.results_path or str(jobs_dir / "{job_id}.captions.jsonl")
+        with redis_errors():
+            job_id = submit(rows, results, request.batch_size or 16, params, request.prompt)
+            return job_msg(job_id, jobs_store().get(job_id))
+
+    @tracked
+    def GetJob(self, request: assistant_pb2.JobRequest, context: grpc.ServicerContext):
+        with redis_errors():
+            return job_msg(request.job_id, jobs_store().get(request.job_id))
+
+    @tracked
+    def CancelJob(self, request: assistant_pb2.JobRequest, context: grpc.ServicerContext):
+        with redis_errors():
+            return job_msg(request.job_id, jobs_store().cancel(request.job_id))
+
+
+def jobs_store():
+    from services.worker.app import store
+
+    return store()
+
+
+@contextlib.contextmanager
+def redis_errors():
+    """Redis (the job store and broker) unreachable -> ConnectionError, which the gateway maps to UNAVAILABLE."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OperationalError) as e:
+        raise ConnectionError(f"job store unreachable: {e}") from None
+
+
+def job_msg(job_id: str, job: dict) -> assistant_pb2.Job:
+    return assistant_pb2.Job(job_id=job_id, state=job["state"], total=job["total"], done=job["done"],
+                             errors=job["errors"], progress=job["done"] / max(1, job["total"]), results=job["results"],
+                             items=job["items"])  # fmt: skip
+
 
 def build(settings: Settings) -> RemoteAssistant:
     pool = EncoderPool(parse_addresses(settings.encoders))
@@ -108,8 +164,9 @@ def serve(settings: Settings | None = None, port: int = 50051, host: str = "[::]
 
     settings = settings or get_settings()
     remote = build(settings)
-    server, bound = make_server(port, [(assistant_pb2_grpc.add_AssistantServicer_to_server, AssistantService(remote))],
-                                [SERVICE], host, api_keys=settings.api_keys)  # fmt: skip
+    servicer = AssistantService(remote, settings)
+    server, bound = make_server(port, [(assistant_pb2_grpc.add_AssistantServicer_to_server, servicer)], [SERVICE], host,
+                                api_keys=settings.api_keys)  # fmt: skip
     log.info("%s ready on %s:%d", SERVICE, host, bound)
     try:
         if http_port:

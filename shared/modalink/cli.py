@@ -284,6 +284,32 @@ def train(
                f"val loss {m['val_loss']}, {m['steps']} steps in {m['train_seconds']:.0f} s")  # fmt: skip
 
 
+@app.command()
+def finetune(
+    modality: str = typer.Option(..., "--modality", "-m", help="image | audio | imu | video."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default MODALINK_FINETUNE_STEPS)."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default MODALINK_FINETUNE_LR)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Fine-tune the current adapter on the curated pairs (MODALINK_PAIRS_DIR); promote the new version only if
+    it scores at least as well as the current one on the held-out set. Beat runs this on a schedule."""
+    from modalink.config import get_settings
+    from modalink.errors import ConfigError
+    from modalink.finetune import finetune as run
+
+    try:
+        result = run(modality, get_settings(), steps, lr)
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    m = result["metrics"]
+    state = "promoted" if result["promoted"] else "not promoted"
+    typer.echo(f"{modality} {result['version']} ({state}): {m['val_accuracy']:.1%} vs current "
+               f"{m.get('baseline_accuracy', 0):.1%} on {m['val_n']} held-out items")  # fmt: skip
+
+
 @app.command("eval")
 def evaluate(
     manifest: list[Path] = typer.Option([], "--manifest", help="JSONL of {id, modality, path, label, question?}."),
@@ -362,9 +388,15 @@ def adapters_list(as_json: bool = typer.Option(False, "--json", help="Print JSON
         if not versions:
             typer.echo(f"{m:<6} (no versions: untrained projector)")
         for v in versions:
-            acc = v["metrics"].get("val_accuracy")
-            acc_s = f"val accuracy {acc:.1%}" if acc is not None else ""
-            typer.echo(f"{m:<6} {'*' if v['current'] else ' '} {v['version']:<5} {acc_s}")
+            metrics = v["metrics"]
+            parts = []
+            if metrics.get("val_accuracy") is not None:
+                parts.append(f"val accuracy {metrics['val_accuracy']:.1%} (n={metrics.get('val_n', '?')})")
+            if metrics.get("baseline_accuracy") is not None:
+                parts.append(f"vs {metrics['baseline_accuracy']:.1%} for {metrics.get('init_from', 'its start')}")
+            if metrics.get("steps"):
+                parts.append(f"stage {metrics.get('stage', 1)}, {metrics['steps']} steps")
+            typer.echo(f"{m:<6} {'*' if v['current'] else ' '} {v['version']:<5} {'  '.join(parts)}")
 
 
 @adapters_app.command("promote")
@@ -467,7 +499,7 @@ def _follow(job_id: str, wait: bool, as_json: bool) -> None:
         from modalink.progress import progress
 
         bar = None if as_json else progress(total=job["total"], desc=f"job {job_id}", unit="item")
-        while job["state"] != "done":
+        while job["state"] == "running":
             time.sleep(0.5)
             job = store().get(job_id)
             if bar is not None:
@@ -491,17 +523,21 @@ def caption_submit(
     out: Path | None = typer.Option(None, help="Results JSONL (default: <manifest>.captions.jsonl beside it)."),
     batch_size: int = typer.Option(16, min=1, help="Items per task (one batch to the services)."),
     max_new_tokens: int = typer.Option(48, min=1, help="Longest caption, in tokens."),
+    prompt: str = typer.Option("", help="Question asked about every item (default: the modality's own)."),
     wait: bool = typer.Option(False, "--wait", help="Show progress until the job is done."),
     as_json: bool = typer.Option(False, "--json", help="Print {job_id, state, items, ok, errors, results}."),
 ) -> None:
     """Caption every item of a manifest on the workers; prints the job id (or, with --wait, the outcome)."""
     from services.worker.app import submit
 
+    from modalink.engine import GenerationParams
     from modalink.errors import InputError
+    from modalink.jobs import read_manifest
 
     out = out or manifest.with_name(manifest.stem + ".captions.jsonl")
     try:
-        job_id = submit(str(manifest), str(out.resolve()), batch_size, max_new_tokens)
+        params = GenerationParams(max_new_tokens=max_new_tokens)
+        job_id = submit(read_manifest(manifest), str(out.resolve()), batch_size, params, prompt)
     except (InputError, OSError) as e:
         raise _fail(str(e)) from None
     _follow(job_id, wait, as_json)
@@ -520,6 +556,20 @@ def caption_status(
         _follow(job_id, wait, as_json)
     except InputError as e:
         raise _fail(str(e)) from None
+
+
+@caption_app.command("cancel")
+def caption_cancel(job_id: str = typer.Argument(..., help="The id `caption submit` printed.")) -> None:
+    """Stop a running job: its queued batches are skipped and the results so far are written."""
+    from services.worker.app import store
+
+    from modalink.errors import InputError
+
+    try:
+        job = store().cancel(job_id)
+    except InputError as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"job {job_id}: {job['state']}, {job['done']}/{job['total']} items; results: {job['results']}")
 
 
 RUN_DIR = Path("build/run")

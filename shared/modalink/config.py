@@ -56,8 +56,34 @@ class Settings(BaseSettings):
         "modality for replicas (the gateway balances round robin).",
     )
     api_keys: str = Field("", description="Comma-separated keys the gateway accepts (x-api-key); empty: open.")
+    job_visibility_timeout_s: int = Field(
+        3600, ge=5, description="A captioning batch whose worker died unacked is delivered again after this long."
+    )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker and job store (modalink up sets it).")
     llm_address: str = Field("localhost:50061", description="The LLM service's gRPC address.")
+    jobs_dir: Path = Field(
+        REPO_ROOT / "build" / "jobs",
+        description="Captioning jobs submitted through the gateway: relative manifest paths and default results "
+        "(a volume the gateway and workers share).",
+    )
+    pairs_dir: Path = Field(
+        REPO_ROOT / "build" / "data",
+        description="Curated pairs for fine-tuning: <dir>/<modality>/train.jsonl (appendable) and val.jsonl "
+        "(held out), as `modalink data build` writes them.",
+    )
+    finetune_interval_s: float = Field(0.0, ge=0, description="Celery beat runs `finetune` this often; 0 = never.")
+    finetune_modalities: str = Field("image,audio,imu,video", description="Modalities beat fine-tunes.")
+    finetune_steps: int = Field(60, ge=1, description="Optimizer steps per fine-tune run.")
+    finetune_lr: float = Field(5e-4, gt=0, description="Peak learning rate of a fine-tune run.")
+    finetune_batch_size: int = Field(16, ge=1, description="Pairs per fine-tune step.")
+    finetune_runner: Literal["worker", "kubernetes"] = Field(
+        "worker", description="Where a fine-tune runs: in the Celery worker, or as a Kubernetes Job."
+    )
+    finetune_job_template: Path = Field(
+        Path("/etc/modalink/finetune-job.yaml"), description="The chart's Job template (runner kubernetes)."
+    )
+    finetune_lock_s: int = Field(6 * 3600, ge=60, description="Expiry of the one-fine-tune-per-modality lock.")
+    kubernetes_namespace: str = Field("default", description="Namespace of fine-tune Jobs (runner kubernetes).")
     system_prompt: str | None = Field(
         "You are a helpful assistant.",
         description="System prompt (adapters are trained with it); empty keeps the chat template's own.",

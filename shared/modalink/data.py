@@ -138,16 +138,21 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
 
 def read_manifest(path: Path) -> list[dict]:
     """Rows of a JSONL manifest with ``path`` made absolute (relative paths are relative to the manifest's folder)."""
+    return parse_manifest(Path(path).read_text(), Path(path).parent, str(path))
+
+
+def parse_manifest(text: str, base: Path, source: str = "manifest") -> list[dict]:
+    """Rows of JSONL ``text``; a relative ``path`` is resolved against ``base``; errors name ``source``:line."""
     rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON: {e}") from None
-        if "path" in row:
-            row["path"] = str((Path(path).parent / row["path"]).resolve())
+            raise ValueError(f"{source}:{n}: not JSON: {e}") from None
+        if isinstance(row, dict) and isinstance(row.get("path"), str):
+            row["path"] = str((Path(base) / row["path"]).resolve())
         rows.append(row)
     return rows
 

@@ -7,3 +7,7 @@ class InputError(ValueError):
 
 class ConfigError(ValueError):
     """The configuration asks for something this machine or install cannot do (reported, not a traceback)."""
+
+
+class NotFound(InputError):
+    """The request names something that does not exist (a job id); services answer NOT_FOUND / 404."""

@@ -1,42 +1,60 @@
 """Offline captioning jobs: a manifest split per modality into batches, captioned through the services.
 
-State lives in Redis: ``modalink:job:<id>`` (a hash: state, total, done, errors, results path) and
+State lives in Redis: ``modalink:job:<id>`` (a hash: state, total, done, errors, results path, prompt) and
 ``modalink:job:<id>:results`` (item id -> result JSON, written with HSETNX). Writing a result only if its
 id is new makes a re-delivered batch (a worker killed mid-batch, ``acks_late``) harmless: at-least-once
 delivery, exactly-once results. The Celery side is ``services/worker``.
+
+A batch goes to its encoder service as one Triton request (one forward pass for all its items), then its
+items' prompts go to the LLM service concurrently, where the dynamic batcher decodes them together.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 from modalink import MODALITIES, data
 from modalink.data import default_question
 from modalink.engine import GenerationParams
-from modalink.errors import InputError
+from modalink.errors import InputError, NotFound
+from modalink.prompt import Media
 
 KEY = "modalink:job:{}"
+STATES = ("running", "done", "cancelled")
 
 
-def read_manifest(path: Path) -> list[dict]:
-    """Rows ``{"id", "modality", "path"}``; relative paths are resolved against the manifest's folder."""
+def parse_manifest(text: str, base: Path, source: str = "manifest") -> list[dict]:
+    """Rows ``{"id", "modality", "path" | "uri"}``; a relative path is resolved against ``base``."""
     try:
-        rows = data.read_manifest(path)
+        rows = data.parse_manifest(text, base, source)
     except ValueError as e:  # not JSON (the message names the line)
         raise InputError(str(e)) from None
-    except TypeError:
-        raise InputError(f"{path}: every line must be a JSON object") from None
     for n, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not row.get("id") or not row.get("path"):
-            raise InputError(f"{path}: item {n} needs an id and a path")
+        if not isinstance(row, dict):
+            raise InputError(f"{source}: item {n}: every line must be a JSON object")
+        if not row.get("id") or not isinstance(row["id"], str) or not (row.get("path") or row.get("uri")):
+            raise InputError(f"{source}: item {n} needs a string id and a path or uri")
     if len({r["id"] for r in rows}) != len(rows):
-        raise InputError(f"{path}: item ids must be unique")
+        raise InputError(f"{source}: item ids must be unique")
     return rows
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise InputError(f"cannot read manifest {path}: {e.strerror}") from None
+    return parse_manifest(text, Path(path).parent, str(path))
 
 
 def batches(rows: Iterable[dict], size: int) -> Iterator[tuple[str, list[dict]]]:
@@ -49,24 +67,46 @@ def batches(rows: Iterable[dict], size: int) -> Iterator[tuple[str, list[dict]]]
             yield modality, items[i : i + size]
 
 
+# Store a result and count it in one atomic step (a Lua script), so a worker killed in between cannot leave a
+# result stored but uncounted; HSETNX makes a second copy of the same item a no-op.
+RECORD = """
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'done', 1)
+if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'errors', 1) end
+return 1
+"""
+
+
 class JobStore:
     def __init__(self, redis):
         self.redis = redis
+        self._record = redis.register_script(RECORD)
 
-    def create(self, total: int, results_path: str) -> str:
+    def create(self, rows: list[dict], results_path: str, prompt: str = "") -> str:
+        """A running job over ``rows``; ``results_path`` may contain ``{job_id}``."""
         job_id = uuid.uuid4().hex[:16]
-        self.redis.hset(KEY.format(job_id), mapping={"state": "running", "total": total, "done": 0, "errors": 0,
-                                                     "results": results_path, "created": time.time()})  # fmt: skip
+        results_path = results_path.replace("{job_id}", job_id)
+        counts: dict[str, int] = {}
+        for r in rows:
+            m = r.get("modality") if r.get("modality") in MODALITIES else "unknown"
+            counts[m] = counts.get(m, 0) + 1
+        self.redis.hset(KEY.format(job_id), mapping={"state": "running", "total": len(rows), "done": 0, "errors": 0,
+                                                     "results": results_path, "created": time.time(), "prompt": prompt,
+                                                     "items": json.dumps(counts)})  # fmt: skip
         return job_id
 
     def get(self, job_id: str) -> dict:
         raw = self.redis.hgetall(KEY.format(job_id))
         if not raw:
-            raise InputError(f"unknown job {job_id!r}")
+            raise NotFound(f"unknown job {job_id!r}")
         job = {k.decode(): v.decode() for k, v in raw.items()}
         for k in ("total", "done", "errors"):
             job[k] = int(job[k])
+        job["items"] = json.loads(job.get("items", "{}"))
         return job
+
+    def active(self, job_id: str) -> bool:
+        return (self.redis.hget(KEY.format(job_id), "state") or b"").decode() == "running"
 
     def done_ids(self, job_id: str) -> set[str]:
         return {k.decode() for k in self.redis.hkeys(KEY.format(job_id) + ":results")}
@@ -74,48 +114,118 @@ class JobStore:
     def record(self, job_id: str, result: dict) -> bool:
         """Store one item's result unless it is already there; finish the job with its last item."""
         key = KEY.format(job_id)
-        if not self.redis.hsetnx(key + ":results", result["id"], json.dumps(result)):
+        args = [result["id"], json.dumps(result), int("error" in result)]
+        if not self._record(keys=[key, key + ":results"], args=args):
             return False  # a re-delivered batch: already counted
-        pipe = self.redis.pipeline()
-        pipe.hincrby(key, "done", 1)
-        if "error" in result:
-            pipe.hincrby(key, "errors", 1)
-        done = pipe.execute()[0]
-        if done == int(self.redis.hget(key, "total")):
-            self._finish(job_id)
+        self.finish_if_complete(job_id)
         return True
 
-    def _finish(self, job_id: str) -> None:
+    def finish_if_complete(self, job_id: str) -> bool:
+        """Every item has a result: write the results file, then say "done" (so a reader that sees "done"
+        finds the file). Safe to call from any worker, any number of times."""
+        job = self.get(job_id)
+        if job["state"] != "running" or job["done"] < job["total"]:
+            return False
+        self._write_results(job_id)
+        return self._transition(job_id, "done")
+
+    def cancel(self, job_id: str) -> dict:
+        """Stop a running job: queued batches are skipped; the results so far are written. Idempotent."""
+        self.get(job_id)  # unknown id -> InputError
+        if self._transition(job_id, "cancelled"):
+            self._write_results(job_id)
+        return self.get(job_id)
+
+    def _transition(self, job_id: str, state: str) -> bool:
+        """running -> ``state``, atomically (exactly one caller wins, e.g. two workers finishing at once)."""
+        key = KEY.format(job_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    if pipe.hget(key, "state") != b"running":
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.hset(key, "state", state)
+                    pipe.execute()
+                    return True
+                except Exception as e:  # redis.WatchError: someone else changed it; look again
+                    if type(e).__name__ != "WatchError":
+                        raise
+
+    def _write_results(self, job_id: str) -> None:
         key = KEY.format(job_id)
         path = Path(self.redis.hget(key, "results").decode())
         rows = [json.loads(v) for v in self.redis.hvals(key + ":results")]
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: r["id"])))
         tmp.replace(path)
-        self.redis.hset(key, "state", "done")
 
 
-def caption_batch(remote, modality: str, rows: list[dict], params: GenerationParams) -> list[dict]:
-    """Captions of one batch through the services: all items at once (the encoder and LLM services batch
-    concurrent requests); a bad item gets an ``error`` instead of failing the batch."""
+def load_item(modality: str, row: dict) -> Any:
+    """What the encoder service takes for a manifest row: file bytes (IMU: a [channels, time] array).
 
-    def one(row: dict) -> dict:
+    ``uri`` may be ``file:///abs/path`` or a ``data:`` URI (base64); the jobs fetch nothing from the network.
+    """
+    if modality not in MODALITIES:
+        raise InputError(f"unknown modality {row.get('modality')!r}; expected one of {', '.join(MODALITIES)}")
+    source: Any = row.get("path")
+    if not source:
+        uri = str(row["uri"])
+        parsed = urllib.parse.urlparse(uri)
+        if parsed.scheme == "file":
+            source = urllib.parse.unquote(parsed.path)
+        elif parsed.scheme == "data" and ";base64," in uri:
+            try:
+                source = base64.b64decode(uri.split(";base64,", 1)[1], validate=True)
+            except ValueError:
+                raise InputError("data: URI is not valid base64") from None
+        else:
+            raise InputError(f"unsupported uri {uri[:80]!r}: use a path, file:///... or a base64 data: URI")
+    if modality == "imu":
+        from modalink.encoders.imu import decode_imu
+
+        return decode_imu(source).numpy()
+    from modalink.encoders.base import read_bytes
+
+    return read_bytes(source, modality)
+
+
+def caption_batch(
+    remote, modality: str, rows: list[dict], params: GenerationParams, prompt: str = "", timeout_s: float = 300.0
+) -> list[dict]:
+    """Captions of one batch through the services: its items as one encoder request, then all their prompts
+    to the LLM at once; a bad item gets an ``error`` instead of failing the batch. Service failures raise
+    (the task retries the batch)."""
+    results: dict[str, dict] = {}
+    loaded: list[tuple[dict, Any]] = []
+    for row in rows:
         try:
-            if modality not in MODALITIES:
-                raise InputError(f"unknown modality {row.get('modality')!r}; expected one of {', '.join(MODALITIES)}")
-            raw = Path(row["path"]).read_bytes() if modality != "imu" else _imu(row["path"])
-            stream, versions = remote.stream(default_question(modality), [(modality, raw)], params)
-            return {"id": row["id"], "caption": "".join(t.text for t in stream).strip(),
-                    "adapter_version": versions[modality]}  # fmt: skip
+            loaded.append((row, load_item(modality, row)))
         except (InputError, OSError) as e:
-            return {"id": row["id"], "error": str(e)}
+            results[row["id"]] = {"id": row["id"], "error": str(e)}
+    embedded = remote.encoders.embed_batch(modality, [raw for _, raw in loaded], timeout_s) if loaded else []
+    question = (prompt or default_question(modality)) if modality in MODALITIES else ""
 
-    with ThreadPoolExecutor(max_workers=len(rows) or 1) as pool:
-        return list(pool.map(one, rows))
+    def generate(row: dict, emb, version: str) -> dict:
+        try:
+            tokens = remote.generate(question, [Media(modality, emb)], {modality: version}, params, timeout_s)
+            text = "".join(t.text for t in tokens).strip()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise  # the LLM service is down or failing: the task retries the batch
+            return {"id": row["id"], "error": e.details()}
+        return {"id": row["id"], "caption": text, "adapter_version": version}
 
-
-def _imu(path: str):
-    from modalink.encoders.imu import decode_imu
-
-    return decode_imu(path).numpy()
+    todo = []
+    for (row, _), out in zip(loaded, embedded, strict=True):
+        if isinstance(out, InputError):
+            results[row["id"]] = {"id": row["id"], "error": str(out)}
+        else:
+            todo.append((row, *out))
+    with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
+        for r in pool.map(lambda t: generate(*t), todo):
+            results[r["id"]] = r
+    return [results[r["id"]] for r in rows]

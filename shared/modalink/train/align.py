@@ -285,7 +285,8 @@ class AlignTrainer:
         m = self.cfg.modality
         if self.cfg.stage == 1:  # a describe question, then a fresh answer template (phrasing varies)
             questions = [rng.choice(QUESTIONS[m]) for _ in items]
-            answers = [caption(m, row["label"], rng) for row, _ in items]
+            # a curated pair (no label) is learned as written: e.g. a caption a user corrected
+            answers = [caption(m, row["label"], rng) if "label" in row else row["caption"] for row, _ in items]
         else:
             pairs = [instruction(m, row["label"], rng, self.cfg.checks) for row, _ in items]
             questions, answers = [q for q, _ in pairs], [a for _, a in pairs]

@@ -92,22 +92,30 @@ def train_modality(
     trainer = AlignTrainer(
         cfg, engine, encoder.feature_dim, train, val, run_dir, settings.system_prompt, init, init_lora
     )
+    question = default_question(m)
+    val_accuracy = lambda answers: round(  # noqa: E731
+        sum(is_correct(m, r["label"], a) for (r, _), a in zip(val, answers, strict=True)) / len(val), 4
+    )
+    baseline = None
+    if init is not None and extra_metrics["init_from"] == registry.current(m):
+        # judge against the current version on today's held-out set (it may have grown since it was trained)
+        baseline = val_accuracy(trainer.answers(val, question))
+        extra_metrics["baseline_accuracy"] = baseline
     if trainer.resume():
         log.warning("resuming %s from step %d (%s)", m, trainer.step, trainer.checkpoint)
     t0 = time.time()
     projector = trainer.fit()
     train_s = time.time() - t0
-    answers = trainer.answers(val, default_question(m))
-    correct = [is_correct(m, r["label"], a) for (r, _), a in zip(val, answers, strict=True)]
+    answers = trainer.answers(val, question)
     metrics = {
-        "val_accuracy": round(sum(correct) / len(correct), 4),
-        "val_n": len(correct),
+        "val_accuracy": val_accuracy(answers),
+        "val_n": len(val),
         "val_loss": trainer.history[-1].get("val_loss"),
         "stage": cfg.stage,
         "steps": trainer.step,
         "train_seconds": round(train_s, 1),
         "examples": [{"label": r["label"], "answer": a} for (r, _), a in list(zip(val, answers, strict=True))[:5]],
-        **{k: v for k, v in extra_metrics.items() if v},
+        **{k: v for k, v in extra_metrics.items() if v is not None},
     }
     extra = {"train": asdict(cfg), "encoder": encoder.name, "encoder_weights": encoder.weights_id, "llm": settings.llm,
              "system_prompt": settings.system_prompt, "history": trainer.history}  # fmt: skip
@@ -115,6 +123,8 @@ def train_modality(
     version = registry.publish(m, projector, metrics=metrics, extra=extra, lora=lora_files)
     current = registry.current(m)
     current_acc = next((v.metrics.get("val_accuracy", 0) for v in registry.list(m) if v.current), None)
+    if baseline is not None:
+        current_acc = baseline
     promoted = promote == "always" or (
         promote == "if-better" and (current is None or metrics["val_accuracy"] >= (current_acc or 0))
     )

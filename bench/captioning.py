@@ -1,0 +1,111 @@
+"""Captioning throughput: a job on the Celery workers (batched per modality queue) vs a naive per-item loop.
+
+Both run on one live topology (`modalink up` with the image and IMU encoders, the LLM service, the gateway,
+Redis and a worker), over the same items, interleaved, several times; the printed ratio is of medians.
+The naive loop is what a client without jobs would write: one gateway ``Caption`` call per item, in order.
+The job sends each batch to the encoder service as one Triton request and its prompts to the LLM
+service together, where the dynamic batcher decodes them as one batch.
+
+    python bench/captioning.py [--items 48] [--reps 3] [--tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RUN_DIR = Path("build/bench-run")
+
+
+def items(folder: Path, n: int) -> list[dict]:
+    """Half images, half IMU windows (each one different), from the packaged samples."""
+    import numpy as np
+
+    from modalink.samples import write_samples
+
+    samples = {m: s["path"] for m, s in write_samples(folder).items()}
+    x = np.load(samples["imu"]).astype(np.float32)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        if i % 2:
+            path = folder / f"imu-{i}.npy"
+            np.save(path, x + rng.normal(0, 0.01, x.shape).astype(np.float32))
+            rows.append({"id": f"imu-{i}", "modality": "imu", "path": str(path)})
+        else:
+            rows.append({"id": f"image-{i}", "modality": "image", "path": samples["image"]})
+    return rows
+
+
+def naive(rows: list[dict], tokens: int) -> float:
+    from modalink.client import Client, image, imu
+
+    t0 = time.perf_counter()
+    with Client("localhost:50051") as client:
+        for r in rows:
+            part = image(r["path"]) if r["modality"] == "image" else imu(r["path"])
+            client.caption(part, max_new_tokens=tokens)
+    return time.perf_counter() - t0
+
+
+def job(rows: list[dict], tokens: int, out: Path, batch_size: int) -> float:
+    from services.worker.app import store, submit
+
+    from modalink.engine import GenerationParams
+
+    t0 = time.perf_counter()
+    job_id = submit(rows, str(out), batch_size, GenerationParams(max_new_tokens=tokens))
+    while store().get(job_id)["state"] == "running":
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - t0
+    job = store().get(job_id)
+    assert job["done"] == len(rows) and job["errors"] == 0, job
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=48)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=16, help="max_new_tokens of every caption")
+    ap.add_argument("--batch-size", type=int, default=16, help="items per job task")
+    args = ap.parse_args()
+
+    from modalink import up
+
+    up.down(RUN_DIR)
+    up.up(RUN_DIR, modalities=["image", "imu"], echo=lambda *_: None)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = items(Path(tmp), args.items)
+            naive(rows[:2], args.tokens)  # warm both paths up (first calls load lazily)
+            job(rows[:4], args.tokens, Path(tmp) / "warm.jsonl", args.batch_size)
+            times: dict[str, list[float]] = {"naive": [], "job": []}
+            for rep in range(args.reps):
+                times["naive"].append(naive(rows, args.tokens))
+                times["job"].append(job(rows, args.tokens, Path(tmp) / f"job-{rep}.jsonl", args.batch_size))
+    finally:
+        up.down(RUN_DIR)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["naive"] / med["job"]
+    result = {
+        "items": args.items, "max_new_tokens": args.tokens, "batch_size": args.batch_size, "reps": args.reps,
+        "seconds": times, "items_per_s": {k: round(args.items / v, 2) for k, v in med.items()},
+        "speedup": round(ratio, 2), "target": 3.0, "machine": f"{os.cpu_count()} CPU cores, no GPU",
+    }  # fmt: skip
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    Path("bench/results/captioning.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"captioning {args.items} items (image + IMU, {args.tokens} tokens), median of {args.reps}:")
+    print(f"  naive per-item loop (gateway Caption): {result['items_per_s']['naive']:6.2f} items/s")
+    print(f"  Celery job, batches of {args.batch_size}:          {result['items_per_s']['job']:6.2f} items/s")
+    print(f"  speedup {ratio:.2f}x (target >= 3x)")
+
+
+if __name__ == "__main__":
+    main()
