@@ -132,3 +132,21 @@ def test_a_worse_fine_tune_is_kept_unpromoted_and_rollback_is_one_command(rig):
     back = subprocess.run([*cli, "adapters", "rollback", "imu"], env=rig["env"], capture_output=True, text=True)
     assert back.returncode == 0 and "v1" in back.stdout, back.stderr
     assert wait_for(lambda: served_version(rig) == "v1", 30, "the encoder did not roll back")
+
+
+def test_the_kubernetes_runner_fills_the_charts_job_template():
+    from modalink.errors import ConfigError
+    from modalink.finetune import job_manifest
+
+    template = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"namespace": "ml", "labels": {"app": "m"}},
+                "spec": {"backoffLimit": 1, "template": {"spec": {"restartPolicy": "Never", "containers": [
+                    {"name": "finetune", "image": "modalink:cpu", "command": ["sleep"]}]}}}}  # fmt: skip
+    job = job_manifest("audio", Settings(), template)
+    assert job["metadata"]["name"].startswith("modalink-finetune-audio-")
+    assert job["metadata"]["labels"] == {"app": "m", "modalink/modality": "audio"}
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["modalink", "finetune", "-m", "audio", "--json"]
+    assert container["image"] == "modalink:cpu"
+    assert template["spec"]["template"]["spec"]["containers"][0]["command"] == ["sleep"]  # template untouched
+    with pytest.raises(ConfigError, match="not a Kubernetes Job"):
+        job_manifest("audio", Settings(), {"kind": "Deployment"})

@@ -68,7 +68,7 @@ def cluster(tmp_path_factory):
         worker_app = importlib.reload(worker_app)  # its settings are read at import
         with grpc.insecure_channel(f"127.0.0.1:{gw_port}") as channel:
             yield {"worker_app": worker_app, "procs": procs, "gateway": assistant_pb2_grpc.AssistantStub(channel),
-                   "encoders": encoders, "jobs_dir": jobs_dir}  # fmt: skip
+                   "encoders": encoders, "jobs_dir": jobs_dir, "logs": logs}  # fmt: skip
     finally:
         procs.stop_all()
         for k, v in old.items():
@@ -198,6 +198,25 @@ def test_bad_items_are_error_rows_and_a_redelivered_batch_adds_nothing(cluster, 
     assert worker_app.caption_task.run(job_id, "imu", read_manifest(manifest)[:4], {"max_new_tokens": 4}) == 0
     assert not worker_app.store().record(job_id, {"id": "imu-0", "caption": "a duplicate"})
     assert worker_app.store().get(job_id)["done"] == 14
+
+
+def test_a_batch_retries_with_backoff_while_its_encoder_service_is_down(cluster, samples, tmp_path):
+    worker_app, procs = cluster["worker_app"], cluster["procs"]
+    from modalink.engine import GenerationParams
+
+    procs.kill("video", 15)  # SIGTERM: the video encoder service goes away
+    rows = [{"id": f"v{i}", "modality": "video", "path": samples["video"]} for i in range(3)]
+    job_id = worker_app.submit(rows, str(tmp_path / "results.jsonl"), 4, GenerationParams(max_new_tokens=4))
+    time.sleep(8)
+    assert worker_app.store().get(job_id)["done"] == 0  # nothing recorded, nothing lost: the batch is retrying
+    http, grpc_port, metrics = cluster["encoders"]["video"]
+    video = procs.start("video-again", [sys.executable, "-m", "modalink.cli", "serve", "encoder", "-m", "video",
+                                        "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port",
+                                        str(metrics)])  # fmt: skip
+    wait_triton(http, "video_encoder", *video)
+    job = wait_job(worker_app.store().get, job_id, timeout=300)
+    assert job["state"] == "done" and job["done"] == 3 and job["errors"] == 0, job
+    assert "Retry in" in (cluster["logs"] / "worker-a.log").read_text()
 
 
 def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(cluster, samples, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from functools import lru_cache
 
+import grpc
 from celery import Celery
 from redis import Redis
 
@@ -64,8 +65,10 @@ def remote():
     return build(settings)
 
 
-@app.task(name="modalink.caption_batch", bind=True, max_retries=8, autoretry_for=(RuntimeError, ConnectionError),
-          retry_backoff=2, retry_backoff_max=60)  # fmt: skip
+# RuntimeError: every replica of an encoder service is unavailable; grpc.RpcError: the LLM service failed
+# (bad input never raises: it becomes the item's error row).
+@app.task(name="modalink.caption_batch", bind=True, max_retries=10, retry_backoff=2, retry_backoff_max=60,
+          autoretry_for=(RuntimeError, ConnectionError, grpc.RpcError))  # fmt: skip
 def caption_task(self, job_id: str, modality: str, rows: list[dict], params: dict, prompt: str = "") -> int:
     """Caption the rows not captioned yet; returns how many results were new."""
     if not store().active(job_id):

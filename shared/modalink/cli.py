@@ -513,8 +513,9 @@ def _follow(job_id: str, wait: bool, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(summary))
     else:
-        typer.echo(f"job {job_id}: {job['state']}, {job['done']}/{job['total']} items ({job['errors']} errors); "
-                   f"results: {job['results']}")  # fmt: skip
+        filled = round(30 * job["done"] / max(1, job["total"]))
+        typer.echo(f"job {job_id}: {job['state']} |{'█' * filled}{' ' * (30 - filled)}| {job['done']}/{job['total']} "
+                   f"items ({job['errors']} errors); results: {job['results']}")  # fmt: skip
 
 
 @caption_app.command("submit")

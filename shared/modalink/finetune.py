@@ -12,6 +12,7 @@ Encoder services pick a promotion up between batches, without a restart.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -88,8 +89,8 @@ def job_manifest(modality: str, settings: Settings, template: dict) -> dict:
     the first container's command (the template carries image, volumes, env and resources)."""
     if not isinstance(template, dict) or template.get("kind") != "Job":
         raise ConfigError(f"{settings.finetune_job_template}: not a Kubernetes Job manifest")
-    job = {**template, "metadata": {**template.get("metadata", {})}}
-    job["metadata"]["name"] = f"modalink-finetune-{modality}-{int(time.time())}"
+    job = copy.deepcopy(template)
+    job.setdefault("metadata", {})["name"] = f"modalink-finetune-{modality}-{int(time.time())}"
     job["metadata"].setdefault("labels", {})["modalink/modality"] = modality
     containers = job["spec"]["template"]["spec"]["containers"]
     containers[0] = {**containers[0], "command": ["modalink", "finetune", "-m", modality, "--json"]}
