@@ -30,7 +30,7 @@ SERVICE = "modalink.v1.LLM"
 
 class LLMService(llm_pb2_grpc.LLMServicer):
     def __init__(
-        self, engine: Engine, registry: AdapterRegistry, model: str, max_batch: int = 8, max_wait_ms: float = 5.0
+        self, engine: Engine, registry: AdapterRegistry, model: str, max_batch: int = 32, max_wait_ms: float = 10.0
     ):
         self.engine, self.registry, self.model = engine, registry, model
         self.batcher = DynamicBatcher(engine, max_batch, max_wait_ms)
@@ -75,8 +75,8 @@ class LLMService(llm_pb2_grpc.LLMServicer):
         )  # fmt: skip
 
 
-def serve(settings: Settings | None = None, port: int = 50061, host: str = "[::]", max_batch: int = 8,
-          max_wait_ms: float = 5.0, http_port: int = 8081, http_host: str = "0.0.0.0") -> None:  # fmt: skip
+def serve(settings: Settings | None = None, port: int = 50061, host: str = "[::]", max_batch: int = 32,
+          max_wait_ms: float = 10.0, http_port: int = 8081, http_host: str = "0.0.0.0") -> None:  # fmt: skip
     """gRPC on ``port`` and TGI's HTTP API on ``http_port`` (0 = off), one batcher behind both; until interrupted."""
     import uvicorn
 
@@ -85,7 +85,7 @@ def serve(settings: Settings | None = None, port: int = 50061, host: str = "[::]
     settings = settings or get_settings()
     service = LLMService(load_engine(settings), AdapterRegistry(settings.adapters_dir),
                          settings.llm, max_batch, max_wait_ms)  # fmt: skip
-    server, bound = make_server(port, [(llm_pb2_grpc.add_LLMServicer_to_server, service)], [SERVICE], host)
+    server, bound = make_server(port, [(llm_pb2_grpc.add_LLMServicer_to_server, service)], [SERVICE], host, workers=96)
     log.info("%s ready on %s:%d", SERVICE, host, bound)
     if not http_port:
         try:

@@ -1,9 +1,9 @@
 """Dynamic batching in front of an engine: concurrent requests decode together, not one after another.
 
 A scheduler thread takes the requests that arrived while the previous batch ran (waiting up to
-``max_wait_ms`` for company after the first one), generates them as one batch with ``Engine.stream``
-and routes each token event to its request's queue. Each request is checked alone before it joins a
-batch (``Engine.check``), so a bad one fails by itself. A cancelled request stops receiving events; a
+``max_wait_ms`` after each arrival for more, at most ten times that in all), generates them as one batch
+with ``Engine.stream`` and routes each token event to its request's queue. Each request is checked alone
+before it joins a batch (``Engine.check``), so a bad one fails by itself. A cancelled request stops receiving events; a
 batch whose requests are all cancelled stops decoding.
 """
 
@@ -45,7 +45,7 @@ class BatchStats:
 
 
 class DynamicBatcher:
-    def __init__(self, engine: Engine, max_batch: int = 8, max_wait_ms: float = 5.0):
+    def __init__(self, engine: Engine, max_batch: int = 32, max_wait_ms: float = 10.0):
         self.engine, self.max_batch, self.max_wait = engine, max_batch, max_wait_ms / 1000
         self.stats = BatchStats()
         self.lock = threading.Lock()  # held while a batch runs; take it to change the model (load a LoRA)
@@ -79,10 +79,15 @@ class DynamicBatcher:
             first = self._pending.get(timeout=0.1)
         except queue.Empty:
             return []
-        batch, deadline = [first], time.monotonic() + self.max_wait
+        # Wait for company up to max_wait after the latest arrival, so a burst (a captioning batch's prompts)
+        # joins one batch while a lone request waits only max_wait; never longer than 10 * max_wait in all.
+        batch, cap = [first], time.monotonic() + 10 * self.max_wait
         while len(batch) < self.max_batch:
+            wait = min(self.max_wait, cap - time.monotonic())
+            if wait <= 0:
+                break
             try:
-                batch.append(self._pending.get(timeout=max(0.0, deadline - time.monotonic())))
+                batch.append(self._pending.get(timeout=wait))
             except queue.Empty:
                 break
         return [r for r in batch if not r.cancelled.is_set()]

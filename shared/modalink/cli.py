@@ -460,8 +460,8 @@ def serve_encoder(
 def serve_llm(
     port: int = typer.Option(50061, help="gRPC port of modalink.v1.LLM."),
     http_port: int = typer.Option(8081, help="TGI-compatible HTTP API port (0 = off)."),
-    max_batch: int = typer.Option(8, min=1, help="Most requests decoded together."),
-    max_wait_ms: float = typer.Option(5.0, min=0, help="How long the first request waits for others to batch with."),
+    max_batch: int = typer.Option(32, min=1, help="Most requests decoded together (throughput vs token latency)."),
+    max_wait_ms: float = typer.Option(10.0, min=0, help="How long a batch waits after each arrival (10x in all)."),
     host: str = typer.Option("[::]", help="Address to bind."),
 ) -> None:
     """The frozen LLM: gRPC modalink.v1.LLM (prefix embeddings, streaming) and TGI's HTTP API, dynamic batching."""

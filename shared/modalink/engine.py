@@ -313,7 +313,9 @@ class TransformersEngine(Engine):
             embeds[i, width - e.shape[0] :] = e
             mask[i, width - e.shape[0] :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **route)
+        # logits of the last position only: the prompt's others would cost a [n * width, vocab] matmul
+        logits, cache = self._forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                      logits_to_keep=1, **route)  # fmt: skip
 
         gens = [torch.Generator().manual_seed(p.seed if p.seed is not None else random.getrandbits(63)) for p in plist]
         seen = [torch.tensor(ids, dtype=torch.long) for _, ids in embedded]

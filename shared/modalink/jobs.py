@@ -17,7 +17,6 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -208,24 +207,24 @@ def caption_batch(
             results[row["id"]] = {"id": row["id"], "error": str(e)}
     embedded = remote.encoders.embed_batch(modality, [raw for _, raw in loaded], timeout_s) if loaded else []
     question = (prompt or default_question(modality)) if modality in MODALITIES else ""
-
-    def generate(row: dict, emb, version: str) -> dict:
-        try:
-            tokens = remote.generate(question, [Media(modality, emb)], {modality: version}, params, timeout_s)
-            text = "".join(t.text for t in tokens).strip()
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                raise  # the LLM service is down or failing: the task retries the batch
-            return {"id": row["id"], "error": e.details()}
-        return {"id": row["id"], "caption": text, "adapter_version": version}
-
-    todo = []
+    calls = []
     for (row, _), out in zip(loaded, embedded, strict=True):
         if isinstance(out, InputError):
             results[row["id"]] = {"id": row["id"], "error": str(out)}
         else:
-            todo.append((row, *out))
-    with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
-        for r in pool.map(lambda t: generate(*t), todo):
-            results[r["id"]] = r
+            calls.append((row, out[1], remote.request(question, [Media(modality, out[0])], {modality: out[1]}, params)))
+    # Every prompt is built first, then all calls start back to back (a call runs in the background), so they
+    # reach the LLM service within its batching window and decode as one batch.
+    started = [(row, version, remote.generate(request, timeout_s)) for row, version, request in calls]
+    for row, version, tokens in started:
+        try:
+            text = "".join(t.text for t in tokens).strip()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                for _, _, other in started:
+                    other.cancel()
+                raise  # the LLM service is down or failing: the task retries the batch
+            results[row["id"]] = {"id": row["id"], "error": e.details()}
+            continue
+        results[row["id"]] = {"id": row["id"], "caption": text, "adapter_version": version}
     return [results[r["id"]] for r in rows]

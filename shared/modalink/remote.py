@@ -182,18 +182,21 @@ class RemoteAssistant:
         ``history``: earlier text turns of the conversation (as ``Assistant.stream`` takes them).
         """
         media, versions = self.media(inputs, timeout_s)
-        return self.generate(text, media, versions, params, timeout_s, history), versions
+        return self.generate(self.request(text, media, versions, params, history), timeout_s), versions
 
-    def generate(
+    def request(
         self, text: str, media: Sequence[Media], versions: dict[str, str], params: GenerationParams,
-        timeout_s: float | None = None, history: Sequence[Message] = (),
-    ) -> Iterator[llm_pb2.Token]:  # fmt: skip
-        """The LLM's token stream for a turn whose media are already projected (``media`` or ``encoders``)."""
+        history: Sequence[Message] = (),
+    ) -> llm_pb2.LLMRequest:  # fmt: skip
+        """The LLM service's request for a turn whose media are already projected."""
         messages = [*history, Message("user", place_media(text, media))]
         prompt = build_prompt(self.tokenizer, messages, self.system_prompt)
-        request = llm_pb2.LLMRequest(
+        return llm_pb2.LLMRequest(
             segments=[llm_pb2.Segment(text=s) if isinstance(s, str) else llm_pb2.Segment(embeddings=to_tensor_msg(s))
                       for s in prompt],
             params=params_to_msg(params), adapters=[f"{m}@{v}" for m, v in versions.items()],
         )  # fmt: skip
+
+    def generate(self, request: llm_pb2.LLMRequest, timeout_s: float | None = None) -> Iterator[llm_pb2.Token]:
+        """Start the LLM call now (it runs in the background) and return its token stream."""
         return self.llm.Generate(request, timeout=timeout_s)
