@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install install-system stubs demo up down test lint format bench clean data adapters eval
+.PHONY: help install install-system stubs demo up down test lint format bench chart clean data adapters eval
 
 help:
 	@echo "make demo    - start the services, ask them about a sample image, audio clip, IMU window and video"
@@ -20,6 +20,7 @@ help:
 	@echo "make install - Debian packages + .venv (torch CPU wheel first, then modalink editable)"
 	@echo "make adapters - rebuild the data and retrain every adapter from scratch"
 	@echo "make eval    - class-word accuracy of the current adapters on the held-out test splits"
+	@echo "make chart   - render + lint the Helm chart, validate it (Kubernetes 1.30/1.33) and docker-compose.yml"
 
 install: install-system $(VENV)/.installed stubs
 
@@ -108,6 +109,10 @@ test: install
 bench: install
 	@if ls bench/*.py >/dev/null 2>&1; then for f in bench/*.py; do $(BIN)/python $$f || exit 1; done; \
 	else echo "no benchmarks yet (bench/ is filled by the benchmarks issue)"; fi
+
+# Offline: Helm's engine embedded in Python, Kubernetes and Compose JSON schemas; no cluster or Docker needed.
+chart: install
+	$(BIN)/python charts/validate.py
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

@@ -29,10 +29,12 @@ log = logging.getLogger("modalink.encoder")
 def serve(
     modality: str, settings: Settings | None = None, http_port: int | None = None, grpc_port: int | None = None,
     metrics_port: int | None = None, max_batch_size: int = 32, max_queue_delay_us: int = 2000, host: str = "0.0.0.0",
+    adapter_version: str | None = None,
 ) -> None:  # fmt: skip
-    """Run until SIGINT/SIGTERM."""
+    """Run until SIGINT/SIGTERM. ``adapter_version`` pins a version; by default the registry's current one is
+    served and followed (hot reload)."""
     base = PORTS[modality]
-    model = EncoderModel(Embedder(settings), modality)
+    model = EncoderModel(Embedder(settings, {modality: adapter_version} if adapter_version else None), modality)
 
     @batch
     def infer(data: np.ndarray) -> dict[str, np.ndarray]:

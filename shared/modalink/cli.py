@@ -446,6 +446,9 @@ def serve_encoder(
     max_batch_size: int = typer.Option(32, min=1, help="Most requests Triton concatenates into one forward pass."),
     max_queue_delay_us: int = typer.Option(2000, min=0, help="How long Triton waits to fill a batch (microseconds)."),
     host: str = typer.Option("0.0.0.0", help="Address to bind."),
+    adapter_version: str | None = typer.Option(
+        None, envvar="MODALINK_ADAPTER_VERSION", help="Serve this adapter version (default: follow CURRENT)."
+    ),
 ) -> None:
     """Encoder + projector of one modality on Triton (PyTriton), model <modality>_encoder, dynamic batching."""
     if modality not in MODALITIES:
@@ -453,7 +456,7 @@ def serve_encoder(
     _service_logging()
     from services.encoder.server import serve
 
-    serve(modality, None, http_port, grpc_port, metrics_port, max_batch_size, max_queue_delay_us, host)
+    serve(modality, None, http_port, grpc_port, metrics_port, max_batch_size, max_queue_delay_us, host, adapter_version)
 
 
 @serve_app.command("llm")

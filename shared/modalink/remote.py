@@ -74,7 +74,12 @@ class EncoderPool:
         import tritonclient.grpc as tc
 
         self.timeout_s, self.retries, self.max_batch = timeout_s, retries, max_batch
-        self.replicas = {m: [(a, tc.InferenceServerClient(a)) for a in addrs] for m, addrs in addresses.items()}
+        # round_robin: an address that resolves to several pods (a headless Kubernetes Service, "dns:///name:8001")
+        # spreads calls over all of them; tritonclient's own defaults are unlimited message sizes, kept here.
+        args = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+                ("grpc.lb_policy_name", "round_robin")]  # fmt: skip
+        self.replicas = {m: [(a, tc.InferenceServerClient(a, channel_args=args)) for a in addrs]
+                         for m, addrs in addresses.items()}  # fmt: skip
         self._turn = {m: itertools.count() for m in addresses}
         self._lock = threading.Lock()
 

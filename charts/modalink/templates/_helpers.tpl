@@ -1,0 +1,96 @@
+{{- define "modalink.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}{{ .Release.Name | trunc 40 | trimSuffix "-" }}{{- else -}}{{ printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" }}{{- end -}}
+{{- end -}}
+
+{{- define "modalink.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* selector labels of one component: (dict "root" $ "component" "image-encoder") */}}
+{{- define "modalink.selector" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "modalink.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* the encoder settings of one modality: encoderDefaults overlaid with encoders.<modality> */}}
+{{- define "modalink.encoder" -}}
+{{- toYaml (mergeOverwrite (deepCopy .root.Values.encoderDefaults) (deepCopy (index .root.Values.encoders .modality))) -}}
+{{- end -}}
+
+{{- define "modalink.redisUrl" -}}
+{{- if .Values.redis.enabled -}}redis://{{ include "modalink.fullname" . }}-redis:6379/0{{- else -}}{{ .Values.redis.externalUrl }}{{- end -}}
+{{- end -}}
+
+{{- define "modalink.claim" -}}
+{{- .Values.storage.existingClaim | default (printf "%s-shared" (include "modalink.fullname" .)) -}}
+{{- end -}}
+
+{{/* pod-level pieces every modalink pod shares: pull secrets, security context, volumes */}}
+{{- define "modalink.podCommon" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets: {{ toYaml . | nindent 2 }}
+{{- end }}
+securityContext: {{ toYaml .Values.podSecurityContext | nindent 2 }}
+volumes:
+  - name: shared
+    persistentVolumeClaim:
+      claimName: {{ include "modalink.claim" . }}
+  - name: tmp
+    emptyDir: {}
+{{- end -}}
+
+{{/* seeds the shared volume with the image's trained adapters once (cp -n never overwrites) */}}
+{{- define "modalink.seedAdapters" -}}
+initContainers:
+  - name: seed-adapters
+    image: {{ include "modalink.image" . }}
+    imagePullPolicy: {{ .Values.image.pullPolicy }}
+    command: ["sh", "-c", "mkdir -p /shared/adapters /shared/jobs /shared/pairs && cp -rn /app/adapters/. /shared/adapters/"]
+    securityContext: {{ toYaml .Values.securityContext | nindent 6 }}
+    resources:
+      requests: {cpu: 50m, memory: 64Mi}
+      limits: {cpu: 200m, memory: 128Mi}
+    volumeMounts:
+      - {name: shared, mountPath: /shared}
+{{- end -}}
+
+{{/* container-level pieces: env from the ConfigMap and the API key Secret, security context, mounts */}}
+{{- define "modalink.containerCommon" -}}
+image: {{ include "modalink.image" . }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+envFrom:
+  - configMapRef:
+      name: {{ include "modalink.fullname" . }}-config
+  - secretRef:
+      name: {{ .Values.existingApiKeySecret | default (printf "%s-api-keys" (include "modalink.fullname" .)) }}
+securityContext: {{ toYaml .Values.securityContext | nindent 2 }}
+volumeMounts:
+  - {name: shared, mountPath: /shared}
+  - {name: tmp, mountPath: /tmp}
+{{- end -}}
+
+{{- define "modalink.gpuResources" -}}
+{{- $r := deepCopy .resources -}}
+{{- if gt (int .gpu) 0 -}}
+{{- $_ := set $r "limits" (merge (dict "nvidia.com/gpu" (int .gpu)) ($r.limits | default dict)) -}}
+{{- end -}}
+{{- toYaml $r -}}
+{{- end -}}
+
+{{- define "modalink.promAnnotations" -}}
+{{- if .root.Values.metrics.podAnnotations }}
+annotations:
+  prometheus.io/scrape: "true"
+  prometheus.io/port: {{ .port | quote }}
+  prometheus.io/path: /metrics
+{{- end }}
+{{- end -}}
