@@ -13,6 +13,7 @@ Encoder services pick a promotion up between batches, without a restart.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -100,8 +101,6 @@ def job_manifest(modality: str, settings: Settings, template: dict) -> dict:
 def run_locked(redis, modality: str, settings: Settings, **overrides) -> dict:
     """The scheduled entry point: at most one fine-tune per modality at a time (a Redis lock that expires
     if its holder dies), on this worker or as a Kubernetes Job (``MODALINK_FINETUNE_RUNNER``)."""
-    import json
-
     lock = redis.lock(LOCK.format(modality), timeout=settings.finetune_lock_s, blocking=False)
     if not lock.acquire():
         log.info("a %s fine-tune is already running; skipping this one", modality)

@@ -138,6 +138,8 @@ class JobStore:
     def _transition(self, job_id: str, state: str) -> bool:
         """running -> ``state``, atomically (exactly one caller wins, e.g. two workers finishing at once)."""
         key = KEY.format(job_id)
+        from redis.exceptions import WatchError
+
         with self.redis.pipeline() as pipe:
             while True:
                 try:
@@ -149,9 +151,8 @@ class JobStore:
                     pipe.hset(key, "state", state)
                     pipe.execute()
                     return True
-                except Exception as e:  # redis.WatchError: someone else changed it; look again
-                    if type(e).__name__ != "WatchError":
-                        raise
+                except WatchError:  # someone else changed it meanwhile: look again
+                    continue
 
     def _write_results(self, job_id: str) -> None:
         key = KEY.format(job_id)
