@@ -106,9 +106,10 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# Every benchmark (one heavy job at a time), then the table in docs/PERFORMANCE.md from bench/results/.
 bench: install
-	@if ls bench/*.py >/dev/null 2>&1; then for f in bench/*.py; do $(BIN)/python $$f || exit 1; done; \
-	else echo "no benchmarks yet (bench/ is filled by the benchmarks issue)"; fi
+	@for f in $(filter-out bench/report.py,$(wildcard bench/*.py)); do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	$(BIN)/python bench/report.py
 
 # Offline: Helm's engine embedded in Python, Kubernetes and Compose JSON schemas; no cluster or Docker needed.
 chart: install

@@ -9,10 +9,12 @@ machine where absolute times do not. Features are random (the step cost does not
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -57,10 +59,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="rows per step (the training default)")
     args = ap.parse_args()
     print(f"training step, batch {args.batch}, image rows (8 media tokens), {torch.get_num_threads()} threads")
+    result = {"machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, no GPU",
+              "batch": args.batch, "steps": args.steps}  # fmt: skip
     for stage in (1, 2):
         shared, plain = bench(stage, args.steps, args.batch)
+        result[f"stage{stage}"] = {"shared_s_per_step": round(shared, 3), "plain_s_per_step": round(plain, 3),
+                                   "speedup": round(plain / shared, 3)}  # fmt: skip
         print(f"  stage {stage}: shared heads {shared:.2f} s/step, plain {plain:.2f} s/step -> "
               f"{plain / shared:.2f}x faster")  # fmt: skip
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    Path("bench/results/train_step.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
