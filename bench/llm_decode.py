@@ -28,7 +28,7 @@ from modalink.engine import GenerationParams, TransformersEngine  # noqa: E402
 
 def decode_rate(engine: TransformersEngine, prompts: list, tokens: int) -> float:
     """Generated tokens per second after each row's first token (prefill excluded), all rows together."""
-    params = GenerationParams(max_new_tokens=tokens, stop=[])
+    params = GenerationParams(max_new_tokens=tokens)
     first: float | None = None
     count = 0
     for _ in engine.stream(prompts, params):

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from procs import free_port, triton_metric, wait_grpc, wait_triton
+from procs import Procs, free_port, triton_metric, wait_grpc, wait_triton
 
 from modalink.config import Settings
 from modalink.wire import assistant_pb2, common_pb2, from_tensor_msg, llm_pb2
@@ -30,16 +30,11 @@ pytestmark = pytest.mark.slow
 def stack(tmp_path_factory):
     """Encoders (image x2, audio), LLM, gateway; yields their addresses; stops them all afterwards."""
     logs = tmp_path_factory.mktemp("logs")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MODALINK_NUM_THREADS": "1"}
-    procs: list[subprocess.Popen] = []
+    procs = Procs(logs, {**os.environ, "HF_HUB_OFFLINE": "1", "MODALINK_NUM_THREADS": "1"})
     modalink = [sys.executable, "-m", "modalink.cli"]
 
     def start(name: str, args: list[str], extra_env: dict | None = None) -> tuple[subprocess.Popen, Path]:
-        log = logs / f"{name}.log"
-        proc = subprocess.Popen([*modalink, *args], env={**env, **(extra_env or {})}, stdout=log.open("w"),
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        procs.append(proc)
-        return proc, log
+        return procs.start(name, [*modalink, *args], extra_env)
 
     encoders: dict[str, list[dict]] = {"image": [], "audio": []}
     try:
@@ -75,14 +70,7 @@ def stack(tmp_path_factory):
                "locked_http": f"http://127.0.0.1:{locked_http}",
                "locked": f"127.0.0.1:{locked_port}", "logs": logs}  # fmt: skip
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 15)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, 9)
+        procs.stop_all()
 
 
 @pytest.fixture(scope="module")

@@ -68,10 +68,12 @@ def batches(rows: Iterable[dict], size: int) -> Iterator[tuple[str, list[dict]]]
 
 # Store a result and count it in one atomic step (a Lua script), so a worker killed in between cannot leave a
 # result stored but uncounted; HSETNX makes a second copy of the same item a no-op.
+# It answers 0 (already there), 1 (new) or 2 (new, and the last item the job was waiting for).
 RECORD = """
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[1], 'done', 1)
+local done = redis.call('HINCRBY', KEYS[1], 'done', 1)
 if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'errors', 1) end
+if done >= tonumber(redis.call('HGET', KEYS[1], 'total')) then return 2 end
 return 1
 """
 
@@ -114,10 +116,10 @@ class JobStore:
         """Store one item's result unless it is already there; finish the job with its last item."""
         key = KEY.format(job_id)
         args = [result["id"], json.dumps(result), int("error" in result)]
-        if not self._record(keys=[key, key + ":results"], args=args):
-            return False  # a re-delivered batch: already counted
-        self.finish_if_complete(job_id)
-        return True
+        outcome = self._record(keys=[key, key + ":results"], args=args)
+        if outcome == 2:
+            self.finish_if_complete(job_id)
+        return outcome != 0  # 0: a re-delivered batch, already counted
 
     def finish_if_complete(self, job_id: str) -> bool:
         """Every item has a result: write the results file, then say "done" (so a reader that sees "done"
