@@ -148,3 +148,30 @@ def test_vllm_engine_reads_the_embedding_table_and_refuses_a_cpu(engine, setting
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA GPU"):
             load_engine(settings.model_copy(update={"engine": "vllm"}))
+
+
+def test_fp16_packed_linears_keep_the_answers_and_take_a_lora(settings, engine, tmp_path):
+    """MODALINK_QUANTIZE=fp16-cpu: the frozen linears become fbgemm fp16 GEMMs; LoRA targets stay float."""
+    from modalink import lora
+    from modalink.llm import LORA_TARGETS, PackedFp16Linear
+
+    packed = TransformersEngine.load(settings=settings.model_copy(update={"quantize": "fp16-cpu"}))
+    layers = dict(packed.model.named_modules())
+    assert isinstance(layers["lm_head"], PackedFp16Linear)
+    assert isinstance(layers["model.layers.0.mlp.down_proj"], PackedFp16Linear)
+    assert all(isinstance(layers[f"model.layers.0.self_attn.{t}"], torch.nn.Linear) for t in LORA_TARGETS)
+    prompt = chat(engine.tokenizer, "Describe this.", prefix(engine, 5))
+    ref, got = engine.next_token_logits(prompt), packed.next_token_logits(prompt)
+    assert (ref - got).abs().max() < 0.1 * ref.abs().max() and ref.argmax() == got.argmax()
+    params = GenerationParams(max_new_tokens=16)
+    question = [chat(engine.tokenizer, "What is the capital of France?")]
+    assert packed.generate(question, params)[0].text == engine.generate(question, params)[0].text
+    # a LoRA adapter loads on top (peft's partial state dict has no keys for the packed layers)
+    trainee = TransformersEngine.load(settings=settings)
+    for p in trainee.train_adapter("probe"):
+        torch.nn.init.normal_(p, std=0.05)
+    lora.save(tmp_path / "lora", *lora.state(trainee.peft, "probe"))
+    packed.load_adapter("probe", tmp_path / "lora")
+    with_lora = packed.next_token_logits(prompt, adapter="probe")
+    assert (with_lora - got).abs().max() > 1e-2
+    assert torch.allclose(packed.next_token_logits(prompt), got)

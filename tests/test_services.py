@@ -1,7 +1,8 @@
 """The service topology as real processes on free loopback ports: two image encoders and an audio encoder on
 Triton (PyTriton), the LLM service and the gateway, called with stock clients (tritonclient, grpcio stubs).
 
-They serve the shipped adapters (``adapters/``), so answers are real and must equal the in-process ones.
+They serve the shipped adapters (``adapters/``), so answers are real and must equal the in-process ones. The
+LLM runs as ``modalink up`` runs it on a CPU (``MODALINK_QUANTIZE=fp16-cpu``), and so does the in-process one.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ pytestmark = pytest.mark.slow
 def stack(tmp_path_factory):
     """Encoders (image x2, audio), LLM, gateway; yields their addresses; stops them all afterwards."""
     logs = tmp_path_factory.mktemp("logs")
-    procs = Procs(logs, {**os.environ, "HF_HUB_OFFLINE": "1", "MODALINK_NUM_THREADS": "1"})
+    procs = Procs(
+        logs, {**os.environ, "HF_HUB_OFFLINE": "1", "MODALINK_NUM_THREADS": "1", "MODALINK_QUANTIZE": "fp16-cpu"}
+    )
     modalink = [sys.executable, "-m", "modalink.cli"]
 
     def start(name: str, args: list[str], extra_env: dict | None = None) -> tuple[subprocess.Popen, Path]:
@@ -78,7 +81,7 @@ def local():
     """The in-process assistant on the same shipped adapters."""
     from modalink.assistant import Assistant
 
-    return Assistant(Settings())
+    return Assistant(Settings(quantize="fp16-cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -29,10 +29,11 @@ log = logging.getLogger("modalink.encoder")
 def serve(
     modality: str, settings: Settings | None = None, http_port: int | None = None, grpc_port: int | None = None,
     metrics_port: int | None = None, max_batch_size: int = 32, max_queue_delay_us: int = 2000, host: str = "0.0.0.0",
-    adapter_version: str | None = None,
+    adapter_version: str | None = None, dynamic_batching: bool = True,
 ) -> None:  # fmt: skip
     """Run until SIGINT/SIGTERM. ``adapter_version`` pins a version; by default the registry's current one is
-    served and followed (hot reload)."""
+    served and followed (hot reload). Without ``dynamic_batching`` Triton runs every request on its own (the
+    baseline `bench/services.py` compares against)."""
     base = PORTS[modality]
     model = EncoderModel(Embedder(settings, {modality: adapter_version} if adapter_version else None), modality)
 
@@ -60,7 +61,8 @@ def serve(
                 Tensor(name="error", dtype=np.bytes_, shape=(1,)),
             ],
             config=ModelConfig(
-                max_batch_size=max_batch_size, batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us)
+                max_batch_size=max_batch_size,
+                batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us) if dynamic_batching else None,
             ),
             strict=True,
         )

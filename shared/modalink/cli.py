@@ -449,6 +449,7 @@ def serve_encoder(
     adapter_version: str | None = typer.Option(
         None, envvar="MODALINK_ADAPTER_VERSION", help="Serve this adapter version (default: follow CURRENT)."
     ),
+    dynamic_batching: bool = typer.Option(True, help="Concatenate concurrent requests (off: one at a time)."),
 ) -> None:
     """Encoder + projector of one modality on Triton (PyTriton), model <modality>_encoder, dynamic batching."""
     if modality not in MODALITIES:
@@ -456,7 +457,8 @@ def serve_encoder(
     _service_logging()
     from services.encoder.server import serve
 
-    serve(modality, None, http_port, grpc_port, metrics_port, max_batch_size, max_queue_delay_us, host, adapter_version)
+    serve(modality, None, http_port, grpc_port, metrics_port, max_batch_size, max_queue_delay_us, host, adapter_version,
+          dynamic_batching)  # fmt: skip
 
 
 @serve_app.command("llm")

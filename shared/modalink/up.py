@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from modalink import MODALITIES
+from modalink.config import get_settings
 from modalink.errors import ConfigError
 from modalink.triton import PORTS, model_name
 
@@ -70,8 +71,11 @@ def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None)
                 {"http": f"http://127.0.0.1:{http}/v2/models/{model_name(m)}/ready"},
             ))  # fmt: skip
             addresses.append(f"{m}=127.0.0.1:{http + 1}")
+    # on a CPU the LLM serves fp16 weights through fbgemm (about 2x the decode speed, same answers)
+    on_cpu = get_settings().torch_device().type == "cpu"
+    llm_env = {"MODALINK_QUANTIZE": "fp16-cpu"} if on_cpu and "MODALINK_QUANTIZE" not in os.environ else {}
     services.append(Service("llm", [*py, "serve", "llm", "--port", str(LLM_GRPC), "--http-port", str(LLM_HTTP)],
-                            {"grpc": f"127.0.0.1:{LLM_GRPC}"}))  # fmt: skip
+                            {"grpc": f"127.0.0.1:{LLM_GRPC}"}, llm_env))  # fmt: skip
     wiring = {"MODALINK_ENCODERS": ",".join(addresses), "MODALINK_LLM_ADDRESS": f"127.0.0.1:{LLM_GRPC}"}
     queues = ",".join([*(f"caption.{m}" for m in [*modalities, "unknown"]), "finetune"])
     celery = [sys.executable, "-m", "celery", "-A", "services.worker.app"]

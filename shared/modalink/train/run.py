@@ -61,6 +61,8 @@ def train_modality(
     engine: TransformersEngine | None = None,
 ) -> dict:  # fmt: skip
     """Train, evaluate on the validation split, publish a new version; promote it per ``promote``."""
+    if settings.quantize == "fp16-cpu":  # a serving layout without gradients: training reads the fp32 weights
+        settings = settings.model_copy(update={"quantize": "none"})
     settings.apply_threads()
     m = cfg.modality
     extra_metrics = {}
