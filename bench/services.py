@@ -135,14 +135,14 @@ def encoder_load(addresses: list[str], raw: bytes, clients: int, per_client: int
     return clients * per_client / (time.perf_counter() - t0)
 
 
-def in_process_best(raw: bytes, reps: int) -> tuple[float, int]:
-    """Best items/s of the service's own model code (decode + encode + project) called in process, by batch."""
+def in_process_rates(raw: bytes, reps: int) -> dict[int, float]:
+    """Items/s of the service's own model code (decode + encode + project) called in process, by batch size."""
     from modalink.config import Settings
     from modalink.embedder import Embedder
     from modalink.triton import EncoderModel
 
     model = EncoderModel(Embedder(Settings()), "image")
-    best = (0.0, 0)
+    rates_by_size = {}
     for size in (1, 8, 16, 32):
         data = np.array([[raw]] * size, dtype=object)
         model.infer(data)  # warm
@@ -152,8 +152,8 @@ def in_process_best(raw: bytes, reps: int) -> tuple[float, int]:
             for _ in range(max(1, 64 // size)):
                 model.infer(data)
             rates.append(max(1, 64 // size) * size / (time.perf_counter() - t0))
-        best = max(best, (statistics.median(rates), size))
-    return best
+        rates_by_size[size] = round(statistics.median(rates), 1)
+    return rates_by_size
 
 
 def py_spy(pid: int, seconds: float, name: str) -> subprocess.Popen:
@@ -254,7 +254,8 @@ def main() -> None:
                     ask_gateway(client, image_path, args.tokens)
                 for spy in spies:
                     spy.wait(timeout=60)
-        best, best_batch = in_process_best(raw, args.reps)
+        by_batch = in_process_rates(raw, args.reps)
+        best, best_batch = max((v, k) for k, v in by_batch.items())
     finally:
         if unbatched is not None:
             unbatched.terminate()
@@ -277,7 +278,7 @@ def main() -> None:
         "same_answers": len(answers) == 1,
         "overhead_s": {p: {k: round(v, 4) for k, v in m.items()} for p, m in med.items()}, "overhead_runs": overhead,
         "encoder_items_per_s": {**{k: round(v, 1) for k, v in load_med.items()}, "in_process_best": round(best, 1),
-                                "in_process_best_batch": best_batch},
+                                "in_process_best_batch": best_batch, "in_process_by_batch": by_batch},
         "encoder_runs": loads, "ratios": ratios,
         "targets": {"ttft_gateway_vs_in_process": 1.15, "latency_gateway_vs_in_process": 1.15,
                     "encoder_service_vs_in_process": 0.85, "dynamic_batching_on_vs_off": 2.0},
