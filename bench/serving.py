@@ -12,7 +12,7 @@
 It also profiles the encoder service, the LLM service and the gateway under load with py-spy (collapsed
 stacks in build/bench-profiles/, the hottest frames in the results).
 
-    python bench/services.py [--reps 3] [--asks 7] [--tokens 32]
+    python bench/serving.py [--reps 3] [--asks 7] [--tokens 32]
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def main() -> None:
         "profiles": {name: hottest(name) for name in ("image-encoder", "llm", "gateway")},
     }  # fmt: skip
     Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path("bench/results/services.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path("bench/results/serving.json").write_text(json.dumps(result, indent=2) + "\n")
     r, e = ratios, result["encoder_items_per_s"]
     print(f"services (image encoder x2 + unbatched, LLM, gateway; {args.asks} asks, {args.reps} reps):")
     print(
