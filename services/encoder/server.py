@@ -33,7 +33,7 @@ def serve(
 ) -> None:  # fmt: skip
     """Run until SIGINT/SIGTERM. ``adapter_version`` pins a version; by default the registry's current one is
     served and followed (hot reload). Without ``dynamic_batching`` Triton runs every request on its own (the
-    baseline `bench/services.py` compares against)."""
+    baseline `bench/serving.py` compares against)."""
     base = PORTS[modality]
     model = EncoderModel(Embedder(settings, {modality: adapter_version} if adapter_version else None), modality)
 
