@@ -104,3 +104,14 @@ def triton_metric(metrics_port: int, name: str, model: str) -> int:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     m = re.search(rf'{name}\{{model="{model}",version="1"\}} (\d+)', text)
     return int(m.group(1)) if m else 0
+
+
+FIGURES = Path(__file__).resolve().parents[1] / "build" / "reliability"
+
+
+def record_figures(case: str, **figures) -> None:
+    """Numbers a reliability test measured (requests sent, failed, lost...), for docs/RELIABILITY.md."""
+    import json
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    (FIGURES / f"{case}.json").write_text(json.dumps({"case": case, **figures, "when": time.strftime("%F %T")}) + "\n")

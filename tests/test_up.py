@@ -43,7 +43,12 @@ def test_up_serves_through_the_gateway_and_down_stops_everything(tmp_path, sampl
         assert sorted(c["id"] for c in captions) == ["w0", "w1", "w2"] and all(c["caption"] for c in captions)
         ps = modalink("ps", "--run-dir", run)
         assert ps.stdout.count("healthy") == 6, ps.stdout  # redis, 2 imu encoders, llm, worker, gateway
-        pids = [s["pid"] for s in json.loads((tmp_path / "run" / "state.json").read_text())]
+        state = json.loads((tmp_path / "run" / "state.json").read_text())
+        pids = [s["pid"] for s in state]
+        listening = {s["name"]: listening_addresses(s["pid"]) for s in state}
+        assert listening["gateway"] & {"0.0.0.0", "::"}, listening  # the public API
+        internal = {name: addrs for name, addrs in listening.items() if name not in ("gateway", "worker")}
+        assert all(internal.values()) and all(map(loopback, set().union(*internal.values()))), internal
     finally:
         stopped = modalink("down", "--run-dir", run)
     assert stopped.returncode == 0 and stopped.stdout.count("stopped") == 6
@@ -51,3 +56,19 @@ def test_up_serves_through_the_gateway_and_down_stops_everything(tmp_path, sampl
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert "nothing is up" in modalink("ps", "--run-dir", run).stdout
+
+
+def listening_addresses(pid: int) -> set[str]:
+    """Addresses a service's process tree listens on (PyTriton's tritonserver is a child process)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return {c.laddr.ip for p in [root, *root.children(recursive=True)] for c in p.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN}  # fmt: skip
+
+
+def loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback

@@ -18,12 +18,22 @@ from pytriton.exceptions import PyTritonBadParameterError
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 
-from modalink.config import Settings
+from modalink.config import Settings, get_settings
 from modalink.embedder import Embedder
 from modalink.errors import InputError
 from modalink.triton import INVALID_INPUT, PORTS, EncoderModel, input_spec, model_name
 
 log = logging.getLogger("modalink.encoder")
+
+
+def tls_config(settings: Settings) -> dict:
+    """mTLS on Triton's gRPC port (the gateway's tritonclient presents its certificate); Triton's HTTP port has
+    no client authentication, so with TLS on, bind the service to an address only its pod reaches."""
+    if not (settings.tls_cert and settings.tls_key):
+        return {}
+    return {"grpc_use_ssl": True, "grpc_use_ssl_mutual": settings.tls_ca is not None,
+            "grpc_server_cert": settings.tls_cert, "grpc_server_key": settings.tls_key,
+            "grpc_root_cert": settings.tls_ca}  # fmt: skip
 
 
 def serve(
@@ -35,6 +45,7 @@ def serve(
     served and followed (hot reload). Without ``dynamic_batching`` Triton runs every request on its own (the
     baseline `bench/serving.py` compares against)."""
     base = PORTS[modality]
+    settings = settings or get_settings()
     model = EncoderModel(Embedder(settings, {modality: adapter_version} if adapter_version else None), modality)
 
     @batch
@@ -45,9 +56,11 @@ def serve(
             raise PyTritonBadParameterError(INVALID_INPUT + str(e)) from None
 
     dtype, shape = input_spec(modality)
+    # On SIGTERM Triton stops taking requests and finishes those in flight for up to exit_timeout_secs.
     config = TritonConfig(
         http_address=host, grpc_address=host, http_port=http_port or base, grpc_port=grpc_port or base + 1,
-        metrics_port=metrics_port or base + 2, exit_timeout_secs=5,
+        metrics_port=metrics_port or base + 2, exit_timeout_secs=max(1, int(settings.shutdown_grace_s)),
+        **tls_config(settings),
     )  # fmt: skip
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # else tritonserver lingers after a SIGTERM
     with Triton(config=config) as triton:

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import time
 import uuid
 
@@ -21,17 +22,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 
 from modalink.aio import iterate_in_thread
+from modalink.auth import KeyRing, RateLimiter, key_from_headers
+from modalink.config import Settings, get_settings
 from modalink.engine import GenerationParams
 from modalink.errors import InputError
 from modalink.metrics import LATENCY, REQUESTS
 from modalink.prompt import Message
 from modalink.remote import RemoteAssistant
+from modalink.safety import CONTENT_FILTER, SafetyFilter, final_text
+from modalink.v1 import llm_pb2
+from modalink.wire import check_turn
 
 MAX_BODY_BYTES = 64 << 20
 
 
-def _data_url(url: str) -> bytes:
-    if not url.startswith("data:"):
+def _data_url(url) -> bytes:
+    if not isinstance(url, str) or not url.startswith("data:"):
         raise InputError("image_url must be a data: URL (data:image/png;base64,...); the gateway fetches no URLs")
     header, _, payload = url.partition(",")
     if ";base64" not in header:
@@ -62,10 +68,12 @@ def parse_messages(messages) -> tuple[list[Message], str, list[tuple[str, bytes]
         for part in parts:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                texts.append(str(part.get("text", "")))
+                if not isinstance(part.get("text"), str):
+                    raise InputError(f"messages[{i}]: a text content part needs a string `text`")
+                texts.append(part["text"])
             elif kind == "image_url":
                 url = part.get("image_url")
-                media.append(("image", _data_url(url.get("url", "") if isinstance(url, dict) else str(url))))
+                media.append(("image", _data_url(url.get("url") if isinstance(url, dict) else url)))
             elif kind == "input_audio":
                 audio = part.get("input_audio") or {}
                 media.append(("audio", _b64(str(audio.get("data", "")), "input_audio.data")))
@@ -79,6 +87,7 @@ def parse_messages(messages) -> tuple[list[Message], str, list[tuple[str, bytes]
         last_media = media
     if history[-1].role != "user":
         raise InputError("the last message must be from the user")
+    check_turn(history[-1].content[0], len(last_media), len(parts))
     return history[:-1], history[-1].content[0], last_media
 
 
@@ -86,13 +95,13 @@ def _params(body: dict) -> GenerationParams:
     temperature = body.get("temperature")
     stop = body.get("stop") or []
     params = GenerationParams(
-        max_new_tokens=int(body.get("max_completion_tokens") or body.get("max_tokens") or 256),
-        temperature=float(temperature) if temperature is not None else 0.0,  # greedy unless asked
-        top_p=float(body.get("top_p") or 1.0),
-        stop=[stop] if isinstance(stop, str) else list(stop),
+        max_new_tokens=body.get("max_completion_tokens") or body.get("max_tokens") or 256,
+        temperature=temperature if temperature is not None else 0.0,  # greedy unless asked
+        top_p=body.get("top_p") or 1.0,
+        stop=[stop] if isinstance(stop, str) else stop,
         seed=body.get("seed"),
     )
-    params.validate()
+    params.validate()  # also the JSON types: a string where a number belongs is a 400, not a 500
     return params
 
 
@@ -100,18 +109,25 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
 
 
-def build_app(remote: RemoteAssistant, model_id: str = "modalink", api_keys: str = "") -> FastAPI:
-    """``api_keys`` (comma-separated): when set, /v1 routes need ``Authorization: Bearer <key>`` or ``x-api-key``."""
+def build_app(remote: RemoteAssistant, model_id: str = "modalink", settings: Settings | None = None) -> FastAPI:
+    """With API keys configured (``modalink.auth``), /v1 routes need ``Authorization: Bearer <key>`` or
+    ``x-api-key``; the per-key rate limit answers 429 with ``Retry-After``."""
+    settings = settings or get_settings()
     app = FastAPI(title="modalink gateway (OpenAI-compatible)")
-    keys = {k.strip() for k in api_keys.split(",") if k.strip()}
+    keys = KeyRing.from_settings(settings)
+    limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        if keys and request.url.path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            key = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
-            if key not in keys:
+        if request.url.path.startswith("/v1/"):
+            caller = keys.identify(key_from_headers(request.headers)) if keys else (request.client or ("?",))[0]
+            if caller is None:
                 return _error(401, "missing or unknown API key", "authentication_error")
+            if limiter and (wait := limiter.acquire(caller)):
+                response = _error(429, f"rate limit of {limiter.rate:g} requests/s (burst {limiter.burst}) for this "
+                                       f"API key exceeded; retry in {wait:.2f} s", "rate_limit_error")  # fmt: skip
+                response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+                return response
         return await call_next(request)
 
     latency = LATENCY.labels("http", "chat.completions")
@@ -144,15 +160,19 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", api_keys: str
             raise InputError(f"request body of {len(raw)} bytes exceeds {MAX_BODY_BYTES}")
         try:
             body = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise InputError(f"request body is not JSON: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"request body is not UTF-8 JSON: {e}") from None
         if not isinstance(body, dict):
             raise InputError("request body must be a JSON object")
         history, text, media = parse_messages(body.get("messages"))
         params = _params(body)
         t0 = time.perf_counter()
-        # Encoding the media blocks on the encoder services: off the event loop.
-        stream, versions = await asyncio.to_thread(remote.stream, text, media, params, None, history)
+        safety = SafetyFilter.from_settings(settings)
+        if refusal := safety.check_input(text, media, history):  # before any encoding: one refusal event
+            stream, versions = iter([llm_pb2.Token(id=-1, text=refusal.text, finish_reason=CONTENT_FILTER)]), {}
+        else:  # encoding the media blocks on the encoder services: off the event loop
+            stream, versions = await asyncio.to_thread(remote.stream, text, media, params, None, history)
+        events = safety.filter_output(stream)
         fingerprint = ",".join(f"{m}@{v}" for m, v in versions.items()) or "text"  # the adapters used
         base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": body.get("model") or model_id, "system_fingerprint": fingerprint}  # fmt: skip
@@ -160,10 +180,10 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", api_keys: str
 
             async def chunks():
                 try:
-                    async for tok in iterate_in_thread(stream):
-                        finish = tok.finish_reason or None
+                    async for tok, piece, finish in iterate_in_thread(events):
+                        finish = finish or None
                         chunk = {**base, "object": "chat.completion.chunk", "choices": [{
-                            "index": 0, "delta": {"role": "assistant", "content": tok.text}, "logprobs": None,
+                            "index": 0, "delta": {"role": "assistant", "content": piece}, "logprobs": None,
                             "finish_reason": finish}]}  # fmt: skip
                         if finish:
                             chunk["usage"] = _usage(tok.usage)
@@ -172,18 +192,17 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", api_keys: str
                     count("200")
                     latency.observe(time.perf_counter() - t0)
                 finally:
-                    stream.cancel()  # the client left: stop the generation
+                    if hasattr(stream, "cancel"):
+                        stream.cancel()  # the client left: stop the generation
 
             return StreamingResponse(chunks(), media_type="text/event-stream")
-        text_out, last = [], None
-        async for tok in iterate_in_thread(stream):
-            text_out.append(tok.text)
-            last = tok
+        out = [ev async for ev in iterate_in_thread(events)]
+        last, _, finish = out[-1]
         count("200")
         latency.observe(time.perf_counter() - t0)
         return {**base, "object": "chat.completion", "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": "".join(text_out)}, "logprobs": None,
-            "finish_reason": last.finish_reason or "stop"}], "usage": _usage(last.usage)}  # fmt: skip
+            "index": 0, "message": {"role": "assistant", "content": final_text([p for _, p, _ in out], finish)},
+            "logprobs": None, "finish_reason": finish or "stop"}], "usage": _usage(last.usage)}  # fmt: skip
 
     @app.get("/healthz")
     async def healthz():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 
 import grpc
 
@@ -22,7 +23,8 @@ from modalink.errors import InputError
 from modalink.llm import load_tokenizer
 from modalink.metrics import track
 from modalink.remote import EncoderPool, RemoteAssistant, parse_addresses
-from modalink.rpc import abort_on_input_error, make_server
+from modalink.rpc import Served, abort_on_input_error, make_server
+from modalink.safety import CONTENT_FILTER, SafetyFilter, final_text
 from modalink.v1 import assistant_pb2, assistant_pb2_grpc
 from modalink.wire import params_from_msg, part_input, text_and_inputs, to_tensor_msg
 
@@ -68,11 +70,15 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
     def _generate(self, request: assistant_pb2.GenerateRequest, context: grpc.ServicerContext):
         try:
             text, inputs = text_and_inputs(request.parts)
-            stream, versions = self._start(text, inputs, params_from_msg(request.params), context)
+            params, safety = params_from_msg(request.params), SafetyFilter.from_settings(self.settings)
+            if refusal := safety.check_input(text, inputs):  # before any encoding
+                yield assistant_pb2.GenerateResponse(text=refusal.text, finish_reason=CONTENT_FILTER)
+                return
+            stream, versions = self._start(text, inputs, params, context)
             first = True
-            for tok in stream:
+            for tok, piece, finish in safety.filter_output(stream):
                 yield assistant_pb2.GenerateResponse(
-                    text=tok.text, finish_reason=tok.finish_reason, adapter_versions=versions if first else None,
+                    text=piece, finish_reason=finish, adapter_versions=versions if first else None,
                     usage=tok.usage if tok.finish_reason else None,
                 )  # fmt: skip
                 first = False
@@ -90,8 +96,12 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
     def Caption(self, request: assistant_pb2.CaptionRequest, context: grpc.ServicerContext):
         modality, raw = media_part(request.part, "Caption")
         params = params_from_msg(request.params, default_max_new_tokens=48)
+        safety = SafetyFilter.from_settings(self.settings)
+        if refusal := safety.check_input(default_question(modality), [(modality, raw)]):
+            return assistant_pb2.CaptionResponse(caption=refusal.text, modality=modality)
         stream, versions = self._start(default_question(modality), [(modality, raw)], params, context)
-        text = "".join(tok.text for tok in stream)
+        out = list(safety.filter_output(stream))
+        text = final_text([piece for _, piece, _ in out], out[-1][2])
         return assistant_pb2.CaptionResponse(caption=text.strip(), adapter_version=versions[modality],
                                              modality=modality)  # fmt: skip
 
@@ -151,31 +161,50 @@ def job_msg(job_id: str, job: dict) -> assistant_pb2.Job:
 
 
 def build(settings: Settings) -> RemoteAssistant:
-    pool = EncoderPool(parse_addresses(settings.encoders))
-    return RemoteAssistant(pool, settings.llm_address, load_tokenizer(settings=settings), settings.system_prompt)
+    pool = EncoderPool(parse_addresses(settings.encoders), settings=settings)
+    return RemoteAssistant(pool, settings.llm_address, load_tokenizer(settings=settings), settings.system_prompt,
+                           settings)  # fmt: skip
+
+
+def watch_llm(remote: RemoteAssistant, served: Served, interval_s: float) -> threading.Event:
+    """The gateway is only as healthy as the LLM service behind it: check it every ``interval_s`` and turn the
+    gateway's health NOT_SERVING while it is down (probes and load balancers then send traffic elsewhere), and
+    SERVING again when it is back. Returns the event that stops the watch."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stop, stub = threading.Event(), health_pb2_grpc.HealthStub(remote.channel)
+
+    def run() -> None:
+        up = True
+        while not stop.wait(interval_s):
+            try:
+                ok = stub.Check(health_pb2.HealthCheckRequest(), timeout=max(0.5, interval_s)).status == 1
+            except grpc.RpcError:
+                ok = False
+            if ok != up:
+                log.warning("LLM service at %s is %s", remote.address, "back: serving" if ok else "down: NOT_SERVING")
+                served.set_serving(ok)
+                up = ok
+
+    threading.Thread(target=run, name="watch-llm", daemon=True).start()
+    return stop
 
 
 def serve(settings: Settings | None = None, port: int = 50051, host: str = "[::]", http_port: int = 8080,
           http_host: str = "0.0.0.0") -> None:  # fmt: skip
-    """gRPC on ``port`` and the OpenAI-compatible HTTP API on ``http_port`` (0 = off); until interrupted."""
-    import uvicorn
-
+    """gRPC on ``port`` and the OpenAI-compatible HTTP API on ``http_port`` (0 = off), until SIGTERM/SIGINT;
+    then calls in flight are drained (``MODALINK_SHUTDOWN_GRACE_S``)."""
     from services.gateway.openai_http import build_app
 
     settings = settings or get_settings()
     remote = build(settings)
     servicer = AssistantService(remote, settings)
-    server, bound = make_server(port, [(assistant_pb2_grpc.add_AssistantServicer_to_server, servicer)], [SERVICE], host,
-                                api_keys=settings.api_keys)  # fmt: skip
-    log.info("%s ready on %s:%d", SERVICE, host, bound)
-    try:
-        if http_port:
-            log.info("OpenAI-compatible HTTP on %s:%d", http_host, http_port)
-            uvicorn.run(build_app(remote, api_keys=settings.api_keys), host=http_host, port=http_port,
-                        log_level="warning")  # fmt: skip
-        else:
-            server.wait_for_termination()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop(grace=5)
+    served = make_server(port, [(assistant_pb2_grpc.add_AssistantServicer_to_server, servicer)], [SERVICE], host,
+                         settings=settings, public=True)  # fmt: skip
+    stop_watch = watch_llm(remote, served, settings.health_interval_s)
+    log.info("%s ready on %s:%d", SERVICE, host, served.port)
+    app = build_app(remote, settings=settings) if http_port else None
+    if app is not None:
+        log.info("OpenAI-compatible HTTP on %s:%d", http_host, http_port)
+    served.serve_until_signal(settings.shutdown_grace_s, app, http_host, http_port)
+    stop_watch.set()

@@ -77,25 +77,17 @@ class LLMService(llm_pb2_grpc.LLMServicer):
 
 def serve(settings: Settings | None = None, port: int = 50061, host: str = "[::]", max_batch: int = 32,
           max_wait_ms: float = 10.0, http_port: int = 8081, http_host: str = "0.0.0.0") -> None:  # fmt: skip
-    """gRPC on ``port`` and TGI's HTTP API on ``http_port`` (0 = off), one batcher behind both; until interrupted."""
-    import uvicorn
-
+    """gRPC on ``port`` and TGI's HTTP API on ``http_port`` (0 = off), one batcher behind both, until SIGTERM/SIGINT;
+    then generations in flight are drained (``MODALINK_SHUTDOWN_GRACE_S``)."""
     from services.llm.tgi import build_app
 
     settings = settings or get_settings()
     service = LLMService(load_engine(settings), AdapterRegistry(settings.adapters_dir),
                          settings.llm, max_batch, max_wait_ms)  # fmt: skip
-    server, bound = make_server(port, [(llm_pb2_grpc.add_LLMServicer_to_server, service)], [SERVICE], host, workers=96)
-    log.info("%s ready on %s:%d", SERVICE, host, bound)
-    if not http_port:
-        try:
-            server.wait_for_termination()
-        except KeyboardInterrupt:
-            server.stop(grace=5)
-        return
-    app = build_app(service.batcher, settings.llm)
-    log.info("TGI HTTP API on %s:%d", http_host, http_port)
-    try:
-        uvicorn.run(app, host=http_host, port=http_port, log_level="warning")  # returns on SIGINT/SIGTERM
-    finally:
-        server.stop(grace=5)
+    served = make_server(port, [(llm_pb2_grpc.add_LLMServicer_to_server, service)], [SERVICE], host, workers=96,
+                         settings=settings)  # fmt: skip
+    log.info("%s ready on %s:%d", SERVICE, host, served.port)
+    app = build_app(service.batcher, settings.llm) if http_port else None
+    if app is not None:
+        log.info("TGI HTTP API on %s:%d", http_host, http_port)
+    served.serve_until_signal(settings.shutdown_grace_s, app, http_host, http_port)

@@ -12,17 +12,21 @@ the task retry with backoff; a bad item is recorded with its error and does not 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from functools import lru_cache
+from pathlib import Path
 
 import grpc
 from celery import Celery
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from modalink.config import get_settings
 from modalink.engine import GenerationParams
 from modalink.errors import InputError
-from modalink.jobs import JobStore, batches, caption_batch
+from modalink.jobs import JobStore, batches, caption_batch, check_path, manifest_roots
 
 MAX_PROMPT_CHARS = 4000
 
@@ -37,7 +41,14 @@ app.conf.update(
     accept_content=["json"],
     worker_send_task_events=True,  # Flower
     task_send_sent_event=True,
-    broker_transport_options={"visibility_timeout": settings.job_visibility_timeout_s},
+    # A Redis restart (it keeps its data: append-only file): the worker reconnects, with a bound, and a batch
+    # whose ack was lost with the old connection is delivered again after the visibility timeout, where the
+    # store skips its recorded items. A batch in hand finishes (its store writes retry until Redis is back).
+    broker_connection_retry=True,
+    broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=100,  # about an hour of backoff, then the worker exits (its supervisor restarts it)
+    worker_cancel_long_running_tasks_on_connection_loss=False,
+    broker_transport_options={"visibility_timeout": settings.job_visibility_timeout_s, "socket_connect_timeout": 5},
 )
 
 
@@ -55,7 +66,8 @@ app.conf.beat_schedule = {
 
 @lru_cache(maxsize=1)
 def store() -> JobStore:
-    return JobStore(Redis.from_url(settings.redis_url))
+    return JobStore(Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30),
+                    retry_s=settings.redis_retry_s)  # fmt: skip
 
 
 @lru_cache(maxsize=1)
@@ -65,21 +77,29 @@ def remote():
     return build(settings)
 
 
-# RuntimeError: every replica of an encoder service is unavailable; grpc.RpcError: the LLM service failed
-# (bad input never raises: it becomes the item's error row).
+# RuntimeError: every replica of an encoder service is unavailable; grpc.RpcError: the LLM service failed;
+# Redis errors: the job store was unreachable for longer than its retries (bad input never raises: it becomes
+# the item's error row).
+RETRIED = (RuntimeError, ConnectionError, grpc.RpcError, RedisConnectionError, RedisTimeoutError)
+
+
 @app.task(name="modalink.caption_batch", bind=True, max_retries=10, retry_backoff=2, retry_backoff_max=60,
-          autoretry_for=(RuntimeError, ConnectionError, grpc.RpcError))  # fmt: skip
-def caption_task(self, job_id: str, modality: str, rows: list[dict], params: dict, prompt: str = "") -> int:
-    """Caption the rows not captioned yet; returns how many results were new."""
+          autoretry_for=RETRIED)  # fmt: skip
+def caption_task(
+    self, job_id: str, modality: str, rows: list[dict], params: dict, prompt: str = "", roots: list[str] | None = None
+) -> int:
+    """Caption the rows not captioned yet; returns how many results were new. ``roots``: where the items may
+    be (the submitter's ``manifest_roots``; a message without them gets this worker's)."""
     if not store().active(job_id):
         return 0  # cancelled (or already finished by a re-delivered copy)
     done = store().done_ids(job_id)
     todo = [r for r in rows if r["id"] not in done]
-    if not todo:
-        store().finish_if_complete(job_id)  # in case the worker that recorded the last item died before finishing
-        return 0
-    results = caption_batch(remote(), modality, todo, GenerationParams(**params), prompt)
-    return sum(store().record(job_id, r) for r in results)
+    results = caption_batch(remote(), modality, todo, GenerationParams(**params), prompt, roots=roots) if todo else []
+    new = sum(store().record(job_id, r) for r in results)
+    # Also when nothing was new: the worker that recorded the last item may have died (or lost Redis's
+    # reply) before finishing the job.
+    store().finish_if_complete(job_id)
+    return new
 
 
 @app.task(name="modalink.finetune")
@@ -91,10 +111,18 @@ def finetune_task(modality: str, steps: int | None = None, lr: float | None = No
 
 
 def submit(
-    rows: list[dict], results: str, batch_size: int = 16, params: GenerationParams | None = None, prompt: str = ""
+    rows: list[dict],
+    results: str,
+    batch_size: int = 16,
+    params: GenerationParams | None = None,
+    prompt: str = "",
+    roots: Sequence[str | Path] | None = None,
 ) -> str:
     """Create a job for manifest rows (``modalink.jobs.read_manifest``) and queue its batches per modality;
-    returns the job id. ``results`` may contain ``{job_id}``."""
+    returns the job id. ``results`` may contain ``{job_id}``. The results file and the items must lie inside
+    ``roots`` (default: ``manifest_roots()``; a trusted local submitter may pass ``jobs.ANYWHERE``)."""
+    roots = [str(r) for r in (manifest_roots() if roots is None else roots)]
+    check_path(results.replace("{job_id}", "job"), roots, "results path")
     params = params or GenerationParams(max_new_tokens=48)
     params.validate()
     if not rows:
@@ -105,5 +133,5 @@ def submit(
         raise InputError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
     job_id = store().create(rows, results, prompt)
     for modality, chunk in batches(rows, batch_size):
-        caption_task.apply_async((job_id, modality, chunk, asdict(params), prompt), queue=f"caption.{modality}")
+        caption_task.apply_async((job_id, modality, chunk, asdict(params), prompt, roots), queue=f"caption.{modality}")
     return job_id

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from modalink import lora
@@ -16,6 +16,7 @@ from modalink.config import Settings
 from modalink.embedder import UNTRAINED, Embedder
 from modalink.engine import Engine, GenerationParams, TokenEvent, TransformersEngine
 from modalink.prompt import Message, Part, build_prompt, place_media
+from modalink.safety import CONTENT_FILTER, SafetyFilter, final_text
 
 __all__ = ["UNTRAINED", "Answer", "Assistant"]
 
@@ -36,6 +37,7 @@ class Assistant(Embedder):
         super().__init__(settings, versions)
         self._engine = engine
         self._engine_lock = threading.Lock()
+        self.safety = SafetyFilter.from_settings(self.settings)  # a bad MODALINK_SAFETY_* fails here
 
     @property
     def engine(self) -> Engine:
@@ -60,21 +62,26 @@ class Assistant(Embedder):
         params: GenerationParams | None = None,
         history: Sequence[Message] = (),
     ) -> tuple[Iterator[TokenEvent], dict[str, str], int]:
-        """Start answering: (token events, adapter versions used, prompt tokens)."""
+        """Start answering: (token events, adapter versions used, prompt tokens). A refused request (safety
+        filters) is one event with the refusal text, before any encoding or generation."""
         params = params or GenerationParams()
+        if refusal := self.safety.check_input(text, inputs, history):
+            return iter([TokenEvent(0, -1, refusal.text, CONTENT_FILTER)]), {}, 0
         media, versions = self.media(inputs)
         parts: list[Part] = place_media(text, media)
         prompt = build_prompt(self.engine.tokenizer, [*history, Message("user", parts)], self.settings.system_prompt)
         # One LoRA per prompt: the first input's modality that has one (mixed-modality prompts share it).
         adapter = next((a for m in media if (a := self.lora(m.modality))), None)
-        return self.engine.stream([prompt], params, [adapter]), versions, self.engine.prompt_length(prompt)
+        events = self.safety.filter_output(self.engine.stream([prompt], params, [adapter]))
+        events = (replace(ev, text=t, finish_reason=f) for ev, t, f in events)
+        return events, versions, self.engine.prompt_length(prompt)
 
     def ask(self, text: str, inputs: Sequence[tuple[str, Any]] = (), params: GenerationParams | None = None) -> Answer:
         events, versions, prompt_tokens = self.stream(text, inputs, params)
         out, finish, n = [], "length", 0
         for ev in events:
             out.append(ev.text)
-            n += 1
+            n += ev.token_id >= 0
             finish = ev.finish_reason or finish
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-        return Answer("".join(out), finish, versions, usage)
+        return Answer(final_text(out, finish), finish, versions, usage)

@@ -467,26 +467,60 @@ def serve_llm(
     http_port: int = typer.Option(8081, help="TGI-compatible HTTP API port (0 = off)."),
     max_batch: int = typer.Option(32, min=1, help="Most requests decoded together (throughput vs token latency)."),
     max_wait_ms: float = typer.Option(10.0, min=0, help="How long a batch waits after each arrival (10x in all)."),
-    host: str = typer.Option("[::]", help="Address to bind."),
+    host: str = typer.Option("[::]", help="Address to bind (gRPC and HTTP; 127.0.0.1: this machine only)."),
 ) -> None:
     """The frozen LLM: gRPC modalink.v1.LLM (prefix embeddings, streaming) and TGI's HTTP API, dynamic batching."""
     _service_logging()
     from services.llm.server import serve
 
-    serve(None, port, host, max_batch, max_wait_ms, http_port)
+    serve(None, port, host, max_batch, max_wait_ms, http_port, _http_host(host))
 
 
 @serve_app.command("gateway")
 def serve_gateway(
     port: int = typer.Option(50051, help="gRPC port of modalink.v1.Assistant."),
     http_port: int = typer.Option(8080, help="OpenAI-compatible HTTP port (/v1/chat/completions; 0 = off)."),
-    host: str = typer.Option("[::]", help="Address to bind."),
+    host: str = typer.Option("[::]", help="Address to bind (gRPC and HTTP; 127.0.0.1: this machine only)."),
 ) -> None:
     """The public gRPC API and OpenAI-compatible HTTP; encoders and LLM from MODALINK_ENCODERS, MODALINK_LLM_ADDRESS."""
     _service_logging()
     from services.gateway.server import serve
 
-    serve(None, port, host, http_port)
+    serve(None, port, host, http_port, _http_host(host))
+
+
+def _http_host(grpc_host: str) -> str:
+    """uvicorn's form of the gRPC bind address ("[::]" -> all interfaces)."""
+    return "0.0.0.0" if grpc_host in ("[::]", "::", "0.0.0.0") else grpc_host.strip("[]")
+
+
+keys_app = typer.Typer(help="Gateway API keys: the cluster stores only their hashes (MODALINK_API_KEY_HASHES).",
+                       no_args_is_help=True)  # fmt: skip
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new() -> None:
+    """Make a random API key; prints the key (give it to the client) and its hash (put it in the Secret)."""
+    from modalink.auth import hash_key, new_key
+
+    key = new_key()
+    typer.echo(f"key:  {key}\nhash: {hash_key(key)}")
+
+
+@keys_app.command("hash")
+def keys_hash(
+    key: str = typer.Argument(None, help="The key; read from stdin when omitted (keeps it out of ps)."),
+) -> None:
+    """The hash of an existing key, for MODALINK_API_KEY_HASHES."""
+    import sys
+
+    from modalink.auth import hash_key
+
+    key = key or sys.stdin.readline().strip()
+    if not key:
+        raise _fail("no key given")
+    typer.echo(hash_key(key))
 
 
 caption_app = typer.Typer(help="Offline captioning jobs on the Celery workers (start them with `modalink up`).",
@@ -538,12 +572,13 @@ def caption_submit(
 
     from modalink.engine import GenerationParams
     from modalink.errors import InputError
-    from modalink.jobs import read_manifest
+    from modalink.jobs import ANYWHERE, read_manifest
 
     out = out or manifest.with_name(manifest.stem + ".captions.jsonl")
     try:
         params = GenerationParams(max_new_tokens=max_new_tokens)
-        job_id = submit(read_manifest(manifest), str(out.resolve()), batch_size, params, prompt)
+        # a local user with broker access is trusted: MODALINK_MANIFEST_ROOTS confines gateway clients
+        job_id = submit(read_manifest(manifest, ANYWHERE), str(out.resolve()), batch_size, params, prompt, ANYWHERE)
     except (InputError, OSError) as e:
         raise _fail(str(e)) from None
     _follow(job_id, wait, as_json)

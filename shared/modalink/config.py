@@ -56,7 +56,27 @@ class Settings(BaseSettings):
         description="Encoder services' Triton gRPC addresses, '<modality>=<host:port>' comma-separated; repeat a "
         "modality for replicas (the gateway balances round robin).",
     )
-    api_keys: str = Field("", description="Comma-separated keys the gateway accepts (x-api-key); empty: open.")
+    api_keys: str = Field(
+        "", description="Comma-separated keys the gateway accepts (x-api-key or Bearer), hashed when read; empty "
+        "(and no hashes): open."
+    )  # fmt: skip
+    api_key_hashes: str = Field(
+        "", description="Comma-separated 'sha256:<hex>' hashes of accepted keys (the at-rest form a Secret holds; "
+        "`modalink keys new`)."
+    )  # fmt: skip
+    rate_limit_rps: float = Field(0.0, ge=0, description="Gateway requests/s per API key (per caller if open); 0: off.")
+    rate_limit_burst: int = Field(20, ge=1, description="Requests a key may send at once before the rate applies.")
+    max_message_mb: int = Field(64, ge=1, le=2047, description="Largest gRPC message a service accepts (MiB).")
+    tls_cert: Path | None = Field(None, description="PEM certificate of this service (mTLS between services).")
+    tls_key: Path | None = Field(None, description="PEM private key of this service's certificate.")
+    tls_ca: Path | None = Field(
+        None, description="PEM CA that signs every service's certificate: servers require client certificates "
+        "signed by it, clients verify servers with it."
+    )  # fmt: skip
+    shutdown_grace_s: float = Field(
+        25.0, ge=0, description="On SIGTERM, calls in flight get this long to finish (below Kubernetes' 30 s)."
+    )
+    health_interval_s: float = Field(1.0, gt=0, description="How often the gateway checks the LLM service's health.")
     job_visibility_timeout_s: int = Field(
         3600, ge=5, description="A captioning batch whose worker died unacked is delivered again after this long."
     )
@@ -89,6 +109,27 @@ class Settings(BaseSettings):
         "You are a helpful assistant.",
         description="System prompt (adapters are trained with it); empty keeps the chat template's own.",
     )
+    # jobs: allowed manifest roots
+    manifest_roots: str = Field(
+        "",
+        description="Directories (comma-separated) a captioning job's manifest and items may be in, symlinks "
+        "resolved; empty: jobs_dir only. `modalink caption submit` adds the submitted manifest's folder.",
+    )
+    redis_retry_s: float = Field(
+        60.0, ge=0, description="How long job-store writes retry while Redis is unreachable (e.g. restarting)."
+    )
+    # request limits (bad-input suite)
+    max_parts: int = Field(16, ge=1, description="Most parts (text + media) in one user turn.")
+    # safety filters
+    safety_input: bool = Field(False, description="Refuse requests whose text (any turn) matches the blocklist.")
+    safety_output: bool = Field(False, description="Stop answers that match the blocklist (streamed text is held "
+                                "back only while its tail could start a blocked phrase).")  # fmt: skip
+    safety_blocklist: Path | None = Field(None, description="Blocklist file: case-insensitive whole-word regexes, "
+                                          "one per line, # comments; unset: a small built-in list.")  # fmt: skip
+    safety_media_check: str = Field("", description="'module:function' called as f(modality, raw) -> reason or "
+                                    "None for every media input before encoding (an image classifier).")  # fmt: skip
+    safety_refusal: str = Field("I can't help with that request.", description="The answer instead of a refused "
+                                "one (finish_reason content_filter).")  # fmt: skip
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

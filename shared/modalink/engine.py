@@ -36,18 +36,37 @@ class GenerationParams:
     seed: int | None = None
 
     def validate(self) -> None:
+        """Refuse what would fail inside a batch and so fail the requests batched with it: wrong types (from JSON),
+        or a temperature so small that logits / temperature overflow to NaN."""
+        for name in ("max_new_tokens", "top_k"):
+            if not _is_int(getattr(self, name)):
+                raise InputError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not (_is_int(getattr(self, name)) or isinstance(getattr(self, name), float)):
+                raise InputError(f"{name} must be a number, got {getattr(self, name)!r}")
         if not 1 <= self.max_new_tokens <= 32_768:
             raise InputError(f"max_new_tokens must be in 1..32768, got {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
-            raise InputError(f"temperature must be in [0, 100], got {self.temperature}")
+        t = self.temperature
+        if not (math.isfinite(t) and (t == 0 or MIN_TEMPERATURE <= t <= 100)):
+            raise InputError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 100], got {t}")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0, got {self.top_k}")
         if not (math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0):
             raise InputError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
-        if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
-            raise InputError("stop: at most 16 non-empty sequences of at most 256 characters")
+        stop = self.stop if isinstance(self.stop, list) else [None]
+        if len(stop) > 16 or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop):
+            raise InputError("stop: at most 16 non-empty strings of at most 256 characters")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
+            raise InputError(f"seed must be an integer in 0..2**64-1, got {self.seed!r}")
+
+
+MIN_TEMPERATURE = 1e-4
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass

@@ -3,7 +3,11 @@
 State lives in Redis: ``modalink:job:<id>`` (a hash: state, total, done, errors, results path, prompt) and
 ``modalink:job:<id>:results`` (item id -> result JSON, written with HSETNX). Writing a result only if its
 id is new makes a re-delivered batch (a worker killed mid-batch, ``acks_late``) harmless: at-least-once
-delivery, exactly-once results. The Celery side is ``services/worker``.
+delivery, exactly-once results. The worker-side store steps retry while Redis restarts (it persists with an
+append-only file). The Celery side is ``services/worker``.
+
+Files a job reads and writes (manifest, items, results) must lie inside ``MODALINK_MANIFEST_ROOTS`` (default:
+the jobs dir), checked with symlinks resolved, so a gateway client cannot make the workers read ``/etc/passwd``.
 
 A batch goes to its encoder service as one Triton request (one forward pass for all its items), then its
 items' prompts go to the LLM service concurrently, where the dynamic batcher decodes them together.
@@ -12,11 +16,13 @@ items' prompts go to the LLM service concurrently, where the dynamic batcher dec
 from __future__ import annotations
 
 import base64
+import functools
 import json
+import logging
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,29 @@ from modalink.prompt import Media
 
 KEY = "modalink:job:{}"
 STATES = ("running", "done", "cancelled")
+ANYWHERE = (Path("/"),)  # the roots of a trusted submitter (the CLI, which reaches the broker directly anyway)
+log = logging.getLogger(__name__)
+
+
+def manifest_roots(settings=None) -> list[Path]:
+    """Where a job's manifest, items and results may be (``MODALINK_MANIFEST_ROOTS``, default: the jobs dir),
+    resolved, so a gateway client cannot make the workers read or write any file they can reach."""
+    from modalink.config import get_settings
+
+    settings = settings or get_settings()
+    named = [p.strip() for p in settings.manifest_roots.split(",") if p.strip()]
+    return [Path(p).expanduser().resolve() for p in named or [settings.jobs_dir]]
+
+
+def check_path(path: str | Path, roots: Sequence[str | Path], what: str = "path") -> Path:
+    """``path`` with symlinks and ``..`` resolved, if that lies inside one of ``roots``; else InputError."""
+    resolved = Path(path).resolve()
+    real = [Path(r).resolve() for r in roots]
+    if not any(resolved.is_relative_to(r) for r in real):
+        shown = f"{path}" if str(path) == str(resolved) else f"{path} (resolves to {resolved})"
+        raise InputError(f"{what} {shown} is outside the allowed manifest roots "
+                         f"({', '.join(map(str, real))}; MODALINK_MANIFEST_ROOTS)")  # fmt: skip
+    return resolved
 
 
 def parse_manifest(text: str, base: Path, source: str = "manifest") -> list[dict]:
@@ -48,7 +77,9 @@ def parse_manifest(text: str, base: Path, source: str = "manifest") -> list[dict
     return rows
 
 
-def read_manifest(path: str | Path) -> list[dict]:
+def read_manifest(path: str | Path, roots: Sequence[str | Path] | None = None) -> list[dict]:
+    """The rows of a manifest file, which must lie inside ``roots`` (default: ``manifest_roots()``)."""
+    path = check_path(path, manifest_roots() if roots is None else roots, "manifest")
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -78,9 +109,34 @@ return 1
 """
 
 
+def _retried(method: Callable) -> Callable:
+    """Run a worker-side store step again while Redis is unreachable (restarting, or loading its append-only
+    file), for up to the store's ``retry_s``: each such step is idempotent, so running it twice is harmless."""
+    from redis.exceptions import ConnectionError as RedisConnectionError  # BusyLoadingError is one too
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    @functools.wraps(method)
+    def wrapper(self: JobStore, *args, **kwargs):
+        deadline, delay = time.monotonic() + self.retry_s, 0.1
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("job store unreachable (%s); %s again in %.1f s", e, method.__name__, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+    return wrapper
+
+
 class JobStore:
-    def __init__(self, redis):
-        self.redis = redis
+    """``retry_s``: how long the worker-side steps (``active``, ``done_ids``, ``record``,
+    ``finish_if_complete``) retry while Redis is down; the gateway's calls fail at once (UNAVAILABLE)."""
+
+    def __init__(self, redis, retry_s: float = 0.0):
+        self.redis, self.retry_s = redis, retry_s
         self._record = redis.register_script(RECORD)
 
     def create(self, rows: list[dict], results_path: str, prompt: str = "") -> str:
@@ -106,12 +162,15 @@ class JobStore:
         job["items"] = json.loads(job.get("items", "{}"))
         return job
 
+    @_retried
     def active(self, job_id: str) -> bool:
         return (self.redis.hget(KEY.format(job_id), "state") or b"").decode() == "running"
 
+    @_retried
     def done_ids(self, job_id: str) -> set[str]:
         return {k.decode() for k in self.redis.hkeys(KEY.format(job_id) + ":results")}
 
+    @_retried
     def record(self, job_id: str, result: dict) -> bool:
         """Store one item's result unless it is already there; finish the job with its last item."""
         key = KEY.format(job_id)
@@ -121,6 +180,7 @@ class JobStore:
             self.finish_if_complete(job_id)
         return outcome != 0  # 0: a re-delivered batch, already counted
 
+    @_retried
     def finish_if_complete(self, job_id: str) -> bool:
         """Every item has a result: write the results file, then say "done" (so a reader that sees "done"
         finds the file). Safe to call from any worker, any number of times."""
@@ -166,19 +226,24 @@ class JobStore:
         tmp.replace(path)
 
 
-def load_item(modality: str, row: dict) -> Any:
+def load_item(modality: str, row: dict, roots: Sequence[str | Path]) -> Any:
     """What the encoder service takes for a manifest row: file bytes (IMU: a [channels, time] array).
 
     ``uri`` may be ``file:///abs/path`` or a ``data:`` URI (base64); the jobs fetch nothing from the network.
+    A file must lie inside ``roots`` (checked here, when it is read, with symlinks resolved).
     """
     if modality not in MODALITIES:
         raise InputError(f"unknown modality {row.get('modality')!r}; expected one of {', '.join(MODALITIES)}")
     source: Any = row.get("path")
-    if not source:
+    if source:
+        source = check_path(str(source), roots)
+    else:
         uri = str(row["uri"])
         parsed = urllib.parse.urlparse(uri)
         if parsed.scheme == "file":
-            source = urllib.parse.unquote(parsed.path)
+            if parsed.netloc not in ("", "localhost"):
+                raise InputError(f"file: URI {uri[:80]!r} names a host; only local files (file:///...) are read")
+            source = check_path(urllib.parse.unquote(parsed.path), roots)
         elif parsed.scheme == "data" and ";base64," in uri:
             try:
                 source = base64.b64decode(uri.split(";base64,", 1)[1], validate=True)
@@ -196,16 +261,23 @@ def load_item(modality: str, row: dict) -> Any:
 
 
 def caption_batch(
-    remote, modality: str, rows: list[dict], params: GenerationParams, prompt: str = "", timeout_s: float = 300.0
+    remote,
+    modality: str,
+    rows: list[dict],
+    params: GenerationParams,
+    prompt: str = "",
+    timeout_s: float = 300.0,
+    roots: Sequence[str | Path] | None = None,
 ) -> list[dict]:
     """Captions of one batch through the services: its items as one encoder request, then all their prompts
-    to the LLM at once; a bad item gets an ``error`` instead of failing the batch. Service failures raise
-    (the task retries the batch)."""
+    to the LLM at once; a bad item (or one outside ``roots``, default ``manifest_roots()``) gets an ``error``
+    instead of failing the batch. Service failures raise (the task retries the batch)."""
+    roots = manifest_roots() if roots is None else roots
     results: dict[str, dict] = {}
     loaded: list[tuple[dict, Any]] = []
     for row in rows:
         try:
-            loaded.append((row, load_item(modality, row)))
+            loaded.append((row, load_item(modality, row, roots)))
         except (InputError, OSError) as e:
             results[row["id"]] = {"id": row["id"], "error": str(e)}
     embedded = remote.encoders.embed_batch(modality, [raw for _, raw in loaded], timeout_s) if loaded else []

@@ -4,7 +4,9 @@ A stage-2 version also holds the LLM LoRA it was trained with, as a peft folder 
 
 Versions are immutable and checksummed (``checksums.json``); a version is written into a temp dir and
 renamed into place, and ``CURRENT`` (the promoted version's name) is replaced atomically (write temp,
-fsync, rename), so a reader never sees half a version or a pointer to one.
+fsync, rename, fsync the folder), so a reader never sees half a version or a pointer to one, even after
+the writer is killed at any point (a killed writer may leave a dot-named temp dir or file behind, which
+is not a version).
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a crash of the machine, not only of the process, keeps it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.fchmod(fd, 0o644)  # mkstemp makes it private; services read it as other users
@@ -43,6 +54,18 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _replay(entries: list[dict]) -> list[str]:
+    """The promotions in effect after the log ``entries`` (a rollback pops the newest)."""
+    stack: list[str] = []
+    for entry in entries:
+        if entry.get("rollback"):
+            stack = stack[:-1]
+        else:
+            stack.append(entry["version"])
+    return stack
 
 
 @dataclass
@@ -122,6 +145,7 @@ class AdapterRegistry:
                 continue
         else:
             raise RuntimeError(f"could not allocate a new {modality} adapter version")
+        _fsync_dir(self.root / modality)  # the version's rename, before CURRENT may name it
         if promote:
             self.promote(modality, version)
         return version
@@ -131,23 +155,26 @@ class AdapterRegistry:
             raise ValueError(f"no adapter version {modality}/{version}")
         self.verify(modality, version)
         previous = self.current(modality)
-        _write_atomic(self.root / modality / "CURRENT", version + "\n")
         if previous != version:
+            # The promotion log (newest last) is written first, whole and atomically; a writer killed before the
+            # CURRENT write below leaves a last entry that never took effect, which _log drops.
             entry = {"version": version, "previous": previous, "time": time.time(), "rollback": _rollback}
-            with open(self.root / modality / "HISTORY", "a") as f:  # promotion log, newest last
-                f.write(json.dumps(entry) + "\n")
+            entries = [*self._log(modality), entry]
+            _write_atomic(self.root / modality / "HISTORY", "".join(json.dumps(e) + "\n" for e in entries))
+        _write_atomic(self.root / modality / "CURRENT", version + "\n")
+
+    def _log(self, modality: str) -> list[dict]:
+        """The promotion log's entries that took effect: without a last one CURRENT does not reflect."""
+        path = self.root / modality / "HISTORY"
+        entries = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        current = self.current(modality)
+        if entries and _replay(entries)[-1:] != [current] and _replay(entries[:-1])[-1:] == [current]:
+            entries.pop()
+        return entries
 
     def promotions(self, modality: str) -> list[str]:
         """The stack of promotions still in effect (rollbacks pop), oldest first."""
-        log = self.root / modality / "HISTORY"
-        stack: list[str] = []
-        for line in log.read_text().splitlines() if log.exists() else []:
-            entry = json.loads(line)
-            if entry.get("rollback"):
-                stack.pop()
-            else:
-                stack.append(entry["version"])
-        return stack
+        return _replay(self._log(modality))
 
     def rollback(self, modality: str) -> str:
         """Undo the last promotion still in effect: the version current before it becomes current again."""

@@ -16,16 +16,16 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import grpc
 import numpy as np
 import torch
 
 from modalink import MODALITIES
+from modalink.config import Settings, get_settings
 from modalink.engine import GenerationParams
 from modalink.errors import ConfigError, InputError
 from modalink.metrics import ENCODER_CALLS
 from modalink.prompt import Media, Message, build_prompt, place_media
-from modalink.rpc import CHANNEL_OPTIONS
+from modalink.rpc import CHANNEL_OPTIONS, channel
 from modalink.triton import INVALID_INPUT, model_name
 from modalink.v1 import llm_pb2, llm_pb2_grpc
 from modalink.wire import params_to_msg, to_tensor_msg
@@ -70,17 +70,23 @@ class EncoderPool:
     """tritonclient gRPC clients for every replica of every modality's encoder service."""
 
     def __init__(self, addresses: dict[str, list[str]], timeout_s: float = 60.0, retries: int = 2,
-                 max_batch: int = 32):  # fmt: skip
+                 max_batch: int = 32, settings: Settings | None = None):  # fmt: skip
         import tritonclient.grpc as tc
 
         self.timeout_s, self.retries, self.max_batch = timeout_s, retries, max_batch
         # round_robin: an address that resolves to several pods (a headless Kubernetes Service, "dns:///name:8001")
         # spreads calls over all of them; tritonclient's own defaults are unlimited message sizes, kept here.
         args = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
-                ("grpc.lb_policy_name", "round_robin")]  # fmt: skip
-        self.replicas = {m: [(a, tc.InferenceServerClient(a, channel_args=args)) for a in addrs]
+                ("grpc.lb_policy_name", "round_robin"), *CHANNEL_OPTIONS[2:]]  # fmt: skip
+        tls = {}
+        if settings is not None and settings.tls_ca:  # mTLS: tritonclient takes the PEM files' paths
+            tls = {"ssl": True, "root_certificates": str(settings.tls_ca),
+                   "private_key": str(settings.tls_key) if settings.tls_key else None,
+                   "certificate_chain": str(settings.tls_cert) if settings.tls_cert else None}  # fmt: skip
+        self.replicas = {m: [(a, tc.InferenceServerClient(a, channel_args=args, **tls)) for a in addrs]
                          for m, addrs in addresses.items()}  # fmt: skip
         self._turn = {m: itertools.count() for m in addresses}
+        self._down_until: dict[str, float] = {}  # address -> monotonic time before which it is skipped
         self._lock = threading.Lock()
 
     def embed(self, modality: str, raw: Any, timeout_s: float | None = None) -> tuple[torch.Tensor, str]:
@@ -119,21 +125,30 @@ class EncoderPool:
                     out[i] = r
         return out
 
-    def _infer(
-        self, modality: str, raws: list[Any], timeout_s: float | None
-    ) -> list[tuple[torch.Tensor, str] | InputError]:
-        """One request to the next replica; an unavailable replica is skipped for the next one, ``retries``
-        times, with a short backoff."""
-        from tritonclient.utils import InferenceServerException
-
+    def _order(self, modality: str) -> list[tuple[str, Any]]:
+        """Replicas to try, round robin; those that recently failed go last (a killed pod costs no request a
+        timeout or a backoff while the others are up)."""
         replicas = self.replicas[modality]
         with self._lock:
             start = next(self._turn[modality])
+        ring = [replicas[(start + i) % len(replicas)] for i in range(len(replicas))]
+        now = time.monotonic()
+        return sorted(ring, key=lambda r: self._down_until.get(r[0], 0.0) > now)
+
+    def _infer(
+        self, modality: str, raws: list[Any], timeout_s: float | None
+    ) -> list[tuple[torch.Tensor, str] | InputError]:
+        """One request to the next replica. Encoding is idempotent, so a replica that is unavailable (or goes
+        away with the request in flight) is marked down for a few seconds and the next one is asked; after a
+        full round, ``retries`` more attempts with a short backoff."""
+        from tritonclient.utils import InferenceServerException
+
+        order = self._order(modality)
         last: Exception | None = None
-        for attempt in range(1 + self.retries):
-            if attempt:
-                time.sleep(0.1 * 2**attempt)
-            address, client = replicas[(start + attempt) % len(replicas)]
+        for attempt in range(len(order) + self.retries):
+            if attempt >= len(order):
+                time.sleep(0.1 * 2 ** (attempt - len(order) + 1))
+            address, client = order[attempt % len(order)]
             try:
                 with ENCODER_CALLS.labels(modality).time():
                     res = client.infer(model_name(modality), [_triton_input(modality, raws)],
@@ -144,15 +159,20 @@ class EncoderPool:
                     raise InputError(msg.split(INVALID_INPUT, 1)[1].split("\n")[0].strip()) from None
                 if "UNAVAILABLE" not in str(e.status() or ""):
                     raise RuntimeError(f"{model_name(modality)} at {address}: {msg}") from None
-                log.warning("%s encoder at %s is unavailable; trying the next replica", modality, address)
+                log.warning("%s encoder at %s is unavailable (%s); trying the next replica", modality, address, msg)
+                with self._lock:
+                    self._down_until[address] = time.monotonic() + 5.0
                 last = e
                 continue
+            if address in self._down_until:
+                with self._lock:
+                    self._down_until.pop(address, None)
             embs, versions, errors = (res.as_numpy(k) for k in ("embeddings", "adapter_version", "error"))
             return [
                 InputError(_text(err)) if err else (torch.from_numpy(emb.copy()), _text(ver))
                 for emb, ver, err in zip(embs, versions[:, 0], errors[:, 0], strict=True)
             ]
-        raise RuntimeError(f"every {modality} encoder replica is unavailable: {last}")
+        raise ConnectionError(f"every {modality} encoder replica is unavailable; retry later ({last})")
 
 
 def _text(x: Any) -> str:
@@ -162,9 +182,10 @@ def _text(x: Any) -> str:
 class RemoteAssistant:
     """``Assistant.stream`` across services: encoders in parallel, then the LLM's token stream."""
 
-    def __init__(self, encoders: EncoderPool, llm_address: str, tokenizer, system_prompt: str | None):
+    def __init__(self, encoders: EncoderPool, llm_address: str, tokenizer, system_prompt: str | None,
+                 settings: Settings | None = None):  # fmt: skip
         self.encoders, self.tokenizer, self.system_prompt = encoders, tokenizer, system_prompt
-        self.channel = grpc.insecure_channel(llm_address, options=CHANNEL_OPTIONS)
+        self.address, self.channel = llm_address, channel(llm_address, settings or get_settings())
         self.llm = llm_pb2_grpc.LLMStub(self.channel)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="encode")
 

@@ -3,68 +3,168 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from modalink.auth import KeyRing, RateLimiter, key_from_headers
+from modalink.config import get_settings
 from modalink.errors import InputError, NotFound
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 << 20  # a few images or seconds of audio per request; larger is refused
+MAX_MESSAGE_BYTES = 64 << 20  # default of MODALINK_MAX_MESSAGE_MB: a few images or seconds of audio per request
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # a backend that went away is retried within a second or two of coming back (gRPC's default backoff grows
+    # to 120 s, which would keep a recovered LLM service unused for minutes)
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 3000),
 ]
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-class APIKeyInterceptor(grpc.ServerInterceptor):
-    """Requires ``x-api-key`` metadata from the given set on every call except health checks and reflection."""
+def _deny(code: grpc.StatusCode, message: str, trailers: tuple = ()):
+    def deny(request, context):
+        if trailers:
+            context.set_trailing_metadata(trailers)
+        context.abort(code, message)
 
-    OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+    return grpc.unary_unary_rpc_method_handler(deny)
 
-    def __init__(self, keys: set[str]):
-        self.keys = keys
 
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key (x-api-key metadata)")
+class AuthInterceptor(grpc.ServerInterceptor):
+    """API key (``x-api-key`` or ``authorization: Bearer``) and a per-caller rate limit on every call except
+    health checks and reflection. Without keys every caller is let in and the limit is per peer address."""
 
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+    def __init__(self, keys: KeyRing, limiter: RateLimiter | None = None):
+        self.keys, self.limiter = keys, limiter
+        message = "missing or unknown API key (x-api-key or authorization: Bearer metadata)"
+        self._unauthenticated = _deny(grpc.StatusCode.UNAUTHENTICATED, message)
 
     def intercept_service(self, continuation, details):
-        if details.method.startswith(self.OPEN):
+        if details.method.startswith(OPEN_METHODS):
             return continuation(details)
-        if dict(details.invocation_metadata).get("x-api-key") in self.keys:
-            return continuation(details)
-        return self._deny
+        metadata = {k.lower(): v for k, v in details.invocation_metadata if isinstance(v, str)}
+        caller = self.keys.identify(key_from_headers(metadata)) if self.keys else "anonymous"
+        if caller is None:
+            return self._unauthenticated
+        if self.limiter and (wait := self.limiter.acquire(caller)):
+            return _deny(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"rate limit of {self.limiter.rate:g} requests/s (burst {self.limiter.burst}) for this API "
+                         f"key exceeded; retry in {wait:.2f} s", (("retry-after", f"{wait:.3f}"),))  # fmt: skip
+        return continuation(details)
+
+
+def server_credentials(settings) -> grpc.ServerCredentials | None:
+    """mTLS for a service's gRPC port when ``MODALINK_TLS_CERT``/``_KEY`` are set: clients must present a
+    certificate signed by ``MODALINK_TLS_CA``."""
+    if not (settings.tls_cert and settings.tls_key):
+        return None
+    ca = settings.tls_ca.read_bytes() if settings.tls_ca else None
+    return grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+                                       root_certificates=ca, require_client_auth=ca is not None)  # fmt: skip
+
+
+def channel(address: str, settings, options=CHANNEL_OPTIONS) -> grpc.Channel:
+    """A channel from one service to another: mTLS with the service's own certificate when configured."""
+    if not settings.tls_ca:
+        return grpc.insecure_channel(address, options=options)
+    creds = grpc.ssl_channel_credentials(settings.tls_ca.read_bytes(),
+                                         settings.tls_key.read_bytes() if settings.tls_key else None,
+                                         settings.tls_cert.read_bytes() if settings.tls_cert else None)  # fmt: skip
+    return grpc.secure_channel(address, creds, options=options)
+
+
+@dataclass
+class Served:
+    """A started gRPC server, the port it got, and its health servicer (set NOT_SERVING to drain traffic)."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    services: tuple[str, ...]
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in [*self.services, ""]:
+            self.health.set(name, status)
+
+    def serve_until_signal(self, grace_s: float, app=None, http_host: str = "0.0.0.0", http_port: int = 0) -> None:
+        """Serve (gRPC, and the ASGI ``app`` on ``http_port`` if given) until SIGTERM or SIGINT, then drain: health
+        turns NOT_SERVING at once, new calls are refused, calls in flight get up to ``grace_s`` to finish
+        (Kubernetes sends SIGTERM and waits terminationGracePeriodSeconds)."""
+        drained = threading.Event()
+
+        def drain(*_) -> None:
+            if not drained.is_set():
+                drained.set()
+                log.info("shutting down: draining calls in flight (up to %.0f s)", grace_s)
+                self.health.enter_graceful_shutdown()
+                self._stopped = self.server.stop(grace_s)
+
+        if app is None:
+            signal.signal(signal.SIGTERM, drain)
+            signal.signal(signal.SIGINT, drain)
+            drained.wait()
+        else:
+            import uvicorn
+
+            class Server(uvicorn.Server):
+                def handle_exit(self, sig, frame):
+                    drain()
+                    super().handle_exit(sig, frame)
+
+            config = uvicorn.Config(app, host=http_host, port=http_port, log_level="warning",
+                                    timeout_graceful_shutdown=max(1, int(grace_s)))  # fmt: skip
+            Server(config).run()
+            drain()
+        self._stopped.wait(grace_s + 5)
+        log.info("stopped")
 
 
 def make_server(
     port: int, add: Sequence[tuple[Callable, object]], services: Sequence[str], host: str = "[::]", workers: int = 32,
-    api_keys: str = "",
-) -> tuple[grpc.Server, int]:  # fmt: skip
-    """A started gRPC server with health checking and reflection (so grpcurl works); returns (server, port).
+    settings=None, public: bool = False,
+) -> Served:  # fmt: skip
+    """A started gRPC server with health checking and reflection (so grpcurl works).
 
-    ``api_keys`` (comma-separated): when set, calls need one of them as ``x-api-key`` metadata.
+    From ``settings``: the message size limit; for an internal service mTLS (``tls_*``); for the ``public`` one
+    (the gateway) the API keys and the per-key rate limit instead (its clients have no certificates from the
+    services' CA; TLS to the outside is the ingress's).
     """
-    keys = {k.strip() for k in api_keys.split(",") if k.strip()}
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS,
-                         interceptors=[APIKeyInterceptor(keys)] if keys else [])  # fmt: skip
+    settings = settings or get_settings()
+    limit = settings.max_message_mb << 20
+    interceptors: list[grpc.ServerInterceptor] = [MalformedRequestInterceptor()]
+    if public:
+        keys = KeyRing.from_settings(settings)
+        limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
+        if keys or limiter:
+            interceptors.append(AuthInterceptor(keys, limiter))
+    options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors, options=options)
     for add_fn, servicer in add:
         add_fn(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in [*services, ""]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    creds = None if public else server_credentials(settings)
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if not bound:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
-    return server, bound
+    served = Served(server, bound, health_servicer, tuple(services))
+    served.set_serving(True)
+    return served
 
 
 def abort_on_input_error(context: grpc.ServicerContext, e: Exception) -> None:
@@ -80,3 +180,55 @@ def abort_on_input_error(context: grpc.ServicerContext, e: Exception) -> None:
         context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
     log.exception("request failed")
     context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+
+class _Malformed:
+    """What the wrapped deserializer returns for a request that does not parse (the reason, for the abort)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class MalformedRequestInterceptor(grpc.ServerInterceptor):
+    """A request that does not parse (bad protobuf, invalid UTF-8 in a string field) -> INVALID_ARGUMENT saying so.
+
+    grpc-python otherwise answers INTERNAL "Exception deserializing request", which blames the server. The
+    handler's deserializer is wrapped to return a ``_Malformed`` instead of raising, and its behavior aborts
+    on one before the servicer sees it. Unary requests only (no method here streams its requests).
+    """
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None or handler.request_streaming:
+            return handler
+        deserialize, method = handler.request_deserializer, details.method
+
+        def safe_deserialize(data: bytes):
+            try:
+                return deserialize(data)
+            except Exception:  # noqa: BLE001  (DecodeError; anything else is as malformed to the caller)
+                return _Malformed(_why(method, data))
+
+        def checked(behavior):
+            def run(request, context):
+                if isinstance(request, _Malformed):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                return behavior(request, context)
+
+            return run
+
+        kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        return handler._replace(request_deserializer=safe_deserialize, **{kind: checked(getattr(handler, kind))})
+
+
+def _why(method: str, data: bytes) -> str:
+    """The reason ``data`` is no request of ``method`` ("/pkg.Service/Method"), from the descriptor pool."""
+    from google.protobuf import descriptor_pool
+
+    from modalink.wire import malformed
+
+    try:
+        desc = descriptor_pool.Default().FindMethodByName(method.lstrip("/").replace("/", ".")).input_type
+    except KeyError:
+        return f"malformed request for {method} ({len(data)} bytes)"
+    return malformed(desc, data)

@@ -6,7 +6,8 @@ else Debian's), a Celery worker for captioning jobs and fine-tunes (and beat, wh
 image=2`` starts more, which the gateway balances), the LLM service and the gateway, each in its own
 process group with its log in ``<run dir>/logs``; waits until every one is healthy; records them in
 ``<run dir>/state.json`` so ``down`` stops exactly those. Ports are the documented defaults; replica i
-of a modality adds 100 * i.
+of a modality adds 100 * i. Only the gateway listens on every interface; the internal services bind to
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from modalink.errors import ConfigError
 from modalink.triton import PORTS, model_name
 
 GATEWAY_GRPC, GATEWAY_HTTP, LLM_GRPC, LLM_HTTP, REDIS_PORT = 50051, 8080, 50061, 8081, 6379
+# Only the gateway (which checks API keys) listens beyond this machine; encoders, LLM and Redis do not.
+INTERNAL_HOST = "127.0.0.1"
 
 
 @dataclass
@@ -57,9 +60,11 @@ def redis_server() -> str:
 def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None) -> list[Service]:
     py = [sys.executable, "-m", "modalink.cli"]
     services: list[Service] = []
-    if not redis_url:
+    if not redis_url:  # append-only file, fsynced per write: queued batches and job state survive a restart
+        (aof := Path("build/run/redis").resolve()).mkdir(parents=True, exist_ok=True)
         services.append(Service("redis", [redis_server(), "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
-                                          "--save", "", "--appendonly", "no"], {"tcp": REDIS_PORT}))  # fmt: skip
+                                          "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                                          "--dir", str(aof)], {"tcp": REDIS_PORT}))  # fmt: skip
     addresses = []
     for m in modalities:
         for i in range(replicas.get(m, 1)):
@@ -67,14 +72,15 @@ def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None)
             services.append(Service(
                 f"{m}-encoder-{i}",
                 [*py, "serve", "encoder", "-m", m, "--http-port", str(http), "--grpc-port", str(http + 1),
-                 "--metrics-port", str(http + 2)],
+                 "--metrics-port", str(http + 2), "--host", INTERNAL_HOST],
                 {"http": f"http://127.0.0.1:{http}/v2/models/{model_name(m)}/ready"},
             ))  # fmt: skip
             addresses.append(f"{m}=127.0.0.1:{http + 1}")
     # on a CPU the LLM serves fp16 weights through fbgemm (about 2x the decode speed, same answers)
     on_cpu = get_settings().torch_device().type == "cpu"
     llm_env = {"MODALINK_QUANTIZE": "fp16-cpu"} if on_cpu and "MODALINK_QUANTIZE" not in os.environ else {}
-    services.append(Service("llm", [*py, "serve", "llm", "--port", str(LLM_GRPC), "--http-port", str(LLM_HTTP)],
+    services.append(Service("llm", [*py, "serve", "llm", "--port", str(LLM_GRPC), "--http-port", str(LLM_HTTP),
+                                    "--host", INTERNAL_HOST],
                             {"grpc": f"127.0.0.1:{LLM_GRPC}"}, llm_env))  # fmt: skip
     wiring = {"MODALINK_ENCODERS": ",".join(addresses), "MODALINK_LLM_ADDRESS": f"127.0.0.1:{LLM_GRPC}"}
     queues = ",".join([*(f"caption.{m}" for m in [*modalities, "unknown"]), "finetune"])

@@ -8,12 +8,16 @@ Tensors are raw little-endian bytes; nothing is ever unpickled.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
+from modalink.config import get_settings
 from modalink.engine import GenerationParams
 from modalink.errors import InputError
 
@@ -26,6 +30,7 @@ __all__ = ["assistant_pb2", "common_pb2", "llm_pb2"]
 
 DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4", "uint8": "u1"}
 MAX_TENSOR_BYTES = 256 << 20
+MAX_TENSOR_DIMS = 8
 
 
 def to_tensor_msg(x: np.ndarray | torch.Tensor) -> common_pb2.Tensor:
@@ -45,15 +50,21 @@ def from_tensor_msg(
         raise InputError(f"{what}: dtype must be {' or '.join(dtypes)}, got {msg.dtype or '(empty)'!r}")
     shape = tuple(int(d) for d in msg.shape)
     if ndim is not None and len(shape) != ndim:
-        raise InputError(f"{what}: expected {ndim} dimensions, got shape {list(shape)}")
+        raise InputError(f"{what}: expected {ndim} dimensions, got shape {list(shape)[:16]}")
+    if len(shape) > MAX_TENSOR_DIMS:
+        raise InputError(f"{what}: {len(shape)} dimensions; at most {MAX_TENSOR_DIMS}")
     if any(d < 0 for d in shape):
         raise InputError(f"{what}: negative dimension in shape {list(shape)}")
     if len(msg.data) > MAX_TENSOR_BYTES:
         raise InputError(f"{what}: {len(msg.data)} bytes exceeds the limit of {MAX_TENSOR_BYTES}")
     dt = np.dtype(DTYPES[msg.dtype])
-    if int(np.prod(shape, dtype=np.int64)) * dt.itemsize != len(msg.data):
-        raise InputError(f"{what}: shape {list(shape)} of {msg.dtype} needs {int(np.prod(shape)) * dt.itemsize} "
-                         f"bytes, got {len(msg.data)}")  # fmt: skip
+    # numpy refuses even an empty array whose nonzero dimensions multiply past its limit ([0, 2**61])
+    if math.prod(d or 1 for d in shape) * dt.itemsize > MAX_TENSOR_BYTES:
+        raise InputError(f"{what}: shape {list(shape)} is over the limit of {MAX_TENSOR_BYTES} bytes")
+    # Python ints: a product that overflows int64 (and wraps to the data's length) cannot slip through.
+    needed = math.prod(shape) * dt.itemsize
+    if needed != len(msg.data):
+        raise InputError(f"{what}: shape {list(shape)} of {msg.dtype} needs {needed} bytes, got {len(msg.data)}")
     arr = np.frombuffer(msg.data, dtype=dt).reshape(shape)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise InputError(f"{what}: contains NaN or Inf")
@@ -85,16 +96,84 @@ def params_to_msg(p: GenerationParams) -> common_pb2.GenerationParams:
     return msg
 
 
+def parse_message(cls: type[Message], data: bytes) -> Message:
+    """``cls.FromString`` with an ``InputError`` that says what is wrong (see ``malformed``)."""
+    try:
+        return cls.FromString(data)
+    except DecodeError:
+        raise InputError(malformed(cls.DESCRIPTOR, data)) from None
+
+
+def malformed(desc: Descriptor, data: bytes) -> str:
+    """Why ``data`` does not parse as ``desc``: protobuf's own error names no field, so name the string field
+    with invalid UTF-8 (proto3 strings must be UTF-8) when that is the cause."""
+    field = _bad_utf8(desc, data)
+    if field:
+        return f"invalid UTF-8 in string field {field} of the {desc.full_name} request"
+    return f"malformed {desc.full_name} message ({len(data)} bytes): not a valid protobuf encoding"
+
+
+def _bad_utf8(desc: Descriptor, data: bytes, depth: int = 0) -> str | None:
+    """The first string field (full name) in ``data`` holding invalid UTF-8; None if none or unparsable."""
+
+    def varint(i: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while True:
+            b = data[i]
+            value |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if b < 0x80 or shift > 63:
+                return value, i
+
+    i = 0
+    try:
+        while i < len(data):
+            key, i = varint(i)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, i = varint(i)
+            elif wire_type in (1, 5):
+                i += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                n, i = varint(i)
+                if i + n > len(data):
+                    return None  # truncated: not a UTF-8 problem
+                chunk, i = data[i : i + n], i + n
+                field = desc.fields_by_number.get(number)
+                if field is None:
+                    continue
+                if field.type == FieldDescriptor.TYPE_STRING:
+                    try:
+                        chunk.decode("utf-8")
+                    except UnicodeDecodeError:
+                        return field.full_name
+                elif field.type == FieldDescriptor.TYPE_MESSAGE and depth < 32:
+                    if found := _bad_utf8(field.message_type, chunk, depth + 1):
+                        return found
+            else:
+                return None  # groups (proto2) or garbage: not a UTF-8 problem
+    except IndexError:
+        return None
+    return None
+
+
 def wav_bytes(pcm: np.ndarray, sample_rate: int) -> bytes:
     """PCM float32 [n] or [channels, n] as a float WAV file (lossless), the encoders' audio input."""
     import soundfile as sf
 
-    if sample_rate <= 0 or sample_rate > 384_000:
-        raise InputError(f"audio sample_rate must be in 1..384000 Hz, got {sample_rate}")
+    from modalink.encoders.audio import MAX_AUDIO_CHANNELS, MAX_SAMPLE_RATE
+
+    if not 1 <= sample_rate <= MAX_SAMPLE_RATE:
+        raise InputError(f"audio sample_rate must be in 1..{MAX_SAMPLE_RATE} Hz, got {sample_rate}")
     if pcm.ndim == 2:
+        if not 1 <= pcm.shape[0] <= MAX_AUDIO_CHANNELS:
+            raise InputError(f"audio pcm [channels, n] must have 1..{MAX_AUDIO_CHANNELS} channels, "
+                             f"got shape {list(pcm.shape)}")  # fmt: skip
         pcm = pcm.T  # soundfile wants [n, channels]
     elif pcm.ndim != 1:
         raise InputError(f"audio pcm must be [n] or [channels, n], got shape {list(pcm.shape)}")
+    if pcm.shape[0] == 0:
+        raise InputError("audio pcm has no samples")
     buf = io.BytesIO()
     sf.write(buf, pcm.astype(np.float32), sample_rate, format="WAV", subtype="FLOAT")
     return buf.getvalue()
@@ -122,17 +201,23 @@ def part_input(part: common_pb2.Part) -> tuple[str, Any]:
     return "video", v.data
 
 
-def text_and_inputs(parts: Sequence[common_pb2.Part]) -> tuple[str, list[tuple[str, Any]]]:
+def check_turn(text: str, n_media: int, n_parts: int, max_parts: int | None = None) -> None:
+    """A user turn's limits, the same through gRPC and HTTP: some text or media, at most ``max_parts`` parts."""
+    max_parts = get_settings().max_parts if max_parts is None else max_parts
+    if n_parts > max_parts:
+        raise InputError(f"too many parts: {n_parts}; the limit is {max_parts} (MODALINK_MAX_PARTS)")
+    if not text.strip() and not n_media:
+        raise InputError("empty prompt: no text and no media")
+
+
+def text_and_inputs(
+    parts: Sequence[common_pb2.Part], max_parts: int | None = None
+) -> tuple[str, list[tuple[str, Any]]]:
     """The user turn as ``Assistant.stream`` takes it: (text parts joined by spaces, media inputs in order).
 
     As in ``modalink ask``, media follow the text (AnyMAL order, how the adapters were trained) unless the
-    text places them with tags (``<image>``), as ``place_media`` does.
+    text places them with tags (``<image>``), as ``place_media`` does. Limits: see ``check_turn``.
     """
-    texts, inputs = [], []
-    for part in parts:
-        modality, raw = part_input(part)
-        if modality == "text":
-            texts.append(raw)
-        else:
-            inputs.append((modality, raw))
-    return " ".join(t for t in texts if t), inputs
+    text = " ".join(p.text for p in parts if p.WhichOneof("kind") == "text" and p.text)
+    check_turn(text, sum(p.WhichOneof("kind") != "text" for p in parts), len(parts), max_parts)  # before decoding
+    return text, [(m, raw) for m, raw in map(part_input, parts) if m != "text"]

@@ -24,6 +24,8 @@ from modalink.encoders.base import Encoder, Raw, read_bytes
 from modalink.errors import InputError
 
 SAMPLE_RATE = 16_000
+MAX_SAMPLE_RATE, MAX_AUDIO_CHANNELS = 384_000, 64  # of a file or of PCM from a client
+UNKNOWN_LENGTH = 2**62  # libsndfile's frame count of a stream whose header gives none (SF_COUNT_MAX)
 WINDOW_S = 30
 
 
@@ -41,12 +43,7 @@ def decode_audio(data: Raw | np.ndarray, sample_rate: int | None = None, max_sec
             raise InputError("raw PCM audio needs a positive sample_rate")
         audio, rate = data, sample_rate
     else:
-        raw = read_bytes(data, "audio")
-        try:
-            audio, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-            raise InputError(f"not a decodable audio file (WAV/FLAC/OGG expected, {len(raw)} bytes): {e}") from None
-        audio = audio.mean(axis=1)
+        audio, rate = _read_file(read_bytes(data, "audio"), max_seconds)
     audio = np.asarray(audio)
     if audio.dtype.kind in "iu":  # integer PCM (e.g. int16) to [-1, 1]
         info = np.iinfo(audio.dtype)
@@ -65,6 +62,34 @@ def decode_audio(data: Raw | np.ndarray, sample_rate: int | None = None, max_sec
     if not np.isfinite(audio).all():
         raise InputError("audio contains NaN or Inf samples")
     return resample(audio, int(rate))
+
+
+def _read_file(raw: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
+    """Mono float32 samples and rate of an encoded file, decoded in blocks and never past ``max_seconds``.
+
+    A compressed file can hold far more audio than its size suggests (minutes of silence in a few KB of FLAC),
+    so the length is checked from the header and while decoding, not after.
+    """
+    try:
+        with sf.SoundFile(io.BytesIO(raw)) as f:
+            rate, channels = f.samplerate, f.channels
+            if not 1 <= rate <= MAX_SAMPLE_RATE or not 1 <= channels <= MAX_AUDIO_CHANNELS:
+                raise InputError(f"audio file has {channels} channels at {rate} Hz; at most {MAX_AUDIO_CHANNELS} "
+                                 f"channels at 1..{MAX_SAMPLE_RATE} Hz are accepted")  # fmt: skip
+            limit = int(max_seconds * rate) + 1
+            if limit < f.frames < UNKNOWN_LENGTH:  # the header's claim; the loop below holds to the limit anyway
+                raise InputError(f"audio is {f.frames / rate:.1f} s long; the limit is {max_seconds:.0f} s")
+            blocks, n = [], 0
+            while len(block := f.read(1 << 16, dtype="float32", always_2d=True)):
+                blocks.append(block.mean(axis=1))
+                n += len(block)
+                if n > limit:
+                    raise InputError(f"audio is longer than the limit of {max_seconds:.0f} s")
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001  (libsndfile's errors on untrusted bytes: LibsndfileError, RuntimeError...)
+        raise InputError(f"not a decodable audio file (WAV/FLAC/OGG expected, {len(raw)} bytes): {e}") from None
+    return (np.concatenate(blocks) if blocks else np.zeros(0, np.float32)), rate
 
 
 def whisper_ct2_dir(cache_dir: Path) -> Path:

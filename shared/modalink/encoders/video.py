@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from modalink.config import Settings
 from modalink.encoders.base import Encoder, Raw, read_bytes
-from modalink.encoders.image import ImageEncoder, decode_image
+from modalink.encoders.image import FORMATS, ImageEncoder, decode_image
 from modalink.errors import InputError
 
 FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -64,19 +64,21 @@ def _sample_by_time(img: Image.Image, n: int, k: int) -> list[Image.Image]:
 def _container_frames(raw: bytes, k: int, max_pixels: int) -> list[Image.Image]:
     """Frames of an animated image (GIF/WebP) via Pillow, else of a video container (MP4, WebM...) via PyAV."""
     try:
-        img = Image.open(io.BytesIO(raw))
-        n = getattr(img, "n_frames", 1)
+        img = Image.open(io.BytesIO(raw), formats=FORMATS)
         if img.size[0] * img.size[1] > max_pixels:
             raise InputError(f"video frame size {img.size[0]}x{img.size[1]} exceeds {max_pixels} pixels")
+        n = getattr(img, "n_frames", 1)
+        if n > MAX_DECODED_FRAMES:
+            raise InputError(f"animated image has {n} frames; the limit is {MAX_DECODED_FRAMES}")
         return [_shrink(f) for f in _sample_by_time(img, n, k)]
     except UnidentifiedImageError:
         pass
-    except InputError:
+    except (InputError, MemoryError):
         raise
     except Image.DecompressionBombError as e:
         raise InputError(f"video frame dimensions exceed the decoder's safety limit: {e}") from None
-    except (OSError, EOFError, ValueError) as e:
-        raise InputError(f"corrupt animated image: {e}") from None
+    except Exception as e:  # noqa: BLE001  (a format plugin's error on untrusted bytes, of any type)
+        raise InputError(f"corrupt animated image: {type(e).__name__}: {e}") from None
     import av
 
     try:
@@ -93,9 +95,9 @@ def _container_frames(raw: bytes, k: int, max_pixels: int) -> list[Image.Image]:
                     break
                 if wanted is None or i in wanted:
                     frames.append(_shrink(frame.to_image()))
-    except InputError:
+    except (InputError, MemoryError):
         raise
-    except (av.error.FFmpegError, ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001  (FFmpegError, or a frame conversion's error on odd data)
         raise InputError(f"not a decodable video (GIF/WebP/MP4/WebM or a folder of frames expected): {e}") from None
     if wanted is None:
         frames = [frames[i] for i in sample_indices(len(frames), k)]
@@ -113,6 +115,8 @@ def decode_video(
     if isinstance(data, list):
         if not data:
             raise InputError("video has no frames")
+        if len(data) > MAX_DECODED_FRAMES:
+            raise InputError(f"video has {len(data)} frames; the limit is {MAX_DECODED_FRAMES}")
         return [decode_image(data[i], max_pixels) for i in sample_indices(len(data), n_frames)]
     frames = _container_frames(read_bytes(data, "video"), n_frames, max_pixels)
     if not frames:

@@ -1,0 +1,244 @@
+"""Who gets in: API keys kept as hashes (gRPC metadata and HTTP Bearer), the per-key rate limit, and mTLS between
+the services, against real processes: an image encoder and the LLM service that require client certificates,
+and a gateway that presents one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from procs import Procs, free_port, record_figures, wait_grpc, wait_triton
+
+from modalink.auth import KeyRing, RateLimiter, hash_key, key_from_headers
+from modalink.errors import ConfigError
+from modalink.wire import assistant_pb2, common_pb2, llm_pb2
+
+MODALINK = [sys.executable, "-m", "modalink.cli"]
+HASHED_KEY, PLAIN_KEY = "mlk_hashed-at-rest", "mlk_plain-in-env"
+
+
+def make_certs(out: Path) -> dict[str, Path]:
+    """A CA and one certificate for the services (server and client use, SAN 127.0.0.1/localhost), and a
+    certificate from another CA that the services must refuse."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(stem: str, key, cert) -> None:
+        (out / f"{stem}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
+        (out / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def ca(cn: str):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn)).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))  # fmt: skip
+        return key, cert
+
+    def leaf(cn: str, issuer_key, issuer_cert):
+        key = ec.generate_private_key(ec.SECP256R1())
+        san = x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        )
+        eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(issuer_cert.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(san, critical=False).add_extension(eku, critical=False)
+                .sign(issuer_key, hashes.SHA256()))  # fmt: skip
+        return key, cert
+
+    ca_key, ca_cert = ca("modalink test CA")
+    write("ca", ca_key, ca_cert)
+    write("service", *leaf("modalink-service", ca_key, ca_cert))
+    rogue_key, rogue_cert = ca("someone else's CA")
+    write("rogue", *leaf("intruder", rogue_key, rogue_cert))
+    return {stem: out / f"{stem}.pem" for stem in ("ca", "service", "rogue")} | {
+        f"{stem}_key": out / f"{stem}.key" for stem in ("service", "rogue")
+    }
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory, samples):
+    certs = make_certs(tmp_path_factory.mktemp("certs"))
+    tls = {"MODALINK_TLS_CERT": str(certs["service"]), "MODALINK_TLS_KEY": str(certs["service_key"]),
+           "MODALINK_TLS_CA": str(certs["ca"])}  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MODALINK_NUM_THREADS": "1", "MODALINK_QUANTIZE": "fp16-cpu", **tls}
+    procs = Procs(tmp_path_factory.mktemp("logs"), env)
+    try:
+        http, grpc_port, metrics = free_port(), free_port(), free_port()
+        ports = ["--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)]
+        encoder = procs.start("image", [*MODALINK, "serve", "encoder", "-m", "image", *ports, "--host", "127.0.0.1"])
+        llm_port, gw_port, gw_http = free_port(), free_port(), free_port()
+        llm = procs.start("llm", [*MODALINK, "serve", "llm", "--port", str(llm_port), "--http-port", "0"])
+        gateway = procs.start(
+            "gateway", [*MODALINK, "serve", "gateway", "--port", str(gw_port), "--http-port", str(gw_http)],
+            {"MODALINK_ENCODERS": f"image=127.0.0.1:{grpc_port}", "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}",
+             "MODALINK_API_KEY_HASHES": hash_key(HASHED_KEY), "MODALINK_API_KEYS": PLAIN_KEY,
+             "MODALINK_RATE_LIMIT_RPS": "1", "MODALINK_RATE_LIMIT_BURST": "4"},
+        )  # fmt: skip
+        wait_triton(http, "image_encoder", *encoder)
+        wait_llm_tls(f"127.0.0.1:{llm_port}", certs, *llm)
+        wait_grpc(f"127.0.0.1:{gw_port}", *gateway)  # the gateway's own port is plain (behind the ingress's TLS)
+        yield {"certs": certs, "encoder": f"127.0.0.1:{grpc_port}", "llm": f"127.0.0.1:{llm_port}",
+               "gateway": f"127.0.0.1:{gw_port}", "http": f"http://127.0.0.1:{gw_http}",
+               "image": Path(samples["image"]).read_bytes()}  # fmt: skip
+    finally:
+        procs.stop_all()
+
+
+def tls_channel(address: str, certs: dict, client: str | None = "service") -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(certs["ca"].read_bytes(),
+                                         certs[f"{client}_key"].read_bytes() if client else None,
+                                         certs[client].read_bytes() if client else None)  # fmt: skip
+    return grpc.secure_channel(address, creds)
+
+
+def wait_llm_tls(address: str, certs: dict, proc, log, timeout: float = 180) -> None:
+    from modalink.v1 import llm_pb2_grpc
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llm exited:\n{log.read_text()[-3000:]}")
+        with tls_channel(address, certs) as ch:
+            try:
+                llm_pb2_grpc.LLMStub(ch).Info(llm_pb2.InfoRequest(), timeout=2)
+                return
+            except grpc.RpcError:
+                time.sleep(0.5)
+    raise TimeoutError(f"llm not up:\n{log.read_text()[-3000:]}")
+
+
+def embed(address: str, image: bytes, metadata=()) -> assistant_pb2.EmbedResponse:
+    from modalink.v1 import assistant_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        part = common_pb2.Part(image=common_pb2.Image(data=image))
+        return assistant_pb2_grpc.AssistantStub(ch).Embed(assistant_pb2.EmbedRequest(part=part), timeout=60,
+                                                          metadata=metadata)  # fmt: skip
+
+
+def test_key_ring_keeps_only_hashes_and_reads_both_headers():
+    ring = KeyRing(keys=["k-plain"], hashes=[hash_key("k-hashed")])
+    assert all(h.startswith("sha256:") and "k-" not in h for h in ring.hashes)
+    assert (
+        ring.identify("k-plain") and ring.identify("k-hashed") and ring.identify("k-plain") != ring.identify("k-hashed")
+    )
+    assert ring.identify("k-other") is None and ring.identify("") is None and ring.identify(None) is None
+    assert key_from_headers({"authorization": "Bearer abc"}) == "abc" == key_from_headers({"x-api-key": "abc"})
+    assert key_from_headers({"authorization": "Basic abc"}) is None
+    with pytest.raises(ConfigError, match="sha256:<64"):
+        KeyRing(hashes=["sha256:not-hex"])
+
+
+def test_rate_limiter_allows_the_burst_then_the_rate():
+    limiter = RateLimiter(rate=2.0, burst=3)
+    assert [limiter.acquire("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = limiter.acquire("a")
+    assert 0 < wait <= 0.5
+    assert limiter.acquire("b") == 0.0  # another key has its own bucket
+    time.sleep(wait + 0.05)
+    assert limiter.acquire("a") == 0.0
+
+
+def test_grpc_needs_a_key_as_metadata_or_bearer(secured):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for metadata in [(), (("x-api-key", "wrong"),), (("authorization", f"Bearer {hash_key(HASHED_KEY)}"),)]:
+        with pytest.raises(grpc.RpcError) as err:  # the hash itself is not a key
+            embed(secured["gateway"], secured["image"], metadata)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "API key" in err.value.details()
+    # the embeddings come from the encoder over mTLS: the gateway presented its certificate
+    assert embed(secured["gateway"], secured["image"], (("x-api-key", HASHED_KEY),)).embeddings.shape == [8, 576]
+    res = embed(secured["gateway"], secured["image"], (("authorization", f"Bearer {PLAIN_KEY}"),))
+    assert res.embeddings.shape == [8, 576]
+    with grpc.insecure_channel(secured["gateway"]) as ch:  # probes need no key
+        assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
+
+
+def http_chat(secured, key: str | None) -> tuple[int, dict, str]:
+    import json
+
+    body = json.dumps({"model": "modalink", "max_tokens": 2, "messages": [{"role": "user", "content": "Say hi."}]})
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(f"{secured['http']}/v1/chat/completions", body.encode(), headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as res:
+            return res.status, dict(res.headers), res.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def test_http_needs_a_bearer_key_and_generates_over_mtls(secured):
+    status, _, body = http_chat(secured, None)
+    assert status == 401 and "API key" in body
+    status, _, body = http_chat(secured, HASHED_KEY)  # the LLM service is reached over mTLS
+    assert status == 200 and '"choices"' in body, body
+
+
+def test_rate_limit_per_key(secured):
+    """Burst 4, then 1 request/s: a fast loop of one key is turned away with a retry hint; another key is not."""
+    codes, retry_after = [], None
+    for _ in range(8):
+        try:
+            embed(secured["gateway"], secured["image"], (("x-api-key", PLAIN_KEY),))
+            codes.append("OK")
+        except grpc.RpcError as e:
+            codes.append(e.code().name)
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                retry_after = dict(e.trailing_metadata() or ()).get("retry-after")
+                assert "rate limit" in e.details() and "retry in" in e.details()
+    assert codes[:3] == ["OK"] * 3 and "RESOURCE_EXHAUSTED" in codes, codes
+    assert retry_after and 0 < float(retry_after) <= 1.0
+    assert embed(secured["gateway"], secured["image"], (("x-api-key", HASHED_KEY),))  # its own bucket
+    statuses = [http_chat(secured, PLAIN_KEY) for _ in range(6)]
+    limited = [h for s, h, _ in statuses if s == 429]
+    assert limited and all(int(h["retry-after"]) >= 1 for h in limited), [s for s, _, _ in statuses]
+    record_figures("rate_limit", grpc_calls=len(codes), grpc_refused=codes.count("RESOURCE_EXHAUSTED"),
+                   http_calls=len(statuses), http_refused=len(limited))  # fmt: skip
+
+
+def test_internal_services_refuse_clients_without_a_trusted_certificate(secured):
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    from modalink.v1 import llm_pb2_grpc
+
+    certs, info = secured["certs"], llm_pb2.InfoRequest()
+    refused = []
+    for label, ch in [("plaintext", grpc.insecure_channel(secured["llm"])),
+                      ("TLS without a client certificate", tls_channel(secured["llm"], certs, None)),
+                      ("a certificate from another CA", tls_channel(secured["llm"], certs, "rogue"))]:  # fmt: skip
+        with ch, pytest.raises(grpc.RpcError) as err:
+            llm_pb2_grpc.LLMStub(ch).Info(info, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (label, err.value)
+        refused.append(label)
+    with tls_channel(secured["llm"], certs) as ch:
+        assert llm_pb2_grpc.LLMStub(ch).Info(info, timeout=10).hidden_size == 576
+    plain = tg.InferenceServerClient(secured["encoder"])
+    with pytest.raises(InferenceServerException):
+        plain.is_server_live(client_timeout=10)
+    pem = {"root_certificates": str(certs["ca"]), "private_key": str(certs["service_key"]),
+           "certificate_chain": str(certs["service"])}  # fmt: skip
+    trusted = tg.InferenceServerClient(secured["encoder"], ssl=True, **pem)
+    assert trusted.is_model_ready("image_encoder", client_timeout=10)
+    record_figures("mtls", refused_llm_clients=refused, refused_encoder_clients=["plaintext"])
