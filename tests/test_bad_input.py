@@ -160,7 +160,7 @@ TENSORS = {
     # (2**62 + 1) * 4 wraps to 4 elements, 16 bytes: exactly the data's length
     "overflow to data length": (T(dtype="float32", shape=[2**62 + 1, 4], data=b"\0" * 16), "is over the limit"),
     "empty but huge dim": (T(dtype="float32", shape=[0, 2**61]), "is over the limit of 268435456 bytes"),
-    "empty but huge dims": (T(dtype="float64", shape=[0, 8, 8, 2**27, 2**27]), "is over the limit"),
+    "empty but huge dims": (T(dtype="float32", shape=[0, 8, 8, 2**27, 2**27]), "is over the limit"),
     "NaN": (tensor(np.array([[1.0, np.nan]], np.float32)), "NaN or Inf"),
     "Inf": (tensor(np.array([[np.inf, 1.0]], np.float32)), "NaN or Inf"),
     "oversize": (lambda: T(dtype="float32", shape=[MAX_TENSOR_BYTES // 4 + 1], data=b"\0" * (MAX_TENSOR_BYTES + 4)),
@@ -303,7 +303,7 @@ IMU = {
     "too short": (npy(np.zeros((6, 4), np.float32)), "16..100000 time steps, got 4"),
     "object dtype npy": (npy(np.array([[None] * 20] * 6, dtype=object)), "must hold numbers, got dtype object"),
     "npy header claims 24 TB": (npy_declaring((6, 10**12)), "header says shape [6, 1000000000000]"),
-    "npy bad header": (b"\x93NUMPY\x01\x00\x10\x00{'descr': 1}   \n", "IMU data must be .npy or numeric CSV"),
+    "npy bad header": (b"\x93NUMPY\x01\x00\x10\x00{'descr': 1}   \n", "IMU .npy header is corrupt"),
     "CSV text": (b"a,b,c\n1,2,3\n", "IMU data must be .npy or numeric CSV"),
     "not UTF-8": (b"\xff\xfe\x00garbage", "IMU data must be .npy or numeric CSV"),
 }

@@ -160,3 +160,25 @@ def test_docker_compose_runs_what_modalink_up_runs():
     compose_worker = compose["worker"]["command"]
     assert compose_worker[compose_worker.index("-Q") + 1] == worker_queues
     assert compose["beat"]["command"][:4] == ["celery", "-A", "services.worker.app", "beat"]
+
+
+def test_the_secret_holds_only_key_hashes_and_tls_reaches_every_service():
+    from modalink.auth import KeyRing, hash_key
+
+    objects = validate.render({"apiKeys": ["mlk_plain-key-1"], "apiKeyHashes": [hash_key("mlk_other-key-2")],
+                               "tls": {"existingSecret": "modalink-mtls"}})  # fmt: skip
+    assert validate.validate_objects(objects) == []
+    secret = find(objects, "Secret", "modalink-api-keys")["stringData"]
+    assert set(secret) == {"MODALINK_API_KEY_HASHES"} and "mlk_" not in secret["MODALINK_API_KEY_HASHES"]
+    ring = KeyRing(hashes=secret["MODALINK_API_KEY_HASHES"].split(","))  # what the gateway reads
+    assert ring.identify("mlk_plain-key-1") and ring.identify("mlk_other-key-2") and not ring.identify("mlk_nope")
+    config = find(objects, "ConfigMap", "modalink-config")["data"]
+    assert config["MODALINK_TLS_CA"] == "/etc/modalink/tls/ca.crt"
+    for o in objects:
+        if o["kind"] == "Deployment":
+            pod = o["spec"]["template"]["spec"]
+            assert {"name": "tls", "secret": {"secretName": "modalink-mtls"}} in pod["volumes"], o["metadata"]["name"]
+            assert all(any(m["name"] == "tls" for m in c["volumeMounts"]) for c in pod["containers"])
+            assert all(c["lifecycle"]["preStop"] for c in pod["containers"])  # drain before SIGTERM
+    with pytest.raises(Exception, match="sha256"):
+        validate.render({"apiKeyHashes": ["not-a-hash"]})

@@ -98,12 +98,12 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         params = params_from_msg(request.params, default_max_new_tokens=48)
         safety = SafetyFilter.from_settings(self.settings)
         if refusal := safety.check_input(default_question(modality), [(modality, raw)]):
-            return assistant_pb2.CaptionResponse(caption=refusal.text, modality=modality)
+            return assistant_pb2.CaptionResponse(caption=refusal.text, modality=modality, finish_reason=CONTENT_FILTER)
         stream, versions = self._start(default_question(modality), [(modality, raw)], params, context)
         out = list(safety.filter_output(stream))
         text = final_text([piece for _, piece, _ in out], out[-1][2])
         return assistant_pb2.CaptionResponse(caption=text.strip(), adapter_version=versions[modality],
-                                             modality=modality)  # fmt: skip
+                                             modality=modality, finish_reason=out[-1][2])  # fmt: skip
 
     # -- offline captioning jobs (the Celery workers do the work; Redis holds the state) -------------
     @tracked
@@ -197,6 +197,7 @@ def serve(settings: Settings | None = None, port: int = 50051, host: str = "[::]
     from services.gateway.openai_http import build_app
 
     settings = settings or get_settings()
+    SafetyFilter.from_settings(settings)  # a bad MODALINK_SAFETY_* fails here, not at the first request
     remote = build(settings)
     servicer = AssistantService(remote, settings)
     served = make_server(port, [(assistant_pb2_grpc.add_AssistantServicer_to_server, servicer)], [SERVICE], host,

@@ -46,6 +46,10 @@ volumes:
       claimName: {{ include "modalink.claim" . }}
   - name: tmp
     emptyDir: {}
+  {{- if .Values.tls.existingSecret }}
+  - name: tls
+    secret: {secretName: {{ .Values.tls.existingSecret }}}
+  {{- end }}
 {{- end -}}
 
 {{/* seeds the shared volume with the image's trained adapters once (cp -n never overwrites) */}}
@@ -73,9 +77,17 @@ envFrom:
   - secretRef:
       name: {{ .Values.existingApiKeySecret | default (printf "%s-api-keys" (include "modalink.fullname" .)) }}
 securityContext: {{ toYaml .Values.securityContext | nindent 2 }}
+# the endpoints controller and load balancers take a moment to stop sending traffic after a pod starts
+# terminating; the service drains its calls in flight after SIGTERM (MODALINK_SHUTDOWN_GRACE_S)
+lifecycle:
+  preStop:
+    exec: {command: ["sleep", "3"]}
 volumeMounts:
   - {name: shared, mountPath: /shared}
   - {name: tmp, mountPath: /tmp}
+  {{- if .Values.tls.existingSecret }}
+  - {name: tls, mountPath: /etc/modalink/tls, readOnly: true}
+  {{- end }}
 {{- end -}}
 
 {{- define "modalink.gpuResources" -}}
