@@ -231,7 +231,7 @@ IMAGES = {
     "truncated PNG data": (png(64, 64)[:-30], "corrupt or truncated image"),
     "truncated JPEG": (jpeg()[: len(jpeg()) // 2], "image"),
     "corrupt PNG CRC": (png()[:20] + b"\xff" * 8 + png()[28:], "not a decodable image"),
-    "unsupported format (ICO)": (b"\0\0\1\0\1\0\x10\x10" + b"\0" * 200, "not a decodable image"),
+    "unsupported format (PPM)": (b"P6\n2 2\n255\n" + b"\0" * 12, "unsupported image format PPM"),
     "bomb 100000x100000": (png_declaring(100_000, 100_000), "image dimensions exceed the decoder's safety limit"),
     "bomb 7000x7000": (png_declaring(7000, 7000), "image dimensions 7000x7000 exceed the limit of 40000000 pixels"),
 }

@@ -36,18 +36,20 @@ def topo(tmp_path_factory):
                                     str(ports["http"]), "--grpc-port", str(ports["grpc"]), "--metrics-port",
                                     str(ports["metrics"]), "--host", "127.0.0.1"])  # fmt: skip
             replicas.append({**ports, "proc": proc, "log": log, "name": f"image{i}"})
-        llm_port, gw_port = free_port(), free_port()
+        llm_port, gw_port, gw_http = free_port(), free_port(), free_port()
         llm_cmd = [*MODALINK, "serve", "llm", "--port", str(llm_port), "--http-port", "0", "--host", "127.0.0.1"]
         llm = procs.start("llm", llm_cmd)
         spec = ",".join(f"image=127.0.0.1:{r['grpc']}" for r in replicas)
-        gateway = procs.start("gateway", [*MODALINK, "serve", "gateway", "--port", str(gw_port), "--http-port", "0"],
+        gateway = procs.start("gateway", [*MODALINK, "serve", "gateway", "--port", str(gw_port), "--http-port",
+                                          str(gw_http)],
                               {"MODALINK_ENCODERS": spec, "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}"})  # fmt: skip
         for r in replicas:
             wait_triton(r["http"], "image_encoder", r["proc"], r["log"])
         wait_grpc(f"127.0.0.1:{llm_port}", *llm)
         wait_grpc(f"127.0.0.1:{gw_port}", *gateway)
         yield {"procs": procs, "replicas": replicas, "llm": f"127.0.0.1:{llm_port}", "llm_cmd": llm_cmd,
-               "gateway": f"127.0.0.1:{gw_port}", "gateway_proc": gateway[0]}  # fmt: skip
+               "gateway": f"127.0.0.1:{gw_port}", "http": f"http://127.0.0.1:{gw_http}",
+               "gateway_proc": gateway[0]}  # fmt: skip
     finally:
         procs.stop_all()
 
@@ -83,6 +85,20 @@ def wait_for(predicate, timeout: float, what: str) -> float:
 def text_request(text: str, n: int) -> assistant_pb2.GenerateRequest:
     return assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text=text)],
                                          params=common_pb2.GenerationParams(max_new_tokens=n))  # fmt: skip
+
+
+def http_chat(base: str) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"model": "modalink", "max_tokens": 2, "messages": [{"role": "user", "content": "Say hi."}]})
+    req = urllib.request.Request(f"{base}/v1/chat/completions", body.encode(), {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as res:
+            return res.status, {k.lower(): v for k, v in res.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}
 
 
 def test_killing_one_encoder_replica_under_load_fails_no_request(topo, stub, samples):
@@ -146,7 +162,10 @@ def test_llm_stop_drains_then_the_gateway_fails_fast_and_recovers(topo, stub):
         list(stub.Generate(text_request("Say hi.", 4), timeout=60))
     fail_s = time.monotonic() - t0
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    assert dict(err.value.trailing_metadata())["retry-after"] == "1" and "retry in" in err.value.details()
     assert fail_s < 10, f"took {fail_s:.1f} s of a 60 s deadline"
+    status, headers = http_chat(topo["http"])
+    assert status == 503 and headers["retry-after"] == "1"
 
     proc, log = procs.start("llm", topo["llm_cmd"])
     wait_grpc(topo["llm"], proc, log)

@@ -142,11 +142,24 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", settings: Set
 
     @app.exception_handler(grpc.RpcError)
     async def upstream(request: Request, e: grpc.RpcError):
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            return unavailable(f"llm service: {e.details()}")
         bad = e.code() == grpc.StatusCode.INVALID_ARGUMENT
         count("400" if bad else "502")
         return _error(
             400 if bad else 502, f"llm service: {e.details()}", "invalid_request_error" if bad else "api_error"
         )
+
+    @app.exception_handler(ConnectionError)
+    async def backend_down(request: Request, e: ConnectionError):
+        return unavailable(str(e))
+
+    def unavailable(message: str) -> JSONResponse:
+        """503 with Retry-After: a backend is down or restarting; the same request may succeed shortly."""
+        count("503")
+        response = _error(503, f"{message}; retry in 1 s", "api_error")
+        response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(Exception)
     async def failure(request: Request, e: Exception):

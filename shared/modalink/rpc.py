@@ -111,9 +111,10 @@ class Served:
                 self.health.enter_graceful_shutdown()
                 self._stopped = self.server.stop(grace_s)
 
+        # (uvicorn restores the handlers it found and raises the signal again when it is done: they must be these)
+        signal.signal(signal.SIGTERM, drain)
+        signal.signal(signal.SIGINT, drain)
         if app is None:
-            signal.signal(signal.SIGTERM, drain)
-            signal.signal(signal.SIGINT, drain)
             drained.wait()
         else:
             import uvicorn
@@ -175,11 +176,20 @@ def abort_on_input_error(context: grpc.ServicerContext, e: Exception) -> None:
     if isinstance(e, InputError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            unavailable(context, f"upstream: {e.details()}")
         context.abort(e.code(), f"upstream: {e.details()}")
     if isinstance(e, (ConnectionError, TimeoutError)):
-        context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        unavailable(context, str(e))
     log.exception("request failed")
     context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+
+def unavailable(context: grpc.ServicerContext, message: str, retry_after_s: float = 1.0) -> None:
+    """UNAVAILABLE with a retry hint (``retry-after`` trailing metadata, seconds): a backend is down or restarting,
+    and the same request may succeed shortly (modalink.client retries it by itself)."""
+    context.set_trailing_metadata((("retry-after", f"{retry_after_s:g}"),))
+    context.abort(grpc.StatusCode.UNAVAILABLE, f"{message}; retry in {retry_after_s:g} s")
 
 
 class _Malformed:

@@ -88,7 +88,8 @@ def _read_file(raw: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001  (libsndfile's errors on untrusted bytes: LibsndfileError, RuntimeError...)
-        raise InputError(f"not a decodable audio file (WAV/FLAC/OGG expected, {len(raw)} bytes): {e}") from None
+        why = str(e).split(">: ", 1)[-1]  # libsndfile's "Error opening <_io.BytesIO object at 0x...>: why"
+        raise InputError(f"not a decodable audio file (WAV/FLAC/OGG expected, {len(raw)} bytes): {why}") from None
     return (np.concatenate(blocks) if blocks else np.zeros(0, np.float32)), rate
 
 

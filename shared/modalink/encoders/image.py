@@ -29,14 +29,16 @@ def decode_image(data: Raw | Image.Image, max_pixels: int = 40_000_000) -> Image
         img = data
     else:
         raw = read_bytes(data, "image")
-        try:  # only the listed formats' parsers see untrusted bytes; open reads the header, no pixels
-            img = Image.open(io.BytesIO(raw), formats=FORMATS)
+        try:  # open reads the header only, no pixels
+            img = Image.open(io.BytesIO(raw))
         except Image.DecompressionBombError as e:
             raise InputError(f"image dimensions exceed the decoder's safety limit: {e}") from None
         except UnidentifiedImageError:
             raise InputError(f"not a decodable image ({len(raw)} bytes; PNG/JPEG/WebP/GIF/BMP/TIFF expected)") from None
         except Exception as e:  # noqa: BLE001  (a format plugin's parse error on untrusted bytes, of any type)
             raise InputError(f"not a decodable image ({len(raw)} bytes): {type(e).__name__}: {e}") from None
+        if img.format not in FORMATS:
+            raise InputError(f"unsupported image format {img.format}; use one of {', '.join(FORMATS)}")
     w, h = img.size
     if w < 1 or h < 1 or w * h > max_pixels:  # before the pixels are decoded: memory stays bounded
         raise InputError(f"image dimensions {w}x{h} exceed the limit of {max_pixels} pixels")

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from modalink.config import Settings
 from modalink.encoders.base import Encoder, Raw, read_bytes
-from modalink.encoders.image import FORMATS, ImageEncoder, decode_image
+from modalink.encoders.image import ImageEncoder, decode_image
 from modalink.errors import InputError
 
 FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -64,7 +64,7 @@ def _sample_by_time(img: Image.Image, n: int, k: int) -> list[Image.Image]:
 def _container_frames(raw: bytes, k: int, max_pixels: int) -> list[Image.Image]:
     """Frames of an animated image (GIF/WebP) via Pillow, else of a video container (MP4, WebM...) via PyAV."""
     try:
-        img = Image.open(io.BytesIO(raw), formats=FORMATS)
+        img = Image.open(io.BytesIO(raw))
         if img.size[0] * img.size[1] > max_pixels:
             raise InputError(f"video frame size {img.size[0]}x{img.size[1]} exceeds {max_pixels} pixels")
         n = getattr(img, "n_frames", 1)
