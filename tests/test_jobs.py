@@ -146,8 +146,9 @@ def test_a_200_item_mixed_job_through_the_gateway_captions_every_item_once(clust
     good = [r for r in results if r["id"] not in ("smell", "corrupt")]
     assert all(r["caption"] and r["adapter_version"].startswith("v") and "error" not in r for r in good)
     assert "sneaker" in by_id["image-0"]["caption"].lower(), by_id["image-0"]
-    # The 61 image items went to the encoder as one request per 16-item batch, not one per item.
-    assert triton_metric(image_metrics, "nv_inference_exec_count", "image_encoder") - before <= math.ceil(61 / 16)
+    # The 61 image items went to the encoder as one request per 16-item batch, not one per item (a batch that a
+    # loaded machine times out is retried and encodes again: up to two such retries are allowed).
+    assert triton_metric(image_metrics, "nv_inference_exec_count", "image_encoder") - before <= math.ceil(61 / 16) + 2
 
 
 def _job_dict(msg) -> dict:
