@@ -119,7 +119,8 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         else:
             raise InputError("set manifest_jsonl (JSONL rows) or manifest_path (a file the workers can read)")
         params = params_from_msg(request.params, default_max_new_tokens=48)
-        results = request.results_path or str(jobs_dir / "{job_id}.captions.jsonl")
+        # relative to the jobs dir, as manifest_path is (the workers' working directory is not the gateway's)
+        results = str(jobs_dir / (request.results_path or "{job_id}.captions.jsonl"))
         with redis_errors():
             job_id = submit(rows, results, request.batch_size or 16, params, request.prompt)
             return job_msg(job_id, jobs_store().get(job_id))
