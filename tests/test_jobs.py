@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from procs import Procs, free_port, triton_metric, wait_grpc, wait_log, wait_triton
+from procs import Procs, free_port, record_figures, triton_metric, wait_grpc, wait_log, wait_triton
 
 from modalink.errors import InputError
 from modalink.jobs import check_path, load_item, read_manifest
@@ -318,8 +318,8 @@ def test_a_redis_restart_mid_job_loses_and_duplicates_nothing(cluster, samples, 
     ids = [r["id"] for r in results_of(job["results"])]
     lost, duplicates = {r["id"] for r in rows} - set(ids), len(ids) - len(set(ids))
     batches = (logs / "worker-a.log").read_text().count("] received") - received
-    print(f"\nredis restart: {len(rows)} items, {at_kill} done at the kill, outage {outage:.1f} s, {job['done']} done, "
-          f"{duplicates} duplicates, {len(lost)} lost, {batches} deliveries of 22 batches")  # fmt: skip
+    record_figures("redis_restart", items=len(rows), done_at_kill=at_kill, outage_s=round(outage, 1), done=job["done"],
+                   duplicates=duplicates, lost=len(lost), batch_deliveries=batches, batches=22)  # fmt: skip
     assert job["state"] == "done" and job["done"] == job["total"] == len(rows) == 42 and job["errors"] == 2, job
     assert not lost and not duplicates
     assert len(store.done_ids(job_id)) == len(rows)  # the counter and the results agree: nothing counted twice

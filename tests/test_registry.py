@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import record_figures
 
 from modalink.projectors import LinearProjector, ProjectorConfig, build_projector
 from modalink.registry import AdapterRegistry
@@ -290,5 +291,7 @@ def test_a_writer_killed_at_random_points_never_leaves_a_broken_registry(tmp_pat
         new = registry.publish("imu", make_projector(100 + kill), promote=True)
         assert new not in before and registry.current("imu") == new and registry.promotions("imu")[-1] == new
         registry.verify("imu", new)
-    print(f"\nregistry kills: 20, landed {outcomes}, {len(registry.versions('imu'))} versions, all verified")
+    record_figures(
+        "registry_writer_killed", kills=20, **outcomes, versions=len(registry.versions("imu")), broken=0
+    )  # every assertion above held after each kill
     assert sum(outcomes.values()) == 20
