@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v /usr/bin/python3.11 || command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := python3.11-venv dataset-fashion-mnist asterisk-core-sounds-en-wav espeak-ng sox redis-server
+APT_PACKAGES := python3.11-venv dataset-fashion-mnist asterisk-core-sounds-en-wav espeak-ng sox redis-server chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

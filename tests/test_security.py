@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import shutil
 import sys
 import time
 import urllib.error
@@ -19,6 +20,7 @@ import pytest
 from procs import Procs, free_port, record_figures, wait_grpc, wait_triton
 
 from modalink.auth import KeyRing, RateLimiter, hash_key, key_from_headers
+from modalink.config import Settings
 from modalink.errors import ConfigError
 from modalink.wire import assistant_pb2, common_pb2, llm_pb2
 
@@ -79,9 +81,12 @@ def make_certs(out: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory, samples):
     certs = make_certs(tmp_path_factory.mktemp("certs"))
+    adapters = tmp_path_factory.mktemp("registry") / "adapters"  # a copy: the tests promote versions
+    shutil.copytree(Settings().adapters_dir, adapters)
     tls = {"MODALINK_TLS_CERT": str(certs["service"]), "MODALINK_TLS_KEY": str(certs["service_key"]),
            "MODALINK_TLS_CA": str(certs["ca"])}  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MODALINK_NUM_THREADS": "1", "MODALINK_QUANTIZE": "fp16-cpu", **tls}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MODALINK_NUM_THREADS": "1", "MODALINK_QUANTIZE": "fp16-cpu",
+           "MODALINK_ADAPTERS_DIR": str(adapters), **tls}  # fmt: skip
     procs = Procs(tmp_path_factory.mktemp("logs"), env)
     try:
         http, grpc_port, metrics = free_port(), free_port(), free_port()
@@ -242,3 +247,42 @@ def test_internal_services_refuse_clients_without_a_trusted_certificate(secured)
     trusted = tg.InferenceServerClient(secured["encoder"], ssl=True, **pem)
     assert trusted.is_model_ready("image_encoder", client_timeout=10)
     record_figures("mtls", refused_llm_clients=refused, refused_encoder_clients=["plaintext"])
+
+
+def patient(fn, *args, **kw):
+    """``fn`` retried while this gateway's rate limit (1 request/s) turns it away, as a client should."""
+    for _ in range(20):
+        try:
+            return fn(*args, **kw)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            time.sleep(float(dict(e.trailing_metadata())["retry-after"]) + 0.05)
+    raise AssertionError("still rate limited")
+
+
+def test_promote_and_rollback_with_a_key_reach_the_encoder(secured):
+    """The adapters page's calls: a key holder promotes an older image adapter, the encoder serves it without a
+    restart, and a rollback brings the newer one back. Without a valid key, nothing changes."""
+    from modalink import client
+
+    with client.Client(secured["gateway"], api_key=HASHED_KEY) as c:
+        table = patient(c.adapters, "image")["image"]
+        newest, older = table["versions"][-1]["version"], table["versions"][0]["version"]
+        assert table["current"] == newest and older != newest
+        with client.Client(secured["gateway"], api_key="wrong") as intruder, pytest.raises(grpc.RpcError) as err:
+            intruder.promote("image", older)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert patient(c.promote, "image", older)["image"]["current"] == older
+
+        def served() -> str:
+            return patient(embed, secured["gateway"], secured["image"], (("x-api-key", HASHED_KEY),)).adapter_version
+
+        deadline = time.time() + 30
+        while served() != older and time.time() < deadline:  # the encoder checks CURRENT between batches
+            time.sleep(0.5)
+        assert served() == older
+        with pytest.raises(grpc.RpcError) as err:
+            patient(c.promote, "image", "v999")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "v999" in err.value.details()
+        assert patient(c.promote, "image", rollback=True)["image"]["current"] == newest

@@ -529,3 +529,35 @@ def test_an_unavailable_replica_is_skipped(stack, samples):
     assert [tuple(pool.embed("image", raw)[0].shape) for _ in range(4)] == [(8, 576)] * 4
     with pytest.raises(ConnectionError, match="every image encoder replica is unavailable"):
         EncoderPool({"image": [dead]}, retries=1).embed("image", raw)
+
+
+def test_history_continues_the_conversation_as_in_process(stack, local):
+    from modalink import client
+    from modalink.prompt import Message
+
+    history = [("user", "My name is Ada and I like green tea."), ("assistant", "Nice to meet you, Ada!")]
+    with client.Client(stack["gateway"]) as c:
+        remote = c.ask("What is my name?", max_new_tokens=12, history=history)
+        without = c.ask("What is my name?", max_new_tokens=12)
+    events, _, _ = local.stream("What is my name?", [], local_params(12), [Message(r, [t]) for r, t in history])
+    assert remote == "".join(ev.text for ev in events)
+    assert remote != without  # the history reached the LLM
+    with client.Client(stack["gateway"]) as c, pytest.raises(grpc.RpcError) as err:
+        c.ask("Hi.", max_new_tokens=2, history=[("robot", "beep")])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "history[0]: role" in err.value.details()
+
+
+def test_adapters_are_listed_and_promotion_needs_an_api_key(stack, local):
+    from modalink import client
+
+    with client.Client(stack["gateway"]) as c:
+        table = c.adapters()
+        assert set(table) == {"image", "audio", "imu", "video"}
+        image = table["image"]
+        assert image["current"] == local.projector("image")[1]
+        assert [v["version"] for v in image["versions"] if v["current"]] == [image["current"]]
+        assert all("val_accuracy" in v["metrics"] for v in image["versions"])
+        with pytest.raises(grpc.RpcError) as err:  # this gateway has no keys: nobody may promote
+            c.promote("image", image["versions"][0]["version"])
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "API key" in err.value.details()
+        assert c.adapters("image")["image"]["current"] == image["current"]

@@ -42,7 +42,7 @@ def test_up_serves_through_the_gateway_and_down_stops_everything(tmp_path, sampl
         captions = [json.loads(line) for line in open(summary["results"])]
         assert sorted(c["id"] for c in captions) == ["w0", "w1", "w2"] and all(c["caption"] for c in captions)
         ps = modalink("ps", "--run-dir", run)
-        assert ps.stdout.count("healthy") == 6, ps.stdout  # redis, 2 imu encoders, llm, worker, gateway
+        assert ps.stdout.count("healthy") == 7, ps.stdout  # redis, 2 imu encoders, llm, worker, gateway, playground
         state = json.loads((tmp_path / "run" / "state.json").read_text())
         pids = [s["pid"] for s in state]
         listening = {s["name"]: listening_addresses(s["pid"]) for s in state}
@@ -51,7 +51,7 @@ def test_up_serves_through_the_gateway_and_down_stops_everything(tmp_path, sampl
         assert all(internal.values()) and all(map(loopback, set().union(*internal.values()))), internal
     finally:
         stopped = modalink("down", "--run-dir", run)
-    assert stopped.returncode == 0 and stopped.stdout.count("stopped") == 6
+    assert stopped.returncode == 0 and stopped.stdout.count("stopped") == 7
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -16,17 +16,19 @@ import threading
 
 import grpc
 
-from modalink import jobs
+from modalink import MODALITIES, jobs
+from modalink.auth import KeyRing
 from modalink.config import Settings, get_settings
 from modalink.data import default_question
 from modalink.errors import InputError
 from modalink.llm import load_tokenizer
 from modalink.metrics import track
+from modalink.registry import AdapterRegistry
 from modalink.remote import EncoderPool, RemoteAssistant, parse_addresses
 from modalink.rpc import Served, abort_on_input_error, make_server
 from modalink.safety import CONTENT_FILTER, SafetyFilter, final_text
 from modalink.v1 import assistant_pb2, assistant_pb2_grpc
-from modalink.wire import params_from_msg, part_input, text_and_inputs, to_tensor_msg
+from modalink.wire import history_from_msg, params_from_msg, part_input, text_and_inputs, to_tensor_msg
 
 log = logging.getLogger("modalink.gateway")
 SERVICE = "modalink.v1.Assistant"
@@ -56,10 +58,11 @@ def media_part(part, method: str):
 class AssistantService(assistant_pb2_grpc.AssistantServicer):
     def __init__(self, remote: RemoteAssistant, settings: Settings | None = None):
         self.remote, self.settings = remote, settings or get_settings()
+        self.registry = AdapterRegistry(self.settings.adapters_dir)
 
-    def _start(self, text, inputs, params, context):
+    def _start(self, text, inputs, params, context, history=()):
         """(LLM token stream, versions); the LLM call is cancelled when the client goes away."""
-        stream, versions = self.remote.stream(text, inputs, params, context.time_remaining())
+        stream, versions = self.remote.stream(text, inputs, params, context.time_remaining(), history)
         context.add_callback(stream.cancel)
         return stream, versions
 
@@ -70,11 +73,12 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
     def _generate(self, request: assistant_pb2.GenerateRequest, context: grpc.ServicerContext):
         try:
             text, inputs = text_and_inputs(request.parts)
+            history = history_from_msg(request.history)
             params, safety = params_from_msg(request.params), SafetyFilter.from_settings(self.settings)
-            if refusal := safety.check_input(text, inputs):  # before any encoding
+            if refusal := safety.check_input(text, inputs, history):  # before any encoding
                 yield assistant_pb2.GenerateResponse(text=refusal.text, finish_reason=CONTENT_FILTER)
                 return
-            stream, versions = self._start(text, inputs, params, context)
+            stream, versions = self._start(text, inputs, params, context, history)
             first = True
             for tok, piece, finish in safety.filter_output(stream):
                 yield assistant_pb2.GenerateResponse(
@@ -134,6 +138,47 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
     def CancelJob(self, request: assistant_pb2.JobRequest, context: grpc.ServicerContext):
         with redis_errors():
             return job_msg(request.job_id, jobs_store().cancel(request.job_id))
+
+    # -- the adapter registry (the encoders follow CURRENT; the LLM service loads a LoRA on first use) --------
+    @tracked
+    def ListAdapters(self, request: assistant_pb2.ListAdaptersRequest, context: grpc.ServicerContext):
+        return adapter_list(self.registry, [request.modality] if request.modality else MODALITIES)
+
+    @tracked
+    def PromoteAdapter(self, request: assistant_pb2.PromoteAdapterRequest, context: grpc.ServicerContext):
+        if not KeyRing.from_settings(self.settings):
+            raise PermissionError("promoting adapters needs an API key: this gateway has none configured "
+                                  "(MODALINK_API_KEYS / MODALINK_API_KEY_HASHES)")  # fmt: skip
+        modality = request.modality
+        if modality not in MODALITIES:
+            raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+        try:
+            if request.rollback:
+                version = self.registry.rollback(modality)
+            elif not request.version:
+                raise InputError("set version (or rollback)")
+            else:
+                version = request.version
+                self.registry.promote(modality, version)
+        except (ValueError, RuntimeError) as e:  # unknown version, nothing to roll back to, checksum mismatch
+            raise InputError(str(e)) from None
+        log.info("adapter %s/%s promoted%s", modality, version, " (rollback)" if request.rollback else "")
+        return adapter_list(self.registry, [modality])
+
+
+def adapter_list(registry: AdapterRegistry, modalities) -> assistant_pb2.AdapterList:
+    out = assistant_pb2.AdapterList()
+    for m in modalities:
+        if m not in MODALITIES:
+            raise InputError(f"unknown modality {m!r}; expected one of {', '.join(MODALITIES)}")
+        entry = out.modalities[m]
+        entry.current = registry.current(m) or ""
+        for v in registry.list(m):
+            numbers = {
+                k: float(x) for k, x in v.metrics.items() if isinstance(x, (int, float)) and not isinstance(x, bool)
+            }
+            entry.versions.add(version=v.version, current=v.current, metrics=numbers)
+    return out
 
 
 def jobs_store():

@@ -489,6 +489,19 @@ def serve_gateway(
     serve(None, port, host, http_port, _http_host(host))
 
 
+@serve_app.command("playground")
+def serve_playground(
+    port: int = typer.Option(7860, help="HTTP port of the page."),
+    gateway: str = typer.Option("localhost:50051", envvar="MODALINK_GATEWAY", help="The gateway's gRPC address."),
+    host: str = typer.Option("0.0.0.0", help="Address to bind."),
+) -> None:
+    """The web playground: chat with images, audio, IMU and video, captioning jobs, adapters; a gateway client."""
+    _service_logging()
+    from services.playground.server import serve
+
+    serve(gateway, port, host)
+
+
 def _http_host(grpc_host: str) -> str:
     """uvicorn's form of the gRPC bind address ("[::]" -> all interfaces)."""
     return "0.0.0.0" if grpc_host in ("[::]", "::", "0.0.0.0") else grpc_host.strip("[]")
@@ -624,7 +637,7 @@ def up(
     timeout: float = typer.Option(300.0, help="Seconds to wait for every service to be healthy."),
 ) -> None:
     """Start the whole topology as local processes (Redis, encoders, LLM, gateway) and wait until healthy."""
-    from modalink.up import GATEWAY_GRPC, GATEWAY_HTTP
+    from modalink.up import GATEWAY_GRPC, GATEWAY_HTTP, PLAYGROUND
     from modalink.up import up as start
 
     counts = {}
@@ -639,7 +652,8 @@ def up(
     except (RuntimeError, TimeoutError) as e:
         raise _fail(str(e)) from None
     typer.echo(f"up: gRPC localhost:{GATEWAY_GRPC} (modalink.v1.Assistant), OpenAI HTTP "
-               f"http://localhost:{GATEWAY_HTTP}/v1; stop with `modalink down`")  # fmt: skip
+               f"http://localhost:{GATEWAY_HTTP}/v1, playground http://localhost:{PLAYGROUND}; "
+               "stop with `modalink down`")  # fmt: skip
 
 
 @app.command()

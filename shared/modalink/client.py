@@ -71,9 +71,26 @@ def _parts(parts: Sequence[PartLike] | PartLike) -> list[common_pb2.Part]:
     return [common_pb2.Part(text=p) if isinstance(p, str) else p for p in parts]
 
 
-def _request(parts, params: GenerationParams | None, **kw) -> assistant_pb2.GenerateRequest:
+Turns = Sequence[tuple[str, str]]  # earlier turns: (role "user" | "assistant", text), oldest first
+
+
+def _request(parts, params: GenerationParams | None, history: Turns = (), **kw) -> assistant_pb2.GenerateRequest:
     params = params or GenerationParams(**kw)
-    return assistant_pb2.GenerateRequest(parts=_parts(parts), params=params_to_msg(params))
+    turns = [assistant_pb2.Turn(role=role, text=text) for role, text in history]
+    return assistant_pb2.GenerateRequest(parts=_parts(parts), params=params_to_msg(params), history=turns)
+
+
+def job_dict(job: assistant_pb2.Job) -> dict:
+    """A job's state as plain data."""
+    return {"job_id": job.job_id, "state": job.state, "total": job.total, "done": job.done, "errors": job.errors,
+            "progress": round(job.progress, 4), "results": job.results, "items": dict(job.items)}  # fmt: skip
+
+
+def adapters_dict(msg: assistant_pb2.AdapterList) -> dict:
+    """{modality: {"current", "versions": [{"version", "current", "metrics"}]}}, versions oldest first."""
+    return {m: {"current": a.current, "versions": [{"version": v.version, "current": v.current,
+                                                    "metrics": dict(v.metrics)} for v in a.versions]}
+            for m, a in sorted(msg.modalities.items())}  # fmt: skip
 
 
 @dataclass
@@ -101,7 +118,8 @@ class Client(_Base):
         self.versions: dict[str, str] = {}  # adapter versions the last generate used
 
     def generate(self, parts, params: GenerationParams | None = None, **kw) -> Iterator[str]:
-        """Text deltas; ``params`` or keyword arguments of ``GenerationParams`` (max_new_tokens=...)."""
+        """Text deltas; ``params`` or keyword arguments of ``GenerationParams`` (max_new_tokens=...);
+        ``history=[("user", "..."), ("assistant", "...")]`` continues a conversation."""
         call = self.stub.Generate(_request(parts, params, **kw), timeout=self.timeout, metadata=self.metadata)
         try:
             for msg in call:
@@ -123,6 +141,34 @@ class Client(_Base):
     def caption(self, part: common_pb2.Part, max_new_tokens: int = 48) -> str:
         req = assistant_pb2.CaptionRequest(part=part, params=common_pb2.GenerationParams(max_new_tokens=max_new_tokens))
         return self.stub.Caption(req, timeout=self.timeout, metadata=self.metadata).caption
+
+    # -- offline captioning jobs -------------------------------------------------------------------------------
+    def submit_caption_job(self, manifest_jsonl: str = "", manifest_path: str = "", batch_size: int = 0,
+                           prompt: str = "", max_new_tokens: int = 0) -> dict:  # fmt: skip
+        """Queue a job from JSONL rows (paths relative to the gateway's jobs dir) or a manifest file it can read."""
+        req = assistant_pb2.SubmitCaptionJobRequest(
+            prompt=prompt, batch_size=batch_size, params=common_pb2.GenerationParams(max_new_tokens=max_new_tokens),
+            **({"manifest_jsonl": manifest_jsonl} if manifest_jsonl else {"manifest_path": manifest_path}),
+        )  # fmt: skip
+        return job_dict(self.stub.SubmitCaptionJob(req, timeout=self.timeout, metadata=self.metadata))
+
+    def job(self, job_id: str) -> dict:
+        req = assistant_pb2.JobRequest(job_id=job_id)
+        return job_dict(self.stub.GetJob(req, timeout=self.timeout, metadata=self.metadata))
+
+    def cancel_job(self, job_id: str) -> dict:
+        req = assistant_pb2.JobRequest(job_id=job_id)
+        return job_dict(self.stub.CancelJob(req, timeout=self.timeout, metadata=self.metadata))
+
+    # -- the adapter registry ----------------------------------------------------------------------------------
+    def adapters(self, modality: str = "") -> dict:
+        req = assistant_pb2.ListAdaptersRequest(modality=modality)
+        return adapters_dict(self.stub.ListAdapters(req, timeout=self.timeout, metadata=self.metadata))
+
+    def promote(self, modality: str, version: str = "", rollback: bool = False) -> dict:
+        """Make ``version`` current (or roll back); the gateway needs an API key configured and sent."""
+        req = assistant_pb2.PromoteAdapterRequest(modality=modality, version=version, rollback=rollback)
+        return adapters_dict(self.stub.PromoteAdapter(req, timeout=self.timeout, metadata=self.metadata))
 
     def close(self) -> None:
         self.channel.close()

@@ -175,6 +175,8 @@ def abort_on_input_error(context: grpc.ServicerContext, e: Exception) -> None:
         context.abort(grpc.StatusCode.NOT_FOUND, str(e))
     if isinstance(e, InputError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, PermissionError):
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
     if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
         if e.code() == grpc.StatusCode.UNAVAILABLE:
             unavailable(context, f"upstream: {e.details()}")

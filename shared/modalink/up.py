@@ -29,8 +29,9 @@ from modalink.config import get_settings
 from modalink.errors import ConfigError
 from modalink.triton import PORTS, model_name
 
-GATEWAY_GRPC, GATEWAY_HTTP, LLM_GRPC, LLM_HTTP, REDIS_PORT = 50051, 8080, 50061, 8081, 6379
-# Only the gateway (which checks API keys) listens beyond this machine; encoders, LLM and Redis do not.
+GATEWAY_GRPC, GATEWAY_HTTP, LLM_GRPC, LLM_HTTP, REDIS_PORT, PLAYGROUND = 50051, 8080, 50061, 8081, 6379, 7860
+# Only the gateway (which checks API keys) listens beyond this machine; encoders, LLM, Redis and the playground
+# (which writes uploads for captioning jobs) do not.
 INTERNAL_HOST = "127.0.0.1"
 
 
@@ -95,6 +96,11 @@ def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None)
     services.append(Service(
         "gateway", [*py, "serve", "gateway", "--port", str(GATEWAY_GRPC), "--http-port", str(GATEWAY_HTTP)],
         {"grpc": f"127.0.0.1:{GATEWAY_GRPC}"}, wiring,
+    ))  # fmt: skip
+    services.append(Service(  # a client of the gateway like any other
+        "playground", [*py, "serve", "playground", "--port", str(PLAYGROUND), "--gateway", f"127.0.0.1:{GATEWAY_GRPC}",
+                       "--host", INTERNAL_HOST],
+        {"http": f"http://127.0.0.1:{PLAYGROUND}/api/health"}, wiring,
     ))  # fmt: skip
     return services
 

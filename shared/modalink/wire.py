@@ -221,3 +221,18 @@ def text_and_inputs(
     text = " ".join(p.text for p in parts if p.WhichOneof("kind") == "text" and p.text)
     check_turn(text, sum(p.WhichOneof("kind") != "text" for p in parts), len(parts), max_parts)  # before decoding
     return text, [(m, raw) for m, raw in map(part_input, parts) if m != "text"]
+
+
+MAX_HISTORY_TURNS = 100
+
+
+def history_from_msg(turns: Sequence[assistant_pb2.Turn]) -> list:
+    """Earlier turns of a conversation as ``Message``s (text only; the prompt must still fit the context)."""
+    from modalink.prompt import Message
+
+    if len(turns) > MAX_HISTORY_TURNS:
+        raise InputError(f"history has {len(turns)} turns; the limit is {MAX_HISTORY_TURNS}")
+    for i, t in enumerate(turns):
+        if t.role not in ("user", "assistant", "system"):
+            raise InputError(f"history[{i}]: role must be user, assistant or system, got {t.role!r}")
+    return [Message(t.role, [t.text]) for t in turns]

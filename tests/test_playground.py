@@ -1,0 +1,272 @@
+"""The web playground (services/playground) in a real headless browser against the real stack.
+
+`modalink up --modalities image,imu` starts the encoders, the LLM service, the gateway, a worker and the
+playground on :7860; Debian's Chromium (driven by Playwright, no browser download) opens the page, uploads
+the packaged samples, reads the streamed answers, runs a captioning job and looks at the adapter registry.
+The stack gets its own copy of the adapter registry and its own jobs dir, so nothing here touches the repo.
+Screenshots for the README land in docs/img/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+pytestmark = pytest.mark.slow
+
+PLAYGROUND = "http://localhost:7860"
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (the Makefile installs it); never `playwright install`
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync",
+                 # a fake microphone (a beeping tone) that needs no permission prompt, for the recording test
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]  # fmt: skip
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "img"
+REPO_ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+ANSWER_TIMEOUT_MS = 300_000  # 2 slow cores, one torch thread per service
+
+
+def modalink(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modalink.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> dict:
+    """The whole topology (image + IMU encoders) with the playground, on a copy of the adapter registry."""
+    root = tmp_path_factory.mktemp("playground")
+    adapters = root / "adapters"
+    shutil.copytree(REPO_ADAPTERS, adapters)
+    env = {**os.environ, "MODALINK_NUM_THREADS": "1", "MODALINK_ADAPTERS_DIR": str(adapters),
+           "MODALINK_JOBS_DIR": str(root / "jobs")}  # fmt: skip
+    run = str(root / "run")
+    try:
+        started = modalink("up", "--modalities", "image,imu", "--run-dir", run, env=env)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "playground" in started.stdout, started.stdout
+        yield {"adapters": adapters, "root": root}
+    finally:
+        stopped = modalink("down", "--run-dir", run, env=env)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+@pytest.fixture(scope="module")
+def browser(stack):
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh 1280x800 page on the playground; fails the test on any uncaught error in the page's script."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(PLAYGROUND)
+    # the health poll found the gateway serving, so the red banner stays hidden
+    expect(page.locator("#gateway-status")).to_have_attribute("data-state", "SERVING", timeout=30_000)
+    expect(page.locator("#banner")).to_be_hidden()
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+def screenshot(page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / name
+    page.screenshot(path=str(path))
+    assert 10_000 < path.stat().st_size < 400_000, path.stat().st_size
+
+
+def record_streaming(page) -> None:
+    """Record the answer's text length at every change while it is streaming (window.__lengths)."""
+    page.evaluate("""() => {
+        window.__lengths = [];
+        new MutationObserver(() => {
+            const m = [...document.querySelectorAll('.message.assistant')].pop();
+            if (m && m.dataset.state === 'streaming')
+                window.__lengths.push(m.querySelector('.text').textContent.length);
+        }).observe(document.querySelector('#messages'), {subtree: true, childList: true, characterData: true});
+    }""")
+
+
+def answer(page, n: int):
+    """Wait until the n-th assistant message (1-based) stops streaming; (state, text, locator)."""
+    page.wait_for_function(
+        """n => { const m = document.querySelectorAll('.message.assistant')[n - 1];
+                  return m && m.dataset.state !== 'streaming'; }""",
+        arg=n,
+        timeout=ANSWER_TIMEOUT_MS,
+    )
+    msg = page.locator(".message.assistant").nth(n - 1)
+    return msg.get_attribute("data-state"), msg.locator(".text").inner_text(), msg
+
+
+def ask(page, question: str):
+    """Type a question, send it with Enter; the /api/chat request the page made."""
+    page.fill("#question", question)
+    with page.expect_request(lambda r: r.url.endswith("/api/chat") and r.method == "POST") as request:
+        page.press("#question", "Enter")
+    return request.value
+
+
+def current_version(stack, modality: str) -> str:
+    return (stack["adapters"] / modality / "CURRENT").read_text().strip()
+
+
+def test_chat_about_an_uploaded_image_streams_the_answer_and_keeps_history(page, stack, samples):
+    page.fill("#max-tokens", "48")
+    page.set_input_files("#file-input", samples["image"])
+    expect(page.locator("[data-testid=attachment][data-kind=image] img")).to_be_visible()
+
+    record_streaming(page)
+    first = ask(page, "What is shown in this picture?")
+    body = first.post_data_json
+    assert body["history"] == [] and body["max_new_tokens"] == 48
+    assert [p["type"] for p in body["parts"]] == ["text", "image"] and body["parts"][1]["name"] == "sneaker.png"
+    assert page.locator("[data-testid=attachment]").count() == 0  # sent: the composer is empty again
+    state, text, msg = answer(page, 1)
+    assert state == "done", msg.inner_text()
+    assert "sneaker" in text.lower(), text
+    # it arrived in pieces: several growing prefixes were on screen before the answer was done
+    lengths = page.evaluate("window.__lengths")
+    partial = sorted({n for n in lengths if 0 < n < len(text)})
+    assert len(partial) >= 2, (lengths, text)
+    version = current_version(stack, "image")
+    expect(msg.locator(".meta-versions")).to_have_text(f"image {version}")
+    expect(page.locator("#versions")).to_have_text(f"image {version}")
+    assert re.fullmatch(r"\d+ ms|\d+\.\d\d s", page.locator("#ttft").inner_text()), page.locator("#ttft").inner_text()
+    assert re.fullmatch(r"\d+ ms|\d+\.\d\d s", msg.locator(".meta-ttft .meta-value").inner_text())
+    expect(msg.locator(".meta-finish .meta-value")).to_have_text(re.compile("^(stop|length)$"))
+
+    second = ask(page, "Is it something you wear on your feet?")
+    assert second.post_data_json["history"] == [
+        {"role": "user", "text": "What is shown in this picture?"},
+        {"role": "assistant", "text": text},
+    ]
+    state2, text2, msg2 = answer(page, 2)
+    assert state2 == "done", msg2.inner_text()
+    assert text2.strip()
+    # the first turn's picture is still shown in the history
+    expect(page.locator(".message.user").first.locator("img.thumb")).to_be_visible()
+    assert page.locator(".message.user").count() == 2
+    screenshot(page, "playground-chat.png")
+
+
+def test_imu_file_is_plotted_as_six_curves_and_answered(page, stack, samples):
+    page.set_input_files("#file-input", samples["imu"])
+    chip = page.locator("[data-testid=attachment][data-kind=imu]")
+    canvas = chip.locator("canvas[data-testid=imu-plot]")
+    expect(canvas).to_be_visible(timeout=30_000)
+    expect(chip.locator(".imu-legend span")).to_have_text(["acc x", "acc y", "acc z", "gyro x", "gyro y", "gyro z"])
+    # count the canvas pixels in each curve colour: all six curves were drawn
+    colours = canvas.evaluate("""c => {
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        const want = ['#e5484d', '#30a46c', '#0091ff', '#f76b15', '#8e4ec6', '#12a594']
+            .map(h => [1, 3, 5].map(i => parseInt(h.slice(i, i + 2), 16)));
+        const counts = want.map(() => 0);
+        const near = (i, w) => Math.abs(d[i] - w[0]) + Math.abs(d[i + 1] - w[1]) + Math.abs(d[i + 2] - w[2]) < 30;
+        for (let i = 0; i < d.length; i += 4) want.forEach((w, k) => { if (near(i, w)) counts[k]++; });
+        return counts;
+    }""")
+    assert all(n > 50 for n in colours), colours
+
+    ask(page, "What activity is the person doing?")
+    state, text, msg = answer(page, 1)
+    assert state == "done", msg.inner_text()
+    assert "walk" in text.lower(), text
+    expect(msg.locator(".meta-versions")).to_have_text(f"imu {current_version(stack, 'imu')}")
+    expect(page.locator(".message.user canvas[data-testid=imu-plot]")).to_be_visible()
+    screenshot(page, "playground-imu.png")
+
+
+def test_recorded_audio_is_a_wav_and_a_missing_encoder_is_a_clear_error(page):
+    page.click("#record")
+    expect(page.locator("#record")).to_have_attribute("data-state", "recording")
+    page.wait_for_timeout(1500)
+    page.click("#record")
+    chip = page.locator("[data-testid=attachment][data-kind=audio]")
+    expect(chip).to_have_count(1)
+    expect(chip.locator(".attachment-name")).to_have_text("recording-1.wav")
+    header = chip.locator("audio").evaluate("""async a => {
+        const b = await (await fetch(a.src)).arrayBuffer(); const v = new DataView(b);
+        const s = (o, n) => String.fromCharCode(...new Uint8Array(b, o, n));
+        let peak = 0; for (let i = 44; i < b.byteLength; i += 2) peak = Math.max(peak, Math.abs(v.getInt16(i, true)));
+        return {riff: s(0, 4), wave: s(8, 4), format: v.getUint16(20, true), channels: v.getUint16(22, true),
+                rate: v.getUint32(24, true), bits: v.getUint16(34, true), data: s(36, 4), bytes: v.getUint32(40, true),
+                size: b.byteLength, peak};
+    }""")
+    assert header["riff"] == "RIFF" and header["wave"] == "WAVE" and header["data"] == "data", header
+    assert (header["format"], header["channels"], header["rate"], header["bits"]) == (1, 1, 16000, 16), header
+    assert header["bytes"] == header["size"] - 44 and header["bytes"] > 16000 * 2 * 0.8, header  # about 1.5 s
+    assert header["peak"] > 1000, header  # the fake microphone's beep, not silence
+    # only image and IMU encoders run: the page says so, and the gateway's refusal shows in the chat
+    expect(chip.locator(".attachment-error")).to_have_text("no audio encoder is running")
+    ask(page, "What does the voice say?")
+    state, _, msg = answer(page, 1)
+    assert state == "error"
+    error = msg.locator("[data-testid=chat-error]").inner_text()
+    assert "audio" in error and "INVALID_ARGUMENT" in error, error
+
+
+def test_captioning_job_runs_to_completion_and_downloads(page, tmp_path, samples):
+    names = [f"shoe-{i}.png" for i in range(1, 6)]
+    for name in names:
+        shutil.copy(samples["image"], tmp_path / name)
+    page.click("#tab-jobs")
+    page.set_input_files("#job-files", [str(tmp_path / n) for n in names])
+    expect(page.locator("#job-selection")).to_contain_text("5 files")
+    page.fill("#job-batch-size", "4")
+    page.click("#job-submit")
+    expect(page.locator("#job-id")).not_to_be_empty(timeout=60_000)
+    expect(page.locator("#job-state")).to_have_attribute("data-state", "done", timeout=ANSWER_TIMEOUT_MS)
+    expect(page.locator("#job-state")).to_have_text("done · 5/5")
+    expect(page.locator("#job-errors")).to_have_text("0 errors")
+    expect(page.locator("#job-progress")).to_have_attribute("aria-valuenow", "100")
+    expect(page.locator("[data-testid=job-results] tbody tr")).to_have_count(5, timeout=30_000)
+    expect(page.locator("#job-cancel")).to_be_hidden()
+    with page.expect_download() as download:
+        page.click("#job-download")
+    rows = [json.loads(line) for line in Path(download.value.path()).read_text().splitlines() if line.strip()]
+    assert sorted(r["id"] for r in rows) == names, rows
+    assert all(r.get("caption", "").strip() and r.get("adapter_version") and "error" not in r for r in rows), rows
+    screenshot(page, "playground-jobs.png")
+
+
+def test_adapters_page_lists_versions_and_refuses_promote_without_keys(page, stack):
+    page.click("#tab-adapters")
+    card = page.locator("[data-testid=adapters-image]")
+    expect(card).to_be_visible(timeout=30_000)
+    current = current_version(stack, "image")
+    versions = sorted(p.name for p in (stack["adapters"] / "image").iterdir() if re.fullmatch(r"v\d+", p.name))
+    rows = card.locator("tr[data-version]")
+    expect(rows).to_have_count(len(versions))
+    assert sorted(rows.evaluate_all("rs => rs.map(r => r.dataset.version)")) == versions
+    expect(card.locator("tr[data-current=true]")).to_have_count(1)
+    expect(card.locator("tr[data-current=true]")).to_have_attribute("data-version", current)
+    expect(card.locator("tr[data-current=true] [data-testid=current-badge]")).to_be_visible()
+    expect(card.locator("svg[data-testid=metric-plot] circle")).not_to_have_count(0)
+    expect(page.locator("[data-testid=adapters-imu]")).to_be_visible()
+    screenshot(page, "playground-adapters.png")
+
+    other = next(v for v in versions if v != current)
+    card.locator(f"[data-testid=promote-image-{other}]").click()
+    message = page.locator("#adapters-message")
+    expect(message).to_be_visible()
+    expect(message).to_contain_text(f"Could not promote image {other}")
+    expect(message).to_contain_text("PERMISSION_DENIED")
+    assert current_version(stack, "image") == current  # nothing changed
+    page.click("#adapters-refresh")
+    expect(card.locator("tr[data-current=true]")).to_have_attribute("data-version", current)
