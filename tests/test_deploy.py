@@ -160,6 +160,9 @@ def test_docker_compose_runs_what_modalink_up_runs():
     compose_worker = compose["worker"]["command"]
     assert compose_worker[compose_worker.index("-Q") + 1] == worker_queues
     assert compose["beat"]["command"][:4] == ["celery", "-A", "services.worker.app", "beat"]
+    playground = plan["playground"].cmd
+    assert compose["playground"]["command"][1:3] == ["serve", "playground"] == playground[3:5]
+    assert f"127.0.0.1:{up.PLAYGROUND}:{up.PLAYGROUND}" in compose["playground"]["ports"]
 
 
 def test_the_secret_holds_only_key_hashes_and_tls_reaches_every_service():
@@ -182,3 +185,13 @@ def test_the_secret_holds_only_key_hashes_and_tls_reaches_every_service():
             assert all(c["lifecycle"]["preStop"] for c in pod["containers"])  # drain before SIGTERM
     with pytest.raises(Exception, match="sha256"):
         validate.render({"apiKeyHashes": ["not-a-hash"]})
+
+
+def test_the_playground_is_a_client_of_the_gateway_service(default):
+    deployment = find(default, "Deployment", "modalink-playground")
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:3] == ["modalink", "serve", "playground"]
+    assert command[command.index("--gateway") + 1] == "modalink-gateway:50051"
+    assert find(default, "Service", "modalink-playground")["spec"]["type"] == "ClusterIP"
+    assert not any(o["metadata"]["name"] == "modalink-playground"
+                   for o in validate.render({"playground": {"enabled": False}}))  # fmt: skip

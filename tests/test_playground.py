@@ -145,7 +145,7 @@ def test_chat_about_an_uploaded_image_streams_the_answer_and_keeps_history(page,
     partial = sorted({n for n in lengths if 0 < n < len(text)})
     assert len(partial) >= 2, (lengths, text)
     version = current_version(stack, "image")
-    expect(msg.locator(".meta-versions")).to_have_text(f"image {version}")
+    expect(msg.locator(".meta-versions .meta-value")).to_have_text(f"image {version}")
     expect(page.locator("#versions")).to_have_text(f"image {version}")
     assert re.fullmatch(r"\d+ ms|\d+\.\d\d s", page.locator("#ttft").inner_text()), page.locator("#ttft").inner_text()
     assert re.fullmatch(r"\d+ ms|\d+\.\d\d s", msg.locator(".meta-ttft .meta-value").inner_text())
@@ -187,7 +187,7 @@ def test_imu_file_is_plotted_as_six_curves_and_answered(page, stack, samples):
     state, text, msg = answer(page, 1)
     assert state == "done", msg.inner_text()
     assert "walk" in text.lower(), text
-    expect(msg.locator(".meta-versions")).to_have_text(f"imu {current_version(stack, 'imu')}")
+    expect(msg.locator(".meta-versions .meta-value")).to_have_text(f"imu {current_version(stack, 'imu')}")
     expect(page.locator(".message.user canvas[data-testid=imu-plot]")).to_be_visible()
     screenshot(page, "playground-imu.png")
 
