@@ -16,6 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 help:
 	@echo "make demo    - start the services, ask them about a sample image, audio clip, IMU window and video"
 	@echo "make up/down - start/stop the whole topology as local processes (gateway on localhost:50051)"
+	@echo "               (web playground on http://localhost:7860: chat, captioning jobs, adapters)"
 	@echo "make test    - lint + the full test suite (real models, no mocks)"
 	@echo "make install - Debian packages + .venv (torch CPU wheel first, then modalink editable)"
 	@echo "make adapters - rebuild the data and retrain every adapter from scratch"

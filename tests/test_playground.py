@@ -13,8 +13,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -122,6 +125,12 @@ def ask(page, question: str):
     return request.value
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def current_version(stack, modality: str) -> str:
     return (stack["adapters"] / modality / "CURRENT").read_text().strip()
 
@@ -151,7 +160,7 @@ def test_chat_about_an_uploaded_image_streams_the_answer_and_keeps_history(page,
     assert re.fullmatch(r"\d+ ms|\d+\.\d\d s", msg.locator(".meta-ttft .meta-value").inner_text())
     expect(msg.locator(".meta-finish .meta-value")).to_have_text(re.compile("^(stop|length)$"))
 
-    second = ask(page, "Is it something you wear on your feet?")
+    second = ask(page, "What is it used for?")
     assert second.post_data_json["history"] == [
         {"role": "user", "text": "What is shown in this picture?"},
         {"role": "assistant", "text": text},
@@ -270,3 +279,36 @@ def test_adapters_page_lists_versions_and_refuses_promote_without_keys(page, sta
     assert current_version(stack, "image") == current  # nothing changed
     page.click("#adapters-refresh")
     expect(card.locator("tr[data-current=true]")).to_have_attribute("data-version", current)
+
+
+def test_an_unreachable_gateway_shows_a_banner_and_a_clear_chat_error(browser):
+    """A second playground process pointed at a port where no gateway listens."""
+    port, dead = free_port(), free_port()  # nothing listens on `dead`
+    proc = subprocess.Popen([sys.executable, "-m", "modalink.cli", "serve", "playground", "--port", str(port),
+                             "--gateway", f"127.0.0.1:{dead}", "--host", "127.0.0.1"])  # fmt: skip
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the playground did not start"
+                time.sleep(0.5)
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{port}")
+        banner = page.locator("#banner")
+        expect(banner).to_be_visible(timeout=30_000)
+        expect(banner).to_have_text(
+            f"The gateway at 127.0.0.1:{dead} is unreachable. Start the stack with `modalink up`."
+        )
+        expect(page.locator("#gateway-status")).to_have_attribute("data-state", "UNREACHABLE")
+        ask(page, "Hello?")
+        state, _, msg = answer(page, 1)
+        assert state == "error"
+        expect(msg.locator("[data-testid=chat-error]")).to_have_text("the gateway is unreachable (UNAVAILABLE)")
+    finally:
+        context.close()
+        proc.terminate()
+        proc.wait(timeout=30)

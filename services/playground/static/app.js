@@ -502,7 +502,7 @@ function metaItem(label, value, cls) {
 function finishAnswer(msg, info) {
   msg.node.dataset.state = "done";
   const versions = fmtVersions(info.adapter_versions);
-  const usage = info.usage ? `${info.usage.prompt_tokens ?? "?"} in / ${info.usage.completion_tokens ?? "?"} out` : "–";
+  const usage = info.usage ? `${info.usage.prompt_tokens ?? "?"} in · ${info.usage.completion_tokens ?? "?"} out` : "–";
   msg.meta.replaceChildren(
     metaItem("adapters", versions, "meta-versions"),
     metaItem("TTFT", fmtMs(info.ttft_ms), "meta-ttft"),
@@ -965,8 +965,8 @@ function metricPlot(info) {
   const points = (info.versions || []).filter((v) => typeof v.metrics?.[name] === "number").map((v) => ({ version: v.version, value: v.metrics[name], current: v.current }));
   const NS = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(NS, "svg");
-  const W = 320;
-  const H = 120;
+  const W = 500;
+  const H = 112;
   const pad = { l: 40, r: 12, t: 14, b: 22 };
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.setAttribute("class", "metric-plot");
@@ -1019,16 +1019,16 @@ function renderAdapters(registry) {
     ...names.map((m) => {
       const info = mods[m];
       const versions = info.versions || [];
-      const metricNames = [...new Set(versions.flatMap((v) => Object.keys(v.metrics || {})))];
-      const ordered = [info.main_metric, ...metricNames.filter((n) => n !== info.main_metric)].filter((n) => metricNames.includes(n));
+      const main = info.main_metric;
+      const others = (v) => Object.entries(v.metrics || {}).filter(([n]) => n !== main);
       return el(
         "section",
         { class: "card adapter-card", "data-modality": m, "data-testid": `adapters-${m}` },
         el(
           "div",
           { class: "adapter-head" },
-          el("h3", {}, el("span", { class: `chip chip-${m}`, text: m }), " "),
-          el("span", { class: "muted", text: info.current ? `current ${info.current}` : "no current version" }),
+          el("h3", {}, el("span", { class: `chip chip-${m}`, text: m })),
+          el("span", { class: "muted", text: info.current ? `current ${info.current} · ${versions.length} version${versions.length === 1 ? "" : "s"}` : "no current version" }),
           el("button", {
             class: "btn btn-secondary small rollback",
             type: "button",
@@ -1039,13 +1039,13 @@ function renderAdapters(registry) {
             onclick: () => adapterAction(m, "rollback"),
           }),
         ),
-        el("div", { class: "plot-title muted small", text: info.main_metric ? `${info.main_metric} across versions` : "" }),
+        el("div", { class: "plot-title muted small", text: main ? `${main} across versions` : "" }),
         metricPlot(info),
         versions.length
           ? el(
               "table",
               { class: "table versions-table" },
-              el("thead", {}, el("tr", {}, el("th", { text: "version" }), ...ordered.map((n) => el("th", { class: n === info.main_metric ? "main" : "", text: n })), el("th", { text: "" }))),
+              el("thead", {}, el("tr", {}, el("th", { text: "version" }), el("th", { class: "main num", text: main || "metric" }), el("th", { text: "other metrics" }), el("th", { text: "" }))),
               el(
                 "tbody",
                 {},
@@ -1053,8 +1053,9 @@ function renderAdapters(registry) {
                   el(
                     "tr",
                     { class: v.current ? "current" : "", "data-version": v.version, "data-current": String(!!v.current) },
-                    el("td", { class: "mono" }, v.version, v.current ? el("span", { class: "badge current-badge", "data-testid": "current-badge", text: "current" }) : null),
-                    ...ordered.map((n) => el("td", { class: `num${n === info.main_metric ? " main" : ""}`, text: v.metrics?.[n] === undefined ? "–" : fmtMetric(v.metrics[n]) })),
+                    el("td", { class: "mono version-cell" }, v.version, v.current ? el("span", { class: "badge current-badge", "data-testid": "current-badge", text: "current" }) : null),
+                    el("td", { class: "num main", text: v.metrics?.[main] === undefined ? "–" : fmtMetric(v.metrics[main]) }),
+                    el("td", {}, el("div", { class: "metric-chips" }, others(v).map(([n, x]) => el("span", { class: "metric" }, el("span", { class: "metric-name", text: n }), " ", fmtMetric(x))))),
                     el(
                       "td",
                       { class: "actions-cell" },
