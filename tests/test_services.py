@@ -561,3 +561,23 @@ def test_adapters_are_listed_and_promotion_needs_an_api_key(stack, local):
             c.promote("image", image["versions"][0]["version"])
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "API key" in err.value.details()
         assert c.adapters("image")["image"]["current"] == image["current"]
+
+
+def test_earlier_turns_media_are_sent_again_and_read_as_in_process(stack, local, samples):
+    """The gateway keeps no conversation: a follow-up carries the first turn's picture, which is encoded again
+    and placed in that turn, giving the in-process answer to the same conversation."""
+    from modalink import client
+    from modalink.prompt import Message, place_media
+
+    question, follow_up = "What is shown in this picture?", "Is it something you wear?"
+    with client.Client(stack["gateway"]) as c:
+        first = c.ask([question, client.image(samples["image"])], max_new_tokens=16)
+        history = [("user", question, [client.image(samples["image"])]), ("assistant", first)]
+        second = c.ask(follow_up, max_new_tokens=16, history=history)
+        assert c.versions == {"image": local.projector("image")[1]}  # the history's picture was encoded
+        blind = c.ask(follow_up, max_new_tokens=16, history=[("user", question), ("assistant", first)])
+    media, _ = local.media([("image", samples["image"])])
+    turns = [Message("user", place_media(question, media)), Message("assistant", [first])]
+    events, _, _ = local.stream(follow_up, [], local_params(16), turns)
+    assert second == "".join(ev.text for ev in events)
+    assert second != blind  # without its picture the turn reads differently

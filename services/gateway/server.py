@@ -60,9 +60,9 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         self.remote, self.settings = remote, settings or get_settings()
         self.registry = AdapterRegistry(self.settings.adapters_dir)
 
-    def _start(self, text, inputs, params, context, history=()):
+    def _start(self, text, inputs, params, context, history=(), history_media=()):
         """(LLM token stream, versions); the LLM call is cancelled when the client goes away."""
-        stream, versions = self.remote.stream(text, inputs, params, context.time_remaining(), history)
+        stream, versions = self.remote.stream(text, inputs, params, context.time_remaining(), history, history_media)
         context.add_callback(stream.cancel)
         return stream, versions
 
@@ -73,12 +73,13 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
     def _generate(self, request: assistant_pb2.GenerateRequest, context: grpc.ServicerContext):
         try:
             text, inputs = text_and_inputs(request.parts)
-            history = history_from_msg(request.history)
+            history, history_media = history_from_msg(request.history)
             params, safety = params_from_msg(request.params), SafetyFilter.from_settings(self.settings)
-            if refusal := safety.check_input(text, inputs, history):  # before any encoding
+            every_input = [*(x for turn in history_media for x in turn), *inputs]
+            if refusal := safety.check_input(text, every_input, history):  # before any encoding
                 yield assistant_pb2.GenerateResponse(text=refusal.text, finish_reason=CONTENT_FILTER)
                 return
-            stream, versions = self._start(text, inputs, params, context, history)
+            stream, versions = self._start(text, inputs, params, context, history, history_media)
             first = True
             for tok, piece, finish in safety.filter_output(stream):
                 yield assistant_pb2.GenerateResponse(

@@ -81,24 +81,28 @@ def imu_array(name: str, raw: bytes) -> np.ndarray:
     return decode_imu(raw, get_settings().imu_channels).numpy()
 
 
+def media_of(p, where: str):
+    """A gateway Part from the page's ``{type, name, data (base64)}``."""
+    if not isinstance(p, dict) or not isinstance(p.get("type"), str):
+        raise InputError(f"{where}: expected an object with a type")
+    name = str(p.get("name") or p["type"])
+    return media_part(p["type"], name, decode_b64(p.get("data") or "", f"{where} ({name})"))
+
+
 def parse_chat(body: dict) -> tuple[list, list[tuple[str, str]], dict]:
     """(parts, history, generation kwargs) from the page's request; InputError names what is wrong."""
     if not isinstance(body, dict):
         raise InputError("request body must be a JSON object")
     parts = []
     for i, p in enumerate(body.get("parts") or []):
-        if not isinstance(p, dict) or not isinstance(p.get("type"), str):
-            raise InputError(f"parts[{i}]: expected an object with a type")
-        if p["type"] == "text":
-            parts.append(str(p.get("text") or ""))
-        else:
-            name = str(p.get("name") or p["type"])
-            parts.append(media_part(p["type"], name, decode_b64(p.get("data") or "", f"parts[{i}] ({name})")))
+        is_text = isinstance(p, dict) and p.get("type") == "text"
+        parts.append(str(p.get("text") or "") if is_text else media_of(p, f"parts[{i}]"))
     history = []
     for i, t in enumerate(body.get("history") or []):
         if not isinstance(t, dict) or t.get("role") not in ("user", "assistant") or not isinstance(t.get("text"), str):
-            raise InputError(f"history[{i}]: expected {{role: user|assistant, text}}")
-        history.append((t["role"], t["text"]))
+            raise InputError(f"history[{i}]: expected {{role: user|assistant, text, media?}}")
+        history.append((t["role"], t["text"], [media_of(p, f"history[{i}].media[{j}]")
+                                               for j, p in enumerate(t.get("media") or [])]))  # fmt: skip
     try:
         params = {"max_new_tokens": int(body.get("max_new_tokens") or 128),
                   "temperature": float(body.get("temperature") or 0.0)}  # fmt: skip

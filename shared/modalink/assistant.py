@@ -15,7 +15,7 @@ from modalink import lora
 from modalink.config import Settings
 from modalink.embedder import UNTRAINED, Embedder
 from modalink.engine import Engine, GenerationParams, TokenEvent, TransformersEngine
-from modalink.prompt import Message, Part, build_prompt, place_media
+from modalink.prompt import Media, Message, Part, build_prompt, place_media
 from modalink.safety import CONTENT_FILTER, SafetyFilter, final_text
 
 __all__ = ["UNTRAINED", "Answer", "Assistant"]
@@ -70,8 +70,10 @@ class Assistant(Embedder):
         media, versions = self.media(inputs)
         parts: list[Part] = place_media(text, media)
         prompt = build_prompt(self.engine.tokenizer, [*history, Message("user", parts)], self.settings.system_prompt)
-        # One LoRA per prompt: the first input's modality that has one (mixed-modality prompts share it).
-        adapter = next((a for m in media if (a := self.lora(m.modality))), None)
+        # One LoRA per prompt: the first input's modality that has one (mixed-modality prompts share it), earlier
+        # turns' media first, as the LLM service picks it from the request's adapters.
+        earlier = [p for msg in history for p in msg.content if isinstance(p, Media)]
+        adapter = next((a for m in [*earlier, *media] if (a := self.lora(m.modality))), None)
         events = self.safety.filter_output(self.engine.stream([prompt], params, [adapter]))
         events = (replace(ev, text=t, finish_reason=f) for ev, t, f in events)
         return events, versions, self.engine.prompt_length(prompt)

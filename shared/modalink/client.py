@@ -71,12 +71,13 @@ def _parts(parts: Sequence[PartLike] | PartLike) -> list[common_pb2.Part]:
     return [common_pb2.Part(text=p) if isinstance(p, str) else p for p in parts]
 
 
-Turns = Sequence[tuple[str, str]]  # earlier turns: (role "user" | "assistant", text), oldest first
+# Earlier turns, oldest first: (role "user" | "assistant", text), or (role, text, that user turn's media parts).
+Turns = Sequence[tuple]
 
 
 def _request(parts, params: GenerationParams | None, history: Turns = (), **kw) -> assistant_pb2.GenerateRequest:
     params = params or GenerationParams(**kw)
-    turns = [assistant_pb2.Turn(role=role, text=text) for role, text in history]
+    turns = [assistant_pb2.Turn(role=t[0], text=t[1], media=_parts(t[2]) if len(t) > 2 else []) for t in history]
     return assistant_pb2.GenerateRequest(parts=_parts(parts), params=params_to_msg(params), history=turns)
 
 

@@ -201,13 +201,22 @@ class RemoteAssistant:
 
     def stream(
         self, text: str, inputs: Sequence[tuple[str, Any]], params: GenerationParams, timeout_s: float | None = None,
-        history: Sequence[Message] = (),
+        history: Sequence[Message] = (), history_media: Sequence[Sequence[tuple[str, Any]]] = (),
     ) -> tuple[Iterator[llm_pb2.Token], dict[str, str]]:  # fmt: skip
         """(the LLM's token stream, adapter versions). Cancel the stream to stop the generation.
 
-        ``history``: earlier text turns of the conversation (as ``Assistant.stream`` takes them).
+        ``history``: earlier turns of the conversation (as ``Assistant.stream`` takes them); ``history_media``: the
+        raw media of each of them, encoded with this turn's in one concurrent round and placed into their turns.
         """
-        media, versions = self.media(inputs, timeout_s)
+        earlier = [x for turn in history_media for x in turn]
+        media, versions = self.media([*earlier, *inputs], timeout_s)
+        if earlier:
+            done, placed = iter(media[: len(earlier)]), []
+            for i, msg in enumerate(history):
+                turn = history_media[i] if i < len(history_media) else ()
+                text_i = " ".join(p for p in msg.content if isinstance(p, str))
+                placed.append(Message(msg.role, place_media(text_i, [next(done) for _ in turn])) if turn else msg)
+            history, media = placed, media[len(earlier) :]
         return self.generate(self.request(text, media, versions, params, history), timeout_s), versions
 
     def request(

@@ -226,13 +226,23 @@ def text_and_inputs(
 MAX_HISTORY_TURNS = 100
 
 
-def history_from_msg(turns: Sequence[assistant_pb2.Turn]) -> list:
-    """Earlier turns of a conversation as ``Message``s (text only; the prompt must still fit the context)."""
+def history_from_msg(turns: Sequence[assistant_pb2.Turn]) -> tuple[list, list[list[tuple[str, Any]]]]:
+    """Earlier turns of a conversation: (``Message``s of their text, each turn's raw media inputs)."""
     from modalink.prompt import Message
 
     if len(turns) > MAX_HISTORY_TURNS:
         raise InputError(f"history has {len(turns)} turns; the limit is {MAX_HISTORY_TURNS}")
+    messages, media = [], []
     for i, t in enumerate(turns):
         if t.role not in ("user", "assistant", "system"):
             raise InputError(f"history[{i}]: role must be user, assistant or system, got {t.role!r}")
-    return [Message(t.role, [t.text]) for t in turns]
+        if t.media and t.role != "user":
+            raise InputError(f"history[{i}]: only user turns carry media")
+        inputs = [part_input(p) for p in t.media]
+        if any(m == "text" for m, _ in inputs):
+            raise InputError(f"history[{i}].media: text belongs in the turn's text, not in its media")
+        messages.append(Message(t.role, [t.text]))
+        media.append(inputs)
+    if (n := sum(map(len, media))) > get_settings().max_parts:
+        raise InputError(f"history carries {n} media; the limit is {get_settings().max_parts} (MODALINK_MAX_PARTS)")
+    return messages, media

@@ -461,7 +461,7 @@ async function stopRecording() {
 // Chat: conversation and streaming
 // ---------------------------------------------------------------------------------------------------
 
-let turns = []; // completed turns sent as history: {role, text}
+let turns = []; // completed turns sent as history: {role, text, media} (the gateway keeps no conversation state)
 let streaming = null; // AbortController of the answer in flight
 let preparing = false; // reading attachments before a send
 let conversation = 0; // bumps on "New chat" so a late stream does not write into the new one
@@ -634,7 +634,10 @@ async function send() {
     if (myConversation === conversation) {
       streaming = null;
       setBusy(false);
-      if (msg.node.dataset.state === "done") turns.push({ role: "user", text: question }, { role: "assistant", text: answer });
+      if (msg.node.dataset.state === "done") {
+        const media = body.parts.filter((p) => p.type !== "text");
+        turns.push({ role: "user", text: question, ...(media.length ? { media } : {}) }, { role: "assistant", text: answer });
+      }
       scrollToBottom();
     }
   }
