@@ -314,16 +314,30 @@ def test_a_redis_restart_mid_job_loses_and_duplicates_nothing(cluster, samples, 
             time.sleep(0.05)
     outage = time.monotonic() - down
     assert 6 <= at_kill < len(rows)
-    job = wait_job(store.get, job_id, timeout=600)
+    # Celery's worker usually reconnects; sometimes kombu fails an ack racing the reconnect (AttributeError in
+    # _connparams) and the worker exits. Its supervisor (the Deployment, compose's restart policy) starts it
+    # again, as done here; the batch it held is delivered again after the visibility timeout.
+    restarts, old_logs, deadline = 0, [], time.time() + 600
+    while (job := store.get(job_id))["state"] == "running" and time.time() < deadline:
+        if procs.running["worker-a"].poll() is not None:
+            old_logs.append((logs / "worker-a.log").rename(logs / f"worker-a.crashed-{restarts}.log"))
+            procs.running.pop("worker-a")
+            procs.start("worker-a", [*CELERY, "-Q", QUEUES, "-c", "2", "-n", "a@%h"])
+            restarts += 1
+        time.sleep(0.5)
+    job = wait_job(store.get, job_id, timeout=60)
     ids = [r["id"] for r in results_of(job["results"])]
     lost, duplicates = {r["id"] for r in rows} - set(ids), len(ids) - len(set(ids))
-    batches = (logs / "worker-a.log").read_text().count("] received") - received
+    texts = [p.read_text() for p in [*old_logs, logs / "worker-a.log"]]
+    batches = sum(t.count("] received") for t in texts) - received
     record_figures("redis_restart", items=len(rows), done_at_kill=at_kill, outage_s=round(outage, 1), done=job["done"],
-                   duplicates=duplicates, lost=len(lost), batch_deliveries=batches, batches=22)  # fmt: skip
+                   duplicates=duplicates, lost=len(lost), batch_deliveries=batches, batches=22,
+                   worker_restarts=restarts)  # fmt: skip
     assert job["state"] == "done" and job["done"] == job["total"] == len(rows) == 42 and job["errors"] == 2, job
     assert not lost and not duplicates
     assert len(store.done_ids(job_id)) == len(rows)  # the counter and the results agree: nothing counted twice
-    assert "Connection to broker lost" in (logs / "worker-a.log").read_text()  # the worker did see the outage
+    assert "Connection to broker lost" in texts[0]  # the worker did see the outage
+    assert restarts <= 1, f"the worker exited {restarts} times"
 
 
 def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(cluster, samples, tmp_path):
