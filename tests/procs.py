@@ -115,3 +115,20 @@ def record_figures(case: str, **figures) -> None:
 
     FIGURES.mkdir(parents=True, exist_ok=True)
     (FIGURES / f"{case}.json").write_text(json.dumps({"case": case, **figures, "when": time.strftime("%F %T")}) + "\n")
+
+
+def http_chat(base: str, key: str | None = None, max_tokens: int = 2) -> tuple[int, dict, str]:
+    """(status, headers with lower-case names, body) of a short OpenAI chat completion at the gateway's HTTP API."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"model": "modalink", "max_tokens": max_tokens,
+                       "messages": [{"role": "user", "content": "Say hi."}]})  # fmt: skip
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(f"{base}/v1/chat/completions", body.encode(), headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as res:
+            return res.status, {k.lower(): v for k, v in res.headers.items()}, res.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode()

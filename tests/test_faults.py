@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from procs import Procs, free_port, record_figures, triton_metric, wait_grpc, wait_triton
+from procs import Procs, free_port, http_chat, record_figures, triton_metric, wait_grpc, wait_triton
 
 from modalink.wire import assistant_pb2, common_pb2
 
@@ -87,20 +87,6 @@ def text_request(text: str, n: int) -> assistant_pb2.GenerateRequest:
                                          params=common_pb2.GenerationParams(max_new_tokens=n))  # fmt: skip
 
 
-def http_chat(base: str) -> tuple[int, dict]:
-    import json
-    import urllib.error
-    import urllib.request
-
-    body = json.dumps({"model": "modalink", "max_tokens": 2, "messages": [{"role": "user", "content": "Say hi."}]})
-    req = urllib.request.Request(f"{base}/v1/chat/completions", body.encode(), {"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as res:
-            return res.status, {k.lower(): v for k, v in res.headers.items()}
-    except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}
-
-
 def test_killing_one_encoder_replica_under_load_fails_no_request(topo, stub, samples):
     """Four clients send Embed requests without pause; one of the two replicas is SIGKILLed mid-run. Encoding is
     idempotent, so the gateway retries requests that were in flight on it on the other replica: none fails."""
@@ -164,7 +150,7 @@ def test_llm_stop_drains_then_the_gateway_fails_fast_and_recovers(topo, stub):
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
     assert dict(err.value.trailing_metadata())["retry-after"] == "1" and "retry in" in err.value.details()
     assert fail_s < 10, f"took {fail_s:.1f} s of a 60 s deadline"
-    status, headers = http_chat(topo["http"])
+    status, headers, _ = http_chat(topo["http"])
     assert status == 503 and headers["retry-after"] == "1"
 
     proc, log = procs.start("llm", topo["llm_cmd"])
@@ -189,6 +175,7 @@ def test_sigterm_drains_the_gateway(topo, stub):
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(text_request("Say hi.", 4), timeout=10))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    assert "shutting down" in err.value.details() and dict(err.value.trailing_metadata())["retry-after"] == "1"
     rest = list(call)
     assert rest and rest[-1].finish_reason in ("length", "stop"), rest[-1:] or first
     assert gateway.wait(timeout=30) == 0

@@ -11,13 +11,11 @@ import os
 import shutil
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-from procs import Procs, free_port, record_figures, wait_grpc, wait_triton
+from procs import Procs, free_port, http_chat, record_figures, wait_grpc, wait_triton
 
 from modalink.auth import KeyRing, RateLimiter, hash_key, key_from_headers
 from modalink.config import Settings
@@ -180,23 +178,10 @@ def test_grpc_needs_a_key_as_metadata_or_bearer(secured):
         assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
 
 
-def http_chat(secured, key: str | None) -> tuple[int, dict, str]:
-    import json
-
-    body = json.dumps({"model": "modalink", "max_tokens": 2, "messages": [{"role": "user", "content": "Say hi."}]})
-    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
-    req = urllib.request.Request(f"{secured['http']}/v1/chat/completions", body.encode(), headers)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as res:
-            return res.status, dict(res.headers), res.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read().decode()
-
-
 def test_http_needs_a_bearer_key_and_generates_over_mtls(secured):
-    status, _, body = http_chat(secured, None)
+    status, _, body = http_chat(secured["http"])
     assert status == 401 and "API key" in body
-    status, _, body = http_chat(secured, HASHED_KEY)  # the LLM service is reached over mTLS
+    status, _, body = http_chat(secured["http"], HASHED_KEY)  # the LLM service is reached over mTLS
     assert status == 200 and '"choices"' in body, body
 
 
@@ -215,7 +200,7 @@ def test_rate_limit_per_key(secured):
     assert codes[:3] == ["OK"] * 3 and "RESOURCE_EXHAUSTED" in codes, codes
     assert retry_after and 0 < float(retry_after) <= 1.0
     assert embed(secured["gateway"], secured["image"], (("x-api-key", HASHED_KEY),))  # its own bucket
-    statuses = [http_chat(secured, PLAIN_KEY) for _ in range(6)]
+    statuses = [http_chat(secured["http"], PLAIN_KEY) for _ in range(6)]
     limited = [h for s, h, _ in statuses if s == 429]
     assert limited and all(int(h["retry-after"]) >= 1 for h in limited), [s for s, _, _ in statuses]
     record_figures("rate_limit", grpc_calls=len(codes), grpc_refused=codes.count("RESOURCE_EXHAUSTED"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -84,14 +85,68 @@ def channel(address: str, settings, options=CHANNEL_OPTIONS) -> grpc.Channel:
     return grpc.secure_channel(address, creds, options=options)
 
 
+class Gate(grpc.ServerInterceptor):
+    """Counts calls in flight, and once closed (SIGTERM) refuses new ones with UNAVAILABLE and a retry hint, while
+    the server still answers: left to grpc's own shutdown, a call that races it may end CANCELLED instead."""
+
+    def __init__(self):
+        self.closed, self.active, self._idle = False, 0, threading.Condition()
+        self._refuse = _deny(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry in 1 s",
+                             (("retry-after", "1"),))  # fmt: skip
+
+    def close(self) -> None:
+        self.closed = True
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """True once no call is in flight; False if some still are after ``timeout_s``."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.active == 0, timeout_s)
+
+    def _count(self, delta: int) -> None:
+        with self._idle:
+            self.active += delta
+            self._idle.notify_all()
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith(OPEN_METHODS):
+            return continuation(details)
+        if self.closed:
+            return self._refuse
+        handler = continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+        if handler.response_streaming:
+            behavior = handler.unary_stream
+
+            def unary_stream(request, context):
+                self._count(+1)
+                try:
+                    yield from behavior(request, context)
+                finally:
+                    self._count(-1)
+
+            return handler._replace(unary_stream=unary_stream)
+        behavior = handler.unary_unary
+
+        def unary_unary(request, context):
+            self._count(+1)
+            try:
+                return behavior(request, context)
+            finally:
+                self._count(-1)
+
+        return handler._replace(unary_unary=unary_unary)
+
+
 @dataclass
 class Served:
-    """A started gRPC server, the port it got, and its health servicer (set NOT_SERVING to drain traffic)."""
+    """A started gRPC server, the port it got, its health servicer and the gate that drains it."""
 
     server: grpc.Server
     port: int
     health: health.HealthServicer
     services: tuple[str, ...]
+    gate: Gate
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -100,7 +155,7 @@ class Served:
 
     def serve_until_signal(self, grace_s: float, app=None, http_host: str = "0.0.0.0", http_port: int = 0) -> None:
         """Serve (gRPC, and the ASGI ``app`` on ``http_port`` if given) until SIGTERM or SIGINT, then drain: health
-        turns NOT_SERVING at once, new calls are refused, calls in flight get up to ``grace_s`` to finish
+        turns NOT_SERVING at once, new calls get UNAVAILABLE, calls in flight get up to ``grace_s`` to finish
         (Kubernetes sends SIGTERM and waits terminationGracePeriodSeconds)."""
         drained = threading.Event()
 
@@ -109,26 +164,32 @@ class Served:
                 drained.set()
                 log.info("shutting down: draining calls in flight (up to %.0f s)", grace_s)
                 self.health.enter_graceful_shutdown()
-                self._stopped = self.server.stop(grace_s)
+                self.gate.close()
 
         # (uvicorn restores the handlers it found and raises the signal again when it is done: they must be these)
         signal.signal(signal.SIGTERM, drain)
         signal.signal(signal.SIGINT, drain)
+        t0 = time.monotonic()
         if app is None:
             drained.wait()
+            t0 = time.monotonic()
         else:
             import uvicorn
 
             class Server(uvicorn.Server):
                 def handle_exit(self, sig, frame):
+                    nonlocal t0
+                    t0 = time.monotonic()
                     drain()
                     super().handle_exit(sig, frame)
 
             config = uvicorn.Config(app, host=http_host, port=http_port, log_level="warning",
                                     timeout_graceful_shutdown=max(1, int(grace_s)))  # fmt: skip
-            Server(config).run()
+            Server(config).run()  # returns once its HTTP requests in flight are done (or the grace is over)
             drain()
-        self._stopped.wait(grace_s + 5)
+        if not self.gate.wait_idle(max(0.0, grace_s - (time.monotonic() - t0))):
+            log.warning("%d calls still in flight after %.0f s: stopping them", self.gate.active, grace_s)
+        self.server.stop(1).wait(5)
         log.info("stopped")
 
 
@@ -144,7 +205,8 @@ def make_server(
     """
     settings = settings or get_settings()
     limit = settings.max_message_mb << 20
-    interceptors: list[grpc.ServerInterceptor] = [MalformedRequestInterceptor()]
+    gate = Gate()
+    interceptors: list[grpc.ServerInterceptor] = [gate, MalformedRequestInterceptor()]
     if public:
         keys = KeyRing.from_settings(settings)
         limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
@@ -163,7 +225,7 @@ def make_server(
     if not bound:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
-    served = Served(server, bound, health_servicer, tuple(services))
+    served = Served(server, bound, health_servicer, tuple(services), gate)
     served.set_serving(True)
     return served
 
