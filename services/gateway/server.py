@@ -16,7 +16,7 @@ import threading
 
 import grpc
 
-from modalink import MODALITIES, jobs
+from modalink import MODALITIES, check_modality, jobs
 from modalink.auth import KeyRing
 from modalink.config import Settings, get_settings
 from modalink.data import default_question
@@ -150,9 +150,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         if not KeyRing.from_settings(self.settings):
             raise PermissionError("promoting adapters needs an API key: this gateway has none configured "
                                   "(MODALINK_API_KEYS / MODALINK_API_KEY_HASHES)")  # fmt: skip
-        modality = request.modality
-        if modality not in MODALITIES:
-            raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+        modality = check_modality(request.modality)
         try:
             if request.rollback:
                 version = self.registry.rollback(modality)
@@ -169,9 +167,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
 
 def adapter_list(registry: AdapterRegistry, modalities) -> assistant_pb2.AdapterList:
     out = assistant_pb2.AdapterList()
-    for m in modalities:
-        if m not in MODALITIES:
-            raise InputError(f"unknown modality {m!r}; expected one of {', '.join(MODALITIES)}")
+    for m in map(check_modality, modalities):
         entry = out.modalities[m]
         entry.current = registry.current(m) or ""
         for v in registry.list(m):

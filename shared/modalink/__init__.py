@@ -13,3 +13,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 __version__ = "0.1.0"
 
 MODALITIES = ("image", "audio", "imu", "video")
+
+
+def check_modality(modality: str) -> str:
+    """``modality`` if it is one of ``MODALITIES``; else the ``InputError`` every entry point answers with."""
+    if modality not in MODALITIES:
+        from modalink.errors import InputError
+
+        raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+    return modality

@@ -15,10 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from modalink import MODALITIES
+from modalink import check_modality
 from modalink.config import Settings, get_settings
 from modalink.encoders import Encoder, load_encoder
-from modalink.errors import InputError
 from modalink.projectors import DEFAULT_PROJECTORS, ProjectorConfig, build_projector, pad_features
 from modalink.prompt import Media
 from modalink.registry import AdapterRegistry
@@ -56,8 +55,7 @@ class Embedder:
         return self._d_llm
 
     def encoder(self, modality: str) -> Encoder:
-        if modality not in MODALITIES:
-            raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+        check_modality(modality)
         with self._lock:
             if modality not in self._encoders:
                 image = self._encoders.get("image")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modalink import MODALITIES
+from modalink import MODALITIES, check_modality
 from modalink.config import Settings, get_settings
 from modalink.engine import GenerationParams
 from modalink.errors import ConfigError, InputError
@@ -192,8 +192,7 @@ class RemoteAssistant:
     def media(self, inputs: Sequence[tuple[str, Any]], timeout_s: float | None = None):
         """Project every input on its encoder service, concurrently; (media in order, versions by modality)."""
         for modality, _ in inputs:
-            if modality not in MODALITIES:
-                raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+            check_modality(modality)
         jobs = [self._pool.submit(self.encoders.embed, m, raw, timeout_s) for m, raw in inputs]
         results = [j.result() for j in jobs]
         versions = {m: v for (m, _), (_, v) in zip(inputs, results, strict=True)}
