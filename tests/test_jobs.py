@@ -285,21 +285,29 @@ def test_gateway_clients_cannot_name_files_outside_the_manifest_roots(cluster, s
     assert by_id["ok"]["caption"] and "error" not in by_id["ok"]
 
 
+def submit_until_done(worker_app, tmp_path, samples, counts: dict, seed: int, batch_size: int, max_new_tokens: int,
+                      done: int):  # fmt: skip
+    """Submit a job of ``counts`` items and wait until ``done`` of them are: (rows, job id, job store)."""
+    from modalink.engine import GenerationParams
+
+    rows = write_manifest(tmp_path, samples, counts, seed=seed)
+    job_id = worker_app.submit(read_manifest(tmp_path / "manifest.jsonl"), str(tmp_path / "results.jsonl"),
+                               batch_size, GenerationParams(max_new_tokens=max_new_tokens))  # fmt: skip
+    store = worker_app.store()
+    deadline = time.time() + 300
+    while store.get(job_id)["done"] < done and time.time() < deadline:
+        time.sleep(0.1)
+    return rows, job_id, store
+
+
 def test_a_redis_restart_mid_job_loses_and_duplicates_nothing(cluster, samples, tmp_path):
     """Redis SIGKILLed with batches queued, in hand and acked, restarted on its port from its append-only file."""
     worker_app, procs, logs = cluster["worker_app"], cluster["procs"], cluster["logs"]
     from redis import Redis
 
-    from modalink.engine import GenerationParams
-
-    rows = write_manifest(tmp_path, samples, {"imu": 40}, seed=3)
     received = (logs / "worker-a.log").read_text().count("] received")
-    job_id = worker_app.submit(read_manifest(tmp_path / "manifest.jsonl"), str(tmp_path / "results.jsonl"), 2,
-                               GenerationParams(max_new_tokens=8))  # fmt: skip
-    store = worker_app.store()
-    deadline = time.time() + 300
-    while store.get(job_id)["done"] < 6 and time.time() < deadline:
-        time.sleep(0.1)
+    rows, job_id, store = submit_until_done(worker_app, tmp_path, samples, {"imu": 40}, seed=3, batch_size=2,
+                                            max_new_tokens=8, done=6)  # fmt: skip
     at_kill = store.get(job_id)["done"]
     down = time.monotonic()
     procs.kill("redis")  # SIGKILL: no shutdown save; what is not in the append-only file is gone
@@ -342,15 +350,9 @@ def test_a_redis_restart_mid_job_loses_and_duplicates_nothing(cluster, samples, 
 
 def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(cluster, samples, tmp_path):
     worker_app, procs = cluster["worker_app"], cluster["procs"]
-    from modalink.engine import GenerationParams
 
-    rows = write_manifest(tmp_path, samples, {"imu": 40, "image": 20}, seed=2)
-    job_id = worker_app.submit(read_manifest(tmp_path / "manifest.jsonl"), str(tmp_path / "results.jsonl"), 4,
-                               GenerationParams(max_new_tokens=16))  # fmt: skip
-    store = worker_app.store()
-    deadline = time.time() + 300
-    while store.get(job_id)["done"] < 4 and time.time() < deadline:
-        time.sleep(0.1)
+    rows, job_id, store = submit_until_done(worker_app, tmp_path, samples, {"imu": 40, "image": 20}, seed=2,
+                                            batch_size=4, max_new_tokens=16, done=4)  # fmt: skip
     procs.kill("worker-a")  # SIGKILL to the worker and its pool children, with batches in hand
     at_kill = store.get(job_id)["done"]
     assert 4 <= at_kill < len(rows)
