@@ -1,9 +1,12 @@
 """OpenAI-compatible HTTP on the gateway: ``POST /v1/chat/completions`` with image and audio content parts.
 
 Content parts: ``text``, ``image_url`` (a ``data:`` URL; remote URLs are refused, the gateway fetches
-nothing), ``input_audio`` (base64 WAV/FLAC/OGG). Media may appear in the last user message; earlier turns
-are text. Streaming (SSE, ending with ``data: [DONE]``) and non-streaming; the ``openai`` client works
-unchanged. Also ``GET /healthz`` and ``GET /metrics`` (Prometheus). Bad input -> 400 with OpenAI's error shape.
+nothing), ``input_audio`` (base64 WAV/FLAC/OGG), in any user message: a chat front end sends the whole
+conversation with its pictures every turn, and they are read where they were sent, as the gRPC API's history
+reads them. Streaming (SSE, ending with ``data: [DONE]``; ``stream_options.include_usage`` adds the usage
+chunk) and non-streaming; ``GET /v1/models`` and ``/v1/models/{id}``; the ``openai`` client works unchanged.
+Also ``GET /healthz`` and ``GET /metrics`` (Prometheus). Errors carry OpenAI's error shape, with the status of
+``modalink.errors.status_of`` (bad input 400, a backend that is down 503 + Retry-After, one that timed out 504).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 import math
 import time
 import uuid
@@ -25,15 +29,17 @@ from modalink.aio import iterate_in_thread
 from modalink.auth import KeyRing, RateLimiter, key_from_headers
 from modalink.config import Settings, get_settings
 from modalink.engine import GenerationParams
-from modalink.errors import InputError
+from modalink.errors import HTTP_STATUS, BackendError, InputError, status_of
 from modalink.metrics import LATENCY, REQUESTS
 from modalink.prompt import Message
 from modalink.remote import RemoteAssistant
+from modalink.rpc import upstream_error, upstream_timeout
 from modalink.safety import CONTENT_FILTER, SafetyFilter, final_text
 from modalink.v1 import llm_pb2
-from modalink.wire import check_turn
+from modalink.wire import check_history, check_turn
 
 MAX_BODY_BYTES = 64 << 20
+log = logging.getLogger("modalink.gateway.http")
 
 
 def _data_url(url) -> bytes:
@@ -52,11 +58,14 @@ def _b64(data: str, what: str) -> bytes:
         raise InputError(f"{what}: not valid base64") from None
 
 
-def parse_messages(messages) -> tuple[list[Message], str, list[tuple[str, bytes]]]:
-    """(history, last user text, its media) from OpenAI chat messages."""
+def parse_messages(messages) -> tuple[list[Message], list[list[tuple[str, bytes]]], str, list[tuple[str, bytes]]]:
+    """(earlier turns, each earlier turn's media, last user text, its media) from OpenAI chat messages; the
+    media limits are the gRPC API's (``wire.check_turn``, ``wire.check_history``)."""
     if not isinstance(messages, list) or not messages:
         raise InputError("`messages` must be a non-empty list")
-    history: list[Message] = []
+    turns: list[Message] = []
+    turn_media: list[list[tuple[str, bytes]]] = []
+    n_parts = 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise InputError(f"messages[{i}]: needs a role of system, user or assistant")
@@ -81,14 +90,16 @@ def parse_messages(messages) -> tuple[list[Message], str, list[tuple[str, bytes]
                 raise InputError(
                     f"messages[{i}]: unsupported content part type {kind!r} (text, image_url, input_audio)"
                 )
-        if media and i != len(messages) - 1:
-            raise InputError(f"messages[{i}]: media go in the last user message")
-        history.append(Message(m["role"], ["".join(texts)]))
-        last_media = media
-    if history[-1].role != "user":
+        if media and m["role"] != "user":
+            raise InputError(f"messages[{i}]: only user messages carry media")
+        turns.append(Message(m["role"], ["".join(texts)]))
+        turn_media.append(media)
+        n_parts = len(parts)
+    if turns[-1].role != "user":
         raise InputError("the last message must be from the user")
-    check_turn(history[-1].content[0], len(last_media), len(parts))
-    return history[:-1], history[-1].content[0], last_media
+    check_turn(turns[-1].content[0], len(turn_media[-1]), n_parts)
+    check_history(turns[:-1], turn_media[:-1], "messages")
+    return turns[:-1], turn_media[:-1], turns[-1].content[0], turn_media[-1]
 
 
 def _params(body: dict) -> GenerationParams:
@@ -135,36 +146,39 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", settings: Set
     def count(status: str) -> None:
         REQUESTS.labels("http", "chat.completions", status).inc()
 
-    @app.exception_handler(InputError)
-    async def bad_input(request: Request, e: InputError):
-        count("400")
-        return _error(400, str(e))
-
-    @app.exception_handler(grpc.RpcError)
-    async def upstream(request: Request, e: grpc.RpcError):
-        if e.code() == grpc.StatusCode.UNAVAILABLE:
-            return unavailable(f"llm service: {e.details()}")
-        bad = e.code() == grpc.StatusCode.INVALID_ARGUMENT
-        count("400" if bad else "502")
-        return _error(
-            400 if bad else 502, f"llm service: {e.details()}", "invalid_request_error" if bad else "api_error"
-        )
-
-    @app.exception_handler(ConnectionError)
-    async def backend_down(request: Request, e: ConnectionError):
-        return unavailable(str(e))
-
-    def unavailable(message: str) -> JSONResponse:
-        """503 with Retry-After: a backend is down or restarting; the same request may succeed shortly."""
-        count("503")
-        response = _error(503, f"{message}; retry in 1 s", "api_error")
-        response.headers["Retry-After"] = "1"
+    async def failure(request: Request, e: Exception):
+        """Every error as OpenAI's error shape, with the status of ``errors.status_of`` (one table for all APIs)."""
+        if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
+            e = upstream_error(e, "the LLM service")
+        code, message = status_of(e)
+        status = HTTP_STATUS.get(code, 500)
+        if code == "INTERNAL":
+            log.error("chat completion failed", exc_info=e)
+        count(str(status))
+        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+        response = _error(status, message if code != "UNAVAILABLE" else f"{message}; retry in 1 s", kind)
+        if code == "UNAVAILABLE":
+            response.headers["Retry-After"] = "1"
         return response
 
-    @app.exception_handler(Exception)
-    async def failure(request: Request, e: Exception):
-        count("500")
-        return _error(500, f"{type(e).__name__}: {e}", "api_error")
+    # (each class by name: Starlette re-raises what only the catch-all ``Exception`` handler caught, as a crash)
+    for kind in (InputError, BackendError, ConnectionError, TimeoutError, PermissionError, grpc.RpcError, Exception):
+        app.add_exception_handler(kind, failure)
+
+    model = {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "modalink"}
+
+    @app.get("/v1/models")
+    async def models():
+        """The one model this gateway serves (chat front ends and OpenAI clients list models on start)."""
+        return {"object": "list", "data": [model]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_info(name: str):
+        if name != model_id:
+            return _error(
+                404, f"the model {name!r} does not exist; this gateway serves {model_id!r}", "not_found_error"
+            )
+        return model
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -177,14 +191,21 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", settings: Set
             raise InputError(f"request body is not UTF-8 JSON: {e}") from None
         if not isinstance(body, dict):
             raise InputError("request body must be a JSON object")
-        history, text, media = parse_messages(body.get("messages"))
+        history, history_media, text, media = parse_messages(body.get("messages"))
         params = _params(body)
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise InputError("stream_options must be an object")
+        include_usage = bool(options.get("include_usage"))
         t0 = time.perf_counter()
         safety = SafetyFilter.from_settings(settings)
-        if refusal := safety.check_input(text, media, history):  # before any encoding: one refusal event
+        every_input = [*(x for turn in history_media for x in turn), *media]
+        if refusal := safety.check_input(text, every_input, history):  # before any encoding: one refusal event
             stream, versions = iter([llm_pb2.Token(id=-1, text=refusal.text, finish_reason=CONTENT_FILTER)]), {}
         else:  # encoding the media blocks on the encoder services: off the event loop
-            stream, versions = await asyncio.to_thread(remote.stream, text, media, params, None, history)
+            stream, versions = await asyncio.to_thread(
+                remote.stream, text, media, params, upstream_timeout(settings), history, history_media
+            )
         events = safety.filter_output(stream)
         fingerprint = ",".join(f"{m}@{v}" for m, v in versions.items()) or "text"  # the adapters used
         base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
@@ -198,9 +219,17 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", settings: Set
                         chunk = {**base, "object": "chat.completion.chunk", "choices": [{
                             "index": 0, "delta": {"role": "assistant", "content": piece}, "logprobs": None,
                             "finish_reason": finish}]}  # fmt: skip
-                        if finish:
-                            chunk["usage"] = _usage(tok.usage)
+                        if include_usage:  # OpenAI: null on every chunk, then one chunk with the usage
+                            chunk["usage"] = None
                         yield f"data: {json.dumps(chunk)}\n\n"
+                        if finish and include_usage:
+                            usage = {
+                                **base,
+                                "object": "chat.completion.chunk",
+                                "choices": [],
+                                "usage": _usage(tok.usage),
+                            }
+                            yield f"data: {json.dumps(usage)}\n\n"
                     yield "data: [DONE]\n\n"
                     count("200")
                     latency.observe(time.perf_counter() - t0)

@@ -25,7 +25,7 @@ from modalink.llm import load_tokenizer
 from modalink.metrics import track
 from modalink.registry import AdapterRegistry
 from modalink.remote import EncoderPool, RemoteAssistant, parse_addresses
-from modalink.rpc import Served, abort_on_input_error, make_server
+from modalink.rpc import Served, abort_on_input_error, make_server, time_left
 from modalink.safety import CONTENT_FILTER, SafetyFilter, final_text
 from modalink.v1 import assistant_pb2, assistant_pb2_grpc
 from modalink.wire import history_from_msg, params_from_msg, part_input, text_and_inputs, to_tensor_msg
@@ -62,7 +62,9 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
 
     def _start(self, text, inputs, params, context, history=(), history_media=()):
         """(LLM token stream, versions); the LLM call is cancelled when the client goes away."""
-        stream, versions = self.remote.stream(text, inputs, params, context.time_remaining(), history, history_media)
+        stream, versions = self.remote.stream(
+            text, inputs, params, time_left(context, self.settings), history, history_media
+        )
         context.add_callback(stream.cancel)
         return stream, versions
 
@@ -93,7 +95,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
     @tracked
     def Embed(self, request: assistant_pb2.EmbedRequest, context: grpc.ServicerContext):
         modality, raw = media_part(request.part, "Embed")
-        (media,), versions = self.remote.media([(modality, raw)], context.time_remaining())
+        (media,), versions = self.remote.media([(modality, raw)], time_left(context, self.settings))
         return assistant_pb2.EmbedResponse(embeddings=to_tensor_msg(media.embeddings),
                                            adapter_version=versions[modality], modality=modality)  # fmt: skip
 

@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from modalink import MODALITIES, client
 from modalink.aio import iterate_in_thread
 from modalink.config import Settings, get_settings
-from modalink.errors import InputError
+from modalink.errors import HTTP_STATUS, InputError, status_of
 from modalink.remote import parse_addresses
 
 log = logging.getLogger("modalink.playground")
@@ -41,8 +41,6 @@ EXTENSIONS = {
     "video": (".gif", ".mp4", ".webm", ".mov"),
 }
 MAIN_METRICS = ("val_accuracy", "accuracy", "val_loss")  # the first one a version has is plotted
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
-               "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}  # fmt: skip
 MAX_BODY_BYTES = 64 << 20
 
 
@@ -112,18 +110,17 @@ def parse_chat(body: dict) -> tuple[list, list[tuple[str, str]], dict]:
 
 
 def error_response(e: Exception) -> JSONResponse:
-    """The gateway's status as an HTTP status, with its message; the page shows the message."""
-    if isinstance(e, InputError):
-        return JSONResponse({"error": str(e), "code": "INVALID_ARGUMENT"}, status_code=400)
+    """The gateway's status (or the playground's own error) as an HTTP status, with its message; the page shows
+    the message."""
     if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
-        code = e.code().name
-        status = HTTP_STATUS.get(code, 502)
-        message = e.details() or code
+        code, message = e.code().name, e.details() or e.code().name
         if code == "UNAVAILABLE" and "failed to connect" in message.lower():
             message = "the gateway is unreachable"
-        return JSONResponse({"error": message, "code": code}, status_code=status)
-    log.exception("playground request failed")
-    return JSONResponse({"error": f"{type(e).__name__}: {e}", "code": "INTERNAL"}, status_code=500)
+    else:
+        code, message = status_of(e)
+        if code == "INTERNAL":
+            log.error("playground request failed", exc_info=e)
+    return JSONResponse({"error": message, "code": code}, status_code=HTTP_STATUS.get(code, 502))
 
 
 def event(payload: dict) -> str:

@@ -25,7 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from modalink.config import get_settings
 from modalink.engine import GenerationParams
-from modalink.errors import InputError
+from modalink.errors import BackendError, InputError
 from modalink.jobs import JobStore, batches, caption_batch, check_path, manifest_roots
 
 MAX_PROMPT_CHARS = 4000
@@ -77,10 +77,10 @@ def remote():
     return build(settings)
 
 
-# RuntimeError: every replica of an encoder service is unavailable; grpc.RpcError: the LLM service failed;
+# BackendError: an encoder service or the LLM service is unavailable, timed out or failed (``modalink.remote``);
 # Redis errors: the job store was unreachable for longer than its retries (bad input never raises: it becomes
 # the item's error row).
-RETRIED = (RuntimeError, ConnectionError, grpc.RpcError, RedisConnectionError, RedisTimeoutError)
+RETRIED = (BackendError, ConnectionError, TimeoutError, grpc.RpcError, RedisConnectionError, RedisTimeoutError)
 
 
 @app.task(name="modalink.caption_batch", bind=True, max_retries=10, retry_backoff=2, retry_backoff_max=60,

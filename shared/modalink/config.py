@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         25.0, ge=0, description="On SIGTERM, calls in flight get this long to finish (below Kubernetes' 30 s)."
     )
+    upstream_timeout_s: float = Field(
+        600.0,
+        ge=0,
+        description="How long a call that came without a deadline may wait on each service behind the "
+        "gateway (encoders, LLM); 0 = no limit. A caller's own deadline always applies instead.",
+    )
     health_interval_s: float = Field(1.0, gt=0, description="How often the gateway checks the LLM service's health.")
     job_visibility_timeout_s: int = Field(
         3600, ge=5, description="A captioning batch whose worker died unacked is delivered again after this long."

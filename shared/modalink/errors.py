@@ -1,4 +1,11 @@
-"""One error type for bad user input: the CLI turns it into exit code 2, services into INVALID_ARGUMENT / 400."""
+"""modalink's error types, and the one table that turns them into the status a caller sees.
+
+The CLI turns ``InputError`` into exit code 2; the gRPC APIs answer ``status_of(e)``'s code and the HTTP APIs
+its ``HTTP_STATUS``. Messages name what failed in words a caller understands: never an exception type or an
+internal address (those go to the service's log).
+"""
+
+from __future__ import annotations
 
 
 class InputError(ValueError):
@@ -11,3 +18,52 @@ class ConfigError(ValueError):
 
 class NotFound(InputError):
     """The request names something that does not exist (a job id); services answer NOT_FOUND / 404."""
+
+
+class BackendError(RuntimeError):
+    """A service behind this one (an encoder, the LLM) failed. ``code``: the gRPC status name to answer with."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code:
+            self.code = code
+
+
+class BackendTimeout(BackendError, TimeoutError):
+    """A service behind this one did not answer within the call's deadline (DEADLINE_EXCEEDED / 504)."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class BackendUnavailable(BackendError, ConnectionError):
+    """A service behind this one cannot be reached or is restarting: the same call may succeed shortly
+    (UNAVAILABLE / 503 with a retry hint)."""
+
+    code = "UNAVAILABLE"
+
+
+# gRPC status name -> HTTP status, for the HTTP APIs (the OpenAI-compatible route, the playground).
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+               "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}  # fmt: skip
+
+INTERNAL_MESSAGE = "internal error; the service logged the details"
+
+
+def status_of(e: BaseException) -> tuple[str, str]:
+    """(gRPC status name, message for the caller) of an exception, the same on every API. Anything unexpected is
+    INTERNAL with a fixed message (its details are for the log, not for callers)."""
+    if isinstance(e, NotFound):
+        return "NOT_FOUND", str(e)
+    if isinstance(e, InputError):
+        return "INVALID_ARGUMENT", str(e)
+    if isinstance(e, PermissionError):
+        return "PERMISSION_DENIED", str(e)
+    if isinstance(e, BackendError):
+        return e.code, str(e)
+    if isinstance(e, TimeoutError):
+        return "DEADLINE_EXCEEDED", str(e) or "timed out"
+    if isinstance(e, ConnectionError):
+        return "UNAVAILABLE", str(e) or "a service behind this one is unreachable"
+    return "INTERNAL", INTERNAL_MESSAGE

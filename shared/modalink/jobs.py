@@ -26,8 +26,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from modalink import MODALITIES, data
 from modalink.data import default_question
 from modalink.engine import GenerationParams
@@ -294,12 +292,12 @@ def caption_batch(
     for row, version, tokens in started:
         try:
             text = "".join(t.text for t in tokens).strip()
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                for _, _, other in started:
-                    other.cancel()
-                raise  # the LLM service is down or failing: the task retries the batch
-            results[row["id"]] = {"id": row["id"], "error": e.details()}
+        except InputError as e:  # the LLM refused this item's prompt (too long for its context, ...)
+            results[row["id"]] = {"id": row["id"], "error": str(e)}
             continue
+        except Exception:
+            for _, _, other in started:
+                other.cancel()
+            raise  # the LLM service is down or failing: the task retries the batch
         results[row["id"]] = {"id": row["id"], "caption": text, "adapter_version": version}
     return [results[r["id"]] for r in rows]

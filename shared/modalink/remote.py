@@ -16,16 +16,17 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import grpc
 import numpy as np
 import torch
 
 from modalink import MODALITIES, check_modality
 from modalink.config import Settings, get_settings
 from modalink.engine import GenerationParams
-from modalink.errors import ConfigError, InputError
+from modalink.errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError, InputError
 from modalink.metrics import ENCODER_CALLS
 from modalink.prompt import Media, Message, build_prompt, place_media
-from modalink.rpc import CHANNEL_OPTIONS, channel
+from modalink.rpc import CHANNEL_OPTIONS, channel, upstream_error, upstream_timeout
 from modalink.triton import INVALID_INPUT, model_name
 from modalink.v1 import llm_pb2, llm_pb2_grpc
 from modalink.wire import params_to_msg, to_tensor_msg
@@ -69,11 +70,13 @@ def _shape_key(modality: str, raw: Any) -> tuple:
 class EncoderPool:
     """tritonclient gRPC clients for every replica of every modality's encoder service."""
 
-    def __init__(self, addresses: dict[str, list[str]], timeout_s: float = 60.0, retries: int = 2,
+    def __init__(self, addresses: dict[str, list[str]], timeout_s: float | None = None, retries: int = 2,
                  max_batch: int = 32, settings: Settings | None = None):  # fmt: skip
+        """``timeout_s``: the bound of a call made without one (default ``MODALINK_UPSTREAM_TIMEOUT_S``)."""
         import tritonclient.grpc as tc
 
-        self.timeout_s, self.retries, self.max_batch = timeout_s, retries, max_batch
+        self.timeout_s = timeout_s if timeout_s is not None else upstream_timeout(settings)
+        self.retries, self.max_batch = retries, max_batch
         # round_robin: an address that resolves to several pods (a headless Kubernetes Service, "dns:///name:8001")
         # spreads calls over all of them; tritonclient's own defaults are unlimited message sizes, kept here.
         args = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
@@ -144,7 +147,7 @@ class EncoderPool:
         from tritonclient.utils import InferenceServerException
 
         order = self._order(modality)
-        last: Exception | None = None
+        timeout = self.timeout_s if timeout_s is None else max(timeout_s, 0.001)
         for attempt in range(len(order) + self.retries):
             if attempt >= len(order):
                 time.sleep(0.1 * 2 ** (attempt - len(order) + 1))
@@ -152,17 +155,19 @@ class EncoderPool:
             try:
                 with ENCODER_CALLS.labels(modality).time():
                     res = client.infer(model_name(modality), [_triton_input(modality, raws)],
-                                       client_timeout=timeout_s or self.timeout_s)  # fmt: skip
+                                       client_timeout=timeout)  # fmt: skip
             except InferenceServerException as e:
-                msg = e.message() if callable(getattr(e, "message", None)) else str(e)
-                if INVALID_INPUT in (msg or ""):
+                msg, status = (e.message() if callable(getattr(e, "message", None)) else str(e)) or "", str(e.status())
+                if INVALID_INPUT in msg:
                     raise InputError(msg.split(INVALID_INPUT, 1)[1].split("\n")[0].strip()) from None
-                if "UNAVAILABLE" not in str(e.status() or ""):
-                    raise RuntimeError(f"{model_name(modality)} at {address}: {msg}") from None
+                if "DEADLINE_EXCEEDED" in status:  # the call's deadline is spent: another replica cannot help
+                    raise BackendTimeout(f"the {modality} encoder service did not answer before the deadline") from None
+                if "UNAVAILABLE" not in status:
+                    log.error("%s encoder at %s failed: %s %s", modality, address, status, msg)
+                    raise BackendError(f"the {modality} encoder service failed; its log has the details") from None
                 log.warning("%s encoder at %s is unavailable (%s); trying the next replica", modality, address, msg)
                 with self._lock:
                     self._down_until[address] = time.monotonic() + 5.0
-                last = e
                 continue
             if address in self._down_until:
                 with self._lock:
@@ -172,7 +177,7 @@ class EncoderPool:
                 InputError(_text(err)) if err else (torch.from_numpy(emb.copy()), _text(ver))
                 for emb, ver, err in zip(embs, versions[:, 0], errors[:, 0], strict=True)
             ]
-        raise ConnectionError(f"every {modality} encoder replica is unavailable; retry later ({last})")
+        raise BackendUnavailable(f"every {modality} encoder replica is unavailable")
 
 
 def _text(x: Any) -> str:
@@ -201,7 +206,7 @@ class RemoteAssistant:
     def stream(
         self, text: str, inputs: Sequence[tuple[str, Any]], params: GenerationParams, timeout_s: float | None = None,
         history: Sequence[Message] = (), history_media: Sequence[Sequence[tuple[str, Any]]] = (),
-    ) -> tuple[Iterator[llm_pb2.Token], dict[str, str]]:  # fmt: skip
+    ) -> tuple[LLMStream, dict[str, str]]:  # fmt: skip
         """(the LLM's token stream, adapter versions). Cancel the stream to stop the generation.
 
         ``history``: earlier turns of the conversation (as ``Assistant.stream`` takes them); ``history_media``: the
@@ -231,6 +236,23 @@ class RemoteAssistant:
             params=params_to_msg(params), adapters=[f"{m}@{v}" for m, v in versions.items()],
         )  # fmt: skip
 
-    def generate(self, request: llm_pb2.LLMRequest, timeout_s: float | None = None) -> Iterator[llm_pb2.Token]:
+    def generate(self, request: llm_pb2.LLMRequest, timeout_s: float | None = None) -> LLMStream:
         """Start the LLM call now (it runs in the background) and return its token stream."""
-        return self.llm.Generate(request, timeout=timeout_s)
+        return LLMStream(self.llm.Generate(request, timeout=timeout_s))
+
+
+class LLMStream:
+    """The LLM service's token stream, its gRPC errors raised as modalink's (``rpc.upstream_error``): a caller
+    gets a status it can act on and a message without addresses. ``cancel()`` stops the generation."""
+
+    def __init__(self, call):
+        self.call = call
+
+    def __iter__(self) -> Iterator[llm_pb2.Token]:
+        try:
+            yield from self.call
+        except grpc.RpcError as e:
+            raise upstream_error(e, "the LLM service") from None
+
+    def cancel(self) -> None:
+        self.call.cancel()

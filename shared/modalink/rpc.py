@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from modalink.auth import KeyRing, RateLimiter, key_from_headers
 from modalink.config import get_settings
-from modalink.errors import InputError, NotFound
+from modalink.errors import BackendError, BackendTimeout, BackendUnavailable, InputError, NotFound, status_of
 
 log = logging.getLogger(__name__)
 
@@ -231,22 +231,57 @@ def make_server(
 
 
 def abort_on_input_error(context: grpc.ServicerContext, e: Exception) -> None:
-    """Bad input -> INVALID_ARGUMENT with its message; an upstream service's status is passed on; a backend
-    that cannot be reached -> UNAVAILABLE; anything else -> INTERNAL (logged; the server keeps serving)."""
-    if isinstance(e, NotFound):
-        context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-    if isinstance(e, InputError):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    if isinstance(e, PermissionError):
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
-    if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
-        if e.code() == grpc.StatusCode.UNAVAILABLE:
-            unavailable(context, f"upstream: {e.details()}")
-        context.abort(e.code(), f"upstream: {e.details()}")
-    if isinstance(e, (ConnectionError, TimeoutError)):
-        unavailable(context, str(e))
-    log.exception("request failed")
-    context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+    """Abort the call with ``errors.status_of(e)``: bad input -> INVALID_ARGUMENT with its message, a backend that
+    timed out -> DEADLINE_EXCEEDED, one that cannot be reached -> UNAVAILABLE with a retry hint, anything
+    unexpected -> INTERNAL with a fixed message (logged; the server keeps serving)."""
+    if isinstance(e, grpc.RpcError) and hasattr(e, "code"):  # a gRPC call this service made itself
+        e = upstream_error(e, "a service behind this one")
+    code, message = status_of(e)
+    if code == "INTERNAL":
+        log.error("request failed", exc_info=e)
+    if code == "UNAVAILABLE":
+        unavailable(context, message)
+    context.abort(getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL), message)
+
+
+def upstream_error(e: grpc.RpcError, who: str) -> Exception:
+    """A failed call to another service as modalink's own error, its message naming ``who`` ("the LLM service")
+    in words: no addresses, no exception types (the details are logged). The callee's verdict on the input
+    (INVALID_ARGUMENT, NOT_FOUND, ...) passes on with its own message."""
+    code, details = e.code(), e.details() or ""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return BackendTimeout(f"{who} did not answer before the deadline")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        log.warning("%s is unavailable: %s", who, details)
+        return BackendUnavailable(f"{who} is unavailable")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InputError(details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(details)
+    if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED):
+        return BackendError(f"{who}: {details}", code.name)
+    log.error("%s failed: %s %s", who, code.name, details)
+    return BackendError(f"{who} failed", "INTERNAL")
+
+
+NO_DEADLINE_S = 1e7  # grpc reports a call without a deadline as ~9.2e18 s remaining (115 days is "none" too)
+
+
+def time_left(context: grpc.ServicerContext, settings=None) -> float | None:
+    """Seconds the services behind this call may take: what is left of the caller's deadline, or, when the caller
+    set none (grpcurl, Go, Java and Node stubs by default), ``MODALINK_UPSTREAM_TIMEOUT_S`` (None: no limit).
+
+    Passing grpc's "no deadline" value on as a timeout would overflow into an already-expired deadline.
+    """
+    remaining = context.time_remaining()
+    if remaining is None or remaining > NO_DEADLINE_S:
+        return upstream_timeout(settings)
+    return max(remaining, 0.001)
+
+
+def upstream_timeout(settings=None) -> float | None:
+    """The server-side bound of a call that came without a deadline (``MODALINK_UPSTREAM_TIMEOUT_S``; 0: none)."""
+    return (settings or get_settings()).upstream_timeout_s or None
 
 
 def unavailable(context: grpc.ServicerContext, message: str, retry_after_s: float = 1.0) -> None:

@@ -230,19 +230,25 @@ def history_from_msg(turns: Sequence[assistant_pb2.Turn]) -> tuple[list, list[li
     """Earlier turns of a conversation: (``Message``s of their text, each turn's raw media inputs)."""
     from modalink.prompt import Message
 
-    if len(turns) > MAX_HISTORY_TURNS:
-        raise InputError(f"history has {len(turns)} turns; the limit is {MAX_HISTORY_TURNS}")
     messages, media = [], []
-    for i, t in enumerate(turns):
+    for i, t in enumerate(turns[: MAX_HISTORY_TURNS + 1]):
         if t.role not in ("user", "assistant", "system"):
             raise InputError(f"history[{i}]: role must be user, assistant or system, got {t.role!r}")
         if t.media and t.role != "user":
             raise InputError(f"history[{i}]: only user turns carry media")
-        inputs = [part_input(p) for p in t.media]
+        inputs = [part_input(p) for p in t.media[: get_settings().max_parts + 1]]
         if any(m == "text" for m, _ in inputs):
             raise InputError(f"history[{i}].media: text belongs in the turn's text, not in its media")
         messages.append(Message(t.role, [t.text]))
         media.append(inputs)
-    if (n := sum(map(len, media))) > get_settings().max_parts:
-        raise InputError(f"history carries {n} media; the limit is {get_settings().max_parts} (MODALINK_MAX_PARTS)")
+    check_history(turns, media)
     return messages, media
+
+
+def check_history(turns: Sequence, media: Sequence[Sequence], what: str = "history") -> None:
+    """The limits of a conversation's earlier turns, the same through gRPC and HTTP: at most
+    ``MAX_HISTORY_TURNS`` turns and ``MODALINK_MAX_PARTS`` media in all."""
+    if len(turns) > MAX_HISTORY_TURNS:
+        raise InputError(f"{what} has {len(turns)} earlier turns; the limit is {MAX_HISTORY_TURNS}")
+    if (n := sum(map(len, media))) > get_settings().max_parts:
+        raise InputError(f"{what} carries {n} media; the limit is {get_settings().max_parts} (MODALINK_MAX_PARTS)")

@@ -1,0 +1,295 @@
+"""Any gRPC client, in any language, against ``modalink up``: calls that carry no deadline (grpcurl, Go, Java and
+Node stubs send none by default, nor does a bare Python stub) are answered on every RPC of modalink.v1.Assistant;
+a backend that is down or too slow is UNAVAILABLE or DEADLINE_EXCEEDED in words a caller understands; the
+OpenAI-compatible route speaks what OpenAI clients send.
+
+The Node.js client (``tests/node/client.mjs``: @grpc/grpc-js + @grpc/proto-loader reading ``protos/`` as they
+are) is installed by ``make test`` into ``tests/node/node_modules``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from procs import Procs, free_port, http_chat
+
+from modalink import client
+from modalink.v1 import assistant_pb2, assistant_pb2_grpc
+from modalink.wire import common_pb2, from_tensor_msg
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+NODE_DIR = REPO / "tests" / "node"
+GATEWAY = "127.0.0.1:50051"
+QUESTION = "What is shown in this picture?"
+
+
+def modalink(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modalink.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "MODALINK_NUM_THREADS": "1"})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    """``modalink up`` with the image encoder (Redis, encoder, LLM, worker, gateway, playground)."""
+    run = str(tmp_path_factory.mktemp("run"))
+    modalink("down")  # nothing else of ours may hold the default ports
+    started = modalink("up", "--modalities", "image", "--run-dir", run)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield run
+    finally:
+        modalink("down", "--run-dir", run)
+
+
+@pytest.fixture(scope="module")
+def stub(up):
+    """A bare generated stub: no deadline, no retry policy, no metadata."""
+    with grpc.insecure_channel(GATEWAY) as ch:
+        yield assistant_pb2_grpc.AssistantStub(ch)
+
+
+def image_part(path) -> common_pb2.Part:
+    return common_pb2.Part(image=common_pb2.Image(data=Path(path).read_bytes(), mime="image/png"))
+
+
+def generate(stub, request) -> tuple[str, list]:
+    messages = list(stub.Generate(request))  # no timeout
+    return "".join(m.text for m in messages), messages
+
+
+def test_a_bare_python_stub_without_deadlines_is_answered_on_every_rpc(stub, samples):
+    image = image_part(samples["image"])
+    params = common_pb2.GenerationParams(max_new_tokens=16)
+    text, messages = generate(stub, assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text=QUESTION), image],
+                                                                  params=params))  # fmt: skip
+    with client.Client(GATEWAY) as c:  # modalink's own client, which sets a deadline: the same answer
+        assert text == c.ask([QUESTION, client.image(samples["image"])], max_new_tokens=16)
+    assert "sneaker" in text and messages[0].adapter_versions["image"]
+    assert messages[-1].finish_reason in ("stop", "length") and messages[-1].usage.completion_tokens > 0
+    text_only, _ = generate(stub, assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="Say hi.")],
+                                                                params=params))  # fmt: skip
+    assert text_only.strip()
+
+    emb = stub.Embed(assistant_pb2.EmbedRequest(part=image))
+    assert from_tensor_msg(emb.embeddings).shape == (8, 576) and emb.modality == "image"
+    caption = stub.Caption(assistant_pb2.CaptionRequest(part=image, params=params))
+    assert "sneaker" in caption.caption and caption.adapter_version == emb.adapter_version
+
+    rows = "\n".join(json.dumps({"id": f"py{i}", "modality": "image", "uri": data_uri(samples["image"])})
+                     for i in range(2))  # fmt: skip
+    job = stub.SubmitCaptionJob(assistant_pb2.SubmitCaptionJobRequest(manifest_jsonl=rows, params=params))
+    assert (job.state, job.total) == ("running", 2)
+    for _ in range(600):
+        polled = stub.GetJob(assistant_pb2.JobRequest(job_id=job.job_id))
+        if polled.state != "running":
+            break
+        time.sleep(0.5)
+    assert (polled.state, polled.done, polled.errors) == ("done", 2, 0)
+    captions = [json.loads(line)["caption"] for line in open(polled.results)]
+    assert captions == [caption.caption] * 2
+    assert stub.CancelJob(assistant_pb2.JobRequest(job_id=job.job_id)).state == "done"  # finished: stays done
+
+    listed = stub.ListAdapters(assistant_pb2.ListAdaptersRequest(modality="image"))
+    assert listed.modalities["image"].current == emb.adapter_version
+    with pytest.raises(grpc.RpcError) as err:  # answered, not timed out: this gateway has no API keys
+        stub.PromoteAdapter(assistant_pb2.PromoteAdapterRequest(modality="image", version="v1"))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stub, assistant_pb2.GenerateRequest(parts=[common_pb2.Part(image=common_pb2.Image(data=b"no"))]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a decodable image" in err.value.details()
+
+
+def data_uri(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def test_a_node_client_without_deadlines_streams_embeds_captions_and_runs_a_job(stub, samples):
+    assert (NODE_DIR / "node_modules").is_dir(), "`make test` installs the Node client's packages (npm ci)"
+    out = subprocess.run(["node", str(NODE_DIR / "client.mjs"), GATEWAY, samples["image"]], capture_output=True,
+                         text=True, timeout=600, cwd=NODE_DIR)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    node = json.loads(out.stdout)
+    image = image_part(samples["image"])
+    params = common_pb2.GenerationParams(max_new_tokens=16)
+    expected, messages = generate(stub, assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text=QUESTION), image],
+                                                                      params=params))  # fmt: skip
+    gen = node["generate"]["ok"]
+    assert gen["text"] == expected and gen["messages"] > 1  # streamed, as the Python stub's answer
+    assert gen["adapter_versions"] == dict(messages[0].adapter_versions)
+    assert gen["finish_reason"] == messages[-1].finish_reason
+    assert gen["usage"]["completion_tokens"] == messages[-1].usage.completion_tokens
+
+    emb = stub.Embed(assistant_pb2.EmbedRequest(part=image))
+    assert node["embed"]["ok"] == {"dtype": "float32", "shape": [8, 576], "bytes": len(emb.embeddings.data),
+                                   "adapter_version": emb.adapter_version, "modality": "image"}  # fmt: skip
+    caption = stub.Caption(assistant_pb2.CaptionRequest(part=image, params=params)).caption
+    assert node["caption"]["ok"]["caption"] == caption
+
+    final = node["job_final"]
+    assert (final["state"], final["total"], final["done"], final["errors"]) == ("done", 3, 3, 0), node
+    rows = [json.loads(line) for line in node["job_results"].splitlines()]
+    assert sorted(r["id"] for r in rows) == ["node0", "node1", "node2"]
+    assert all(r["caption"] == caption for r in rows)
+    assert node["adapters"]["ok"]["modalities"]["image"]["current"] == emb.adapter_version
+    assert node["bad_input"]["error"]["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "not a decodable image" in node["bad_input"]["error"]["details"]
+
+
+def test_openai_route_lists_models_reads_earlier_media_and_matches_grpc(up, stub, samples):
+    import openai
+
+    oa = openai.OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused", timeout=300)
+    assert [m.id for m in oa.models.list()] == ["modalink"]
+    assert oa.models.retrieve("modalink").owned_by == "modalink"
+    with pytest.raises(openai.NotFoundError):
+        oa.models.retrieve("gpt-4")
+
+    first, follow_up = "The picture shows a sneaker.", "Is it something you wear?"
+    picture = {"type": "image_url", "image_url": {"url": data_uri(samples["image"])}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": QUESTION}, picture]},
+                {"role": "assistant", "content": first}, {"role": "user", "content": follow_up}]  # fmt: skip
+    res = oa.chat.completions.create(model="modalink", messages=messages, max_tokens=16)
+    history = [assistant_pb2.Turn(role="user", text=QUESTION, media=[image_part(samples["image"])]),
+               assistant_pb2.Turn(role="assistant", text=first)]  # fmt: skip
+    expected, grpc_msgs = generate(stub, assistant_pb2.GenerateRequest(
+        parts=[common_pb2.Part(text=follow_up)], history=history,
+        params=common_pb2.GenerationParams(max_new_tokens=16)))  # fmt: skip
+    assert res.choices[0].message.content == expected
+    assert res.usage.prompt_tokens == grpc_msgs[-1].usage.prompt_tokens
+    assert res.usage.completion_tokens == grpc_msgs[-1].usage.completion_tokens
+    assert "image@" in res.system_fingerprint  # the earlier message's picture was encoded
+    blind = oa.chat.completions.create(model="modalink", max_tokens=16, messages=[
+        {"role": "user", "content": QUESTION}, *messages[1:]])  # fmt: skip
+    assert blind.choices[0].message.content != expected
+
+    chunks = list(oa.chat.completions.create(model="modalink", messages=messages, max_tokens=16, stream=True,
+                                             stream_options={"include_usage": True}))  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == grpc_msgs[-1].usage.total_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = list(oa.chat.completions.create(model="modalink", messages=messages, max_tokens=16, stream=True))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason in ("stop", "length")
+
+    with pytest.raises(openai.BadRequestError, match="only user messages carry media"):
+        oa.chat.completions.create(model="modalink", max_tokens=4, messages=[
+            {"role": "assistant", "content": [picture]}, {"role": "user", "content": "hi"}])  # fmt: skip
+
+
+def test_backends_down_or_slow_are_unavailable_or_deadline_exceeded_in_words(up, tmp_path, samples):
+    """Gateways whose backends cannot be reached, or whose bound for deadline-less calls is too short for
+    them: each call ends with a status a caller can act on, and no message names a Python type or an address."""
+    procs = Procs(tmp_path, {**os.environ, "MODALINK_NUM_THREADS": "1"})
+    dead = f"127.0.0.1:{free_port()}"
+    gateways = {}
+    try:
+        for name, env in (
+            ("down", {"MODALINK_ENCODERS": f"image={dead}", "MODALINK_LLM_ADDRESS": dead}),
+            ("slow", {"MODALINK_ENCODERS": "image=127.0.0.1:8001", "MODALINK_LLM_ADDRESS": "127.0.0.1:50061",
+                      "MODALINK_UPSTREAM_TIMEOUT_S": "0.001"}),
+        ):  # fmt: skip
+            port, http = free_port(), free_port()
+            procs.start(name, [sys.executable, "-m", "modalink.cli", "serve", "gateway", "--port", str(port),
+                               "--http-port", str(http)], env)  # fmt: skip
+            gateways[name] = (f"127.0.0.1:{port}", f"http://127.0.0.1:{http}")
+        for address, _ in gateways.values():
+            grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=120)
+        image = image_part(samples["image"])
+        text = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="Say hi.")])
+        seen = []
+        for name, code, encoder, llm in (
+            ("down", grpc.StatusCode.UNAVAILABLE, "every image encoder replica is unavailable",
+             "the LLM service is unavailable"),
+            ("slow", grpc.StatusCode.DEADLINE_EXCEEDED, "the image encoder service did not answer before the deadline",
+             "the LLM service did not answer before the deadline"),
+        ):  # fmt: skip
+            with grpc.insecure_channel(gateways[name][0]) as ch:
+                s = assistant_pb2_grpc.AssistantStub(ch)
+                calls = ((s.Embed, assistant_pb2.EmbedRequest(part=image), encoder),
+                         (s.Caption, assistant_pb2.CaptionRequest(part=image), encoder),
+                         (lambda r: list(s.Generate(r)), text, llm))  # noqa: B023  # fmt: skip
+                for call, request, expected in calls:
+                    with pytest.raises(grpc.RpcError) as err:
+                        call(request)  # no deadline
+                    assert (err.value.code(), expected) == (code, err.value.details()[: len(expected)])
+                    seen.append(err.value.details())
+            status, headers, body = http_chat(gateways[name][1])
+            assert status == {"down": 503, "slow": 504}[name] and llm in body, body
+            if name == "down":
+                assert headers["retry-after"] == "1"
+            seen.append(body)
+        for message in seen:
+            assert "127.0.0.1" not in message and dead not in message and "Error" not in message, message
+    finally:
+        procs.stop_all()
+
+
+def test_buf_lint_and_no_breaking_change_against_the_released_contract():
+    """The contract as a product: ``buf lint`` with the project's rules (protos/buf.yaml) and ``buf breaking``
+    against the last released protos (protos/released/v1.json, a buf image)."""
+    buf = NODE_DIR / "node_modules" / ".bin" / "buf"
+    if not buf.exists():
+        buf = Path(shutil.which("buf") or "missing")
+    assert buf.exists(), "buf is missing: `make test` installs it (npm ci in tests/node)"
+    protos = REPO / "protos"
+    lint = subprocess.run([str(buf), "lint"], cwd=protos, capture_output=True, text=True, timeout=120)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    breaking = subprocess.run([str(buf), "breaking", "--against", "released/v1.json"], cwd=protos,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert breaking.returncode == 0, breaking.stdout + breaking.stderr
+
+
+def test_buf_breaking_catches_a_change_that_breaks_clients(tmp_path):
+    """The check can fail: a field renumbered in a copy of protos/ is reported against the released image."""
+    buf = NODE_DIR / "node_modules" / ".bin" / "buf"
+    copy = tmp_path / "protos"
+    shutil.copytree(REPO / "protos", copy)
+    proto = copy / "modalink" / "v1" / "assistant.proto"
+    before = "GenerationParams params = 2;\n  repeated Turn history = 3;"
+    assert before in proto.read_text()
+    proto.write_text(proto.read_text().replace(before, before.replace("params = 2", "params = 4")))
+    out = subprocess.run([str(buf), "breaking", "--against", "released/v1.json"], cwd=copy, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode != 0 and "GenerateRequest" in out.stdout, out.stdout + out.stderr
+
+
+def test_no_deadline_is_no_deadline_not_an_expired_one():
+    """grpc reports a call without a deadline as ~9.2e18 s left; passed on as a timeout it would overflow into an
+    already-expired deadline. ``time_left`` gives the server's own bound instead, or the caller's deadline."""
+    from concurrent import futures
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from modalink.config import Settings
+    from modalink.rpc import time_left
+
+    seen = []
+
+    class Health(health_pb2_grpc.HealthServicer):
+        def Check(self, request, context):
+            seen.append([time_left(context, Settings(upstream_timeout_s=s)) for s in (600, 0)])
+            return health_pb2.HealthCheckResponse(status=1)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    health_pb2_grpc.add_HealthServicer_to_server(Health(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            check = health_pb2_grpc.HealthStub(ch).Check
+            check(health_pb2.HealthCheckRequest())
+            check(health_pb2.HealthCheckRequest(), timeout=30)
+    finally:
+        server.stop(0)
+    assert seen[0] == [600, None]  # no deadline: the server's bound, or (0) none at all
+    assert all(0 < left <= 30.5 for left in seen[1]), seen  # the caller's deadline wins
