@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from modalink.config import Settings  # noqa: E402
-from modalink.data import QUESTIONS, caption  # noqa: E402
+from modalink.data import GARMENTS, QUESTIONS, caption  # noqa: E402
 from modalink.engine import TransformersEngine  # noqa: E402
 from modalink.projectors import pad_features  # noqa: E402
 from modalink.train.align import AlignConfig, AlignTrainer, answer_loss, plain_answer_loss  # noqa: E402
@@ -31,8 +31,7 @@ def bench(stage: int, steps: int, batch_size: int) -> tuple[float, float]:
     settings = Settings()
     engine = TransformersEngine.load(settings=settings)
     rng = random.Random(0)
-    labels = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-    items = [({"label": rng.choice(labels)}, torch.randn(49, 1280)) for _ in range(64)]
+    items = [({"label": rng.choice(GARMENTS)}, torch.randn(49, 1280)) for _ in range(64)]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = AlignConfig("image", stage=stage, batch_size=batch_size)
         trainer = AlignTrainer(cfg, engine, 1280, items, items, tmp, settings.system_prompt)

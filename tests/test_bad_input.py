@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from procs import Procs, free_port, wait_grpc, wait_triton
 
-from modalink import jobs
+from modalink import data
 from modalink.encoders.audio import decode_audio
 from modalink.encoders.image import decode_image
 from modalink.encoders.imu import decode_imu
@@ -743,7 +743,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
 @FUZZ
 @given(st.one_of(st.text(max_size=300), st.lists(JSON.map(json.dumps), max_size=6).map("\n".join)))
 def test_fuzz_manifest(text):
-    rows = only_input_errors(jobs.parse_manifest, text, Path("/tmp"))
+    rows = only_input_errors(data.parse_manifest, text, Path("/tmp"))
     if rows is not None:
         assert all(isinstance(r["id"], str) and (r.get("path") or r.get("uri")) for r in rows)
 

@@ -64,6 +64,62 @@ def test_services_take_the_channel_options_without_the_client_stubs():
     assert out.returncode == 0 and out.stdout.strip() == "['modalink_client.options']", out.stdout + out.stderr
 
 
+def test_the_playground_is_a_client_like_any_other():
+    """``services/playground`` talks to the gateway through ``modalink_client`` only: besides it, fastapi, numpy,
+    uvicorn and the standard library, it imports nothing (none of modalink, no grpc of its own)."""
+    import ast
+
+    tree = ast.parse((REPO / "services" / "playground" / "server.py").read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    outside = {n.split(".")[0] for n in names} - set(sys.stdlib_module_names)
+    assert outside == {"modalink_client", "fastapi", "numpy", "uvicorn"}, outside
+    out = main_python(textwrap.dedent(f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("playground", "{REPO / 'services' / 'playground' / 'server.py'}")
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        print(sorted({{m.split('.')[0] for m in sys.modules}}))
+    """))  # fmt: skip
+    assert out.returncode == 0 and "'modalink'" not in out.stdout and "'torch'" not in out.stdout, out.stdout
+
+
+def test_health_and_imu_windows_as_the_gateway_reads_them():
+    """``Client.health`` speaks grpc.health.v1 without its stubs; ``imu_array`` is the IMU encoder's own reader."""
+    from concurrent import futures
+
+    import grpc
+    import numpy as np
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from modalink_client import Client, imu_array
+
+    from modalink.encoders.imu import decode_imu
+    from modalink.errors import InputError
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            for status in ("SERVING", "NOT_SERVING"):
+                servicer.set("", health_pb2.HealthCheckResponse.ServingStatus.Value(status))
+                assert c.health() == status
+    finally:
+        server.stop(0)
+    with Client(f"127.0.0.1:{free_port()}") as c:
+        assert c.health(timeout=1) == "UNREACHABLE"
+    window = np.arange(6 * 20, dtype=np.float32).reshape(20, 6)  # time-major, as CSV files keep it
+    csv = "\n".join(",".join(map(str, row)) for row in window).encode()
+    np.testing.assert_array_equal(imu_array(csv), window.T)
+    np.testing.assert_array_equal(decode_imu(csv).numpy(), window.T)
+    with pytest.raises(ValueError, match="must have 6 channels") as refused:
+        imu_array(np.zeros((4, 100), np.float32))
+    assert not isinstance(refused.value, InputError)  # the client's own error; the encoder's is an InputError
+    with pytest.raises(InputError, match="must have 6 channels"):
+        decode_imu(np.zeros((4, 100), np.float32))
+
+
 def _copy_client_source(dest: Path) -> Path:
     """clients/python and protos/ as a checkout has them (nothing built or generated), so the build runs here and
     leaves the repository's tree (and the main venv's editable client) alone."""

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from procs import Procs, free_port, record_figures, triton_metric, wait_grpc, wait_log, wait_triton
 
+from modalink.data import check_path, read_manifest
 from modalink.errors import InputError
-from modalink.jobs import check_path, load_item, read_manifest
+from modalink.jobs import load_item
 from modalink.v1 import assistant_pb2_grpc
 from modalink.wire import assistant_pb2, common_pb2
 
@@ -246,7 +247,7 @@ def test_paths_outside_the_manifest_roots_are_refused(tmp_path, samples):
         check_path(root / "escape.png", roots)
     with pytest.raises(InputError, match="names a host"):
         load_item("image", {"uri": "file://attacker.example/etc/passwd"}, roots)
-    # The manifest file itself, by default against MODALINK_MANIFEST_ROOTS (here: the test's own root).
+    # The manifest file itself, against the roots a job's manifest is read with.
     (root / "m.jsonl").write_text(json.dumps({"id": "a", "modality": "image", "path": "shoe.png"}) + "\n")
     (root / "m-link.jsonl").symlink_to("/etc/passwd")
     assert read_manifest(root / "m.jsonl", roots)[0]["path"] == str(root / "shoe.png")

@@ -1,7 +1,7 @@
 """No code path deserializes with pickle (or anything that runs code while loading): weights are safetensors,
 arrays are loaded with ``allow_pickle=False``, YAML with the safe loader, Celery messages are JSON.
 
-An AST walk over every .py file under shared/, services/ and bench/ (not a regex, so comments, strings and
+An AST walk over every .py file under shared/, services/, bench/ and clients/ (not a regex, so comments, strings and
 aliases are told apart from calls); each finding names file:line. The checker is tested on code that must be
 caught, so this test can fail.
 """
@@ -15,7 +15,7 @@ import pytest
 
 from modalink.config import REPO_ROOT
 
-SCANNED = ("shared", "services", "bench")
+SCANNED = ("shared", "services", "bench", "clients")
 # Modules whose loading runs code from the data: never imported.
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal", "jsonpickle"}
 # Calls that unpickle (or import code) whatever their arguments: "module.function" after resolving imports.
@@ -109,7 +109,7 @@ def scan(root: Path = REPO_ROOT) -> list[str]:
     for folder in SCANNED:
         for path in sorted((root / folder).rglob("*.py")):
             rel = path.relative_to(root)
-            if "v1" in rel.parts[:3] and rel.name.endswith(("_pb2.py", "_pb2_grpc.py")):
+            if "v1" in rel.parts[:4] and rel.name.endswith(("_pb2.py", "_pb2_grpc.py")):
                 continue  # generated gRPC stubs
             for line, what in check_source(path.read_text(), str(rel)):
                 if (str(rel), what) not in ALLOWED:

@@ -21,7 +21,8 @@ from pytriton.triton import Triton, TritonConfig
 from modalink.config import Settings, get_settings
 from modalink.embedder import Embedder
 from modalink.errors import InputError
-from modalink.triton import INVALID_INPUT, PORTS, EncoderModel, input_spec, model_name
+from modalink.ports import ENCODER_HTTP
+from modalink.triton import INVALID_INPUT, EncoderModel, input_spec, model_name
 
 log = logging.getLogger("modalink.encoder")
 
@@ -44,7 +45,7 @@ def serve(
     """Run until SIGINT/SIGTERM. ``adapter_version`` pins a version; by default the registry's current one is
     served and followed (hot reload). Without ``dynamic_batching`` Triton runs every request on its own (the
     baseline `bench/serving.py` compares against)."""
-    base = PORTS[modality]
+    base = ENCODER_HTTP[modality]
     settings = settings or get_settings()
     model = EncoderModel(Embedder(settings, {modality: adapter_version} if adapter_version else None), modality)
 

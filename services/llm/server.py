@@ -15,7 +15,7 @@ import threading
 import grpc
 import torch
 
-from modalink import lora
+from modalink import lora, ports
 from modalink.batching import DynamicBatcher
 from modalink.config import Settings, get_settings
 from modalink.engine import Engine, load_engine
@@ -75,8 +75,8 @@ class LLMService(llm_pb2_grpc.LLMServicer):
         )  # fmt: skip
 
 
-def serve(settings: Settings | None = None, port: int = 50061, host: str = "[::]", max_batch: int = 32,
-          max_wait_ms: float = 10.0, http_port: int = 8081, http_host: str = "0.0.0.0") -> None:  # fmt: skip
+def serve(settings: Settings | None = None, port: int = ports.LLM_GRPC, host: str = "[::]", max_batch: int = 32,
+          max_wait_ms: float = 10.0, http_port: int = ports.LLM_HTTP, http_host: str = "0.0.0.0") -> None:  # fmt: skip
     """gRPC on ``port`` and TGI's HTTP API on ``http_port`` (0 = off), one batcher behind both, until SIGTERM/SIGINT;
     then generations in flight are drained (``MODALINK_SHUTDOWN_GRACE_S``)."""
     from services.llm.tgi import build_app

@@ -3,12 +3,14 @@
 Routes: ``POST /generate``, ``POST /generate_stream`` (SSE), ``POST /`` (what the client posts to, with
 ``stream``), ``POST /v1/chat/completions`` (OpenAI-style, streaming or not), ``GET /info``, ``GET /health``,
 ``GET /metrics`` (Prometheus). Text only: prefix embeddings travel over gRPC. Errors are TGI's
-``{"error", "error_type"}`` with status 422 (bad request) or 500.
+``{"error", "error_type"}`` with the status of ``modalink.errors.status_of`` (the table every HTTP API uses), except
+that a bad request is 422 ("validation"), as TGI answers it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,10 +23,14 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from modalink.aio import iterate_in_thread
 from modalink.batching import DynamicBatcher
 from modalink.engine import FINISH_LENGTH, GenerationParams, TokenEvent
-from modalink.errors import InputError
+from modalink.errors import HTTP_STATUS, BackendError, InputError, status_of
 from modalink.prompt import Message, build_prompt
 
 VERSION = "2.0.0-modalink"  # the TGI API version these routes follow
+# TGI's contract where it departs from the shared table: a bad request is 422, and errors carry TGI's error_type.
+TGI_STATUS = {**HTTP_STATUS, "INVALID_ARGUMENT": 422}
+ERROR_TYPE = {"INVALID_ARGUMENT": "validation", "RESOURCE_EXHAUSTED": "overloaded"}  # else "generation"
+log = logging.getLogger("modalink.llm.tgi")
 
 
 class BatcherCollector:
@@ -139,13 +145,15 @@ def build_app(batcher: DynamicBatcher, model_id: str) -> FastAPI:
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
-    @app.exception_handler(InputError)
-    async def bad_input(request: Request, e: InputError):
-        return error(422, str(e), "validation")
-
-    @app.exception_handler(Exception)
     async def failure(request: Request, e: Exception):
-        return error(500, f"{type(e).__name__}: {e}", "generation")
+        code, message = status_of(e)
+        if code == "INTERNAL":
+            log.error("TGI request failed", exc_info=e)
+        return error(TGI_STATUS.get(code, 500), message, ERROR_TYPE.get(code, "generation"))
+
+    # (each class by name: Starlette re-raises what only the catch-all ``Exception`` handler caught, as a crash)
+    for kind in (InputError, BackendError, ConnectionError, TimeoutError, PermissionError, Exception):
+        app.add_exception_handler(kind, failure)
 
     @app.post("/generate")
     async def generate(request: Request):

@@ -3,9 +3,11 @@
     modalink serve playground [--port 7860 --gateway localhost:50051]
 
 A static page (``static/``: plain HTML/JS, no build step, nothing fetched from outside) over a small JSON API
-that is a client of the gateway like any other: every call goes through ``modalink.client`` over gRPC with
-the API key the page sends (``x-api-key``). Answers stream to the page as server-sent events.
-Files for captioning jobs are written under ``MODALINK_JOBS_DIR/playground/``, which the workers share.
+that is a client of the gateway like any other: every call goes through ``modalink_client`` over gRPC with
+the API key the page sends (``x-api-key``), and nothing else of modalink is imported (fastapi, numpy and the
+standard library besides). Answers stream to the page as server-sent events. Files for captioning jobs are written
+under ``<jobs dir>/playground/``, which the gateway and the workers share; the gateway checks the manifests.
+``modalink serve playground`` passes the settings it needs (jobs dir, encoder modalities, IMU channels).
 """
 
 from __future__ import annotations
@@ -17,20 +19,16 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import grpc
+import modalink_client as client
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-
-from modalink import MODALITIES, client
-from modalink.aio import iterate_in_thread
-from modalink.config import Settings, get_settings
-from modalink.errors import HTTP_STATUS, InputError, status_of
-from modalink.remote import parse_addresses
+from modalink_client import HTTP_STATUS, call_status, imu_array
+from modalink_client.options import INTERNAL_MESSAGE
 
 log = logging.getLogger("modalink.playground")
 STATIC = Path(__file__).parent / "static"
@@ -40,8 +38,13 @@ EXTENSIONS = {
     "imu": (".npy", ".csv"),
     "video": (".gif", ".mp4", ".webm", ".mov"),
 }
+MODALITIES = tuple(EXTENSIONS)
 MAIN_METRICS = ("val_accuracy", "accuracy", "val_loss")  # the first one a version has is plotted
 MAX_BODY_BYTES = 64 << 20
+
+
+class BadRequest(ValueError):
+    """The page's request is unusable (INVALID_ARGUMENT, 400); the message says why."""
 
 
 def modality_of(name: str) -> str:
@@ -50,17 +53,17 @@ def modality_of(name: str) -> str:
         if suffix in suffixes:
             return modality
     known = ", ".join(s for ss in EXTENSIONS.values() for s in ss)
-    raise InputError(f"{name}: unknown file type {suffix or '(none)'}; expected one of {known}")
+    raise BadRequest(f"{name}: unknown file type {suffix or '(none)'}; expected one of {known}")
 
 
 def decode_b64(data: str, what: str) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError, TypeError):
-        raise InputError(f"{what}: data is not valid base64") from None
+        raise BadRequest(f"{what}: data is not valid base64") from None
 
 
-def media_part(kind: str, name: str, raw: bytes):
+def media_part(kind: str, name: str, raw: bytes, imu_channels: int = 6):
     """A gateway Part for an uploaded file (IMU files are decoded here: the API takes an array)."""
     if kind == "image":
         return client.image(raw)
@@ -69,57 +72,60 @@ def media_part(kind: str, name: str, raw: bytes):
     if kind == "video":
         return client.video(raw)
     if kind == "imu":
-        return client.imu(imu_array(name, raw))
-    raise InputError(f"unknown part type {kind!r}; expected text, image, audio, imu or video")
+        return client.imu(imu_window(raw, imu_channels))
+    raise BadRequest(f"unknown part type {kind!r}; expected text, image, audio, imu or video")
 
 
-def imu_array(name: str, raw: bytes) -> np.ndarray:
-    from modalink.encoders.imu import decode_imu
+def imu_window(raw: bytes, channels: int) -> np.ndarray:
+    """An IMU file's [channels, time] window, checked as the IMU encoder checks it (``modalink_client.imu_array``)."""
+    try:
+        return imu_array(raw, channels)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
 
-    return decode_imu(raw, get_settings().imu_channels).numpy()
 
-
-def media_of(p, where: str):
+def media_of(p, where: str, imu_channels: int = 6):
     """A gateway Part from the page's ``{type, name, data (base64)}``."""
     if not isinstance(p, dict) or not isinstance(p.get("type"), str):
-        raise InputError(f"{where}: expected an object with a type")
+        raise BadRequest(f"{where}: expected an object with a type")
     name = str(p.get("name") or p["type"])
-    return media_part(p["type"], name, decode_b64(p.get("data") or "", f"{where} ({name})"))
+    return media_part(p["type"], name, decode_b64(p.get("data") or "", f"{where} ({name})"), imu_channels)
 
 
-def parse_chat(body: dict) -> tuple[list, list[tuple[str, str]], dict]:
-    """(parts, history, generation kwargs) from the page's request; InputError names what is wrong."""
+def parse_chat(body: dict, imu_channels: int = 6) -> tuple[list, list[tuple[str, str]], dict]:
+    """(parts, history, generation kwargs) from the page's request; BadRequest names what is wrong."""
     if not isinstance(body, dict):
-        raise InputError("request body must be a JSON object")
+        raise BadRequest("request body must be a JSON object")
     parts = []
     for i, p in enumerate(body.get("parts") or []):
         is_text = isinstance(p, dict) and p.get("type") == "text"
-        parts.append(str(p.get("text") or "") if is_text else media_of(p, f"parts[{i}]"))
+        parts.append(str(p.get("text") or "") if is_text else media_of(p, f"parts[{i}]", imu_channels))
     history = []
     for i, t in enumerate(body.get("history") or []):
         if not isinstance(t, dict) or t.get("role") not in ("user", "assistant") or not isinstance(t.get("text"), str):
-            raise InputError(f"history[{i}]: expected {{role: user|assistant, text, media?}}")
-        history.append((t["role"], t["text"], [media_of(p, f"history[{i}].media[{j}]")
+            raise BadRequest(f"history[{i}]: expected {{role: user|assistant, text, media?}}")
+        history.append((t["role"], t["text"], [media_of(p, f"history[{i}].media[{j}]", imu_channels)
                                                for j, p in enumerate(t.get("media") or [])]))  # fmt: skip
     try:
         params = {"max_new_tokens": int(body.get("max_new_tokens") or 128),
                   "temperature": float(body.get("temperature") or 0.0)}  # fmt: skip
     except (TypeError, ValueError):
-        raise InputError("max_new_tokens must be an integer and temperature a number") from None
+        raise BadRequest("max_new_tokens must be an integer and temperature a number") from None
     return parts, history, params
 
 
 def error_response(e: Exception) -> JSONResponse:
     """The gateway's status (or the playground's own error) as an HTTP status, with its message; the page shows
     the message."""
-    if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
-        code, message = e.code().name, e.details() or e.code().name
+    if called := call_status(e):
+        code, message = called
         if code == "UNAVAILABLE" and "failed to connect" in message.lower():
             message = "the gateway is unreachable"
+    elif isinstance(e, BadRequest):
+        code, message = "INVALID_ARGUMENT", str(e)
     else:
-        code, message = status_of(e)
-        if code == "INTERNAL":
-            log.error("playground request failed", exc_info=e)
+        code, message = "INTERNAL", INTERNAL_MESSAGE
+        log.error("playground request failed", exc_info=e)
     return JSONResponse({"error": message, "code": code}, status_code=HTTP_STATUS.get(code, 502))
 
 
@@ -127,10 +133,12 @@ def event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def build_app(gateway: str, settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+def build_app(gateway: str, jobs_dir: Path, modalities: Sequence[str] = MODALITIES, imu_channels: int = 6) -> FastAPI:
+    """``jobs_dir``: the gateway's (``MODALINK_JOBS_DIR``, shared); ``modalities``: those with an encoder service
+    (the page says which it cannot send); ``imu_channels``: what the IMU encoder takes (``MODALINK_IMU_CHANNELS``)."""
     app = FastAPI(title="modalink playground")
-    jobs_root = settings.jobs_dir / "playground"
+    jobs_dir = Path(jobs_dir)
+    jobs_root = jobs_dir / "playground"
 
     def gateway_client(request: Request) -> client.Client:
         return client.Client(gateway, api_key=request.headers.get("x-api-key") or None, timeout=300)
@@ -138,11 +146,11 @@ def build_app(gateway: str, settings: Settings | None = None) -> FastAPI:
     async def body_json(request: Request) -> dict:
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
-            raise InputError(f"request of {len(raw)} bytes exceeds the limit of {MAX_BODY_BYTES}")
+            raise BadRequest(f"request of {len(raw)} bytes exceeds the limit of {MAX_BODY_BYTES}")
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
-            raise InputError(f"request body is not JSON: {e}") from None
+            raise BadRequest(f"request body is not JSON: {e}") from None
 
     async def call(request: Request, fn):
         """Run a blocking gateway call off the event loop; errors become JSON with an HTTP status."""
@@ -160,24 +168,17 @@ def build_app(gateway: str, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/api/health")
     async def health():
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
         def check() -> str:
-            with grpc.insecure_channel(gateway) as ch:
-                try:
-                    res = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    return health_pb2.HealthCheckResponse.ServingStatus.Name(res.status)
-                except grpc.RpcError:
-                    return "UNREACHABLE"
+            with client.Client(gateway) as c:
+                return c.health(timeout=2)
 
-        modalities = [m for m in MODALITIES if m in parse_addresses(settings.encoders)]
-        return {"gateway": await asyncio.to_thread(check), "address": gateway, "modalities": modalities}
+        return {"gateway": await asyncio.to_thread(check), "address": gateway, "modalities": list(modalities)}
 
     @app.post("/api/chat")
     async def chat(request: Request):
         try:
-            parts, history, params = parse_chat(await body_json(request))
-        except InputError as e:
+            parts, history, params = parse_chat(await body_json(request), imu_channels)
+        except BadRequest as e:
             return error_response(e)
         c = gateway_client(request)
 
@@ -197,7 +198,8 @@ def build_app(gateway: str, settings: Settings | None = None) -> FastAPI:
             finally:
                 c.close()
 
-        return StreamingResponse(iterate_in_thread(stream()), media_type="text/event-stream",
+        # a blocking iterator: Starlette takes each event from it in a worker thread, off the event loop
+        return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
     @app.post("/api/imu/preview")
@@ -205,8 +207,8 @@ def build_app(gateway: str, settings: Settings | None = None) -> FastAPI:
         try:
             body = await body_json(request)
             name = str(body.get("name") or "imu.npy")
-            arr = imu_array(name, decode_b64(body.get("data") or "", name))
-        except InputError as e:
+            arr = imu_window(decode_b64(body.get("data") or "", name), imu_channels)
+        except BadRequest as e:
             return error_response(e)
         step = max(1, arr.shape[1] // 600)
         labels = ["acc x", "acc y", "acc z", "gyro x", "gyro y", "gyro z"][: arr.shape[0]]
@@ -217,9 +219,9 @@ def build_app(gateway: str, settings: Settings | None = None) -> FastAPI:
         try:
             body = await body_json(request)
             rows = job_rows(body, jobs_root)
-        except InputError as e:
+        except BadRequest as e:
             return error_response(e)
-        manifest = "".join(json.dumps(r) + "\n" for r in rows)
+        manifest = "".join(r + "\n" for r in rows)
         batch = int(body.get("batch_size") or 0)
         prompt = str(body.get("prompt") or "")
         return await call(request, lambda c: c.submit_caption_job(manifest_jsonl=manifest, batch_size=batch,
@@ -244,7 +246,7 @@ def build_app(gateway: str, settings: Settings | None = None) -> FastAPI:
         if job["state"] == "running" or not path.is_file():
             return JSONResponse({"error": f"job {job_id} is {job['state']}; no results file yet", "code": "NOT_FOUND"},
                                 status_code=404)  # fmt: skip
-        if not path.resolve().is_relative_to(settings.jobs_dir.resolve()):  # only what this app may serve
+        if not path.resolve().is_relative_to(jobs_dir.resolve()):  # only what this app may serve
             return JSONResponse({"error": "results are outside the jobs dir", "code": "PERMISSION_DENIED"}, 403)
         return FileResponse(path, media_type="application/jsonl", filename=f"{job_id}.captions.jsonl")
 
@@ -256,7 +258,7 @@ def build_app(gateway: str, settings: Settings | None = None) -> FastAPI:
     async def promote(modality: str, request: Request):
         try:
             version = str((await body_json(request)).get("version") or "")
-        except InputError as e:
+        except BadRequest as e:
             return error_response(e)
         return await call(request, lambda c: with_main_metric(c.promote(modality, version)))
 
@@ -267,31 +269,45 @@ def build_app(gateway: str, settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def job_rows(body: dict, jobs_root: Path) -> list[dict]:
-    """Write the uploaded files into a new folder under the jobs dir; manifest rows for them (and for the
-    uploaded manifest's rows, whose relative paths name uploaded files)."""
+def job_rows(body: dict, jobs_root: Path) -> list[str]:
+    """Write the uploaded files into a new folder under the jobs dir; the job's manifest lines: one per file, or
+    the uploaded manifest's, whose relative paths name uploaded files (the gateway checks the manifest)."""
     files = body.get("files") or []
     manifest = str(body.get("manifest") or "")
     if not files and not manifest.strip():
-        raise InputError("upload some files or a manifest")
+        raise BadRequest("upload some files or a manifest")
     folder = jobs_root / uuid.uuid4().hex[:12]
     rel = folder.relative_to(jobs_root.parent)
     rows, names = [], set()
     for i, f in enumerate(files):
         name = Path(str(f.get("name") or f"file{i}")).name  # no folders: nothing lands outside the job's folder
         if not name or name in names:
-            raise InputError(f"files[{i}]: file names must be unique and not empty, got {name!r}")
+            raise BadRequest(f"files[{i}]: file names must be unique and not empty, got {name!r}")
         names.add(name)
         raw = decode_b64(f.get("data") or "", name)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(raw)
         if not manifest.strip():
-            rows.append({"id": name, "modality": modality_of(name), "path": str(rel / name)})
+            rows.append(json.dumps({"id": name, "modality": modality_of(name), "path": str(rel / name)}))
     if manifest.strip():
-        from modalink.jobs import parse_manifest
-
-        rows = parse_manifest(manifest, folder, "manifest")  # relative paths name the uploaded files
+        rows = [in_folder(line, folder) for line in manifest.splitlines()]
     return rows
+
+
+def in_folder(line: str, folder: Path) -> str:
+    """A manifest line with its relative ``path`` made absolute in ``folder`` (where the uploaded files are); any
+    other line as it is, for the gateway to accept or refuse (by its line number, which this keeps)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+        return line
+    try:
+        row["path"] = str((folder / row["path"]).resolve())
+    except ValueError:  # a NUL byte: the gateway says so
+        return line
+    return json.dumps(row)
 
 
 def with_main_metric(table: dict) -> dict:
@@ -304,8 +320,9 @@ def with_main_metric(table: dict) -> dict:
     return {"modalities": out}
 
 
-def serve(gateway: str = "localhost:50051", port: int = 7860, host: str = "0.0.0.0") -> None:
+def serve(gateway: str, port: int, host: str, jobs_dir: Path, modalities: Sequence[str], imu_channels: int) -> None:
+    """Serve the page until stopped (``modalink serve playground`` passes its options and the settings)."""
     import uvicorn
 
     log.info("playground on http://%s:%d (gateway %s)", host, port, gateway)
-    uvicorn.run(build_app(gateway), host=host, port=port, log_level="warning")
+    uvicorn.run(build_app(gateway, jobs_dir, modalities, imu_channels), host=host, port=port, log_level="warning")

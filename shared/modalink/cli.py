@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from modalink import MODALITIES
+from modalink import MODALITIES, ports
 
 app = typer.Typer(
     help="modalink: an any-modality assistant (frozen encoders -> trained projectors -> frozen chat LLM).",
@@ -438,8 +438,8 @@ def serve_encoder(
     modality: str = typer.Option(..., "--modality", "-m", help=f"{' | '.join(MODALITIES)}."),
     http_port: int | None = typer.Option(
         None,
-        help="Triton HTTP port (default: image 8000, audio 8010, imu 8020, "
-        "video 8030; gRPC and metrics on the next two).",
+        help=f"Triton HTTP port (default: {', '.join(f'{m} {p}' for m, p in ports.ENCODER_HTTP.items())}; gRPC and "
+        "metrics on the next two).",
     ),  # fmt: skip
     grpc_port: int | None = typer.Option(None, help="Triton gRPC port (default: HTTP port + 1)."),
     metrics_port: int | None = typer.Option(None, help="Prometheus metrics port (default: HTTP port + 2)."),
@@ -463,8 +463,8 @@ def serve_encoder(
 
 @serve_app.command("llm")
 def serve_llm(
-    port: int = typer.Option(50061, help="gRPC port of modalink.v1.LLM."),
-    http_port: int = typer.Option(8081, help="TGI-compatible HTTP API port (0 = off)."),
+    port: int = typer.Option(ports.LLM_GRPC, help="gRPC port of modalink.v1.LLM."),
+    http_port: int = typer.Option(ports.LLM_HTTP, help="TGI-compatible HTTP API port (0 = off)."),
     max_batch: int = typer.Option(32, min=1, help="Most requests decoded together (throughput vs token latency)."),
     max_wait_ms: float = typer.Option(10.0, min=0, help="How long a batch waits after each arrival (10x in all)."),
     host: str = typer.Option("[::]", help="Address to bind (gRPC and HTTP; 127.0.0.1: this machine only)."),
@@ -478,8 +478,10 @@ def serve_llm(
 
 @serve_app.command("gateway")
 def serve_gateway(
-    port: int = typer.Option(50051, help="gRPC port of modalink.v1.Assistant."),
-    http_port: int = typer.Option(8080, help="OpenAI-compatible HTTP port (/v1/chat/completions; 0 = off)."),
+    port: int = typer.Option(ports.GATEWAY_GRPC, help="gRPC port of modalink.v1.Assistant."),
+    http_port: int = typer.Option(
+        ports.GATEWAY_HTTP, help="OpenAI-compatible HTTP port (/v1/chat/completions; 0 = off)."
+    ),
     host: str = typer.Option("[::]", help="Address to bind (gRPC and HTTP; 127.0.0.1: this machine only)."),
 ) -> None:
     """The public gRPC API and OpenAI-compatible HTTP; encoders and LLM from MODALINK_ENCODERS, MODALINK_LLM_ADDRESS."""
@@ -491,15 +493,22 @@ def serve_gateway(
 
 @serve_app.command("playground")
 def serve_playground(
-    port: int = typer.Option(7860, help="HTTP port of the page."),
-    gateway: str = typer.Option("localhost:50051", envvar="MODALINK_GATEWAY", help="The gateway's gRPC address."),
+    port: int = typer.Option(ports.PLAYGROUND, help="HTTP port of the page."),
+    gateway: str = typer.Option(
+        f"localhost:{ports.GATEWAY_GRPC}", envvar="MODALINK_GATEWAY", help="The gateway's gRPC address."
+    ),
     host: str = typer.Option("0.0.0.0", help="Address to bind."),
 ) -> None:
     """The web playground: chat with images, audio, IMU and video, captioning jobs, adapters; a gateway client."""
     _service_logging()
     from services.playground.server import serve
 
-    serve(gateway, port, host)
+    from modalink.config import get_settings
+    from modalink.remote import parse_addresses
+
+    settings = get_settings()  # what the page needs of them: the playground itself imports only the client
+    encoders = parse_addresses(settings.encoders)
+    serve(gateway, port, host, settings.jobs_dir, [m for m in MODALITIES if m in encoders], settings.imu_channels)
 
 
 def _http_host(grpc_host: str) -> str:
@@ -583,9 +592,10 @@ def caption_submit(
     """Caption every item of a manifest on the workers; prints the job id (or, with --wait, the outcome)."""
     from services.worker.app import submit
 
+    from modalink.data import read_manifest
     from modalink.engine import GenerationParams
     from modalink.errors import InputError
-    from modalink.jobs import ANYWHERE, read_manifest
+    from modalink.jobs import ANYWHERE
 
     out = out or manifest.with_name(manifest.stem + ".captions.jsonl")
     try:
@@ -637,7 +647,6 @@ def up(
     timeout: float = typer.Option(300.0, help="Seconds to wait for every service to be healthy."),
 ) -> None:
     """Start the whole topology as local processes (Redis, encoders, LLM, gateway) and wait until healthy."""
-    from modalink.up import GATEWAY_GRPC, GATEWAY_HTTP, PLAYGROUND
     from modalink.up import up as start
 
     counts = {}
@@ -651,8 +660,8 @@ def up(
         start(run_dir, counts, [m.strip() for m in modalities.split(",") if m.strip()], timeout, typer.echo)
     except (RuntimeError, TimeoutError) as e:
         raise _fail(str(e)) from None
-    typer.echo(f"up: gRPC localhost:{GATEWAY_GRPC} (modalink.v1.Assistant), OpenAI HTTP "
-               f"http://localhost:{GATEWAY_HTTP}/v1, playground http://localhost:{PLAYGROUND}; "
+    typer.echo(f"up: gRPC localhost:{ports.GATEWAY_GRPC} (modalink.v1.Assistant), OpenAI HTTP "
+               f"http://localhost:{ports.GATEWAY_HTTP}/v1, playground http://localhost:{ports.PLAYGROUND}; "
                "stop with `modalink down`")  # fmt: skip
 
 

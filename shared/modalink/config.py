@@ -15,6 +15,8 @@ import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from modalink import ports
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -52,7 +54,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, description="Decoded-size limit against decompression bombs.")
     max_audio_seconds: float = Field(600.0, description="Longest audio clip accepted.")
     encoders: str = Field(
-        "image=localhost:8001,audio=localhost:8011,imu=localhost:8021,video=localhost:8031",
+        ports.encoder_addresses(),
         description="Encoder services' Triton gRPC addresses, '<modality>=<host:port>' comma-separated; repeat a "
         "modality for replicas (the gateway balances round robin).",
     )
@@ -86,8 +88,10 @@ class Settings(BaseSettings):
     job_visibility_timeout_s: int = Field(
         3600, ge=5, description="A captioning batch whose worker died unacked is delivered again after this long."
     )
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker and job store (modalink up sets it).")
-    llm_address: str = Field("localhost:50061", description="The LLM service's gRPC address.")
+    redis_url: str = Field(
+        f"redis://127.0.0.1:{ports.REDIS_PORT}/0", description="Celery broker and job store (modalink up sets it)."
+    )
+    llm_address: str = Field(f"localhost:{ports.LLM_GRPC}", description="The LLM service's gRPC address.")
     jobs_dir: Path = Field(
         REPO_ROOT / "build" / "jobs",
         description="Captioning jobs submitted through the gateway: relative manifest paths and default results "

@@ -12,7 +12,7 @@ import json
 import random
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,20 +20,22 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from modalink.datasets import FASHION_CLASSES, asterisk_wav, basic_motions, fashion_mnist
+from modalink.datasets import BASIC_MOTIONS_CLASSES, FASHION_CLASSES, asterisk_wav, basic_motions, fashion_mnist
 from modalink.encoders.audio import resample
 from modalink.encoders.video import frames_to_gif
+from modalink.errors import InputError
 from modalink.progress import progress
 
-# Class words an answer must name (checked by modalink.evaluate).
-GARMENTS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+# Class words an answer must name (checked by modalink.evaluate): the datasets' classes in lower case ("T-shirt/top"
+# is "t-shirt"), in the datasets' label order.
+GARMENTS = tuple(c.split("/")[0].lower() for c in FASHION_CLASSES)
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 WORDS = (
     "yes", "no", "stop", "go", "left", "right", "up", "down", "hello", "goodbye", "water", "music", "coffee",
     "house", "dog", "cat", "red", "blue", "green", "happy", "morning", "phone",
 )  # fmt: skip
 VOCABULARY = DIGITS + WORDS
-ACTIVITIES = ("badminton", "running", "standing", "walking")
+ACTIVITIES = tuple(c.lower() for c in BASIC_MOTIONS_CLASSES)
 ACTIVITY_TEXT = {
     "badminton": "playing badminton, swinging a racket",
     "running": "running at a steady pace",
@@ -97,7 +99,12 @@ def default_question(modality: str) -> str:
     return QUESTIONS[modality][0]
 
 
-_LABELS = {"image": GARMENTS, "audio": VOCABULARY, "imu": ACTIVITIES, "video": GARMENTS}
+CLASS_WORDS = {"image": GARMENTS, "audio": VOCABULARY, "imu": ACTIVITIES, "video": GARMENTS}
+
+
+def class_words(modality: str) -> tuple[str, ...]:
+    """The classes of a modality's data, as the words an answer names them by (a video names two garments)."""
+    return CLASS_WORDS[modality]
 
 
 def _check_phrase(modality: str, label: str) -> str:
@@ -110,7 +117,7 @@ def instruction(modality: str, label: str, rng: random.Random, checks: float = 0
     if rng.random() >= checks:
         return rng.choice(QUESTIONS[modality]), answer
     truth = label.split("|")[0] if modality == "video" else label
-    asked = truth if rng.random() < 0.5 else rng.choice([x for x in _LABELS[modality] if x != truth])
+    asked = truth if rng.random() < 0.5 else rng.choice([x for x in class_words(modality) if x != truth])
     question = rng.choice(CHECKS[modality]).format(x=_check_phrase(modality, asked))
     return question, f"{'Yes' if asked == truth else 'No'}. {answer}"
 
@@ -136,13 +143,35 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def read_manifest(path: Path) -> list[dict]:
-    """Rows of a JSONL manifest with ``path`` made absolute (relative paths are relative to the manifest's folder)."""
-    return parse_manifest(Path(path).read_text(), Path(path).parent, str(path))
+def check_path(path: str | Path, roots: Sequence[str | Path], what: str = "path") -> Path:
+    """``path`` with symlinks and ``..`` resolved, if that lies inside one of ``roots``; else InputError."""
+    resolved = Path(path).resolve()
+    real = [Path(r).resolve() for r in roots]
+    if not any(resolved.is_relative_to(r) for r in real):
+        shown = f"{path}" if str(path) == str(resolved) else f"{path} (resolves to {resolved})"
+        raise InputError(f"{what} {shown} is outside the allowed manifest roots "
+                         f"({', '.join(map(str, real))}; MODALINK_MANIFEST_ROOTS)")  # fmt: skip
+    return resolved
+
+
+def read_manifest(path: str | Path, roots: Sequence[str | Path] | None = None) -> list[dict]:
+    """The rows of a JSONL manifest file (``parse_manifest``: relative paths are relative to its folder).
+
+    ``roots``: where the file may be (``check_path``, symlinks resolved), for manifests named by someone less
+    trusted than this process (captioning jobs: ``modalink.jobs.manifest_roots()``); None: anywhere.
+    """
+    if roots is not None:
+        path = check_path(path, roots, "manifest")
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise InputError(f"cannot read manifest {path}: {e.strerror}") from None
+    return parse_manifest(text, Path(path).parent, str(path))
 
 
 def parse_manifest(text: str, base: Path, source: str = "manifest") -> list[dict]:
-    """Rows of JSONL ``text``; a relative ``path`` is resolved against ``base``; errors name ``source``:line."""
+    """Rows of JSONL ``text``, each an object with a unique string ``id`` and a ``path`` or ``uri``; a relative
+    ``path`` is resolved against ``base``. InputError names ``source`` and the line or item."""
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -150,10 +179,20 @@ def parse_manifest(text: str, base: Path, source: str = "manifest") -> list[dict
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{source}:{n}: not JSON: {e}") from None
+            raise InputError(f"{source}:{n}: not JSON: {e}") from None
         if isinstance(row, dict) and isinstance(row.get("path"), str):
-            row["path"] = str((Path(base) / row["path"]).resolve())
+            try:
+                row["path"] = str((Path(base) / row["path"]).resolve())
+            except ValueError as e:  # a NUL byte in the path
+                raise InputError(str(e)) from None
         rows.append(row)
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise InputError(f"{source}: item {n}: every line must be a JSON object")
+        if not row.get("id") or not isinstance(row["id"], str) or not (row.get("path") or row.get("uri")):
+            raise InputError(f"{source}: item {n} needs a string id and a path or uri")
+    if len({r["id"] for r in rows}) != len(rows):
+        raise InputError(f"{source}: item ids must be unique")
     return rows
 
 
@@ -287,12 +326,12 @@ def build_video(out: Path, cfg: BuildConfig) -> dict[str, int]:
     rng = random.Random(cfg.seed + 1)
     train_x, train_y = fashion_mnist("train")
     test_x, test_y = fashion_mnist("t10k")
-    image_rows = {s: [json.loads(line) for line in (out / "image" / f"{s}.jsonl").open()] for s in ("train", "test")}
+    image_rows = {s: read_manifest(out / "image" / f"{s}.jsonl") for s in ("train", "val", "test")}
     counts = {}
     for split, n in (("train", cfg.video_train), ("val", cfg.video_val), ("test", cfg.video_test)):
         # Items come from the image split of the same role (val clips reuse held-out image val items).
         src = "test" if split == "test" else "train"
-        pool = image_rows[src] if split != "val" else [json.loads(x) for x in (out / "image" / "val.jsonl").open()]
+        pool = image_rows["val" if split == "val" else src]
         x = test_x if split == "test" else train_x
         rows = []
         for k in range(n):

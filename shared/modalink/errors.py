@@ -7,6 +7,8 @@ internal address (those go to the service's log).
 
 from __future__ import annotations
 
+from modalink_client import options
+
 
 class InputError(ValueError):
     """The request or file is unusable (corrupt, wrong shape/format, unknown modality); the message says why."""
@@ -44,11 +46,10 @@ class BackendUnavailable(BackendError, ConnectionError):
     code = "UNAVAILABLE"
 
 
-# gRPC status name -> HTTP status, for the HTTP APIs (the OpenAI-compatible route, the playground).
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
-               "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}  # fmt: skip
-
-INTERNAL_MESSAGE = "internal error; the service logged the details"
+# gRPC status name -> HTTP status, for every HTTP API (the OpenAI-compatible route, the LLM's TGI API, the playground):
+# written once, in the client, which the playground uses without this package.
+HTTP_STATUS = options.HTTP_STATUS
+INTERNAL_MESSAGE = options.INTERNAL_MESSAGE
 
 
 def status_of(e: BaseException) -> tuple[str, str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modalink.data import ACTIVITIES, DIGITS, GARMENTS, VOCABULARY, default_question
+from modalink.data import DIGITS, class_words, default_question
 
 _NUMERALS = {str(i): w for i, w in enumerate(DIGITS)}
 SYNONYMS = {
@@ -27,10 +27,6 @@ SYNONYMS = {
     "standing": ("standing", "stand", "stands", "standing still"),
     "badminton": ("badminton",),
 }
-
-
-def class_words(modality: str) -> tuple[str, ...]:
-    return {"image": GARMENTS, "video": GARMENTS, "audio": VOCABULARY, "imu": ACTIVITIES}[modality]
 
 
 def _pattern(modality: str) -> re.Pattern:

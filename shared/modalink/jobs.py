@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from modalink import MODALITIES, data
-from modalink.data import default_question
+from modalink.data import check_path, default_question
 from modalink.engine import GenerationParams
 from modalink.errors import InputError, NotFound
 from modalink.prompt import Media
@@ -48,41 +48,14 @@ def manifest_roots(settings=None) -> list[Path]:
     return [Path(p).expanduser().resolve() for p in named or [settings.jobs_dir]]
 
 
-def check_path(path: str | Path, roots: Sequence[str | Path], what: str = "path") -> Path:
-    """``path`` with symlinks and ``..`` resolved, if that lies inside one of ``roots``; else InputError."""
-    resolved = Path(path).resolve()
-    real = [Path(r).resolve() for r in roots]
-    if not any(resolved.is_relative_to(r) for r in real):
-        shown = f"{path}" if str(path) == str(resolved) else f"{path} (resolves to {resolved})"
-        raise InputError(f"{what} {shown} is outside the allowed manifest roots "
-                         f"({', '.join(map(str, real))}; MODALINK_MANIFEST_ROOTS)")  # fmt: skip
-    return resolved
-
-
-def parse_manifest(text: str, base: Path, source: str = "manifest") -> list[dict]:
-    """Rows ``{"id", "modality", "path" | "uri"}``; a relative path is resolved against ``base``."""
-    try:
-        rows = data.parse_manifest(text, base, source)
-    except ValueError as e:  # not JSON (the message names the line)
-        raise InputError(str(e)) from None
-    for n, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise InputError(f"{source}: item {n}: every line must be a JSON object")
-        if not row.get("id") or not isinstance(row["id"], str) or not (row.get("path") or row.get("uri")):
-            raise InputError(f"{source}: item {n} needs a string id and a path or uri")
-    if len({r["id"] for r in rows}) != len(rows):
-        raise InputError(f"{source}: item ids must be unique")
-    return rows
+# The one manifest reader is ``modalink.data``'s; a job's manifest is read with the roots check on, against
+# ``manifest_roots()`` unless the caller names other roots.
+parse_manifest = data.parse_manifest
 
 
 def read_manifest(path: str | Path, roots: Sequence[str | Path] | None = None) -> list[dict]:
-    """The rows of a manifest file, which must lie inside ``roots`` (default: ``manifest_roots()``)."""
-    path = check_path(path, manifest_roots() if roots is None else roots, "manifest")
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise InputError(f"cannot read manifest {path}: {e.strerror}") from None
-    return parse_manifest(text, Path(path).parent, str(path))
+    """``data.read_manifest`` of a job's manifest, which must lie inside ``roots`` (default: ``manifest_roots()``)."""
+    return data.read_manifest(path, manifest_roots() if roots is None else roots)
 
 
 def batches(rows: Iterable[dict], size: int) -> Iterator[tuple[str, list[dict]]]:

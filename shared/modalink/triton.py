@@ -21,7 +21,6 @@ from modalink.embedder import Embedder
 from modalink.errors import InputError
 
 INVALID_INPUT = "invalid input: "  # prefixes bad-input errors, so clients can tell them from failures
-PORTS = {"image": 8000, "audio": 8010, "imu": 8020, "video": 8030}  # HTTP; gRPC +1, metrics +2
 
 
 def model_name(modality: str) -> str:

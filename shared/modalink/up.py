@@ -27,9 +27,18 @@ from pathlib import Path
 from modalink import MODALITIES
 from modalink.config import get_settings
 from modalink.errors import ConfigError
-from modalink.triton import PORTS, model_name
+from modalink.ports import (
+    ENCODER_HTTP,
+    GATEWAY_GRPC,
+    GATEWAY_HTTP,
+    LLM_GRPC,
+    LLM_HTTP,
+    PLAYGROUND,
+    REDIS_PORT,
+    REPLICA_STEP,
+)
+from modalink.triton import model_name
 
-GATEWAY_GRPC, GATEWAY_HTTP, LLM_GRPC, LLM_HTTP, REDIS_PORT, PLAYGROUND = 50051, 8080, 50061, 8081, 6379, 7860
 # Only the gateway (which checks API keys) listens beyond this machine; encoders, LLM, Redis and the playground
 # (which writes uploads for captioning jobs) do not.
 INTERNAL_HOST = "127.0.0.1"
@@ -69,7 +78,7 @@ def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None)
     addresses = []
     for m in modalities:
         for i in range(replicas.get(m, 1)):
-            http = PORTS[m] + 100 * i
+            http = ENCODER_HTTP[m] + REPLICA_STEP * i
             services.append(Service(
                 f"{m}-encoder-{i}",
                 [*py, "serve", "encoder", "-m", m, "--http-port", str(http), "--grpc-port", str(http + 1),

@@ -1,14 +1,14 @@
 """Conversions between the protobuf contracts (``protos/modalink/v1``) and the library's types.
 
-Every service and the client go through here, so a tensor or a part is checked the same way
-everywhere: dtype from a short list, shape against the byte count, a size limit, finite values.
-Tensors are raw little-endian bytes; nothing is ever unpickled.
+Every service goes through here, so a tensor or a part is checked the same way everywhere: dtype from a short
+list, shape against the byte count, a size limit, finite values. Tensors and generation parameters are converted by
+the client's own functions (``modalink_client.convert``; its ValueError is an InputError here), so both sides of
+the wire read them alike. Tensors are raw little-endian bytes; nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
+from modalink_client import convert
+from modalink_client.convert import DTYPES, MAX_TENSOR_BYTES, MAX_TENSOR_DIMS, params_to_msg
 
 from modalink.config import get_settings
 from modalink.engine import GenerationParams
@@ -26,49 +28,26 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the build step
     raise ImportError("gRPC stubs are missing: run `make stubs` (python -m grpc_tools.protoc, see the Makefile)") from e
 
-__all__ = ["assistant_pb2", "common_pb2", "llm_pb2"]
-
-DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4", "uint8": "u1"}
-MAX_TENSOR_BYTES = 256 << 20
-MAX_TENSOR_DIMS = 8
+__all__ = ["DTYPES", "MAX_TENSOR_BYTES", "MAX_TENSOR_DIMS", "assistant_pb2", "common_pb2", "llm_pb2", "params_to_msg"]
 
 
 def to_tensor_msg(x: np.ndarray | torch.Tensor) -> common_pb2.Tensor:
-    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    name = arr.dtype.name
-    if name not in DTYPES:
-        raise InputError(f"tensor dtype {name} not supported; use one of {', '.join(DTYPES)}")
-    data = np.ascontiguousarray(arr, dtype=np.dtype(DTYPES[name])).tobytes()
-    return common_pb2.Tensor(dtype=name, shape=list(arr.shape), data=data)
+    """The client's ``to_tensor_msg`` (``modalink_client.convert``), with InputError for what it refuses."""
+    try:
+        return convert.to_tensor_msg(x)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def from_tensor_msg(
     msg: common_pb2.Tensor, what: str = "tensor", dtypes: Sequence[str] = ("float32",), ndim: int | None = None
 ) -> np.ndarray:
-    """A checked numpy array from a Tensor message; InputError says what is wrong."""
-    if msg.dtype not in dtypes:
-        raise InputError(f"{what}: dtype must be {' or '.join(dtypes)}, got {msg.dtype or '(empty)'!r}")
-    shape = tuple(int(d) for d in msg.shape)
-    if ndim is not None and len(shape) != ndim:
-        raise InputError(f"{what}: expected {ndim} dimensions, got shape {list(shape)[:16]}")
-    if len(shape) > MAX_TENSOR_DIMS:
-        raise InputError(f"{what}: {len(shape)} dimensions; at most {MAX_TENSOR_DIMS}")
-    if any(d < 0 for d in shape):
-        raise InputError(f"{what}: negative dimension in shape {list(shape)}")
-    if len(msg.data) > MAX_TENSOR_BYTES:
-        raise InputError(f"{what}: {len(msg.data)} bytes exceeds the limit of {MAX_TENSOR_BYTES}")
-    dt = np.dtype(DTYPES[msg.dtype])
-    # numpy refuses even an empty array whose nonzero dimensions multiply past its limit ([0, 2**61])
-    if math.prod(d or 1 for d in shape) * dt.itemsize > MAX_TENSOR_BYTES:
-        raise InputError(f"{what}: shape {list(shape)} is over the limit of {MAX_TENSOR_BYTES} bytes")
-    # Python ints: a product that overflows int64 (and wraps to the data's length) cannot slip through.
-    needed = math.prod(shape) * dt.itemsize
-    if needed != len(msg.data):
-        raise InputError(f"{what}: shape {list(shape)} of {msg.dtype} needs {needed} bytes, got {len(msg.data)}")
-    arr = np.frombuffer(msg.data, dtype=dt).reshape(shape)
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise InputError(f"{what}: contains NaN or Inf")
-    return arr.astype(arr.dtype.newbyteorder("="))
+    """A checked numpy array from a Tensor message (the client's checks: dtype, shape against the byte count, a size
+    limit, finite values); InputError says what is wrong."""
+    try:
+        return convert.from_tensor_msg(msg, what, dtypes, ndim)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def params_from_msg(msg: common_pb2.GenerationParams, default_max_new_tokens: int = 128) -> GenerationParams:
@@ -84,16 +63,6 @@ def params_from_msg(msg: common_pb2.GenerationParams, default_max_new_tokens: in
     )
     p.validate()
     return p
-
-
-def params_to_msg(p: GenerationParams) -> common_pb2.GenerationParams:
-    msg = common_pb2.GenerationParams(
-        max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-        repetition_penalty=p.repetition_penalty, stop=list(p.stop),
-    )  # fmt: skip
-    if p.seed is not None:
-        msg.seed = p.seed
-    return msg
 
 
 def parse_message(cls: type[Message], data: bytes) -> Message:

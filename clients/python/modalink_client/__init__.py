@@ -22,14 +22,15 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _WHERE = {
-    **dict.fromkeys(["AsyncClient", "Client", "Embedding", "PartLike", "Turns", "adapters_dict", "audio", "image",
-                     "imu", "job_dict", "video"], "client"),
+    **dict.fromkeys(["AsyncClient", "Client", "Embedding", "PartLike", "Turns", "adapters_dict", "audio",
+                     "call_status", "image", "imu", "job_dict", "video"], "client"),
     **dict.fromkeys(["from_tensor_msg", "params_to_msg", "to_tensor_msg"], "convert"),
-    **dict.fromkeys(["CHANNEL_OPTIONS", "RETRY_SERVICE_CONFIG"], "options"),
+    **dict.fromkeys(["imu_array"], "imu_data"),
+    **dict.fromkeys(["CHANNEL_OPTIONS", "DEFAULT_ADDRESS", "HTTP_STATUS", "RETRY_SERVICE_CONFIG"], "options"),
 }  # fmt: skip
-__all__ = ["CHANNEL_OPTIONS", "RETRY_SERVICE_CONFIG", "AsyncClient", "Client", "Embedding", "PartLike", "Turns",
-           "adapters_dict", "audio", "from_tensor_msg", "image", "imu", "job_dict", "params_to_msg", "to_tensor_msg",
-           "video"]  # fmt: skip
+__all__ = ["CHANNEL_OPTIONS", "DEFAULT_ADDRESS", "HTTP_STATUS", "RETRY_SERVICE_CONFIG", "AsyncClient", "Client",
+           "Embedding", "PartLike", "Turns", "adapters_dict", "audio", "call_status", "from_tensor_msg", "image", "imu",
+           "imu_array", "job_dict", "params_to_msg", "to_tensor_msg", "video"]  # fmt: skip
 
 if TYPE_CHECKING:
     from modalink_client.client import (
@@ -40,13 +41,15 @@ if TYPE_CHECKING:
         Turns,
         adapters_dict,
         audio,
+        call_status,
         image,
         imu,
         job_dict,
         video,
     )
     from modalink_client.convert import from_tensor_msg, params_to_msg, to_tensor_msg
-    from modalink_client.options import CHANNEL_OPTIONS, RETRY_SERVICE_CONFIG
+    from modalink_client.imu_data import imu_array
+    from modalink_client.options import CHANNEL_OPTIONS, DEFAULT_ADDRESS, HTTP_STATUS, RETRY_SERVICE_CONFIG
 
 
 def __getattr__(name: str):

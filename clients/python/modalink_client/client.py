@@ -13,10 +13,12 @@ import grpc
 import numpy as np
 
 from modalink_client.convert import from_tensor_msg, params_to_msg, to_tensor_msg
-from modalink_client.options import CLIENT_OPTIONS
+from modalink_client.options import CLIENT_OPTIONS, DEFAULT_ADDRESS
 from modalink_client.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
 
 PartLike = common_pb2.Part | str
+# grpc.health.v1.HealthCheckResponse.ServingStatus, by number
+HEALTH_STATUS = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
 
 # Earlier turns, oldest first: (role "user" | "assistant", text), or (role, text, that user turn's media parts).
 Turns = Sequence[tuple]
@@ -86,6 +88,14 @@ def adapters_dict(msg: assistant_pb2.AdapterList) -> dict:
             for m, a in sorted(msg.modalities.items())}  # fmt: skip
 
 
+def call_status(e: BaseException) -> tuple[str, str] | None:
+    """(gRPC status name, message) of a failed call (a ``grpc.RpcError``), else None: what an HTTP front end of the
+    gateway answers with (``modalink_client.options.HTTP_STATUS``)."""
+    if not (isinstance(e, grpc.RpcError) and hasattr(e, "code")):
+        return None
+    return e.code().name, e.details() or e.code().name
+
+
 @dataclass
 class Embedding:
     embeddings: np.ndarray  # float32 [n_tokens, d_llm]
@@ -94,7 +104,7 @@ class Embedding:
 
 
 class _Base:
-    def __init__(self, address: str = "localhost:50051", api_key: str | None = None, timeout: float = 120.0):
+    def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None, timeout: float = 120.0):
         self.address, self.timeout = address, timeout
         self.metadata = (("x-api-key", api_key),) if api_key else ()
         self.options = list(CLIENT_OPTIONS)
@@ -103,7 +113,7 @@ class _Base:
 class Client(_Base):
     """Blocking client; ``generate`` yields text deltas as they are generated."""
 
-    def __init__(self, address: str = "localhost:50051", api_key: str | None = None, timeout: float = 120.0):
+    def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None, timeout: float = 120.0):
         super().__init__(address, api_key, timeout)
         self.channel = grpc.insecure_channel(address, options=self.options)
         self.stub = assistant_pb2_grpc.AssistantStub(self.channel)
@@ -167,6 +177,17 @@ class Client(_Base):
         req = assistant_pb2.PromoteAdapterRequest(modality=modality, version=version, rollback=rollback)
         return adapters_dict(self.stub.PromoteAdapter(req, timeout=self.timeout, metadata=self.metadata))
 
+    def health(self, timeout: float = 2.0) -> str:
+        """The gateway's gRPC health (``grpc.health.v1``): "SERVING", "NOT_SERVING", ...; "UNREACHABLE" when it does
+        not answer. (Bytes on the wire: the request is empty and the answer one enum field, so no extra stubs.)"""
+        check = self.channel.unary_unary("/grpc.health.v1.Health/Check")
+        try:
+            raw = check(b"", timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError:
+            return "UNREACHABLE"
+        status = raw[1] if len(raw) > 1 and raw[0] == 0x08 else 0  # field 1, varint; absent: 0 (UNKNOWN)
+        return HEALTH_STATUS[status] if status < len(HEALTH_STATUS) else str(status)
+
     def close(self) -> None:
         self.channel.close()
 
@@ -180,7 +201,7 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio client (grpc.aio): ``async for delta in client.generate([...])``."""
 
-    def __init__(self, address: str = "localhost:50051", api_key: str | None = None, timeout: float = 120.0):
+    def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None, timeout: float = 120.0):
         super().__init__(address, api_key, timeout)
         self.channel = grpc.aio.insecure_channel(address, options=self.options)
         self.stub = assistant_pb2_grpc.AssistantStub(self.channel)

@@ -8,22 +8,19 @@ fixed-seed initialization and reports ``trained = False``.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from modalink_client.imu_data import imu_array
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modalink.config import Settings
 from modalink.encoders.base import Encoder, Raw, read_bytes
 from modalink.errors import InputError
-
-MIN_STEPS, MAX_STEPS = 16, 100_000
 
 
 @dataclass
@@ -67,58 +64,17 @@ def save_imu_encoder(model: IMUCNN, directory: Path) -> None:
     (directory / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2) + "\n")
 
 
-def _load_npy(raw: bytes) -> np.ndarray:
-    """A .npy array whose header is checked against the bytes that follow it before anything is allocated
-    (``np.load`` allocates the header's shape first: a 100-byte file could ask for terabytes)."""
-    f = io.BytesIO(raw)
-    try:  # numpy parses the header dict with tokenize and ast: errors of several types on a corrupt one
-        version = np.lib.format.read_magic(f)
-        fmt = np.lib.format
-        shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"IMU .npy header is corrupt: {type(e).__name__}: {e}") from None
-    if dtype.hasobject or dtype.kind not in "fiu":
-        raise InputError(f"IMU .npy must hold numbers, got dtype {dtype}")
-    if len(shape) != 2:
-        raise InputError(f"IMU data must be 2-D [channels, time], got shape {list(shape)}")
-    if math.prod(shape) * dtype.itemsize != len(raw) - f.tell():
-        raise InputError(f"IMU .npy header says shape {list(shape)} of {dtype}, which does not match its "
-                         f"{len(raw) - f.tell()} data bytes")  # fmt: skip
-    return np.frombuffer(raw, dtype, offset=f.tell()).reshape(shape, order="F" if fortran else "C").copy()
-
-
 def decode_imu(data: Raw | np.ndarray, channels: int = 6) -> torch.Tensor:
-    """[channels, time] float32 from .npy bytes/path, CSV text (rows may be time steps) or an array."""
-    if isinstance(data, np.ndarray):
-        arr = data
-    else:
-        name = str(data) if isinstance(data, (str, Path)) else ""
-        raw = read_bytes(data, "IMU")
-        try:
-            if raw[:6] == b"\x93NUMPY":
-                arr = _load_npy(raw)
-            elif name.endswith(".npy"):
-                raise InputError("IMU .npy file is corrupt (bad header)")
-            else:
-                arr = np.loadtxt(io.StringIO(raw.decode("utf-8")), delimiter=",", dtype=np.float32, ndmin=2)
-        except InputError:
-            raise
-        except (ValueError, UnicodeDecodeError, EOFError, OSError, SyntaxError) as e:
-            raise InputError(f"IMU data must be .npy or numeric CSV [channels, time]: {e}") from None
-    if arr.dtype.kind not in "fiu":
-        raise InputError(f"IMU data must be numeric, got dtype {arr.dtype}")
-    arr = np.asarray(arr, dtype=np.float32)
-    if arr.ndim != 2:
-        raise InputError(f"IMU data must be 2-D [channels, time], got shape {list(arr.shape)}")
-    if arr.shape[0] != channels and arr.shape[1] == channels:
-        arr = arr.T  # [time, channels] as CSV files usually store it
-    if arr.shape[0] != channels:
-        raise InputError(f"IMU data must have {channels} channels, got shape {list(arr.shape)}")
-    if not MIN_STEPS <= arr.shape[1] <= MAX_STEPS:
-        raise InputError(f"IMU window must have {MIN_STEPS}..{MAX_STEPS} time steps, got {arr.shape[1]}")
-    if not np.isfinite(arr).all():
-        raise InputError("IMU data contains NaN or Inf")
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    """[channels, time] float32 from .npy bytes/path, CSV text (rows may be time steps) or an array: the client's
+    reader (``modalink_client.imu_data``, so a client checks a window as the encoder will), with InputError."""
+    name = str(data) if isinstance(data, (str, Path)) else ""
+    try:
+        arr = imu_array(data if isinstance(data, np.ndarray) else read_bytes(data, "IMU"), channels, name)
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return torch.from_numpy(arr)
 
 
 class IMUEncoder(Encoder):

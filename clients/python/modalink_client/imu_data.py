@@ -1,0 +1,75 @@
+"""IMU windows from files, checked (numpy only): what ``modalink``'s IMU encoder accepts, read the same way by a
+client before it sends one (the playground plots it first) and by the encoder service when one arrives.
+
+A .npy file's header is checked against the bytes that follow it before anything is allocated, and nothing is ever
+unpickled; CSV is numeric text, one row per channel or per time step.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+MIN_STEPS, MAX_STEPS = 16, 100_000
+
+
+class _Refused(ValueError):
+    """A refusal that already says what is wrong (not wrapped in the generic "must be .npy or CSV")."""
+
+
+def _load_npy(raw: bytes) -> np.ndarray:
+    """A .npy array whose header is checked against the bytes that follow it before anything is allocated
+    (``np.load`` allocates the header's shape first: a 100-byte file could ask for terabytes)."""
+    f = io.BytesIO(raw)
+    try:  # numpy parses the header dict with tokenize and ast: errors of several types on a corrupt one
+        version = np.lib.format.read_magic(f)
+        fmt = np.lib.format
+        shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+    except Exception as e:  # noqa: BLE001
+        raise _Refused(f"IMU .npy header is corrupt: {type(e).__name__}: {e}") from None
+    if dtype.hasobject or dtype.kind not in "fiu":
+        raise _Refused(f"IMU .npy must hold numbers, got dtype {dtype}")
+    if len(shape) != 2:
+        raise _Refused(f"IMU data must be 2-D [channels, time], got shape {list(shape)}")
+    if math.prod(shape) * dtype.itemsize != len(raw) - f.tell():
+        raise _Refused(f"IMU .npy header says shape {list(shape)} of {dtype}, which does not match its "
+                         f"{len(raw) - f.tell()} data bytes")  # fmt: skip
+    return np.frombuffer(raw, dtype, offset=f.tell()).reshape(shape, order="F" if fortran else "C").copy()
+
+
+def imu_array(data: bytes | np.ndarray, channels: int = 6, name: str = "") -> np.ndarray:
+    """float32 [channels, time] from .npy bytes, numeric CSV text (rows may be time steps) or an array, checked:
+    ``channels`` rows, ``MIN_STEPS``..``MAX_STEPS`` time steps, finite values. ``name``: the file's name, if any
+    (a ``.npy`` name without the .npy magic is a corrupt file, not CSV). ValueError says what is wrong."""
+    if isinstance(data, np.ndarray):
+        arr = data
+    else:
+        if not data:
+            raise ValueError("IMU is empty (0 bytes)")
+        try:
+            if data[:6] == b"\x93NUMPY":
+                arr = _load_npy(data)
+            elif name.endswith(".npy"):
+                raise _Refused("IMU .npy file is corrupt (bad header)")
+            else:
+                arr = np.loadtxt(io.StringIO(data.decode("utf-8")), delimiter=",", dtype=np.float32, ndmin=2)
+        except _Refused:
+            raise
+        except (ValueError, UnicodeDecodeError, EOFError, OSError, SyntaxError) as e:
+            raise ValueError(f"IMU data must be .npy or numeric CSV [channels, time]: {e}") from None
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"IMU data must be numeric, got dtype {arr.dtype}")
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"IMU data must be 2-D [channels, time], got shape {list(arr.shape)}")
+    if arr.shape[0] != channels and arr.shape[1] == channels:
+        arr = arr.T  # [time, channels] as CSV files usually store it
+    if arr.shape[0] != channels:
+        raise ValueError(f"IMU data must have {channels} channels, got shape {list(arr.shape)}")
+    if not MIN_STEPS <= arr.shape[1] <= MAX_STEPS:
+        raise ValueError(f"IMU window must have {MIN_STEPS}..{MAX_STEPS} time steps, got {arr.shape[1]}")
+    if not np.isfinite(arr).all():
+        raise ValueError("IMU data contains NaN or Inf")
+    return np.ascontiguousarray(arr)

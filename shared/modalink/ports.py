@@ -1,0 +1,29 @@
+"""Default ports of every service, written once: ``modalink up``, the options of ``modalink serve``, the services'
+own defaults and the settings' defaults (``MODALINK_ENCODERS``, ``MODALINK_LLM_ADDRESS``, ``MODALINK_REDIS_URL``)
+are built from this table. The gateway's gRPC port is the client's default address (``modalink_client.options``,
+which cannot import this package). Compose and the Helm chart write the same numbers (``tests/test_deploy.py``).
+"""
+
+from __future__ import annotations
+
+from modalink_client.options import GATEWAY_PORT
+
+GATEWAY_GRPC = GATEWAY_PORT  # modalink.v1.Assistant
+GATEWAY_HTTP = 8080  # the OpenAI-compatible route
+LLM_GRPC = 50061  # modalink.v1.LLM
+LLM_HTTP = 8081  # the LLM service's TGI-compatible API
+REDIS_PORT = 6379
+PLAYGROUND = 7860
+# Triton's HTTP port of each encoder service; its gRPC port is the next one, its metrics the one after.
+ENCODER_HTTP = {"image": 8000, "audio": 8010, "imu": 8020, "video": 8030}
+REPLICA_STEP = 100  # replica i of a modality (``modalink up --replicas``) adds 100 * i
+
+
+def encoder_grpc(modality: str, replica: int = 0) -> int:
+    """The Triton gRPC port of an encoder service (the one the gateway and the workers call)."""
+    return ENCODER_HTTP[modality] + REPLICA_STEP * replica + 1
+
+
+def encoder_addresses(host: str = "localhost") -> str:
+    """``MODALINK_ENCODERS`` for one encoder service per modality on ``host``."""
+    return ",".join(f"{m}={host}:{encoder_grpc(m)}" for m in ENCODER_HTTP)
