@@ -131,9 +131,13 @@ test: install $(NODE) protos-check
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# Every benchmark (one heavy job at a time), then the table in docs/PERFORMANCE.md from bench/results/.
+# Every benchmark (one heavy job at a time), then the table in docs/PERFORMANCE.md from bench/results/; stops at the
+# first that fails. `python bench/<name>.py --smoke` runs one at tiny sizes (tests/test_bench_smoke.py runs them all).
 bench: install
-	@for f in $(filter-out bench/report.py,$(wildcard bench/*.py)); do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@for f in $(filter-out bench/report.py bench/_%.py,$(wildcard bench/*.py)); do echo "== $$f"; \
+		$(BIN)/python $$f || { rc=$$?; echo "make bench: $$f failed (exit $$rc); stopped before the rest and" \
+			"docs/PERFORMANCE.md (\`$(BIN)/python $$f --smoke\` reproduces it in a minute or two)" >&2; exit 1; }; \
+	done
 	$(BIN)/python bench/report.py
 
 # Offline: Helm's engine embedded in Python, Kubernetes and Compose JSON schemas; no cluster or Docker needed.

@@ -6,13 +6,17 @@ The naive loop is what a client without jobs would write: one gateway ``Caption`
 The job sends each batch to the encoder service as one Triton request and its prompts to the LLM
 service together, where the dynamic batcher decodes them as one batch.
 
-    python bench/captioning.py [--items 48] [--reps 3] [--tokens 16]
+The stack runs with its jobs dir and manifest roots set to ``<run dir>/jobs`` (``MODALINK_JOBS_DIR``,
+``MODALINK_MANIFEST_ROOTS``), and the jobs are submitted as the gateway submits them (roots check on), with their
+items and results in a folder there: the measured path is the deployed one.
+
+    python bench/captioning.py [--items 48] [--reps 3] [--tokens 16] [--results bench/results]
+    python bench/captioning.py --smoke   # 4 items, 1 rep, 4 tokens: does it still run? (build/bench-smoke/)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -20,7 +24,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-RUN_DIR = Path("build/bench-run")
+
+from _common import add_options, confine_jobs, run_dir, stack, stop_on_sigterm, write_result  # noqa: E402
 
 
 def items(folder: Path, n: int) -> list[dict]:
@@ -54,18 +59,20 @@ def naive(rows: list[dict], tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def job(rows: list[dict], tokens: int, out: Path, batch_size: int) -> float:
-    from services.worker.app import store, submit
-
+def job(rows: list[dict], tokens: int, out: Path, batch_size: int, timeout_s: float = 900) -> float:
     from modalink.engine import GenerationParams
+    from modalink.queueing import store, submit
 
     t0 = time.perf_counter()
     job_id = submit(rows, str(out), batch_size, GenerationParams(max_new_tokens=tokens))
     while store().get(job_id)["state"] == "running":
+        if time.perf_counter() - t0 > timeout_s:  # a worker that never finishes fails the benchmark, not hangs it
+            raise TimeoutError(f"job {job_id} still running after {timeout_s:.0f} s: {store().get(job_id)}")
         time.sleep(0.05)
     elapsed = time.perf_counter() - t0
     job = store().get(job_id)
     assert job["done"] == len(rows) and job["errors"] == 0, job
+    assert len(out.read_text().splitlines()) == len(rows), f"{out}: not one result line per item"
     return elapsed
 
 
@@ -75,23 +82,23 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=16, help="max_new_tokens of every caption")
     ap.add_argument("--batch-size", type=int, default=16, help="items per job task")
+    add_options(ap, stack=True)
     args = ap.parse_args()
+    if args.smoke:
+        args.items, args.reps, args.tokens, args.batch_size = 4, 1, 4, 2
+    stop_on_sigterm()
+    run = run_dir(args, "captioning")
+    jobs_dir = confine_jobs(run / "jobs")  # before anything reads the settings or starts the stack
 
-    from modalink import up
-
-    up.down(RUN_DIR)
-    up.up(RUN_DIR, modalities=["image", "imu"], echo=lambda *_: None)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows = items(Path(tmp), args.items)
+    with stack(run, modalities=["image", "imu"]), tempfile.TemporaryDirectory(dir=jobs_dir, prefix="bench-") as tmp:
+        rows = items(Path(tmp), args.items)
+        if not args.smoke:
             naive(rows[:2], args.tokens)  # warm both paths up (first calls load lazily)
             job(rows[:4], args.tokens, Path(tmp) / "warm.jsonl", args.batch_size)
-            times: dict[str, list[float]] = {"naive": [], "job": []}
-            for rep in range(args.reps):
-                times["naive"].append(naive(rows, args.tokens))
-                times["job"].append(job(rows, args.tokens, Path(tmp) / f"job-{rep}.jsonl", args.batch_size))
-    finally:
-        up.down(RUN_DIR)
+        times: dict[str, list[float]] = {"naive": [], "job": []}
+        for rep in range(args.reps):
+            times["naive"].append(naive(rows, args.tokens))
+            times["job"].append(job(rows, args.tokens, Path(tmp) / f"job-{rep}.jsonl", args.batch_size))
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["naive"] / med["job"]
     result = {
@@ -99,8 +106,7 @@ def main() -> None:
         "seconds": times, "items_per_s": {k: round(args.items / v, 2) for k, v in med.items()},
         "speedup": round(ratio, 2), "target": 3.0, "machine": f"{os.cpu_count()} CPU cores, no GPU",
     }  # fmt: skip
-    Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path("bench/results/captioning.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args, "captioning", result)
     print(f"captioning {args.items} items (image + IMU, {args.tokens} tokens), median of {args.reps}:")
     print(f"  naive per-item loop (gateway Caption): {result['items_per_s']['naive']:6.2f} items/s")
     print(f"  Celery job, batches of {args.batch_size}:          {result['items_per_s']['job']:6.2f} items/s")

@@ -10,24 +10,26 @@ Each is measured for the fp32 model and for the layout the LLM service runs on a
 weights in fbgemm's packed GEMM, fp32 compute), interleaved; a torch.profiler table of each engine's batch-1
 decode says what bounds it.
 
-    python bench/llm_decode.py [--tokens 48] [--reps 5]
+    python bench/llm_decode.py [--tokens 48] [--reps 5] [--results bench/results]
+    python bench/llm_decode.py --smoke   # 4 tokens, 1 rep, a small bandwidth probe: does it still run?
+                                         # (result in build/bench-smoke/results/)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import add_options, write_result  # noqa: E402
 
 from modalink.config import Settings  # noqa: E402
-from modalink.engine import GenerationParams, TransformersEngine  # noqa: E402
+from modalink.engine import GenerationParams  # noqa: E402
+from modalink.engines.transformers import TransformersEngine  # noqa: E402
 from modalink.llm import PackedFp16Linear  # noqa: E402
 
 
@@ -80,7 +82,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=48, help="new tokens per request")
     ap.add_argument("--reps", type=int, default=5)
+    add_options(ap)
     args = ap.parse_args()
+    probe_gib, profile_tokens = 1.0, 16
+    if args.smoke:
+        args.tokens, args.reps, probe_gib, profile_tokens = 4, 1, 0.125, 4
     settings = Settings()
     settings.apply_threads()
     engines = {
@@ -107,7 +113,7 @@ def main() -> None:
         order = [(e, c) for e in engines for c in cases]
         for e, c in order if rep % 2 else order[::-1]:
             runs[e][c].append(decode_rate(engines[e], cases[c], args.tokens))
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth(probe_gib, 5 if not args.smoke else 2)
     med = {e: {c: statistics.median(v) for c, v in r.items()} for e, r in runs.items()}
     read = {e: decode_bytes(engines[e]) for e in engines}
     bound = {e: bandwidth / read[e] for e in engines}
@@ -129,10 +135,9 @@ def main() -> None:
             "fp16_vs_fp32_batch8": round(served["batch8"] / fp32["batch8"], 3),
         },
         "targets": {"prefix_vs_plain": 0.95, "batch8_vs_batch1": 1.0, "batch1_vs_fp32_bound": 0.6},
-        "profile": {e: profile_step(engines[e], with_prefix) for e in engines},
+        "profile": {e: profile_step(engines[e], with_prefix, profile_tokens) for e in engines},
     }  # fmt: skip
-    Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path("bench/results/llm_decode.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args, "llm_decode", result)
     r = result["ratios"]
     print(f"LLM decode ({settings.llm}, {args.tokens} tokens, median of {args.reps}; served layout fp16-cpu):")
     print(f"  prefix embeddings vs plain text of equal length: {served['prefix']:.1f} vs {served['plain']:.1f} tok/s "

@@ -2,20 +2,25 @@
 runs it last. Each row is a ratio measured side by side in one run; absolute figures are labelled with the
 machine they came from.
 
-    python bench/report.py
+    python bench/report.py [--results bench/results] [--out docs/PERFORMANCE.md]
+    python bench/report.py --smoke   # the smoke runs' results (build/bench-smoke/results/) into
+                                     # build/bench-smoke/PERFORMANCE.md: checks the report still renders
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-RESULTS = Path("bench/results")
+from _common import RESULTS, SMOKE
+
 OUT = Path("docs/PERFORMANCE.md")
+results = RESULTS  # the folder ``load`` reads (``--results``)
 
 
 def load(name: str) -> dict | None:
-    path = RESULTS / f"{name}.json"
+    path = results / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -175,13 +180,33 @@ def notes() -> str:
 
 
 def main() -> None:
+    global results
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"read {SMOKE}/results, write {SMOKE}/PERFORMANCE.md (not {RESULTS}/ nor {OUT})")  # fmt: skip
+    ap.add_argument("--results", type=Path, default=None, help=f"folder of the result JSON files (default: {RESULTS})")
+    ap.add_argument("--out", type=Path, default=None, help=f"the Markdown file to write (default: {OUT})")
+    args = ap.parse_args()
+    results = args.results or (SMOKE / "results" if args.smoke else RESULTS)
+    out = args.out or (SMOKE / "PERFORMANCE.md" if args.smoke else OUT)
+    found = [p.stem for p in sorted(results.glob("*.json"))]
+    if not found:
+        raise SystemExit(f"error: no results in {results}/ (run the bench/ scripts first)")
+    smoke = [name for name in found if (load(name) or {}).get("smoke")]
     table = ["| row | ratio | target | absolute (this machine) | reproduce |", "|---|---|---|---|---|"]
     table += [f"| {' | '.join(row)} |" for row in rows()]
     prof = profiles()
-    OUT.write_text(
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
         "# Performance\n\nWritten by `python bench/report.py` from `bench/results/*.json`; `make bench` reruns every "
         "benchmark and this table. Ratios are measured side by side in one run (medians of repetitions); the "
         "machine is noisy, so absolute figures are for orientation only.\n\n"
+        + (
+            f"**Smoke run** ({', '.join(smoke)}: tiny sizes, one repetition): these figures say that the benchmarks "
+            "run, not how fast anything is.\n\n"
+            if smoke
+            else ""
+        )
         + "\n".join(table)
         + "\n"
         + (
@@ -194,7 +219,7 @@ def main() -> None:
         + ("\n" + notes() if notes() else "")
     )
     print("\n".join(table))
-    print(f"(written to {OUT})")
+    print(f"(written to {out})")
 
 
 if __name__ == "__main__":

@@ -12,15 +12,18 @@
 It also profiles the encoder service, the LLM service and the gateway under load with py-spy (collapsed
 stacks in build/bench-profiles/, the hottest frames in the results).
 
-    python bench/serving.py [--reps 3] [--asks 7] [--tokens 32]
+    python bench/serving.py [--reps 3] [--asks 7] [--tokens 32] [--results bench/results]
+    python bench/serving.py --smoke   # 2 asks, 1 rep, 4 tokens, 2 clients, short profiles: does it still run?
+                                      # (results, run dir and profiles under build/bench-smoke/)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -28,15 +31,16 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+from _common import SMOKE, add_options, cleaning, run_dir, stack, stop_on_sigterm, write_result  # noqa: E402
 
-RUN_DIR = Path("build/bench-run")
-PROFILES = Path("build/bench-profiles")
+PROFILES = Path("build/bench-profiles")  # a smoke run's: build/bench-smoke/profiles
 QUESTION = "What is shown in this picture?"
 NO_BATCHING = 8200  # HTTP port of the extra image encoder without dynamic batching (gRPC +1, metrics +2)
 
@@ -94,7 +98,7 @@ def ask_in_process(assistant, image_path: str, tokens: int) -> tuple[float, floa
     from modalink.engine import GenerationParams
 
     t0, first, text = time.perf_counter(), None, []
-    events, _, _ = assistant.stream(QUESTION, [("image", image_path)], GenerationParams(max_new_tokens=tokens))
+    events = assistant.stream(QUESTION, [("image", image_path)], GenerationParams(max_new_tokens=tokens))
     for ev in events:
         if ev.text:
             first = first or time.perf_counter() - t0
@@ -135,23 +139,24 @@ def encoder_load(addresses: list[str], raw: bytes, clients: int, per_client: int
     return clients * per_client / (time.perf_counter() - t0)
 
 
-def in_process_rates(raw: bytes, reps: int) -> dict[int, float]:
-    """Items/s of the service's own model code (decode + encode + project) called in process, by batch size."""
+def in_process_rates(raw: bytes, reps: int, sizes: tuple[int, ...] = (1, 8, 16, 32), items: int = 64) -> dict:
+    """Items/s of the service's own model code (decode + encode + project) called in process, by batch size
+    (``items`` per measurement)."""
     from modalink.config import Settings
     from modalink.embedder import Embedder
     from modalink.triton import EncoderModel
 
     model = EncoderModel(Embedder(Settings()), "image")
     rates_by_size = {}
-    for size in (1, 8, 16, 32):
+    for size in sizes:
         data = np.array([[raw]] * size, dtype=object)
         model.infer(data)  # warm
         rates = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            for _ in range(max(1, 64 // size)):
+            for _ in range(max(1, items // size)):
                 model.infer(data)
-            rates.append(max(1, 64 // size) * size / (time.perf_counter() - t0))
+            rates.append(max(1, items // size) * size / (time.perf_counter() - t0))
         rates_by_size[size] = round(statistics.median(rates), 1)
     return rates_by_size
 
@@ -178,21 +183,43 @@ def hottest(name: str, top: int = 6) -> list[dict]:
     return [{"frame": f, "share": round(c / total, 3)} for f, c in counts.most_common(top)]
 
 
-def start_unbatched_encoder(log: Path) -> subprocess.Popen:
+@contextlib.contextmanager
+def unbatched_encoder(run: Path) -> Iterator[subprocess.Popen]:
+    """The same image encoder with Triton's dynamic batching off, in a process group of its own (PyTriton's
+    tritonserver is its child), stopped on the way out whatever happens."""
     cmd = [sys.executable, "-m", "modalink.cli", "serve", "encoder", "-m", "image", "--no-dynamic-batching",
            "--host", "127.0.0.1", "--http-port", str(NO_BATCHING), "--grpc-port", str(NO_BATCHING + 1),
            "--metrics-port", str(NO_BATCHING + 2)]  # fmt: skip
+    log = run / "logs" / "image-encoder-unbatched.log"
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the unbatched encoder exited: {log.read_text()[-1500:]}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{NO_BATCHING}/v2/models/image_encoder/ready", timeout=1)
-            return proc
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError("the unbatched encoder did not become ready")
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the unbatched encoder exited: {log.read_text()[-1500:]}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{NO_BATCHING}/v2/models/image_encoder/ready", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise TimeoutError("the unbatched encoder did not become ready") from None
+                time.sleep(0.5)
+        yield proc
+    finally:
+        with cleaning():
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM to the process group ``proc`` leads, SIGKILL after ``grace`` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
 
 
 def main() -> None:
@@ -202,30 +229,33 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--per-client", type=int, default=12, help="requests each encoder client sends")
+    add_options(ap, stack=True)
     args = ap.parse_args()
+    global PROFILES
+    sizes, items, profile_s, warm = (1, 8, 16, 32), 64, 6, 2
+    if args.smoke:
+        args.reps, args.asks, args.tokens, args.clients, args.per_client = 1, 2, 4, 2, 2
+        sizes, items, profile_s, warm, PROFILES = (1, 2), 2, 1, 1, SMOKE / "profiles"
+    stop_on_sigterm()
+    run = run_dir(args, "serving")
 
-    from modalink import up
     from modalink.assistant import Assistant
     from modalink.client import Client
     from modalink.config import Settings
     from modalink.samples import write_samples
 
-    up.down(RUN_DIR, echo=lambda *_: None)
-    services = up.up(RUN_DIR, replicas={"image": 2}, modalities=["image"], echo=lambda *_: None)
-    unbatched = None
-    try:
-        unbatched = start_unbatched_encoder(RUN_DIR / "logs" / "image-encoder-unbatched.log")
+    with stack(run, replicas={"image": 2}, modalities=["image"]) as services, unbatched_encoder(run) as unbatched:
         pids = {s.name: s.pid for s in services if s.name in ("image-encoder-0", "image-encoder-1", "llm", "gateway")}
         pids["image-encoder-unbatched"] = unbatched.pid
         sampler = RssSampler(pids)
-        samples = RUN_DIR / "samples"
+        samples = run / "samples"
         image_path = write_samples(samples)["image"]["path"]
         raw = Path(image_path).read_bytes()
         one, two, off = ["127.0.0.1:8001"], ["127.0.0.1:8001", "127.0.0.1:8101"], [f"127.0.0.1:{NO_BATCHING + 1}"]
         # the same weights as the LLM service (`modalink up` serves fp16-cpu on a CPU)
         assistant = Assistant(Settings(quantize=os.environ.get("MODALINK_QUANTIZE", "fp16-cpu")))
         with Client("localhost:50051") as client:
-            for _ in range(2):  # warm every path: lazy loads, first-call allocations
+            for _ in range(warm):  # warm every path: lazy loads, first-call allocations
                 ask_gateway(client, image_path, args.tokens)
                 ask_in_process(assistant, image_path, args.tokens)
             for addresses in (one, two, off):
@@ -246,21 +276,16 @@ def main() -> None:
                     for name, addresses in order if rep % 2 else order[::-1]:
                         loads[name].append(encoder_load(addresses, raw, args.clients, args.per_client))
                 # profiles under load (not during the measured runs: sampling costs CPU too)
-                spies = [py_spy(pids["image-encoder-0"], 6, "image-encoder")]
+                spies = [py_spy(pids["image-encoder-0"], profile_s, "image-encoder")]
                 encoder_load(one, raw, args.clients, args.per_client * 2)
-                spies += [py_spy(pids["llm"], 8, "llm"), py_spy(pids["gateway"], 8, "gateway")]
-                t_end = time.time() + 8
+                spies += [py_spy(pids["llm"], profile_s + 2, "llm"), py_spy(pids["gateway"], profile_s + 2, "gateway")]
+                t_end = time.time() + profile_s + 2
                 while time.time() < t_end:
                     ask_gateway(client, image_path, args.tokens)
                 for spy in spies:
                     spy.wait(timeout=60)
-        by_batch = in_process_rates(raw, args.reps)
+        by_batch = in_process_rates(raw, args.reps, sizes, items)
         best, best_batch = max((v, k) for k, v in by_batch.items())
-    finally:
-        if unbatched is not None:
-            unbatched.terminate()
-            unbatched.wait(timeout=30)
-        up.down(RUN_DIR, echo=lambda *_: None)
 
     med = {p: {"ttft": statistics.median(t for t, _ in v), "total": statistics.median(t for _, t in v)}
            for p, v in overhead.items()}  # fmt: skip
@@ -285,8 +310,7 @@ def main() -> None:
         "rss_mib": {name: {"idle": round(sampler.idle[name]), "peak": round(sampler.peak[name])} for name in pids},
         "profiles": {name: hottest(name) for name in ("image-encoder", "llm", "gateway")},
     }  # fmt: skip
-    Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path("bench/results/serving.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args, "serving", result)
     r, e = ratios, result["encoder_items_per_s"]
     print(f"services (image encoder x2 + unbatched, LLM, gateway; {args.asks} asks, {args.reps} reps):")
     print(

@@ -3,26 +3,27 @@
 Both variants run on the same batches in one process, interleaved, so the printed ratio holds on a noisy
 machine where absolute times do not. Features are random (the step cost does not depend on them).
 
-    python bench/train_step.py [--steps 6] [--batch 16]
+    python bench/train_step.py [--steps 6] [--batch 16] [--results bench/results]
+    python bench/train_step.py --smoke   # 1 step of batch 2 per stage: does it still run?
+                                         # (result in build/bench-smoke/results/)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import add_options, write_result  # noqa: E402
 
 from modalink.config import Settings  # noqa: E402
 from modalink.data import GARMENTS, QUESTIONS, caption  # noqa: E402
-from modalink.engine import TransformersEngine  # noqa: E402
+from modalink.engines.transformers import TransformersEngine  # noqa: E402
 from modalink.projectors import pad_features  # noqa: E402
 from modalink.train.align import AlignConfig, AlignTrainer, answer_loss, plain_answer_loss  # noqa: E402
 
@@ -56,7 +57,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6, help="timed steps per variant (after one warm-up)")
     ap.add_argument("--batch", type=int, default=16, help="rows per step (the training default)")
+    add_options(ap)
     args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.batch = 1, 2
     print(f"training step, batch {args.batch}, image rows (8 media tokens), {torch.get_num_threads()} threads")
     result = {"machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, no GPU",
               "batch": args.batch, "steps": args.steps}  # fmt: skip
@@ -66,8 +70,7 @@ def main() -> None:
                                    "speedup": round(plain / shared, 3)}  # fmt: skip
         print(f"  stage {stage}: shared heads {shared:.2f} s/step, plain {plain:.2f} s/step -> "
               f"{plain / shared:.2f}x faster")  # fmt: skip
-    Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path("bench/results/train_step.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args, "train_step", result)
 
 
 if __name__ == "__main__":
