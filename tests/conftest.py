@@ -23,7 +23,7 @@ def settings(tmp_path_factory) -> Settings:
 
 @pytest.fixture(scope="session")
 def engine(settings):
-    from modalink.engine import TransformersEngine
+    from modalink.engines.transformers import TransformersEngine
 
     return TransformersEngine.load(settings=settings)
 

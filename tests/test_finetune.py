@@ -50,7 +50,7 @@ def rig(tmp_path_factory):
         serve = [sys.executable, "-m", "modalink.cli", "serve", "encoder", "-m", "imu"]
         enc = procs.start("imu", [*serve, "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port",
                                   str(metrics)])  # fmt: skip
-        celery = [sys.executable, "-m", "celery", "-A", "services.worker.app", "worker", "--loglevel", "INFO"]
+        celery = [sys.executable, "-m", "celery", "-A", "modalink_services.worker.app", "worker", "--loglevel", "INFO"]
         worker = procs.start("worker", [*celery, "-Q", "finetune", "-c", "2"], {"MODALINK_NUM_THREADS": "2"})
         wait_triton(http, "imu_encoder", *enc)
         wait_log("ready.", *worker)
@@ -86,7 +86,7 @@ def test_beat_runs_a_fine_tune_that_improves_and_the_encoder_serves_it(rig):
 
     assert served_version(rig) == "v1"
     redis = rig["redis"]
-    beat = rig["procs"].start("beat", [sys.executable, "-m", "celery", "-A", "services.worker.app", "beat",
+    beat = rig["procs"].start("beat", [sys.executable, "-m", "celery", "-A", "modalink_services.worker.app", "beat",
                                        "-s", str(rig["root"] / "beat-schedule"), "--loglevel", "INFO"])  # fmt: skip
     wait_for(lambda: redis.exists(LOCK.format("imu")), 120, f"no fine-tune started:\n{beat[1].read_text()[-2000:]}")
     # While it runs, beat fires again (every 4 s) and a run from anywhere else is refused by the lock.

@@ -6,7 +6,6 @@ The last test SIGKILLs the module's worker, so it stays last.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -27,7 +27,7 @@ from modalink.v1 import assistant_pb2_grpc
 from modalink.wire import assistant_pb2, common_pb2
 
 pytestmark = pytest.mark.slow
-CELERY = [sys.executable, "-m", "celery", "-A", "services.worker.app", "worker", "--loglevel", "INFO"]
+CELERY = [sys.executable, "-m", "celery", "-A", "modalink_services.worker.app", "worker", "--loglevel", "INFO"]
 QUEUES = "caption.image,caption.audio,caption.imu,caption.video,caption.unknown"
 
 
@@ -72,9 +72,13 @@ def cluster(tmp_path_factory):
         from modalink.config import get_settings
 
         get_settings.cache_clear()
-        import services.worker.app as worker_app
+        from modalink_services.worker.app import create_app
 
-        worker_app = importlib.reload(worker_app)  # its settings are read at import
+        from modalink import queueing
+
+        app = create_app(get_settings())  # on this test's Redis (the environment above)
+        worker_app = SimpleNamespace(submit=queueing.submit, store=queueing.store,
+                                     caption_task=app.tasks[queueing.CAPTION_TASK])  # fmt: skip
         with grpc.insecure_channel(f"127.0.0.1:{gw_port}") as channel:
             yield {"worker_app": worker_app, "procs": procs, "gateway": assistant_pb2_grpc.AssistantStub(channel),
                    "encoders": encoders, "jobs_dir": jobs_dir, "logs": logs, "redis_cmd": redis_cmd,

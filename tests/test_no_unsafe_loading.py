@@ -183,9 +183,9 @@ def test_the_scan_reports_file_and_line(tmp_path):
 
 def test_celery_messages_are_json_only():
     """A Celery message is data from Redis: pickle there would run code on the workers."""
-    from services.worker.app import app
+    from modalink_services.worker.app import create_app
 
-    conf = app.conf
+    conf = create_app().conf
     assert conf.task_serializer == "json" and conf.result_serializer == "json" and conf.event_serializer == "json"
     assert list(conf.accept_content) == ["json"]
     assert conf.result_accept_content is None or list(conf.result_accept_content) == ["json"]

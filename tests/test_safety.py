@@ -213,8 +213,7 @@ def test_assistant_stops_a_blocked_answer_without_leaking_it(settings, engine, a
     start = plain.lower().index("france is paris")  # the phrase the blocklist blocks
     safe = Assistant(Settings(adapters_dir=settings.adapters_dir, safety_output=True, safety_blocklist=blocklist),
                      engine=engine)  # fmt: skip
-    events, _, _ = safe.stream(QUESTION, params=params)
-    events = list(events)
+    events = list(safe.stream(QUESTION, params=params))
     assert (events[-1].text, events[-1].finish_reason) == (REFUSAL, CONTENT_FILTER)
     sent = "".join(ev.text for ev in events[:-1])
     assert sent == plain[:start] and "France" not in sent  # everything before the phrase, nothing of it

@@ -539,7 +539,7 @@ def test_history_continues_the_conversation_as_in_process(stack, local):
     with client.Client(stack["gateway"]) as c:
         remote = c.ask("What is my name?", max_new_tokens=12, history=history)
         without = c.ask("What is my name?", max_new_tokens=12)
-    events, _, _ = local.stream("What is my name?", [], local_params(12), [Message(r, [t]) for r, t in history])
+    events = local.stream("What is my name?", [], local_params(12), [Message(r, [t]) for r, t in history])
     assert remote == "".join(ev.text for ev in events)
     assert remote != without  # the history reached the LLM
     with client.Client(stack["gateway"]) as c, pytest.raises(grpc.RpcError) as err:
@@ -578,6 +578,6 @@ def test_earlier_turns_media_are_sent_again_and_read_as_in_process(stack, local,
         blind = c.ask(follow_up, max_new_tokens=16, history=[("user", question), ("assistant", first)])
     media, _ = local.media([("image", samples["image"])])
     turns = [Message("user", place_media(question, media)), Message("assistant", [first])]
-    events, _, _ = local.stream(follow_up, [], local_params(16), turns)
+    events = local.stream(follow_up, [], local_params(16), turns)
     assert second == "".join(ev.text for ev in events)
     assert second != blind  # without its picture the turn reads differently

@@ -90,7 +90,7 @@ def test_a_short_training_run_lowers_the_loss(data, engine, settings, tmp_path):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_shared_prompt_heads_give_the_plain_loss_and_gradients(data, settings, stage, tmp_path):
     from modalink.encoders import load_encoder
-    from modalink.engine import TransformersEngine
+    from modalink.engines.transformers import TransformersEngine
     from modalink.train.align import AlignConfig, AlignTrainer, answer_loss, plain_answer_loss
     from modalink.train.features import encode_rows
 
@@ -120,7 +120,8 @@ def test_shared_prompt_heads_give_the_plain_loss_and_gradients(data, settings, s
 def test_stage_two_trains_a_lora_that_the_registry_ships_and_the_assistant_serves(data, settings, tmp_path):
     from modalink.assistant import Assistant
     from modalink.encoders import load_encoder
-    from modalink.engine import GenerationParams, TransformersEngine
+    from modalink.engine import GenerationParams
+    from modalink.engines.transformers import TransformersEngine
     from modalink.prompt import Media, Message, build_prompt
     from modalink.train.align import AlignConfig, AlignTrainer
     from modalink.train.features import encode_rows

@@ -31,11 +31,10 @@ from modalink.config import Settings, get_settings
 from modalink.engine import GenerationParams
 from modalink.errors import HTTP_STATUS, BackendError, InputError, status_of
 from modalink.metrics import LATENCY, REQUESTS
+from modalink.pipeline import Turn
 from modalink.prompt import Message
 from modalink.remote import RemoteAssistant
 from modalink.rpc import upstream_error, upstream_timeout
-from modalink.safety import CONTENT_FILTER, SafetyFilter, final_text
-from modalink.v1 import llm_pb2
 from modalink.wire import check_history, check_turn
 
 MAX_BODY_BYTES = 64 << 20
@@ -198,53 +197,44 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", settings: Set
             raise InputError("stream_options must be an object")
         include_usage = bool(options.get("include_usage"))
         t0 = time.perf_counter()
-        safety = SafetyFilter.from_settings(settings)
-        every_input = [*(x for turn in history_media for x in turn), *media]
-        if refusal := safety.check_input(text, every_input, history):  # before any encoding: one refusal event
-            stream, versions = iter([llm_pb2.Token(id=-1, text=refusal.text, finish_reason=CONTENT_FILTER)]), {}
-        else:  # encoding the media blocks on the encoder services: off the event loop
-            stream, versions = await asyncio.to_thread(
-                remote.stream, text, media, params, upstream_timeout(settings), history, history_media
-            )
-        events = safety.filter_output(stream)
-        fingerprint = ",".join(f"{m}@{v}" for m, v in versions.items()) or "text"  # the adapters used
+        turn = Turn(text, media, params, history, history_media)
+        # encoding the media blocks on the encoder services: off the event loop
+        reply = await asyncio.to_thread(remote.pipeline.start, turn, upstream_timeout(settings))
+        fingerprint = ",".join(f"{m}@{v}" for m, v in reply.versions.items()) or "text"  # the adapters used
         base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": body.get("model") or model_id, "system_fingerprint": fingerprint}  # fmt: skip
         if body.get("stream"):
 
             async def chunks():
                 try:
-                    async for tok, piece, finish in iterate_in_thread(events):
-                        finish = finish or None
+                    async for ev in iterate_in_thread(iter(reply)):
                         chunk = {**base, "object": "chat.completion.chunk", "choices": [{
-                            "index": 0, "delta": {"role": "assistant", "content": piece}, "logprobs": None,
-                            "finish_reason": finish}]}  # fmt: skip
+                            "index": 0, "delta": {"role": "assistant", "content": ev.text}, "logprobs": None,
+                            "finish_reason": ev.finish_reason or None}]}  # fmt: skip
                         if include_usage:  # OpenAI: null on every chunk, then one chunk with the usage
                             chunk["usage"] = None
                         yield f"data: {json.dumps(chunk)}\n\n"
-                        if finish and include_usage:
-                            usage = {
+                        if ev.usage and include_usage:
+                            last = {
                                 **base,
                                 "object": "chat.completion.chunk",
                                 "choices": [],
-                                "usage": _usage(tok.usage),
+                                "usage": ev.usage.as_dict(),
                             }
-                            yield f"data: {json.dumps(usage)}\n\n"
+                            yield f"data: {json.dumps(last)}\n\n"
                     yield "data: [DONE]\n\n"
                     count("200")
                     latency.observe(time.perf_counter() - t0)
                 finally:
-                    if hasattr(stream, "cancel"):
-                        stream.cancel()  # the client left: stop the generation
+                    reply.cancel()  # the client left (or the answer is done): stop the generation
 
             return StreamingResponse(chunks(), media_type="text/event-stream")
-        out = [ev async for ev in iterate_in_thread(events)]
-        last, _, finish = out[-1]
+        answer = await asyncio.to_thread(reply.answer)
         count("200")
         latency.observe(time.perf_counter() - t0)
         return {**base, "object": "chat.completion", "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": final_text([p for _, p, _ in out], finish)},
-            "logprobs": None, "finish_reason": finish or "stop"}], "usage": _usage(last.usage)}  # fmt: skip
+            "index": 0, "message": {"role": "assistant", "content": answer.text}, "logprobs": None,
+            "finish_reason": answer.finish_reason or "stop"}], "usage": answer.usage}  # fmt: skip
 
     @app.get("/healthz")
     async def healthz():
@@ -255,7 +245,3 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", settings: Set
         return Response(generate_latest(), media_type="text/plain; version=0.0.4")  # gRPC + HTTP + encoder calls
 
     return app
-
-
-def _usage(u) -> dict:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}

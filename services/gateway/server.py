@@ -16,19 +16,18 @@ import threading
 
 import grpc
 
-from modalink import MODALITIES, check_modality, jobs
+from modalink import MODALITIES, check_modality, data, jobs, ports, queueing
 from modalink.auth import KeyRing
 from modalink.config import Settings, get_settings
 from modalink.data import default_question
 from modalink.errors import InputError
-from modalink.llm import load_tokenizer
 from modalink.metrics import track
+from modalink.pipeline import Turn
 from modalink.registry import AdapterRegistry
-from modalink.remote import EncoderPool, RemoteAssistant, parse_addresses
+from modalink.remote import RemoteAssistant
 from modalink.rpc import Served, abort_on_input_error, make_server, time_left
-from modalink.safety import CONTENT_FILTER, SafetyFilter, final_text
 from modalink.v1 import assistant_pb2, assistant_pb2_grpc
-from modalink.wire import history_from_msg, params_from_msg, part_input, text_and_inputs, to_tensor_msg
+from modalink.wire import params_from_msg, part_input, to_tensor_msg, turn_from_msg, usage_to_msg
 
 log = logging.getLogger("modalink.gateway")
 SERVICE = "modalink.v1.Assistant"
@@ -60,37 +59,18 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         self.remote, self.settings = remote, settings or get_settings()
         self.registry = AdapterRegistry(self.settings.adapters_dir)
 
-    def _start(self, text, inputs, params, context, history=(), history_media=()):
-        """(LLM token stream, versions); the LLM call is cancelled when the client goes away."""
-        stream, versions = self.remote.stream(
-            text, inputs, params, time_left(context, self.settings), history, history_media
-        )
-        context.add_callback(stream.cancel)
-        return stream, versions
-
     def Generate(self, request: assistant_pb2.GenerateRequest, context: grpc.ServicerContext):
         with track("grpc", "Generate", context):
-            yield from self._generate(request, context)
-
-    def _generate(self, request: assistant_pb2.GenerateRequest, context: grpc.ServicerContext):
-        try:
-            text, inputs = text_and_inputs(request.parts)
-            history, history_media = history_from_msg(request.history)
-            params, safety = params_from_msg(request.params), SafetyFilter.from_settings(self.settings)
-            every_input = [*(x for turn in history_media for x in turn), *inputs]
-            if refusal := safety.check_input(text, every_input, history):  # before any encoding
-                yield assistant_pb2.GenerateResponse(text=refusal.text, finish_reason=CONTENT_FILTER)
-                return
-            stream, versions = self._start(text, inputs, params, context, history, history_media)
-            first = True
-            for tok, piece, finish in safety.filter_output(stream):
-                yield assistant_pb2.GenerateResponse(
-                    text=piece, finish_reason=finish, adapter_versions=versions if first else None,
-                    usage=tok.usage if tok.finish_reason else None,
-                )  # fmt: skip
-                first = False
-        except Exception as e:  # noqa: BLE001
-            abort_on_input_error(context, e)
+            try:
+                reply = self.remote.pipeline.start(turn_from_msg(request), time_left(context, self.settings))
+                context.add_callback(reply.cancel)  # the client went away: stop the generation
+                for i, ev in enumerate(reply):
+                    yield assistant_pb2.GenerateResponse(
+                        text=ev.text, finish_reason=ev.finish_reason, usage=usage_to_msg(ev.usage),
+                        adapter_versions=reply.versions if i == 0 else None,
+                    )  # fmt: skip
+            except Exception as e:  # noqa: BLE001
+                abort_on_input_error(context, e)
 
     @tracked
     def Embed(self, request: assistant_pb2.EmbedRequest, context: grpc.ServicerContext):
@@ -102,45 +82,41 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
     @tracked
     def Caption(self, request: assistant_pb2.CaptionRequest, context: grpc.ServicerContext):
         modality, raw = media_part(request.part, "Caption")
-        params = params_from_msg(request.params, default_max_new_tokens=48)
-        safety = SafetyFilter.from_settings(self.settings)
-        if refusal := safety.check_input(default_question(modality), [(modality, raw)]):
-            return assistant_pb2.CaptionResponse(caption=refusal.text, modality=modality, finish_reason=CONTENT_FILTER)
-        stream, versions = self._start(default_question(modality), [(modality, raw)], params, context)
-        out = list(safety.filter_output(stream))
-        text = final_text([piece for _, piece, _ in out], out[-1][2])
-        return assistant_pb2.CaptionResponse(caption=text.strip(), adapter_version=versions[modality],
-                                             modality=modality, finish_reason=out[-1][2])  # fmt: skip
+        turn = Turn(default_question(modality), [(modality, raw)], params_from_msg(request.params, 48))
+        reply = self.remote.pipeline.start(turn, time_left(context, self.settings))
+        context.add_callback(reply.cancel)
+        answer = reply.answer()
+        return assistant_pb2.CaptionResponse(caption=answer.text.strip(), adapter_version=reply.versions.get(modality),
+                                             modality=modality, finish_reason=answer.finish_reason,
+                                             usage=usage_to_msg(reply.usage))  # fmt: skip
 
     # -- offline captioning jobs (the Celery workers do the work; Redis holds the state) -------------
     @tracked
     def SubmitCaptionJob(self, request: assistant_pb2.SubmitCaptionJobRequest, context: grpc.ServicerContext):
-        from services.worker.app import submit
-
         jobs_dir = self.settings.jobs_dir
         which = request.WhichOneof("manifest")
         if which == "manifest_jsonl":
-            rows = jobs.parse_manifest(request.manifest_jsonl, jobs_dir, "manifest_jsonl")
+            rows = data.parse_manifest(request.manifest_jsonl, jobs_dir, "manifest_jsonl")
         elif which == "manifest_path":
-            rows = jobs.read_manifest(jobs_dir / request.manifest_path)
+            rows = data.read_manifest(jobs_dir / request.manifest_path, jobs.manifest_roots())
         else:
             raise InputError("set manifest_jsonl (JSONL rows) or manifest_path (a file the workers can read)")
         params = params_from_msg(request.params, default_max_new_tokens=48)
         # relative to the jobs dir, as manifest_path is (the workers' working directory is not the gateway's)
         results = str(jobs_dir / (request.results_path or "{job_id}.captions.jsonl"))
         with redis_errors():
-            job_id = submit(rows, results, request.batch_size or 16, params, request.prompt)
-            return job_msg(job_id, jobs_store().get(job_id))
+            job_id = queueing.submit(rows, results, request.batch_size or 16, params, request.prompt)
+            return job_msg(job_id, queueing.store().get(job_id))
 
     @tracked
     def GetJob(self, request: assistant_pb2.JobRequest, context: grpc.ServicerContext):
         with redis_errors():
-            return job_msg(request.job_id, jobs_store().get(request.job_id))
+            return job_msg(request.job_id, queueing.store().get(request.job_id))
 
     @tracked
     def CancelJob(self, request: assistant_pb2.JobRequest, context: grpc.ServicerContext):
         with redis_errors():
-            return job_msg(request.job_id, jobs_store().cancel(request.job_id))
+            return job_msg(request.job_id, queueing.store().cancel(request.job_id))
 
     # -- the adapter registry (the encoders follow CURRENT; the LLM service loads a LoRA on first use) --------
     @tracked
@@ -180,12 +156,6 @@ def adapter_list(registry: AdapterRegistry, modalities) -> assistant_pb2.Adapter
     return out
 
 
-def jobs_store():
-    from services.worker.app import store
-
-    return store()
-
-
 @contextlib.contextmanager
 def redis_errors():
     """Redis (the job store and broker) unreachable -> ConnectionError, which the gateway maps to UNAVAILABLE."""
@@ -203,12 +173,6 @@ def job_msg(job_id: str, job: dict) -> assistant_pb2.Job:
     return assistant_pb2.Job(job_id=job_id, state=job["state"], total=job["total"], done=job["done"],
                              errors=job["errors"], progress=job["done"] / max(1, job["total"]), results=job["results"],
                              items=job["items"])  # fmt: skip
-
-
-def build(settings: Settings) -> RemoteAssistant:
-    pool = EncoderPool(parse_addresses(settings.encoders), settings=settings)
-    return RemoteAssistant(pool, settings.llm_address, load_tokenizer(settings=settings), settings.system_prompt,
-                           settings)  # fmt: skip
 
 
 def watch_llm(remote: RemoteAssistant, served: Served, interval_s: float) -> threading.Event:
@@ -235,15 +199,15 @@ def watch_llm(remote: RemoteAssistant, served: Served, interval_s: float) -> thr
     return stop
 
 
-def serve(settings: Settings | None = None, port: int = 50051, host: str = "[::]", http_port: int = 8080,
+def serve(settings: Settings | None = None, port: int = ports.GATEWAY_GRPC, host: str = "[::]",
+          http_port: int = ports.GATEWAY_HTTP,
           http_host: str = "0.0.0.0") -> None:  # fmt: skip
     """gRPC on ``port`` and the OpenAI-compatible HTTP API on ``http_port`` (0 = off), until SIGTERM/SIGINT;
     then calls in flight are drained (``MODALINK_SHUTDOWN_GRACE_S``)."""
-    from services.gateway.openai_http import build_app
+    from modalink_services.gateway.openai_http import build_app
 
     settings = settings or get_settings()
-    SafetyFilter.from_settings(settings)  # a bad MODALINK_SAFETY_* fails here, not at the first request
-    remote = build(settings)
+    remote = RemoteAssistant.from_settings(settings)  # a bad MODALINK_SAFETY_* fails here, not at the first request
     servicer = AssistantService(remote, settings)
     served = make_server(port, [(assistant_pb2_grpc.add_AssistantServicer_to_server, servicer)], [SERVICE], host,
                          settings=settings, public=True)  # fmt: skip

@@ -9,6 +9,7 @@ LoRA its projector was trained with (``"audio@v3"``); it is loaded from the adap
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -18,7 +19,8 @@ import torch
 from modalink import lora, ports
 from modalink.batching import DynamicBatcher
 from modalink.config import Settings, get_settings
-from modalink.engine import Engine, load_engine
+from modalink.engine import Engine
+from modalink.engines import load_engine
 from modalink.registry import AdapterRegistry
 from modalink.rpc import abort_on_input_error, make_server
 from modalink.v1 import common_pb2, llm_pb2, llm_pb2_grpc
@@ -37,15 +39,12 @@ class LLMService(llm_pb2_grpc.LLMServicer):
         self._lora_lock = threading.Lock()
 
     def _adapter(self, names: list[str]) -> str | None:
-        """The first of the request's adapters that has a LoRA (as the in-process Assistant picks it)."""
-        for name in names:
-            modality, version = lora.parse_name(name)
-            if name in self.engine.adapters:
-                return name
-            with self._lora_lock, self.batcher.lock:  # peft adds modules in place: between batches only
-                if served := lora.serve(self.engine, self.registry, modality, version):
-                    return served
-        return None
+        @contextlib.contextmanager
+        def between_batches():
+            with self._lora_lock, self.batcher.lock:
+                yield
+
+        return lora.choose(self.engine, self.registry, names, between_batches)
 
     def Generate(self, request: llm_pb2.LLMRequest, context: grpc.ServicerContext):
         try:
@@ -79,7 +78,7 @@ def serve(settings: Settings | None = None, port: int = ports.LLM_GRPC, host: st
           max_wait_ms: float = 10.0, http_port: int = ports.LLM_HTTP, http_host: str = "0.0.0.0") -> None:  # fmt: skip
     """gRPC on ``port`` and TGI's HTTP API on ``http_port`` (0 = off), one batcher behind both, until SIGTERM/SIGINT;
     then generations in flight are drained (``MODALINK_SHUTDOWN_GRACE_S``)."""
-    from services.llm.tgi import build_app
+    from modalink_services.llm.tgi import build_app
 
     settings = settings or get_settings()
     service = LLMService(load_engine(settings), AdapterRegistry(settings.adapters_dir),

@@ -84,23 +84,23 @@ def ask(
     try:
         params.validate()
         from modalink.assistant import UNTRAINED, Assistant
+        from modalink.safety import final_text
 
         settings = get_settings()
         if system is not None:
             settings = settings.model_copy(update={"system_prompt": system})
         assistant = Assistant(settings)
-        events, versions, prompt_tokens = assistant.stream(prompt, [(m, p) for m, p in inputs], params)
-        for modality, version in versions.items():
+        reply = assistant.stream(prompt, [(m, p) for m, p in inputs], params)
+        for modality, version in reply.versions.items():
             if version == UNTRAINED:
                 typer.echo(
                     f"note: no trained {modality} adapter in {settings.adapters_dir}; the {modality} projector is "
                     "untrained, so the answer cannot reflect the input yet.",
                     err=True,
                 )
-        text, finish, n = [], "length", 0
-        for ev in events:
+        text, finish = [], "length"
+        for ev in reply:
             text.append(ev.text)
-            n += 1
             finish = ev.finish_reason or finish
             if not as_json and ev.text:
                 sys.stdout.write(ev.text)
@@ -108,8 +108,8 @@ def ask(
     except InputError as e:
         raise _fail(str(e)) from None
     if as_json:
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-        out = {"text": "".join(text), "finish_reason": finish, "adapters": versions, "usage": usage}
+        out = {"text": final_text(text, finish), "finish_reason": finish, "adapters": reply.versions,
+               "usage": reply.usage.as_dict()}  # fmt: skip
         typer.echo(json.dumps(out, ensure_ascii=False))
     else:
         typer.echo()
@@ -455,7 +455,7 @@ def serve_encoder(
     if modality not in MODALITIES:
         raise _fail(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
     _service_logging()
-    from services.encoder.server import serve
+    from modalink_services.encoder.server import serve
 
     serve(modality, None, http_port, grpc_port, metrics_port, max_batch_size, max_queue_delay_us, host, adapter_version,
           dynamic_batching)  # fmt: skip
@@ -471,7 +471,7 @@ def serve_llm(
 ) -> None:
     """The frozen LLM: gRPC modalink.v1.LLM (prefix embeddings, streaming) and TGI's HTTP API, dynamic batching."""
     _service_logging()
-    from services.llm.server import serve
+    from modalink_services.llm.server import serve
 
     serve(None, port, host, max_batch, max_wait_ms, http_port, _http_host(host))
 
@@ -486,7 +486,7 @@ def serve_gateway(
 ) -> None:
     """The public gRPC API and OpenAI-compatible HTTP; encoders and LLM from MODALINK_ENCODERS, MODALINK_LLM_ADDRESS."""
     _service_logging()
-    from services.gateway.server import serve
+    from modalink_services.gateway.server import serve
 
     serve(None, port, host, http_port, _http_host(host))
 
@@ -501,7 +501,7 @@ def serve_playground(
 ) -> None:
     """The web playground: chat with images, audio, IMU and video, captioning jobs, adapters; a gateway client."""
     _service_logging()
-    from services.playground.server import serve
+    from modalink_services.playground.server import serve
 
     from modalink.config import get_settings
     from modalink.remote import parse_addresses
@@ -553,7 +553,7 @@ app.add_typer(caption_app, name="caption")
 def _follow(job_id: str, wait: bool, as_json: bool) -> None:
     import time
 
-    from services.worker.app import store
+    from modalink.queueing import store
 
     job = store().get(job_id)
     if wait:
@@ -590,12 +590,11 @@ def caption_submit(
     as_json: bool = typer.Option(False, "--json", help="Print {job_id, state, items, ok, errors, results}."),
 ) -> None:
     """Caption every item of a manifest on the workers; prints the job id (or, with --wait, the outcome)."""
-    from services.worker.app import submit
-
     from modalink.data import read_manifest
     from modalink.engine import GenerationParams
     from modalink.errors import InputError
     from modalink.jobs import ANYWHERE
+    from modalink.queueing import submit
 
     out = out or manifest.with_name(manifest.stem + ".captions.jsonl")
     try:
@@ -625,9 +624,8 @@ def caption_status(
 @caption_app.command("cancel")
 def caption_cancel(job_id: str = typer.Argument(..., help="The id `caption submit` printed.")) -> None:
     """Stop a running job: its queued batches are skipped and the results so far are written."""
-    from services.worker.app import store
-
     from modalink.errors import InputError
+    from modalink.queueing import store
 
     try:
         job = store().cancel(job_id)

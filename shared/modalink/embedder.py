@@ -130,8 +130,11 @@ class Embedder:
             out = projector(x, mask)
         return list(out.float().cpu()), version
 
-    def media(self, inputs: Sequence[tuple[str, Any]]) -> tuple[list[Media], dict[str, str]]:
-        """Project (modality, raw) inputs, batching items of one modality together; keeps input order."""
+    def media(
+        self, inputs: Sequence[tuple[str, Any]], timeout_s: float | None = None
+    ) -> tuple[list[Media], dict[str, str]]:
+        """Project (modality, raw) inputs, batching items of one modality together; keeps input order.
+        (``timeout_s``: the ``pipeline.MediaEncoder`` interface; in process nothing waits on a network.)"""
         out: list[Media | None] = [None] * len(inputs)
         versions: dict[str, str] = {}
         groups = {
@@ -141,5 +144,5 @@ class Embedder:
         for modality, idx in groups.items():
             embs, versions[modality] = self.embed(modality, decoded[modality], decoded=True)
             for i, e in zip(idx, embs, strict=True):
-                out[i] = Media(modality, e)
+                out[i] = Media(modality, e, versions[modality])
         return [m for m in out if m is not None], versions

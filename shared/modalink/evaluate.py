@@ -198,7 +198,7 @@ def write_report(path, data_dir, settings, baseline_limit: int = 100, command: s
     from modalink import MODALITIES
     from modalink.assistant import Assistant
     from modalink.data import read_manifest
-    from modalink.train.run import features_for
+    from modalink.train.features import features_for
 
     data_dir = Path(data_dir)
     assistant = Assistant(settings)

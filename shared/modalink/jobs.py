@@ -26,10 +26,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from modalink import MODALITIES, data
+from modalink import MODALITIES
 from modalink.data import check_path, default_question
 from modalink.engine import GenerationParams
 from modalink.errors import InputError, NotFound
+from modalink.pipeline import Turn
 from modalink.prompt import Media
 
 KEY = "modalink:job:{}"
@@ -46,16 +47,6 @@ def manifest_roots(settings=None) -> list[Path]:
     settings = settings or get_settings()
     named = [p.strip() for p in settings.manifest_roots.split(",") if p.strip()]
     return [Path(p).expanduser().resolve() for p in named or [settings.jobs_dir]]
-
-
-# The one manifest reader is ``modalink.data``'s; a job's manifest is read with the roots check on, against
-# ``manifest_roots()`` unless the caller names other roots.
-parse_manifest = data.parse_manifest
-
-
-def read_manifest(path: str | Path, roots: Sequence[str | Path] | None = None) -> list[dict]:
-    """``data.read_manifest`` of a job's manifest, which must lie inside ``roots`` (default: ``manifest_roots()``)."""
-    return data.read_manifest(path, manifest_roots() if roots is None else roots)
 
 
 def batches(rows: Iterable[dict], size: int) -> Iterator[tuple[str, list[dict]]]:
@@ -240,9 +231,11 @@ def caption_batch(
     timeout_s: float = 300.0,
     roots: Sequence[str | Path] | None = None,
 ) -> list[dict]:
-    """Captions of one batch through the services: its items as one encoder request, then all their prompts
-    to the LLM at once; a bad item (or one outside ``roots``, default ``manifest_roots()``) gets an ``error``
-    instead of failing the batch. Service failures raise (the task retries the batch)."""
+    """Captions of one batch through the services: its items as one encoder request, then every item's turn
+    through the pipeline (``remote.pipeline``: the same safety checks as chat, the same usage), all LLM calls
+    started at once. A bad item (or one outside ``roots``, default ``manifest_roots()``) gets an ``error``
+    instead of failing the batch; a refused one a ``finish_reason`` of ``content_filter``. Service failures
+    raise (the task retries the batch)."""
     roots = manifest_roots() if roots is None else roots
     results: dict[str, dict] = {}
     loaded: list[tuple[dict, Any]] = []
@@ -253,24 +246,28 @@ def caption_batch(
             results[row["id"]] = {"id": row["id"], "error": str(e)}
     embedded = remote.encoders.embed_batch(modality, [raw for _, raw in loaded], timeout_s) if loaded else []
     question = (prompt or default_question(modality)) if modality in MODALITIES else ""
-    calls = []
-    for (row, _), out in zip(loaded, embedded, strict=True):
+    # Every turn is started first (an LLM call runs in the background), so the calls reach the LLM service within
+    # its batching window and decode as one batch.
+    started = []
+    for (row, raw), out in zip(loaded, embedded, strict=True):
         if isinstance(out, InputError):
             results[row["id"]] = {"id": row["id"], "error": str(out)}
-        else:
-            calls.append((row, out[1], remote.request(question, [Media(modality, out[0])], {modality: out[1]}, params)))
-    # Every prompt is built first, then all calls start back to back (a call runs in the background), so they
-    # reach the LLM service within its batching window and decode as one batch.
-    started = [(row, version, remote.generate(request, timeout_s)) for row, version, request in calls]
-    for row, version, tokens in started:
+            continue
+        turn = Turn(question, [(modality, raw)], params)
         try:
-            text = "".join(t.text for t in tokens).strip()
-        except InputError as e:  # the LLM refused this item's prompt (too long for its context, ...)
+            started.append((row, remote.pipeline.start(turn, timeout_s, media=[Media(modality, out[0], out[1])])))
+        except InputError as e:  # the turn itself is unusable (a prompt too long for the context, ...)
+            results[row["id"]] = {"id": row["id"], "error": str(e)}
+    for row, reply in started:
+        try:
+            answer = reply.answer()
+        except InputError as e:  # the LLM refused this item's prompt
             results[row["id"]] = {"id": row["id"], "error": str(e)}
             continue
         except Exception:
-            for _, _, other in started:
+            for _, other in started:
                 other.cancel()
             raise  # the LLM service is down or failing: the task retries the batch
-        results[row["id"]] = {"id": row["id"], "caption": text, "adapter_version": version}
+        results[row["id"]] = {"id": row["id"], "caption": answer.text.strip(), "finish_reason": answer.finish_reason,
+                              "adapter_version": reply.versions.get(modality, ""), "usage": answer.usage}  # fmt: skip
     return [results[r["id"]] for r in rows]

@@ -10,6 +10,8 @@ mixed-adapter batches), as TGI and vLLM serve many LoRAs over one base model.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +105,23 @@ def serve(engine, registry, modality: str, version: str) -> str | None:
         registry.verify(modality, version)
         engine.load_adapter(name, path)
     return name
+
+
+def choose(
+    engine, registry, names: Sequence[str], guard: Callable[[], AbstractContextManager] = nullcontext
+) -> str | None:
+    """The LoRA for a prompt whose media came from the adapters ``names`` ("<modality>@<version>", prompt order):
+    the first one trained with a LoRA (mixed-modality prompts share it), loaded on first use; None: the bare LLM.
+    One rule for the in-process assistant and the LLM service. ``guard``: held while a LoRA is loaded (peft adds
+    modules in place, so a serving engine loads between batches only)."""
+    for name in names:
+        modality, version = parse_name(name)
+        if name in engine.adapters:
+            return name
+        with guard():
+            if served := serve(engine, registry, modality, version):
+                return served
+    return None
 
 
 def parse_name(name: str) -> tuple[str, str]:

@@ -30,6 +30,7 @@ class Media:
 
     modality: str
     embeddings: torch.Tensor  # [n_tokens, d_llm]
+    version: str = ""  # the adapter (projector) version that made them
 
 
 Part = str | Media

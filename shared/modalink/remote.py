@@ -22,11 +22,13 @@ import torch
 
 from modalink import MODALITIES, check_modality
 from modalink.config import Settings, get_settings
-from modalink.engine import GenerationParams
+from modalink.engine import GenerationParams, TokenEvent
 from modalink.errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError, InputError
 from modalink.metrics import ENCODER_CALLS
-from modalink.prompt import Media, Message, build_prompt, place_media
+from modalink.pipeline import Pipeline
+from modalink.prompt import Media, Segment
 from modalink.rpc import CHANNEL_OPTIONS, channel, upstream_error, upstream_timeout
+from modalink.safety import SafetyFilter
 from modalink.triton import INVALID_INPUT, model_name
 from modalink.v1 import llm_pb2, llm_pb2_grpc
 from modalink.wire import params_to_msg, to_tensor_msg
@@ -185,14 +187,26 @@ def _text(x: Any) -> str:
 
 
 class RemoteAssistant:
-    """``Assistant.stream`` across services: encoders in parallel, then the LLM's token stream."""
+    """The turn pipeline (``modalink.pipeline``) across services: media on the encoder services (concurrently,
+    ``media``), generation on the LLM service (``start``). The gateway and the captioning workers use it."""
 
     def __init__(self, encoders: EncoderPool, llm_address: str, tokenizer, system_prompt: str | None,
                  settings: Settings | None = None):  # fmt: skip
-        self.encoders, self.tokenizer, self.system_prompt = encoders, tokenizer, system_prompt
-        self.address, self.channel = llm_address, channel(llm_address, settings or get_settings())
+        settings = settings or get_settings()
+        self.encoders, self.tokenizer = encoders, tokenizer
+        self.address, self.channel = llm_address, channel(llm_address, settings)
         self.llm = llm_pb2_grpc.LLMStub(self.channel)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="encode")
+        self.pipeline = Pipeline(self, self, system_prompt, SafetyFilter.from_settings(settings))
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> RemoteAssistant:
+        """Encoder services from ``MODALINK_ENCODERS``, the LLM service at ``MODALINK_LLM_ADDRESS``."""
+        from modalink.llm import load_tokenizer
+
+        settings = settings or get_settings()
+        pool = EncoderPool(parse_addresses(settings.encoders), settings=settings)
+        return cls(pool, settings.llm_address, load_tokenizer(settings=settings), settings.system_prompt, settings)
 
     def media(self, inputs: Sequence[tuple[str, Any]], timeout_s: float | None = None):
         """Project every input on its encoder service, concurrently; (media in order, versions by modality)."""
@@ -201,56 +215,33 @@ class RemoteAssistant:
         jobs = [self._pool.submit(self.encoders.embed, m, raw, timeout_s) for m, raw in inputs]
         results = [j.result() for j in jobs]
         versions = {m: v for (m, _), (_, v) in zip(inputs, results, strict=True)}
-        return [Media(m, e) for (m, _), (e, _) in zip(inputs, results, strict=True)], versions
+        return [Media(m, e, v) for (m, _), (e, v) in zip(inputs, results, strict=True)], versions
 
-    def stream(
-        self, text: str, inputs: Sequence[tuple[str, Any]], params: GenerationParams, timeout_s: float | None = None,
-        history: Sequence[Message] = (), history_media: Sequence[Sequence[tuple[str, Any]]] = (),
-    ) -> tuple[LLMStream, dict[str, str]]:  # fmt: skip
-        """(the LLM's token stream, adapter versions). Cancel the stream to stop the generation.
-
-        ``history``: earlier turns of the conversation (as ``Assistant.stream`` takes them); ``history_media``: the
-        raw media of each of them, encoded with this turn's in one concurrent round and placed into their turns.
-        """
-        earlier = [x for turn in history_media for x in turn]
-        media, versions = self.media([*earlier, *inputs], timeout_s)
-        if earlier:
-            done, placed = iter(media[: len(earlier)]), []
-            for i, msg in enumerate(history):
-                turn = history_media[i] if i < len(history_media) else ()
-                text_i = " ".join(p for p in msg.content if isinstance(p, str))
-                placed.append(Message(msg.role, place_media(text_i, [next(done) for _ in turn])) if turn else msg)
-            history, media = placed, media[len(earlier) :]
-        return self.generate(self.request(text, media, versions, params, history), timeout_s), versions
-
-    def request(
-        self, text: str, media: Sequence[Media], versions: dict[str, str], params: GenerationParams,
-        history: Sequence[Message] = (),
-    ) -> llm_pb2.LLMRequest:  # fmt: skip
-        """The LLM service's request for a turn whose media are already projected."""
-        messages = [*history, Message("user", place_media(text, media))]
-        prompt = build_prompt(self.tokenizer, messages, self.system_prompt)
-        return llm_pb2.LLMRequest(
+    def start(self, prompt: list[Segment], params: GenerationParams, adapters: Sequence[str],
+              timeout_s: float | None = None) -> LLMStream:  # fmt: skip
+        """The ``pipeline.LLM`` interface: start the LLM service's call now (it runs in the background)."""
+        request = llm_pb2.LLMRequest(
             segments=[llm_pb2.Segment(text=s) if isinstance(s, str) else llm_pb2.Segment(embeddings=to_tensor_msg(s))
                       for s in prompt],
-            params=params_to_msg(params), adapters=[f"{m}@{v}" for m, v in versions.items()],
+            params=params_to_msg(params), adapters=list(adapters),
         )  # fmt: skip
-
-    def generate(self, request: llm_pb2.LLMRequest, timeout_s: float | None = None) -> LLMStream:
-        """Start the LLM call now (it runs in the background) and return its token stream."""
         return LLMStream(self.llm.Generate(request, timeout=timeout_s))
 
 
 class LLMStream:
-    """The LLM service's token stream, its gRPC errors raised as modalink's (``rpc.upstream_error``): a caller
-    gets a status it can act on and a message without addresses. ``cancel()`` stops the generation."""
+    """The LLM service's token stream as ``TokenEvent``s, its gRPC errors raised as modalink's
+    (``rpc.upstream_error``): a caller gets a status it can act on and a message without addresses.
+    ``prompt_tokens``: the service's count, from its last event. ``cancel()`` stops the generation."""
 
     def __init__(self, call):
-        self.call = call
+        self.call, self.prompt_tokens = call, None
 
-    def __iter__(self) -> Iterator[llm_pb2.Token]:
+    def __iter__(self) -> Iterator[TokenEvent]:
         try:
-            yield from self.call
+            for tok in self.call:
+                if tok.finish_reason and tok.HasField("usage"):
+                    self.prompt_tokens = tok.usage.prompt_tokens
+                yield TokenEvent(0, tok.id, tok.text, tok.finish_reason or None)
         except grpc.RpcError as e:
             raise upstream_error(e, "the LLM service") from None
 

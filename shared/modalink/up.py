@@ -94,7 +94,7 @@ def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None)
                             {"grpc": f"127.0.0.1:{LLM_GRPC}"}, llm_env))  # fmt: skip
     wiring = {"MODALINK_ENCODERS": ",".join(addresses), "MODALINK_LLM_ADDRESS": f"127.0.0.1:{LLM_GRPC}"}
     queues = ",".join([*(f"caption.{m}" for m in [*modalities, "unknown"]), "finetune"])
-    celery = [sys.executable, "-m", "celery", "-A", "services.worker.app"]
+    celery = [sys.executable, "-m", "celery", "-A", "modalink_services.worker.app"]
     services.append(
         Service("worker", [*celery, "worker", "-Q", queues, "-c", "2", "--loglevel", "INFO"], {"log": "ready."},
                 wiring)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from modalink_client.convert import DTYPES, MAX_TENSOR_BYTES, MAX_TENSOR_DIMS, p
 from modalink.config import get_settings
 from modalink.engine import GenerationParams
 from modalink.errors import InputError
+
+if TYPE_CHECKING:
+    from modalink.pipeline import Turn
 
 try:
     from modalink.v1 import assistant_pb2, common_pb2, llm_pb2
@@ -221,3 +224,20 @@ def check_history(turns: Sequence, media: Sequence[Sequence], what: str = "histo
         raise InputError(f"{what} has {len(turns)} earlier turns; the limit is {MAX_HISTORY_TURNS}")
     if (n := sum(map(len, media))) > get_settings().max_parts:
         raise InputError(f"{what} carries {n} media; the limit is {get_settings().max_parts} (MODALINK_MAX_PARTS)")
+
+
+def turn_from_msg(request: assistant_pb2.GenerateRequest) -> Turn:
+    """The pipeline's ``Turn`` from a gRPC ``GenerateRequest`` (limits checked before anything is decoded)."""
+    from modalink.pipeline import Turn
+
+    text, inputs = text_and_inputs(request.parts)
+    history, history_media = history_from_msg(request.history)
+    return Turn(text, inputs, params_from_msg(request.params), history, history_media)
+
+
+def usage_to_msg(usage) -> common_pb2.Usage | None:
+    """A ``pipeline.Usage`` (on an answer's last event) as the API's message; None elsewhere."""
+    if usage is None:
+        return None
+    return common_pb2.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                            total_tokens=usage.total_tokens)  # fmt: skip

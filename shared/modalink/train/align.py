@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 from modalink import lora
 from modalink.data import QUESTIONS, caption, instruction
-from modalink.engine import TransformersEngine
+from modalink.engines.transformers import TransformersEngine
 from modalink.progress import progress
 from modalink.projectors import DEFAULT_PROJECTORS, ProjectorConfig, build_projector, pad_features
 from modalink.prompt import Media, Message, build_prompt

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from modalink.data import read_manifest
 from modalink.encoders import Encoder
 from modalink.progress import progress
 
@@ -52,3 +53,18 @@ def load_or_compute(
     save_file(feats, str(tmp), metadata={"manifest": str(manifest), "rows": json.dumps(len(rows))})
     tmp.rename(path)
     return feats
+
+
+def features_for(modality: str, split: str, data_dir: Path, settings, encoder) -> list[tuple[dict, torch.Tensor]]:
+    manifest = data_dir / modality / f"{split}.jsonl"
+    rows = read_manifest(manifest)
+    if modality == "video":  # clips of still items: pool the items' cached image features
+        image_split = {"train": "train", "val": "val", "test": "test"}[split]
+        img_manifest = data_dir / "image" / f"{image_split}.jsonl"
+        img = load_or_compute(settings.cache_dir, encoder.image, img_manifest, read_manifest(img_manifest))
+        return [(r, video_from_image_features([img[i] for i in r["items"]])) for r in rows]
+    if modality == "imu":  # tiny, and the encoder itself is trained here: never cached
+        feats = encode_rows(encoder, rows)
+    else:
+        feats = load_or_compute(settings.cache_dir, encoder, manifest, rows)
+    return [(r, feats[r["id"]]) for r in rows]

@@ -9,16 +9,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from modalink.config import Settings
 from modalink.data import read_manifest
 from modalink.encoders import load_encoder
-from modalink.engine import TransformersEngine
+from modalink.engines.transformers import TransformersEngine
 from modalink.evaluate import default_question, is_correct
 from modalink.registry import AdapterRegistry
 from modalink.train.align import AlignConfig, AlignTrainer
-from modalink.train.features import encode_rows, load_or_compute, video_from_image_features
+from modalink.train.features import features_for
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +35,6 @@ def ensure_imu_encoder(data_dir: Path, settings: Settings, retrain: bool = False
     windows = lambda rows: np.stack([np.load(r["path"]) for r in rows])  # noqa: E731
     return train_imu_encoder(windows(train), [r["label"] for r in train], out,
                              val=(windows(val), [r["label"] for r in val]))  # fmt: skip
-
-
-def features_for(
-    modality: str, split: str, data_dir: Path, settings: Settings, encoder
-) -> list[tuple[dict, torch.Tensor]]:
-    manifest = data_dir / modality / f"{split}.jsonl"
-    rows = read_manifest(manifest)
-    if modality == "video":  # clips of still items: pool the items' cached image features
-        image_split = {"train": "train", "val": "val", "test": "test"}[split]
-        img_manifest = data_dir / "image" / f"{image_split}.jsonl"
-        img = load_or_compute(settings.cache_dir, encoder.image, img_manifest, read_manifest(img_manifest))
-        return [(r, video_from_image_features([img[i] for i in r["items"]])) for r in rows]
-    if modality == "imu":  # tiny, and the encoder itself is trained here: never cached
-        feats = encode_rows(encoder, rows)
-    else:
-        feats = load_or_compute(settings.cache_dir, encoder, manifest, rows)
-    return [(r, feats[r["id"]]) for r in rows]
 
 
 def train_modality(

@@ -43,6 +43,10 @@ def embedding_table(checkpoint: str | Path) -> torch.Tensor:
 
 
 class VLLMEngine(Engine):
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VLLMEngine:
+        return cls(settings)
+
     def __init__(self, settings: Settings):
         if not torch.cuda.is_available():
             raise ConfigError("MODALINK_ENGINE=vllm needs a CUDA GPU; use the transformers engine on CPU")

@@ -1,0 +1,248 @@
+"""The transformers runtime (default; CPU or GPU): our own batched decode loop over a Hugging Face causal LM.
+
+The decode loop is our own, not ``generate``: it needs per-request sampling, seeds and stop sequences in one
+batch, and it is the hot path a later optimization (static KV cache, compile) works on.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from modalink.engine import FINISH_LENGTH, FINISH_STOP, Engine, GenerationParams, TokenEvent
+from modalink.errors import InputError
+from modalink.lora import BASE as LORA_BASE
+from modalink.prompt import Segment
+
+
+class _TextStream:
+    """Incremental detokenization with stop sequences: emits only text that can no longer change."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; returns (newly visible text, whether a stop sequence was hit)."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stop:
+            hits = [i for s in self.stop if (i := self.text.find(s)) >= 0]
+            if hits:
+                end = min(hits)
+                delta = self.text[self.emitted : end]
+                self.emitted = max(self.emitted, end)
+                return delta, True
+        safe = len(self.text)
+        if self.text.endswith("\ufffd"):  # an incomplete UTF-8 character
+            safe -= 1
+        for s in self.stop:  # hold back a tail that may grow into a stop sequence
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    safe = min(safe, len(self.text) - k)
+                    break
+        delta = self.text[self.emitted : safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return delta, False
+
+    def flush(self) -> str:
+        delta = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return delta
+
+
+def _sample(logits: torch.Tensor, p: GenerationParams, seen: torch.Tensor, gen: torch.Generator | None) -> int:
+    """Next token for one row: repetition penalty, then greedy or temperature / top-k / top-p sampling."""
+    logits = logits.to(torch.float32, copy=True)  # a normal tensor we may edit (the model's is an inference tensor)
+    if p.repetition_penalty != 1.0 and seen.numel():
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if p.temperature == 0.0:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, -1)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest set reaching top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class TransformersEngine(Engine):
+    """Any causal LM from transformers (LLaMA-2-chat, SmolLM2) fed with ``inputs_embeds``."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        self.model, self.tokenizer = model, tokenizer
+        self.embedding = model.get_input_embeddings()
+        self.hidden_size = model.config.hidden_size
+        self.max_context = getattr(model.config, "max_position_embeddings", 4096)
+        self.device = self.embedding.weight.device
+        self.dtype = self.embedding.weight.dtype
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
+        self.peft = None  # a peft.PeftModel around ``model`` once a LoRA adapter is loaded or trained
+        self.adapters: set[str] = set()
+
+    def load_adapter(self, name: str, path) -> None:
+        from peft import PeftModel
+
+        if name in self.adapters:
+            return
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+        else:
+            self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        self.peft.eval()  # also the base model: peft routes mixed batches only in eval mode
+        self.adapters.add(name)
+
+    def train_adapter(self, name: str, settings=None) -> list[torch.nn.Parameter]:
+        """Add a fresh LoRA adapter ``name`` and make it active for direct ``self.model`` calls (training)."""
+        from modalink import lora
+
+        self.peft = lora.attach(self.peft or self.model, name, settings)
+        self.peft.eval()  # also the base model: peft routes mixed batches only in eval mode
+        self.adapters.add(name)
+        return lora.parameters(self.peft, name)
+
+    def _adapter_kw(self, adapters: Sequence[str | None] | None, n: int) -> dict:
+        """peft mixed-batch routing: every row names its adapter (or none); without LoRA, nothing to route."""
+        if self.peft is None:
+            if adapters and any(adapters):
+                raise InputError(f"unknown LoRA adapter(s) {sorted({a for a in adapters if a})}: none loaded")
+            return {}
+        names = list(adapters) if adapters is not None else [None] * n
+        if len(names) != n:
+            raise ValueError("one adapter name (or None) per prompt")
+        unknown = {a for a in names if a and a not in self.adapters}
+        if unknown:
+            raise InputError(f"unknown LoRA adapter(s) {sorted(unknown)}; loaded: {sorted(self.adapters)}")
+        return {"adapter_names": [a or LORA_BASE for a in names]}
+
+    @classmethod
+    def from_settings(cls, settings) -> TransformersEngine:
+        return cls.load(settings=settings)
+
+    @classmethod
+    def load(cls, name: str | None = None, settings=None) -> TransformersEngine:
+        from modalink.llm import load_llm
+
+        return cls(*load_llm(name, settings))
+
+    def _embed_prompt(self, prompt: list[Segment]) -> tuple[torch.Tensor, list[int]]:
+        parts, text_ids = [], []
+        for seg in prompt:
+            if isinstance(seg, str):
+                ids = self.tokenizer(seg, add_special_tokens=False).input_ids
+                text_ids += ids
+                parts.append(self.embedding(torch.tensor(ids, device=self.device)))
+            else:
+                if seg.ndim != 2 or seg.shape[1] != self.hidden_size:
+                    raise InputError(
+                        f"prefix embeddings must be [n, {self.hidden_size}] for this LLM, got {list(seg.shape)}"
+                    )
+                if not torch.isfinite(seg).all():
+                    raise InputError("prefix embeddings contain NaN or Inf")
+                parts.append(seg.to(self.device, self.dtype))
+        if not parts:
+            raise InputError("empty prompt")
+        return torch.cat(parts), text_ids
+
+    def check(self, prompt: list[Segment], params: GenerationParams, adapter: str | None = None) -> int:
+        self._adapter_kw([adapter], 1)
+        with torch.inference_mode():
+            embeds, _ = self._embed_prompt(prompt)
+        self._check_budget(embeds.shape[0], params)
+        return embeds.shape[0]
+
+    @property
+    def _runner(self):
+        return self.peft if self.peft is not None else self.model
+
+    @torch.inference_mode()
+    def next_token_logits(self, prompt: list[Segment], adapter: str | None = None) -> torch.Tensor:
+        """Logits [vocab] for the token after ``prompt`` (scoring, evaluation, tests)."""
+        embeds, _ = self._embed_prompt(prompt)
+        return self._runner(inputs_embeds=embeds[None], **self._adapter_kw([adapter], 1)).logits[0, -1].float()
+
+    @torch.inference_mode()
+    def _forward(self, **kw):
+        out = self._runner(use_cache=True, **kw)
+        return out.logits[:, -1], out.past_key_values
+
+    def stream(
+        self,
+        prompts: Sequence[list[Segment]],
+        params: GenerationParams | Sequence[GenerationParams],
+        adapters: Sequence[str | None] | None = None,
+    ) -> Iterator[TokenEvent]:
+        n = len(prompts)
+        route = self._adapter_kw(adapters, n)
+        plist = [params] * n if isinstance(params, GenerationParams) else list(params)
+        if len(plist) != n:
+            raise ValueError("one GenerationParams per prompt")
+        with torch.inference_mode():
+            embedded = [self._embed_prompt(p) for p in prompts]
+        lengths = [e.shape[0] for e, _ in embedded]
+        for length, p in zip(lengths, plist, strict=True):
+            self._check_budget(length, p)
+        # Left padding: every row's last prompt position lines up, so one step decodes all rows.
+        width = max(lengths)
+        embeds = torch.zeros(n, width, self.hidden_size, device=self.device, dtype=self.dtype)
+        mask = torch.zeros(n, width, dtype=torch.long, device=self.device)
+        for i, (e, _) in enumerate(embedded):
+            embeds[i, width - e.shape[0] :] = e
+            mask[i, width - e.shape[0] :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # logits of the last position only: the prompt's others would cost a [n * width, vocab] matmul
+        logits, cache = self._forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                      logits_to_keep=1, **route)  # fmt: skip
+
+        gens = [torch.Generator().manual_seed(p.seed if p.seed is not None else random.getrandbits(63)) for p in plist]
+        seen = [torch.tensor(ids, dtype=torch.long) for _, ids in embedded]
+        streams = [_TextStream(self.tokenizer, p.stop) for p in plist]
+        done = [False] * n
+        counts = [0] * n
+        next_pos = positions[:, -1:] + 1
+        while True:
+            step = []
+            for i in range(n):
+                if done[i]:
+                    step.append(self.pad_id)
+                    continue
+                p = plist[i]
+                tok = _sample(logits[i].cpu(), p, seen[i], gens[i])
+                counts[i] += 1
+                step.append(tok)
+                if tok in self.eos_ids:
+                    done[i] = True
+                    yield TokenEvent(i, tok, streams[i].flush(), FINISH_STOP)
+                    continue
+                if p.repetition_penalty != 1.0:
+                    seen[i] = torch.cat([seen[i], torch.tensor([tok])])
+                delta, hit_stop = streams[i].push(tok)
+                if hit_stop or counts[i] >= p.max_new_tokens:
+                    done[i] = True
+                    tail = "" if hit_stop else streams[i].flush()
+                    yield TokenEvent(i, tok, delta + tail, FINISH_STOP if hit_stop else FINISH_LENGTH)
+                else:
+                    yield TokenEvent(i, tok, delta)
+            if all(done):
+                return
+            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+            ids = torch.tensor(step, device=self.device).unsqueeze(1)
+            logits, cache = self._forward(
+                input_ids=ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache, **route
+            )
+            next_pos = next_pos + 1

@@ -1,0 +1,106 @@
+"""Captioning jobs and fine-tunes on Celery over Redis, as every side of them sees it: the Celery app's
+configuration, the job store, and submitting a job. The gateway, the CLI and the workers share this module; the
+tasks run in ``services/worker``, and a job is queued by task name, so a submitter never imports the worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+
+from celery import Celery
+
+from modalink.config import Settings, get_settings
+from modalink.engine import GenerationParams
+from modalink.errors import InputError
+from modalink.jobs import JobStore, batches, check_path, manifest_roots
+
+CAPTION_TASK, FINETUNE_TASK = "modalink.caption_batch", "modalink.finetune"
+MAX_PROMPT_CHARS = 4000
+
+
+def celery_app(settings: Settings | None = None) -> Celery:
+    """A Celery app on ``MODALINK_REDIS_URL`` (no result backend: job state lives in the job store)."""
+    settings = settings or get_settings()
+    app = Celery("modalink", broker=settings.redis_url, backend=None)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue="caption.unknown",
+        task_serializer="json",  # never pickle
+        accept_content=["json"],
+        worker_send_task_events=True,  # Flower
+        task_send_sent_event=True,
+        # A Redis restart (it keeps its data: append-only file): the worker reconnects, with a bound, and a batch
+        # whose ack was lost with the old connection is delivered again after the visibility timeout, where the
+        # store skips its recorded items. A batch in hand finishes (its store writes retry until Redis is back).
+        broker_connection_retry=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=100,  # about an hour of backoff, then the worker exits (its supervisor restarts)
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        broker_transport_options={"visibility_timeout": settings.job_visibility_timeout_s, "socket_connect_timeout": 5},
+    )  # fmt: skip
+    app.conf.beat_schedule = {
+        f"finetune-{m}": {
+            "task": FINETUNE_TASK,
+            "schedule": settings.finetune_interval_s,
+            "args": (m,),
+            "options": {"queue": "finetune", "expires": settings.finetune_interval_s},  # a missed turn is dropped
+        }
+        for m in filter(None, (x.strip() for x in settings.finetune_modalities.split(",")))
+        if settings.finetune_interval_s > 0
+    }
+    return app
+
+
+@lru_cache(maxsize=4)
+def _store(redis_url: str, retry_s: float) -> JobStore:
+    from redis import Redis
+
+    return JobStore(Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30), retry_s=retry_s)
+
+
+def store(settings: Settings | None = None) -> JobStore:
+    """The job store on ``MODALINK_REDIS_URL`` (one client per URL)."""
+    settings = settings or get_settings()
+    return _store(settings.redis_url, settings.redis_retry_s)
+
+
+@lru_cache(maxsize=4)
+def _sender(redis_url: str) -> Celery:
+    return celery_app(get_settings().model_copy(update={"redis_url": redis_url}))
+
+
+def submit(
+    rows: list[dict],
+    results: str,
+    batch_size: int = 16,
+    params: GenerationParams | None = None,
+    prompt: str = "",
+    roots: Sequence[str | Path] | None = None,
+    settings: Settings | None = None,
+) -> str:
+    """Create a job for manifest rows (``modalink.data.read_manifest``) and queue its batches per modality
+    (``caption.<modality>``); returns the job id. ``results`` may contain ``{job_id}``. The results file and the
+    items must lie inside ``roots`` (default: ``manifest_roots()``; a trusted local submitter may pass
+    ``jobs.ANYWHERE``)."""
+    settings = settings or get_settings()
+    roots = [str(r) for r in (manifest_roots() if roots is None else roots)]
+    check_path(results.replace("{job_id}", "job"), roots, "results path")
+    params = params or GenerationParams(max_new_tokens=48)
+    params.validate()
+    if not rows:
+        raise InputError("the manifest has no items")
+    if not 1 <= batch_size <= 256:
+        raise InputError(f"batch_size must be in 1..256, got {batch_size}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+    job_id = store(settings).create(rows, results, prompt)
+    sender = _sender(settings.redis_url)
+    for modality, chunk in batches(rows, batch_size):
+        sender.send_task(CAPTION_TASK, (job_id, modality, chunk, asdict(params), prompt, roots),
+                         queue=f"caption.{modality}")  # fmt: skip
+    return job_id
