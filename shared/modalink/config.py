@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     )
     # request limits (bad-input suite)
     max_parts: int = Field(16, ge=1, description="Most parts (text + media) in one user turn.")
+    max_text_bytes: int = Field(
+        1 << 20, ge=1, description="Most bytes of text in one request, all turns together, checked before anything "
+        "is tokenized or encoded (the LLM service also refuses text its context could never hold)."
+    )  # fmt: skip
     # safety filters
     safety_input: bool = Field(False, description="Refuse requests whose text (any turn) matches the blocklist.")
     safety_output: bool = Field(False, description="Stop answers that match the blocklist (streamed text is held "

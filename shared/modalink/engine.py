@@ -7,6 +7,7 @@ together into one batch, and streams token events. The runtimes live in ``modali
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -106,6 +107,8 @@ class Engine(ABC):
 
     def _check_budget(self, prompt_tokens: int, params: GenerationParams) -> None:
         params.validate()
+        if prompt_tokens > self.max_context:
+            raise InputError(f"prompt ({prompt_tokens} tokens) exceeds the context of {self.max_context} tokens")
         if prompt_tokens + params.max_new_tokens > self.max_context:
             raise InputError(
                 f"prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
@@ -119,7 +122,23 @@ class Engine(ABC):
         A server checks each request before batching it with others, so one bad request fails alone.
         """
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token of the vocabulary can stand for (an upper bound: a token's own spelling)."""
+        return max(len(t.encode()) for t in self.tokenizer.get_vocab())
+
+    def check_text_size(self, prompt: list[Segment]) -> None:
+        """Refuse, unread, text that could not fit the context whatever it says (more than ``max_context`` times
+        the longest token's bytes): it is bounded before the tokenizer sees it, so its size costs no memory."""
+        limit = self.max_context * self.max_token_bytes
+        size = sum(len(s) for s in prompt if isinstance(s, str))  # characters <= bytes: a cheap lower bound
+        if size > limit:
+            raise InputError(f"the prompt's text ({size} characters) cannot fit the context of {self.max_context} "
+                             f"tokens (at most {limit} bytes of text)")  # fmt: skip
+
     def prompt_length(self, prompt: list[Segment]) -> int:
+        """Prompt tokens (text tokenized, embedding rows counted), nothing embedded; text bounded first."""
+        self.check_text_size(prompt)
         return sum(
             len(self.tokenizer(s, add_special_tokens=False).input_ids) if isinstance(s, str) else s.shape[0]
             for s in prompt

@@ -13,11 +13,12 @@ APIs on top only translate messages.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from modalink.engine import GenerationParams
-from modalink.prompt import Media, Message, Segment, build_prompt, place_media
+from modalink.errors import InputError
+from modalink.prompt import Media, Message, Segment, build_prompt, place_media, sanitize
 from modalink.safety import CONTENT_FILTER, SafetyFilter, final_text
 
 Inputs = Sequence[tuple[str, Any]]  # (modality, raw): bytes, a path, an array
@@ -118,8 +119,10 @@ class Reply:
 
 
 class Pipeline:
-    def __init__(self, encoder: MediaEncoder, llm: LLM, system_prompt: str | None, safety: SafetyFilter):
+    def __init__(self, encoder: MediaEncoder, llm: LLM, system_prompt: str | None, safety: SafetyFilter,
+                 max_text_bytes: int = 1 << 20):  # fmt: skip
         self.encoder, self.llm, self.system_prompt, self.safety = encoder, llm, system_prompt, safety
+        self.max_text_bytes = max_text_bytes
 
     def start(self, turn: Turn, timeout_s: float | None = None, media: Sequence[Media] | None = None) -> Reply:
         """Check the turn, encode its media (and its history's), build the prompt and start the LLM. ``media``:
@@ -127,6 +130,7 @@ class Pipeline:
 
         A refused turn is one event with the refusal text, before any encoding or generation."""
         turn.params.validate()
+        turn = self._bounded(turn)
         if refusal := self.safety.check_input(turn.text, turn.every_input(), turn.history):
             return Reply(iter([Event(refusal.text, CONTENT_FILTER, usage=Usage())]), {})
         earlier = [x for t in turn.history_media for x in t]
@@ -141,6 +145,17 @@ class Pipeline:
             versions.setdefault(part.modality, part.version)
         stream = self.llm.start(prompt, turn.params, [f"{m}@{v}" for m, v in versions.items()], timeout_s)
         return Reply(self._events(stream, prompt), versions, stream.cancel)
+
+    def _bounded(self, turn: Turn) -> Turn:
+        """The turn's text, all turns together, within ``MODALINK_MAX_TEXT_BYTES`` (checked before anything is
+        tokenized or encoded), and sanitized as the LLM will read it, so the safety filter checks that text."""
+        texts = [turn.text, *(p for m in turn.history for p in m.content if isinstance(p, str))]
+        size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        if size > self.max_text_bytes:
+            raise InputError(f"the request's text is {size} bytes (all turns); the limit is {self.max_text_bytes} "
+                             "(MODALINK_MAX_TEXT_BYTES)")  # fmt: skip
+        history = [Message(m.role, [sanitize(p) if isinstance(p, str) else p for p in m.content]) for m in turn.history]
+        return replace(turn, text=sanitize(turn.text), history=history)
 
     def _events(self, stream: TokenStream, prompt: list[Segment]) -> Iterator[Event]:
         n, previous = 0, None

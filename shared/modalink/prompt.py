@@ -42,6 +42,14 @@ class Message:
     content: list[Part]
 
 
+def sanitize(text: str) -> str:
+    """User text with every slot marker removed, to a fixed point: one pass over ``<|modal<|modalink:0|>ink:0|>``
+    would leave a forged marker behind. The safety filter checks this text, which is what the LLM reads."""
+    while (clean := _SLOT_RE.sub("", text)) != text:
+        text = clean
+    return text
+
+
 def place_media(text: str, media: list[Media]) -> list[Part]:
     """Interleave ``media`` with ``text``. Tags ``<image>``/``<audio>``/``<imu>``/``<video>`` in the text take
     the items of their modality in order (one tag per item); text without tags gets AnyMAL order, text first."""
@@ -81,7 +89,7 @@ def build_prompt(
                 text.append(_SLOT.format(len(media)))
                 media.append(part)
             elif isinstance(part, str):
-                text.append(_SLOT_RE.sub("", part))  # a user cannot forge a slot
+                text.append(sanitize(part))  # a user cannot forge a slot
             else:
                 raise InputError(f"a message part must be text or a modality input, got {type(part).__name__}")
         rendered.append({"role": msg.role, "content": "".join(text)})

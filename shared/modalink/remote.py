@@ -197,7 +197,9 @@ class RemoteAssistant:
         self.address, self.channel = llm_address, channel(llm_address, settings)
         self.llm = llm_pb2_grpc.LLMStub(self.channel)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="encode")
-        self.pipeline = Pipeline(self, self, system_prompt, SafetyFilter.from_settings(settings))
+        self.pipeline = Pipeline(
+            self, self, system_prompt, SafetyFilter.from_settings(settings), settings.max_text_bytes
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> RemoteAssistant:

@@ -148,23 +148,30 @@ class TransformersEngine(Engine):
                 text_ids += ids
                 parts.append(self.embedding(torch.tensor(ids, device=self.device)))
             else:
-                if seg.ndim != 2 or seg.shape[1] != self.hidden_size:
-                    raise InputError(
-                        f"prefix embeddings must be [n, {self.hidden_size}] for this LLM, got {list(seg.shape)}"
-                    )
-                if not torch.isfinite(seg).all():
-                    raise InputError("prefix embeddings contain NaN or Inf")
+                self._check_embeddings(seg)
                 parts.append(seg.to(self.device, self.dtype))
         if not parts:
             raise InputError("empty prompt")
         return torch.cat(parts), text_ids
 
     def check(self, prompt: list[Segment], params: GenerationParams, adapter: str | None = None) -> int:
+        """Bounded before the expensive steps: text by size before it is tokenized, tokens against the context
+        before anything is embedded."""
         self._adapter_kw([adapter], 1)
-        with torch.inference_mode():
-            embeds, _ = self._embed_prompt(prompt)
-        self._check_budget(embeds.shape[0], params)
-        return embeds.shape[0]
+        for seg in prompt:
+            if not isinstance(seg, str):
+                self._check_embeddings(seg)
+        length = self.prompt_length(prompt)
+        if not length:
+            raise InputError("empty prompt")
+        self._check_budget(length, params)
+        return length
+
+    def _check_embeddings(self, seg: torch.Tensor) -> None:
+        if seg.ndim != 2 or seg.shape[1] != self.hidden_size:
+            raise InputError(f"prefix embeddings must be [n, {self.hidden_size}] for this LLM, got {list(seg.shape)}")
+        if not torch.isfinite(seg).all():
+            raise InputError("prefix embeddings contain NaN or Inf")
 
     @property
     def _runner(self):
@@ -192,11 +199,11 @@ class TransformersEngine(Engine):
         plist = [params] * n if isinstance(params, GenerationParams) else list(params)
         if len(plist) != n:
             raise ValueError("one GenerationParams per prompt")
+        for prompt, p in zip(prompts, plist, strict=True):  # bounded before anything is embedded
+            self._check_budget(self.prompt_length(prompt), p)
         with torch.inference_mode():
             embedded = [self._embed_prompt(p) for p in prompts]
         lengths = [e.shape[0] for e, _ in embedded]
-        for length, p in zip(lengths, plist, strict=True):
-            self._check_budget(length, p)
         # Left padding: every row's last prompt position lines up, so one step decodes all rows.
         width = max(lengths)
         embeds = torch.zeros(n, width, self.hidden_size, device=self.device, dtype=self.dtype)
