@@ -21,6 +21,9 @@ from modalink.encoders.base import Encoder, Raw, read_bytes
 from modalink.errors import InputError
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# Widest aspect ratio accepted. The short side is resized to the encoder's size, so the long side grows by the
+# ratio: a 1 x 20000 PNG of a few hundred bytes would become 224 x 4,480,000 pixels (about 4 GiB) before the crop.
+MAX_ASPECT = 20
 
 
 def decode_image(data: Raw | Image.Image, max_pixels: int = 40_000_000) -> Image.Image:
@@ -42,6 +45,7 @@ def decode_image(data: Raw | Image.Image, max_pixels: int = 40_000_000) -> Image
     w, h = img.size
     if w < 1 or h < 1 or w * h > max_pixels:  # before the pixels are decoded: memory stays bounded
         raise InputError(f"image dimensions {w}x{h} exceed the limit of {max_pixels} pixels")
+    check_aspect(w, h)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -53,9 +57,16 @@ def decode_image(data: Raw | Image.Image, max_pixels: int = 40_000_000) -> Image
         raise InputError(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
 
 
+def check_aspect(w: int, h: int) -> None:
+    """Refuse, before any resize allocates, an image whose long side would grow past ``MAX_ASPECT`` x the size."""
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise InputError(f"image of {w}x{h} pixels: the aspect ratio is beyond {MAX_ASPECT}:1")
+
+
 def to_tensor(img: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """Resize the short side to ``size``, center-crop, normalize: [3, size, size] float32."""
     w, h = img.size
+    check_aspect(w, h)  # video frames come here without decode_image
     s = size / min(w, h)
     img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
     w, h = img.size
