@@ -215,3 +215,31 @@ def test_an_image_of_extreme_aspect_ratio_is_refused_before_it_is_resized(stack,
 
     status, message = hostile(stack, f"image-{size[0]}x{size[1]}-{len(buf.getvalue())}B", lambda: grpc_status(call))
     assert status == "INVALID_ARGUMENT" and "aspect ratio" in message, message
+
+
+def test_without_api_keys_the_rate_limit_is_per_caller_address(tmp_path):
+    """An open gateway (no keys) with a rate limit: one caller that floods it is turned away, while a caller from
+    another address is still served (it was one global "anonymous" bucket, which any one caller could drain for
+    all). The two callers are the IPv4 and the IPv6 loopback addresses of this machine."""
+    procs = Procs(tmp_path, {**os.environ, "MODALINK_NUM_THREADS": "1", "MODALINK_RATE_LIMIT_RPS": "0.1",
+                             "MODALINK_RATE_LIMIT_BURST": "3", "MODALINK_LLM_ADDRESS": f"127.0.0.1:{free_port()}",
+                             "MODALINK_ENCODERS": ""})  # fmt: skip
+    port = free_port()
+    try:
+        procs.start("gateway", [sys.executable, "-m", "modalink.cli", "serve", "gateway", "--port", str(port),
+                                "--http-port", "0"])  # fmt: skip
+        grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=120)
+
+        def codes(address: str, n: int) -> list[str]:
+            with grpc.insecure_channel(address) as ch:
+                stub = assistant_pb2_grpc.AssistantStub(ch)
+                return [grpc_status(lambda: stub.ListAdapters(assistant_pb2.ListAdaptersRequest(), timeout=30))[0]
+                        for _ in range(n)]  # fmt: skip
+
+        flood = codes(f"127.0.0.1:{port}", 6)
+        other = codes(f"[::1]:{port}", 2)
+    finally:
+        procs.stop_all()
+    record_figures("hostile-rate-limit-per-address", flooding_caller=flood, other_caller=other)
+    assert flood[:3] == ["OK"] * 3 and flood[3:] == ["RESOURCE_EXHAUSTED"] * 3, flood
+    assert other == ["OK", "OK"], other

@@ -45,15 +45,55 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, details):
         if details.method.startswith(OPEN_METHODS):
             return continuation(details)
+        if not self.keys:  # open: the limit is per peer address, which only the call's context knows
+            return self._per_peer(continuation(details)) if self.limiter else continuation(details)
         metadata = {k.lower(): v for k, v in details.invocation_metadata if isinstance(v, str)}
-        caller = self.keys.identify(key_from_headers(metadata)) if self.keys else "anonymous"
+        caller = self.keys.identify(key_from_headers(metadata))
         if caller is None:
             return self._unauthenticated
-        if self.limiter and (wait := self.limiter.acquire(caller)):
-            return _deny(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"rate limit of {self.limiter.rate:g} requests/s (burst {self.limiter.burst}) for this API "
-                         f"key exceeded; retry in {wait:.2f} s", (("retry-after", f"{wait:.3f}"),))  # fmt: skip
+        if wait := self._wait(caller):
+            return _deny(grpc.StatusCode.RESOURCE_EXHAUSTED, self._limited("API key", wait),
+                         (("retry-after", f"{wait:.3f}"),))  # fmt: skip
         return continuation(details)
+
+    def _wait(self, caller: str) -> float:
+        return self.limiter.acquire(caller) if self.limiter else 0.0
+
+    def _limited(self, who: str, wait: float) -> str:
+        return (f"rate limit of {self.limiter.rate:g} requests/s (burst {self.limiter.burst}) for this {who} "
+                f"exceeded; retry in {wait:.2f} s")  # fmt: skip
+
+    def _per_peer(self, handler):
+        """The handler, refusing a call whose peer address (not its port) is over the limit."""
+        if handler is None or handler.request_streaming:
+            return handler
+        kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        behavior = getattr(handler, kind)
+
+        def check(context) -> None:
+            if wait := self._wait(peer_host(context.peer())):
+                context.set_trailing_metadata((("retry-after", f"{wait:.3f}"),))
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._limited("caller address", wait))
+
+        if handler.response_streaming:
+
+            def stream(request, context):
+                check(context)
+                yield from behavior(request, context)
+
+            return handler._replace(unary_stream=stream)
+
+        def unary(request, context):
+            check(context)
+            return behavior(request, context)
+
+        return handler._replace(unary_unary=unary)
+
+
+def peer_host(peer: str) -> str:
+    """``ipv4:127.0.0.1:5000`` / ``ipv6:[::1]:5000`` -> the address without its port (a caller's identity)."""
+    address = peer.split(":", 1)[-1]
+    return address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
 
 
 def server_credentials(settings) -> grpc.ServerCredentials | None:
