@@ -243,3 +243,19 @@ def test_without_api_keys_the_rate_limit_is_per_caller_address(tmp_path):
     record_figures("hostile-rate-limit-per-address", flooding_caller=flood, other_caller=other)
     assert flood[:3] == ["OK"] * 3 and flood[3:] == ["RESOURCE_EXHAUSTED"] * 3, flood
     assert other == ["OK", "OK"], other
+
+
+def test_decoder_errors_do_not_echo_what_the_file_holds():
+    """An IMU "CSV" holding a secret: the error names the problem, never the text (it lands in job result rows and
+    responses). A CSV too large for any window is refused before it is parsed."""
+    from modalink.encoders.imu import decode_imu
+    from modalink.errors import InputError
+
+    for raw in (b"api-key-12345,0.1,0.2\n" * 20, b"\x93NUMPY\x01\x00\x16\x00{'descr': 'api-key-12345'}\n"):
+        with pytest.raises(InputError) as err:
+            decode_imu(raw)
+        assert "api-key" not in str(err.value), err.value
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match="IMU CSV is .* bytes; a window of 6 channels"):
+        decode_imu(b"0.1," * (6 * 100_000 * 32 // 4 + 1))
+    assert time.perf_counter() - t0 < 1.0  # refused unread, not parsed

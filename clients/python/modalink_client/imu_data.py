@@ -27,8 +27,8 @@ def _load_npy(raw: bytes) -> np.ndarray:
         version = np.lib.format.read_magic(f)
         fmt = np.lib.format
         shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
-    except Exception as e:  # noqa: BLE001
-        raise _Refused(f"IMU .npy header is corrupt: {type(e).__name__}: {e}") from None
+    except Exception:  # noqa: BLE001
+        raise _Refused("IMU .npy header is corrupt") from None  # its words may quote the file: not echoed
     if dtype.hasobject or dtype.kind not in "fiu":
         raise _Refused(f"IMU .npy must hold numbers, got dtype {dtype}")
     if len(shape) != 2:
@@ -37,6 +37,9 @@ def _load_npy(raw: bytes) -> np.ndarray:
         raise _Refused(f"IMU .npy header says shape {list(shape)} of {dtype}, which does not match its "
                          f"{len(raw) - f.tell()} data bytes")  # fmt: skip
     return np.frombuffer(raw, dtype, offset=f.tell()).reshape(shape, order="F" if fortran else "C").copy()
+
+
+CSV_VALUE_BYTES = 32  # a number in a CSV window, with its separator, at most
 
 
 def imu_array(data: bytes | np.ndarray, channels: int = 6, name: str = "") -> np.ndarray:
@@ -54,11 +57,15 @@ def imu_array(data: bytes | np.ndarray, channels: int = 6, name: str = "") -> np
             elif name.endswith(".npy"):
                 raise _Refused("IMU .npy file is corrupt (bad header)")
             else:
+                if len(data) > (limit := channels * MAX_STEPS * CSV_VALUE_BYTES):  # bounded before parsing
+                    raise _Refused(f"IMU CSV is {len(data)} bytes; a window of {channels} channels and at most "
+                                   f"{MAX_STEPS} time steps fits in {limit}")  # fmt: skip
                 arr = np.loadtxt(io.StringIO(data.decode("utf-8")), delimiter=",", dtype=np.float32, ndmin=2)
         except _Refused:
             raise
-        except (ValueError, UnicodeDecodeError, EOFError, OSError, SyntaxError) as e:
-            raise ValueError(f"IMU data must be .npy or numeric CSV [channels, time]: {e}") from None
+        except (ValueError, UnicodeDecodeError, EOFError, OSError, SyntaxError):
+            # the parser's own words quote the file's text, which must not travel back (job rows, responses)
+            raise ValueError("IMU data must be .npy or numeric CSV [channels, time] (this is neither)") from None
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"IMU data must be numeric, got dtype {arr.dtype}")
     arr = np.asarray(arr, dtype=np.float32)
