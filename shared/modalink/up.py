@@ -74,7 +74,8 @@ def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None)
         (aof := Path("build/run/redis").resolve()).mkdir(parents=True, exist_ok=True)
         services.append(Service("redis", [redis_server(), "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
                                           "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-                                          "--dir", str(aof)], {"tcp": REDIS_PORT}))  # fmt: skip
+                                          "--dir", str(aof), "--maxmemory", "1gb",
+                                          "--maxmemory-policy", "noeviction"], {"tcp": REDIS_PORT}))  # fmt: skip
     addresses = []
     for m in modalities:
         for i in range(replicas.get(m, 1)):
