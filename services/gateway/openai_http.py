@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 
-from modalink.aio import iterate_in_thread
+from modalink.aio import iterate_in_thread, read_json
 from modalink.auth import KeyRing, RateLimiter, key_from_headers
 from modalink.config import Settings, get_settings
 from modalink.engine import GenerationParams
@@ -37,7 +37,6 @@ from modalink.remote import RemoteAssistant
 from modalink.rpc import upstream_error, upstream_timeout
 from modalink.wire import check_history, check_turn
 
-MAX_BODY_BYTES = 64 << 20
 log = logging.getLogger("modalink.gateway.http")
 
 
@@ -181,13 +180,7 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", settings: Set
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise InputError(f"request body of {len(raw)} bytes exceeds {MAX_BODY_BYTES}")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"request body is not UTF-8 JSON: {e}") from None
+        body = await read_json(request, settings.max_message_mb << 20)
         if not isinstance(body, dict):
             raise InputError("request body must be a JSON object")
         history, history_media, text, media = parse_messages(body.get("messages"))

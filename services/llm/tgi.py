@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-from modalink.aio import iterate_in_thread
+from modalink.aio import iterate_in_thread, read_json
 from modalink.batching import DynamicBatcher
 from modalink.engine import FINISH_LENGTH, GenerationParams, TokenEvent
 from modalink.errors import HTTP_STATUS, BackendError, InputError, status_of
@@ -91,7 +91,8 @@ def error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": message, "error_type": kind}, status_code=status)
 
 
-def build_app(batcher: DynamicBatcher, model_id: str) -> FastAPI:
+def build_app(batcher: DynamicBatcher, model_id: str, limit: int = 64 << 20) -> FastAPI:
+    """``limit``: the largest request body read (``MODALINK_MAX_MESSAGE_MB``, as the gRPC port's)."""
     engine = batcher.engine
     tok, eos = engine.tokenizer, getattr(engine, "eos_ids", set())
     app = FastAPI(title="modalink LLM (TGI API)", version=VERSION)
@@ -108,10 +109,7 @@ def build_app(batcher: DynamicBatcher, model_id: str) -> FastAPI:
             req.cancelled.set()
 
     async def parse(request: Request) -> tuple[str, GenerationParams, dict, bool]:
-        try:
-            body = await request.json()
-        except json.JSONDecodeError as e:
-            raise InputError(f"request body is not JSON: {e}") from None
+        body = await read_json(request, limit)
         if not isinstance(body, dict) or not isinstance(body.get("inputs"), str) or not body["inputs"]:
             raise InputError("`inputs` must be a non-empty string")
         p = body.get("parameters") or {}
@@ -176,7 +174,7 @@ def build_app(batcher: DynamicBatcher, model_id: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await request.json()
+        body = await read_json(request, limit)
         msgs = body.get("messages") if isinstance(body, dict) else None
         if not isinstance(msgs, list) or not msgs:
             raise InputError("`messages` must be a non-empty list")
