@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from modalink.errors import InputError
-from modalink.prompt import Segment
+from modalink.prompt import Segment, prompt_tokens
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
@@ -139,10 +139,7 @@ class Engine(ABC):
     def prompt_length(self, prompt: list[Segment]) -> int:
         """Prompt tokens (text tokenized, embedding rows counted), nothing embedded; text bounded first."""
         self.check_text_size(prompt)
-        return sum(
-            len(self.tokenizer(s, add_special_tokens=False).input_ids) if isinstance(s, str) else s.shape[0]
-            for s in prompt
-        )
+        return prompt_tokens(self.tokenizer, prompt)
 
     def generate(
         self,

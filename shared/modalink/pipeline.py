@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from modalink.engine import GenerationParams
 from modalink.errors import InputError
-from modalink.prompt import Media, Message, Segment, build_prompt, place_media, sanitize
+from modalink.prompt import Media, Message, Segment, build_prompt, place_media, prompt_tokens, sanitize
 from modalink.safety import CONTENT_FILTER, SafetyFilter, final_text
 
 Inputs = Sequence[tuple[str, Any]]  # (modality, raw): bytes, a path, an array
@@ -164,14 +164,11 @@ class Pipeline:
             previous = tok
             usage = None
             if finish:
-                prompt_tokens = stream.prompt_tokens
-                if prompt_tokens is None:  # cut short before the LLM reported it (a filtered answer)
-                    prompt_tokens = prompt_length(self.llm.tokenizer, prompt)
-                usage = Usage(prompt_tokens, n)
+                n_prompt = stream.prompt_tokens
+                if n_prompt is None:  # cut short before the LLM reported it (a filtered answer)
+                    n_prompt = prompt_tokens(self.llm.tokenizer, prompt)
+                usage = Usage(n_prompt, n)
             yield Event(text, finish or "", tok.token_id, usage)
-
-    def answer(self, turn: Turn, timeout_s: float | None = None) -> Answer:
-        return self.start(turn, timeout_s).answer()
 
 
 def _place_history(history: Sequence[Message], history_media: Sequence[Inputs], media: list[Media]) -> list[Message]:
@@ -184,9 +181,3 @@ def _place_history(history: Sequence[Message], history_media: Sequence[Inputs], 
         text = " ".join(p for p in msg.content if isinstance(p, str))
         placed.append(Message(msg.role, place_media(text, [next(done) for _ in turn])) if turn else msg)
     return placed
-
-
-def prompt_length(tokenizer, prompt: list[Segment]) -> int:
-    """Prompt tokens: each text segment's tokens plus each embedding segment's rows."""
-    return sum(len(tokenizer(s, add_special_tokens=False).input_ids) if isinstance(s, str) else s.shape[0]
-               for s in prompt)  # fmt: skip

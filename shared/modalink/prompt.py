@@ -106,6 +106,12 @@ def build_prompt(
     return merge_text(segments)
 
 
+def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: list[Segment]) -> int:
+    """A prompt's length in tokens: each text segment's tokens plus each embedding segment's rows."""
+    return sum(len(tokenizer(s, add_special_tokens=False).input_ids) if isinstance(s, str) else s.shape[0]
+               for s in prompt)  # fmt: skip
+
+
 def merge_text(segments: list[Segment]) -> list[Segment]:
     out: list[Segment] = []
     for s in segments:

@@ -140,16 +140,25 @@ class TransformersEngine(Engine):
 
         return cls(*load_llm(name, settings))
 
-    def _embed_prompt(self, prompt: list[Segment]) -> tuple[torch.Tensor, list[int]]:
+    def _embed_prompt(
+        self, prompt: list[Segment], params: GenerationParams | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """(prompt embeddings, its text's token ids). Text is bounded before it is tokenized, once; with
+        ``params``, the token count is checked against the context before anything is embedded."""
+        self.check_text_size(prompt)
+        pieces = [self.tokenizer(s, add_special_tokens=False).input_ids if isinstance(s, str) else s for s in prompt]
+        for piece in pieces:
+            if not isinstance(piece, list):
+                self._check_embeddings(piece)
+        if params is not None:
+            self._check_budget(sum(len(p) for p in pieces), params)
         parts, text_ids = [], []
-        for seg in prompt:
-            if isinstance(seg, str):
-                ids = self.tokenizer(seg, add_special_tokens=False).input_ids
-                text_ids += ids
-                parts.append(self.embedding(torch.tensor(ids, device=self.device)))
+        for piece in pieces:
+            if isinstance(piece, list):
+                text_ids += piece
+                parts.append(self.embedding(torch.tensor(piece, device=self.device)))
             else:
-                self._check_embeddings(seg)
-                parts.append(seg.to(self.device, self.dtype))
+                parts.append(piece.to(self.device, self.dtype))
         if not parts:
             raise InputError("empty prompt")
         return torch.cat(parts), text_ids
@@ -199,10 +208,8 @@ class TransformersEngine(Engine):
         plist = [params] * n if isinstance(params, GenerationParams) else list(params)
         if len(plist) != n:
             raise ValueError("one GenerationParams per prompt")
-        for prompt, p in zip(prompts, plist, strict=True):  # bounded before anything is embedded
-            self._check_budget(self.prompt_length(prompt), p)
-        with torch.inference_mode():
-            embedded = [self._embed_prompt(p) for p in prompts]
+        with torch.inference_mode():  # each prompt's tokens are checked against the context before it is embedded
+            embedded = [self._embed_prompt(prompt, p) for prompt, p in zip(prompts, plist, strict=True)]
         lengths = [e.shape[0] for e, _ in embedded]
         # Left padding: every row's last prompt position lines up, so one step decodes all rows.
         width = max(lengths)
