@@ -45,3 +45,11 @@ def samples(tmp_path_factory) -> dict[str, str]:
     from modalink.samples import write_samples
 
     return {m: s["path"] for m, s in write_samples(tmp_path_factory.mktemp("samples")).items()}
+
+
+@pytest.fixture(scope="session")
+def hostile_stack(tmp_path_factory):
+    """One stack of real services for every hostile-input test file (started once: it is the slow part)."""
+    from hostile import start_stack
+
+    yield from start_stack(tmp_path_factory)

@@ -11,133 +11,24 @@ blocked phrase).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 
 import grpc
-import psutil
 import pytest
-from procs import Procs, free_port, record_figures, wait_grpc, wait_triton
+from hostile import BIG, MIB, generate, grpc_status, hostile, http_status
+from procs import Procs, free_port, record_figures
 
 from modalink.v1 import assistant_pb2_grpc, llm_pb2, llm_pb2_grpc
 from modalink.wire import assistant_pb2, common_pb2
 
 pytestmark = pytest.mark.slow
 
-BIG = 8 << 20  # 8 MB of text: what made the LLM service grow by 18 GB before the bounds
-MIB = 1 << 20
 
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """The LLM service (gRPC + TGI HTTP), an image encoder service and a gateway (gRPC + OpenAI HTTP) with the
-    input safety filter on."""
-    logs = tmp_path_factory.mktemp("hostile-logs")
-    procs = Procs(logs, {**os.environ, "HF_HUB_OFFLINE": "1", "MODALINK_NUM_THREADS": "1",
-                         "MODALINK_QUANTIZE": "fp16-cpu"})  # fmt: skip
-    cli = [sys.executable, "-m", "modalink.cli", "serve"]
-    llm_port, tgi, gw_port, http = free_port(), free_port(), free_port(), free_port()
-    enc_http, enc_grpc, enc_metrics = free_port(), free_port(), free_port()
-    try:
-        llm = procs.start("llm", [*cli, "llm", "--port", str(llm_port), "--http-port", str(tgi)])
-        encoder = procs.start("image", [*cli, "encoder", "-m", "image", "--http-port", str(enc_http), "--grpc-port",
-                                        str(enc_grpc), "--metrics-port", str(enc_metrics)])  # fmt: skip
-        gateway = procs.start("gateway", [*cli, "gateway", "--port", str(gw_port), "--http-port", str(http)],
-                              {"MODALINK_ENCODERS": f"image=127.0.0.1:{enc_grpc}", "MODALINK_SAFETY_INPUT": "1",
-                               "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}"})  # fmt: skip
-        wait_triton(enc_http, "image_encoder", *encoder)
-        wait_grpc(f"127.0.0.1:{llm_port}", *llm)
-        wait_grpc(f"127.0.0.1:{gw_port}", *gateway)
-        yield {"gateway": f"127.0.0.1:{gw_port}", "http": f"http://127.0.0.1:{http}", "llm": f"127.0.0.1:{llm_port}",
-               "tgi": f"http://127.0.0.1:{tgi}",
-               "pids": {"gateway": gateway[0].pid, "llm": llm[0].pid, "image encoder": encoder[0].pid}}  # fmt: skip
-    finally:
-        procs.stop_all()
-
-
-class PeakMemory:
-    """Peak resident-memory growth of each service's process tree while a request is handled (sampled)."""
-
-    def __init__(self, pids: dict[str, int]):
-        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
-        self.base = {name: self._rss(p) for name, p in self.procs.items()}
-        self.peak = dict(self.base)
-        self._stop = threading.Event()
-
-    @staticmethod
-    def _rss(p: psutil.Process) -> int:
-        return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            for name, p in self.procs.items():
-                self.peak[name] = max(self.peak[name], self._rss(p))
-
-    def __enter__(self) -> PeakMemory:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def growth_mib(self) -> dict[str, float]:
-        return {name: round((self.peak[name] - self.base[name]) / MIB, 1) for name in self.procs}
-
-
-def hostile(stack, case: str, call) -> tuple[str, str]:
-    """Send one hostile request; (status, message). Records the figures and checks the bounds."""
-    with PeakMemory(stack["pids"]) as mem:
-        t0 = time.perf_counter()
-        status, message = call()
-        seconds = time.perf_counter() - t0
-    growth = mem.growth_mib()
-    record_figures(f"hostile-{case}", status=status, seconds=round(seconds, 3), rss_growth_mib=growth,
-                   message=message[:160])  # fmt: skip
-    assert all(g < 300 for g in growth.values()), (case, growth)
-    assert good_answer(stack), f"no answer to a good request after {case}"
-    return status, message
-
-
-def good_answer(stack) -> bool:
-    with grpc.insecure_channel(stack["gateway"]) as ch:
-        req = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text="Say hi.")],
-                                            params=common_pb2.GenerationParams(max_new_tokens=4))  # fmt: skip
-        return bool("".join(m.text for m in assistant_pb2_grpc.AssistantStub(ch).Generate(req, timeout=120)))
-
-
-def grpc_status(fn) -> tuple[str, str]:
-    try:
-        fn()
-    except grpc.RpcError as e:
-        return e.code().name, e.details()
-    return "OK", ""
-
-
-def http_status(url: str, body: dict) -> tuple[str, str]:
-    data = json.dumps(body).encode()
-    req = urllib.request.Request(url, data, {"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=300) as res:
-            return str(res.status), res.read().decode()[:500]
-    except urllib.error.HTTPError as e:
-        return str(e.code), e.read().decode()[:500]
-
-
-def generate(stack, text: str, history=(), max_new_tokens: int = 4):
-    with grpc.insecure_channel(stack["gateway"], options=[("grpc.max_send_message_length", 64 * MIB)]) as ch:
-        req = assistant_pb2.GenerateRequest(
-            parts=[common_pb2.Part(text=text)],
-            history=list(history),
-            params=common_pb2.GenerationParams(max_new_tokens=max_new_tokens),
-        )
-        return list(assistant_pb2_grpc.AssistantStub(ch).Generate(req, timeout=300))
+@pytest.fixture
+def stack(hostile_stack):
+    return hostile_stack
 
 
 @pytest.mark.parametrize("case", ["prompt", "history"])
