@@ -18,7 +18,7 @@ help:
 	@echo "make demo    - start the services, ask them about a sample image, audio clip, IMU window and video"
 	@echo "make up/down - start/stop the whole topology as local processes (gateway on localhost:50051)"
 	@echo "               (web playground on http://localhost:7860: chat, captioning jobs, adapters)"
-	@echo "make test    - lint + the full test suite (real models, no mocks), buf lint + breaking on protos/"
+	@echo "make test    - lint (ruff check + ruff format --check) + the full test suite (real models, no mocks), buf lint + breaking on protos/"
 	@echo "make protos-check - buf lint and buf breaking against the last released protos (protos/released/)"
 	@echo "make install - Debian packages + .venv (torch CPU wheel first, then modalink-client and modalink editable)"
 	@echo "make adapters - rebuild the data and retrain every adapter from scratch"
@@ -129,6 +129,7 @@ format: install
 
 test: install $(NODE) protos-check
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 # Every benchmark (one heavy job at a time), then the table in docs/PERFORMANCE.md from bench/results/; stops at the
