@@ -16,7 +16,6 @@ import base64
 import binascii
 import json
 import logging
-import math
 import time
 import uuid
 
@@ -25,8 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 
-from modalink.aio import iterate_in_thread, read_json
-from modalink.auth import KeyRing, RateLimiter, key_from_headers
+from modalink.aio import guard, iterate_in_thread, read_json
 from modalink.config import Settings, get_settings
 from modalink.engine import GenerationParams
 from modalink.errors import HTTP_STATUS, BackendError, InputError, status_of
@@ -123,21 +121,7 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", settings: Set
     ``x-api-key``; the per-key rate limit answers 429 with ``Retry-After``."""
     settings = settings or get_settings()
     app = FastAPI(title="modalink gateway (OpenAI-compatible)")
-    keys = KeyRing.from_settings(settings)
-    limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            caller = keys.identify(key_from_headers(request.headers)) if keys else (request.client or ("?",))[0]
-            if caller is None:
-                return _error(401, "missing or unknown API key", "authentication_error")
-            if limiter and (wait := limiter.acquire(caller)):
-                response = _error(429, f"rate limit of {limiter.rate:g} requests/s (burst {limiter.burst}) for this "
-                                       f"API key exceeded; retry in {wait:.2f} s", "rate_limit_error")  # fmt: skip
-                response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
-                return response
-        return await call_next(request)
+    guard(app, settings, lambda path: path.startswith("/v1/"), _error)
 
     latency = LATENCY.labels("http", "chat.completions")
 

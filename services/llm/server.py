@@ -17,6 +17,7 @@ import grpc
 import torch
 
 from modalink import lora, ports
+from modalink.aio import server_tls
 from modalink.batching import DynamicBatcher
 from modalink.config import Settings, get_settings
 from modalink.engine import Engine
@@ -86,7 +87,8 @@ def serve(settings: Settings | None = None, port: int = ports.LLM_GRPC, host: st
     served = make_server(port, [(llm_pb2_grpc.add_LLMServicer_to_server, service)], [SERVICE], host, workers=96,
                          settings=settings)  # fmt: skip
     log.info("%s ready on %s:%d", SERVICE, host, served.port)
-    app = build_app(service.batcher, settings.llm, settings.max_message_mb << 20) if http_port else None
+    app = build_app(service.batcher, settings.llm, settings) if http_port else None
+    tls = server_tls(settings)
     if app is not None:
-        log.info("TGI HTTP API on %s:%d", http_host, http_port)
-    served.serve_until_signal(settings.shutdown_grace_s, app, http_host, http_port)
+        log.info("TGI HTTP API on %s://%s:%d", "https" if tls else "http", http_host, http_port)
+    served.serve_until_signal(settings.shutdown_grace_s, app, http_host, http_port, tls)

@@ -2,9 +2,13 @@
 
 Routes: ``POST /generate``, ``POST /generate_stream`` (SSE), ``POST /`` (what the client posts to, with
 ``stream``), ``POST /v1/chat/completions`` (OpenAI-style, streaming or not), ``GET /info``, ``GET /health``,
-``GET /metrics`` (Prometheus). Text only: prefix embeddings travel over gRPC. Errors are TGI's
-``{"error", "error_type"}`` with the status of ``modalink.errors.status_of`` (the table every HTTP API uses), except
-that a bad request is 422 ("validation"), as TGI answers it.
+``GET /metrics`` (Prometheus). The port is guarded as the gateway's are: with API keys configured every route but
+``/health`` and ``/metrics`` needs a key, the rate limit applies, and with ``MODALINK_TLS_*`` set it serves HTTPS
+that requires a client certificate, as the gRPC port does (``modalink.aio.guard``/``server_tls``). It skips the
+gateway's safety filters: an internal port, which compose publishes on loopback only and the chart's NetworkPolicy
+closes to all but the gateway and workers. Text only: prefix embeddings travel over gRPC. Errors are TGI's
+``{"error", "error_type"}`` with the status of ``modalink.errors.status_of`` (the table every HTTP API uses),
+except that a bad request is 422 ("validation"), as TGI answers it.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-from modalink.aio import iterate_in_thread, read_json
+from modalink.aio import guard, iterate_in_thread, read_json
 from modalink.batching import DynamicBatcher
+from modalink.config import Settings, get_settings
 from modalink.engine import FINISH_LENGTH, GenerationParams, TokenEvent
 from modalink.errors import HTTP_STATUS, BackendError, InputError, status_of
 from modalink.prompt import Message, build_prompt
@@ -91,13 +96,16 @@ def error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": message, "error_type": kind}, status_code=status)
 
 
-def build_app(batcher: DynamicBatcher, model_id: str, limit: int = 64 << 20) -> FastAPI:
-    """``limit``: the largest request body read (``MODALINK_MAX_MESSAGE_MB``, as the gRPC port's)."""
+def build_app(batcher: DynamicBatcher, model_id: str, settings: Settings | None = None) -> FastAPI:
+    """The largest request body read is ``MODALINK_MAX_MESSAGE_MB``, as on the gRPC port."""
+    settings = settings or get_settings()
+    limit = settings.max_message_mb << 20
     engine = batcher.engine
     tok, eos = engine.tokenizer, getattr(engine, "eos_ids", set())
     app = FastAPI(title="modalink LLM (TGI API)", version=VERSION)
     metrics = CollectorRegistry()
     metrics.register(BatcherCollector(batcher))
+    guard(app, settings, lambda path: path not in ("/health", "/metrics"), error)
 
     async def events(prompt, params) -> AsyncIterator[TokenEvent]:
         """Token events of one request, without blocking the event loop; cancelled when the client leaves."""

@@ -39,6 +39,11 @@ class BackendTimeout(BackendError, TimeoutError):
     code = "DEADLINE_EXCEEDED"
 
 
+class BackendCrashed(BackendError):
+    """A service behind this one went away while this request was in flight, and again on its one retry: the
+    request itself may be what kills it, so it is not retried again (INTERNAL: clients do not retry it either)."""
+
+
 class BackendUnavailable(BackendError, ConnectionError):
     """A service behind this one cannot be reached or is restarting: the same call may succeed shortly
     (UNAVAILABLE / 503 with a retry hint)."""

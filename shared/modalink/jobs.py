@@ -238,8 +238,9 @@ def caption_batch(
     """Captions of one batch through the services: its items as one encoder request, then every item's turn
     through the pipeline (``remote.pipeline``: the same safety checks as chat, the same usage), all LLM calls
     started at once. A bad item (or one outside ``roots``, default ``manifest_roots()``) gets an ``error``
-    instead of failing the batch; a refused one a ``finish_reason`` of ``content_filter``. Service failures
-    raise (the task retries the batch)."""
+    instead of failing the batch; a refused one a ``finish_reason`` of ``content_filter``; so do the items of an
+    encoder request that killed a replica and its one retry (``BackendCrashed``: retrying the batch would kill
+    more). Other service failures raise (the task retries the batch)."""
     roots = manifest_roots() if roots is None else roots
     results: dict[str, dict] = {}
     loaded: list[tuple[dict, Any]] = []
@@ -257,7 +258,7 @@ def caption_batch(
     # its batching window and decode as one batch.
     started = []
     for (row, raw), out in zip(loaded, embedded, strict=True):
-        if isinstance(out, InputError):
+        if isinstance(out, Exception):  # a bad item, or one of a request that encoder replicas died handling
             results[row["id"]] = {"id": row["id"], "error": str(out)}
             continue
         turn = Turn(question, [(modality, raw)], params)

@@ -23,7 +23,14 @@ import torch
 from modalink import MODALITIES, check_modality
 from modalink.config import Settings, get_settings
 from modalink.engine import GenerationParams, TokenEvent
-from modalink.errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError, InputError
+from modalink.errors import (
+    BackendCrashed,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ConfigError,
+    InputError,
+)
 from modalink.metrics import ENCODER_CALLS
 from modalink.pipeline import Pipeline
 from modalink.prompt import Media, Segment
@@ -34,6 +41,8 @@ from modalink.v1 import llm_pb2, llm_pb2_grpc
 from modalink.wire import params_to_msg, to_tensor_msg
 
 log = logging.getLogger(__name__)
+# gRPC's words for a call that never reached a replica (refused at connect): it can go to the next one freely
+NOT_CONNECTED = "failed to connect"
 
 
 def parse_addresses(spec: str) -> dict[str, list[str]]:
@@ -97,14 +106,16 @@ class EncoderPool:
     def embed(self, modality: str, raw: Any, timeout_s: float | None = None) -> tuple[torch.Tensor, str]:
         """(embeddings [n_tokens, d_llm], adapter version) of one item; a bad item raises ``InputError``."""
         (result,) = self.embed_batch(modality, [raw], timeout_s)
-        if isinstance(result, InputError):
+        if isinstance(result, Exception):
             raise result
         return result
 
     def embed_batch(
         self, modality: str, raws: Sequence[Any], timeout_s: float | None = None
-    ) -> list[tuple[torch.Tensor, str] | InputError]:
-        """Every item's (embeddings, adapter version), or the ``InputError`` that names what is wrong with it.
+    ) -> list[tuple[torch.Tensor, str] | InputError | BackendCrashed]:
+        """Every item's (embeddings, adapter version), or the ``InputError`` that names what is wrong with it, or
+        ``BackendCrashed`` for the items of a request that replicas died handling (each such item is an error of
+        its own, as a bad one is: a job records it as that row's error instead of retrying the batch).
 
         Items go to the service as few requests as possible (one per shape group, ``max_batch`` items each),
         so the encoder runs them as one forward pass instead of N.
@@ -126,6 +137,8 @@ class EncoderPool:
                         results = [e]
                     else:  # every item of the request was bad: ask one by one for each one's own message
                         results = [self.embed_batch(modality, [raws[i]], timeout_s)[0] for i in chunk]
+                except BackendCrashed as e:
+                    results = [e] * len(chunk)
                 for i, r in zip(chunk, results, strict=True):
                     out[i] = r
         return out
@@ -143,13 +156,17 @@ class EncoderPool:
     def _infer(
         self, modality: str, raws: list[Any], timeout_s: float | None
     ) -> list[tuple[torch.Tensor, str] | InputError]:
-        """One request to the next replica. Encoding is idempotent, so a replica that is unavailable (or goes
-        away with the request in flight) is marked down for a few seconds and the next one is asked; after a
-        full round, ``retries`` more attempts with a short backoff."""
+        """One request to the next replica. Encoding is idempotent, so a replica that is unavailable is marked
+        down for a few seconds and the next one is asked; after a full round, ``retries`` more attempts with a short
+        backoff. A replica that went away with the request in flight (it was sent, not refused at connect) may
+        have been killed by the request itself: such a request is retried once, and if that replica goes away too
+        (or none is left to retry on) it fails with ``BackendCrashed`` instead of taking down every replica in
+        turn."""
         from tritonclient.utils import InferenceServerException
 
         order = self._order(modality)
         timeout = self.timeout_s if timeout_s is None else max(timeout_s, 0.001)
+        crashes = 0
         for attempt in range(len(order) + self.retries):
             if attempt >= len(order):
                 time.sleep(0.1 * 2 ** (attempt - len(order) + 1))
@@ -167,9 +184,17 @@ class EncoderPool:
                 if "UNAVAILABLE" not in status:
                     log.error("%s encoder at %s failed: %s %s", modality, address, status, msg)
                     raise BackendError(f"the {modality} encoder service failed; its log has the details") from None
-                log.warning("%s encoder at %s is unavailable (%s); trying the next replica", modality, address, msg)
                 with self._lock:
                     self._down_until[address] = time.monotonic() + 5.0
+                if NOT_CONNECTED not in msg.lower():  # it was sent: the replica went away while handling it
+                    crashes += 1
+                    log.error("%s encoder at %s went away with a request of %d item(s) in flight (%s)", modality,
+                              address, len(raws), msg)  # fmt: skip
+                    if crashes > 1:
+                        raise BackendCrashed(f"{modality} encoder replicas went away twice while handling this "
+                                             "request; it is not retried again") from None  # fmt: skip
+                    continue
+                log.warning("%s encoder at %s is unavailable (%s); trying the next replica", modality, address, msg)
                 continue
             if address in self._down_until:
                 with self._lock:
@@ -179,6 +204,9 @@ class EncoderPool:
                 InputError(_text(err)) if err else (torch.from_numpy(emb.copy()), _text(ver))
                 for emb, ver, err in zip(embs, versions[:, 0], errors[:, 0], strict=True)
             ]
+        if crashes:  # and no replica was reachable for its one retry: retrying later (a job's batch) would kill again
+            raise BackendCrashed(f"an {modality} encoder replica went away while handling this request, and no "
+                                 "replica was reachable for its one retry")  # fmt: skip
         raise BackendUnavailable(f"every {modality} encoder replica is unavailable")
 
 

@@ -184,7 +184,8 @@ class Served:
         for name in [*self.services, ""]:
             self.health.set(name, status)
 
-    def serve_until_signal(self, grace_s: float, app=None, http_host: str = "0.0.0.0", http_port: int = 0) -> None:
+    def serve_until_signal(self, grace_s: float, app=None, http_host: str = "0.0.0.0", http_port: int = 0,
+                           http_tls: dict | None = None) -> None:  # fmt: skip
         """Serve (gRPC, and the ASGI ``app`` on ``http_port`` if given) until SIGTERM or SIGINT, then drain: health
         turns NOT_SERVING at once, new calls get UNAVAILABLE, calls in flight get up to ``grace_s`` to finish
         (Kubernetes sends SIGTERM and waits terminationGracePeriodSeconds)."""
@@ -215,7 +216,7 @@ class Served:
                     super().handle_exit(sig, frame)
 
             config = uvicorn.Config(app, host=http_host, port=http_port, log_level="warning",
-                                    timeout_graceful_shutdown=max(1, int(grace_s)))  # fmt: skip
+                                    timeout_graceful_shutdown=max(1, int(grace_s)), **(http_tls or {}))  # fmt: skip
             Server(config).run()  # returns once its HTTP requests in flight are done (or the grace is over)
             drain()
         if not self.gate.wait_idle(max(0.0, grace_s - (time.monotonic() - t0))):

@@ -1,0 +1,183 @@
+"""Hostile input, the ports and the retries: the LLM service's TGI port is guarded as the gateway's are (API keys,
+TLS with a client certificate where its gRPC port has it, loopback-only in compose), and a request that kills
+the encoder replica handling it is retried once, not on every replica in turn (a job records it as the row's
+error instead of retrying the batch ten times).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from procs import Procs, free_port, record_figures
+from test_security import make_certs
+
+from modalink.auth import hash_key
+from modalink.v1 import assistant_pb2_grpc
+from modalink.wire import assistant_pb2, common_pb2
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "mlk_tgi-test-key"
+
+# A replica that a request kills: a Triton-protocol gRPC server (tritonclient's own service definition) that counts
+# each inference request it receives in a file, then dies with it in flight, as an encoder process that a
+# pathological input brings down would.
+KILLED_REPLICA = """
+import os, sys
+from concurrent import futures
+import grpc
+from tritonclient.grpc import service_pb2_grpc
+
+class Dies(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def ModelInfer(self, request, context):
+        with open(sys.argv[2], "a") as f:
+            f.write("request\\n")
+        os._exit(1)
+
+server = grpc.server(futures.ThreadPoolExecutor(4))
+service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Dies(), server)
+server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+server.start()
+server.wait_for_termination()
+"""
+
+
+def test_compose_publishes_the_llm_port_on_loopback_only():
+    """The TGI port skips the gateway's safety filters: compose must not publish it on every interface."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    published = compose["services"]["llm"].get("ports", [])
+    assert published and all(str(p).startswith("127.0.0.1:") for p in published), published
+
+
+def test_the_tgi_port_needs_a_key_and_a_client_certificate(tmp_path):
+    """With API keys and MODALINK_TLS_* set, the LLM service's TGI port serves HTTPS that requires a client
+    certificate from the services' CA, and every route but /health and /metrics requires a key."""
+    certs = make_certs(tmp_path)
+    port, tgi = free_port(), free_port()
+    procs = Procs(tmp_path, {**os.environ, "HF_HUB_OFFLINE": "1", "MODALINK_NUM_THREADS": "1",
+                             "MODALINK_QUANTIZE": "fp16-cpu", "MODALINK_API_KEY_HASHES": hash_key(KEY),
+                             "MODALINK_TLS_CERT": str(certs["service"]), "MODALINK_TLS_KEY": str(certs["service_key"]),
+                             "MODALINK_TLS_CA": str(certs["ca"])})  # fmt: skip
+    try:
+        llm = procs.start("llm", [sys.executable, "-m", "modalink.cli", "serve", "llm", "--port", str(port),
+                                  "--http-port", str(tgi), "--host", "127.0.0.1"])  # fmt: skip
+
+        def context(client: str | None) -> ssl.SSLContext:
+            ctx = ssl.create_default_context(cafile=str(certs["ca"]))
+            if client:
+                ctx.load_cert_chain(str(certs[client]), str(certs[f"{client}_key"]))
+            return ctx
+
+        def call(path: str, client: str | None, key: str | None = None, body: bytes | None = None) -> str:
+            headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+            req = urllib.request.Request(f"https://127.0.0.1:{tgi}{path}", body, headers)
+            try:
+                with urllib.request.urlopen(req, timeout=120, context=context(client)) as res:
+                    return str(res.status)
+            except urllib.error.HTTPError as e:
+                return str(e.code)
+            except (urllib.error.URLError, ssl.SSLError, ConnectionError) as e:
+                return "refused: " + type(getattr(e, "reason", e)).__name__
+
+        deadline = time.time() + 240
+        while (health := call("/health", "service")) != "200":
+            assert llm[0].poll() is None and time.time() < deadline, llm[1].read_text()[-3000:]
+            time.sleep(1)
+        body = b'{"inputs": "Hello", "parameters": {"max_new_tokens": 2}}'
+        seen = {
+            "health, with a certificate": health,
+            "generate, no client certificate": call("/generate", None, KEY, body),
+            "generate, another CA's certificate": call("/generate", "rogue", KEY, body),
+            "generate, certificate but no key": call("/generate", "service", None, body),
+            "generate, certificate and a wrong key": call("/generate", "service", "mlk_wrong", body),
+            "generate, certificate and key": call("/generate", "service", KEY, body),
+        }
+    finally:
+        procs.stop_all()
+    record_figures("hostile-tgi-port-guarded", **seen)
+    assert seen["generate, no client certificate"].startswith("refused"), seen
+    assert seen["generate, another CA's certificate"].startswith("refused"), seen
+    assert seen["generate, certificate but no key"] == seen["generate, certificate and a wrong key"] == "401", seen
+    assert seen["generate, certificate and key"] == "200", seen
+
+
+@pytest.fixture
+def killed_replicas(tmp_path):
+    """Three encoder replicas that each die on the first request they receive, and the file that counts the
+    requests they received."""
+    hits = tmp_path / "hits"
+    hits.touch()
+    procs = Procs(tmp_path, dict(os.environ))
+    ports = [free_port() for _ in range(3)]
+    try:
+        replicas = [procs.start(f"replica{i}", [sys.executable, "-c", KILLED_REPLICA, str(p), str(hits)])
+                    for i, p in enumerate(ports)]  # fmt: skip
+        for (proc, log), p in zip(replicas, ports, strict=True):
+            grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{p}")).result(timeout=60)
+            assert proc.poll() is None, log.read_text()
+        yield [f"127.0.0.1:{p}" for p in ports], hits
+    finally:
+        procs.stop_all()
+
+
+def test_a_request_that_kills_its_replica_is_retried_once_not_on_every_replica(killed_replicas):
+    from modalink.errors import BackendCrashed
+    from modalink.remote import EncoderPool
+
+    addresses, hits = killed_replicas
+    pool = EncoderPool({"image": addresses}, timeout_s=30)
+    out = pool.embed_batch("image", [b"\x89PNG one", b"\x89PNG two"])
+    received = hits.read_text().count("request")
+    record_figures("hostile-retry-amplification", replicas=len(addresses), requests_received=received,
+                   error=str(out[0]))  # fmt: skip
+    assert received == 2, f"{received} replicas received the request (and died of it); at most 2 may"
+    assert all(isinstance(o, BackendCrashed) for o in out), out
+    assert "went away twice" in str(out[0])
+
+
+def test_through_the_gateway_the_caller_gets_internal_and_a_job_gets_error_rows(killed_replicas, tmp_path):
+    """Over gRPC the caller gets INTERNAL (which clients do not retry), not UNAVAILABLE; in a captioning batch the
+    items of that request become error rows (the batch is not raised for Celery to retry ten times)."""
+    from modalink.engine import GenerationParams
+    from modalink.jobs import ANYWHERE, caption_batch
+    from modalink.remote import EncoderPool
+
+    addresses, hits = killed_replicas
+    procs = Procs(tmp_path / "gw", {**os.environ, "MODALINK_NUM_THREADS": "1",
+                                    "MODALINK_LLM_ADDRESS": f"127.0.0.1:{free_port()}",
+                                    "MODALINK_ENCODERS": ",".join(f"image={a}" for a in addresses[:2])})  # fmt: skip
+    (tmp_path / "gw").mkdir()
+    port = free_port()
+    try:
+        procs.start("gateway", [sys.executable, "-m", "modalink.cli", "serve", "gateway", "--port", str(port),
+                                "--http-port", "0"])  # fmt: skip
+        ready = grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}"))  # (not healthy: no LLM)
+        ready.result(timeout=120)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            part = common_pb2.Part(image=common_pb2.Image(data=b"\x89PNG killer"))
+            with pytest.raises(grpc.RpcError) as err:
+                assistant_pb2_grpc.AssistantStub(ch).Embed(assistant_pb2.EmbedRequest(part=part), timeout=60)
+    finally:
+        procs.stop_all()
+    assert err.value.code() == grpc.StatusCode.INTERNAL and "went away twice" in err.value.details(), err.value
+    assert hits.read_text().count("request") == 2
+
+    image = tmp_path / "killer.png"
+    image.write_bytes(b"\x89PNG killer")
+
+    class Remote:  # caption_batch needs only the encoder pool when every item fails at encoding
+        encoders = EncoderPool({"image": addresses[2:]}, timeout_s=30)
+        pipeline = None
+
+    rows = [{"id": "a", "modality": "image", "path": str(image)}, {"id": "b", "modality": "image", "path": str(image)}]
+    out = caption_batch(Remote(), "image", rows, GenerationParams(max_new_tokens=4), roots=ANYWHERE)
+    assert [r["id"] for r in out] == ["a", "b"] and all("went away" in r["error"] for r in out), out
