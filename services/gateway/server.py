@@ -25,7 +25,7 @@ from modalink.metrics import track
 from modalink.pipeline import Turn
 from modalink.registry import AdapterRegistry
 from modalink.remote import RemoteAssistant
-from modalink.rpc import Served, abort_on_input_error, make_server, time_left
+from modalink.rpc import Served, abort_on_input_error, caller_of, make_server, time_left
 from modalink.v1 import assistant_pb2, assistant_pb2_grpc
 from modalink.wire import params_from_msg, part_input, to_tensor_msg, turn_from_msg, usage_to_msg
 
@@ -58,6 +58,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
     def __init__(self, remote: RemoteAssistant, settings: Settings | None = None):
         self.remote, self.settings = remote, settings or get_settings()
         self.registry = AdapterRegistry(self.settings.adapters_dir)
+        self.keys = KeyRing.from_settings(self.settings)  # who a caller is, for the running-jobs quota
 
     def Generate(self, request: assistant_pb2.GenerateRequest, context: grpc.ServicerContext):
         with track("grpc", "Generate", context):
@@ -105,7 +106,8 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         # relative to the jobs dir, as manifest_path is (the workers' working directory is not the gateway's)
         results = str(jobs_dir / (request.results_path or "{job_id}.captions.jsonl"))
         with redis_errors():
-            job_id = queueing.submit(rows, results, request.batch_size or 16, params, request.prompt)
+            job_id = queueing.submit(rows, results, request.batch_size or 16, params, request.prompt,
+                                     caller=caller_of(context, self.keys))  # fmt: skip
             return job_msg(job_id, queueing.store().get(job_id))
 
     @tracked

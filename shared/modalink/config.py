@@ -128,6 +128,8 @@ class Settings(BaseSettings):
     job_ttl_s: int = Field(7 * 86400, ge=0, description="A finished or cancelled job's state and results leave "
                            "Redis this long after it ends (the results file stays); 0 = kept.")  # fmt: skip
     max_job_rows: int = Field(100_000, ge=1, description="Most rows in one captioning job's manifest.")
+    max_jobs_per_caller: int = Field(8, ge=0, description="Most captioning jobs one caller (API key, or address "
+                                     "with no keys) may have running at once; 0 = no limit.")  # fmt: skip
     redis_retry_s: float = Field(
         60.0, ge=0, description="How long job-store writes retry while Redis is unreachable (e.g. restarting)."
     )

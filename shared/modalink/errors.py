@@ -22,6 +22,10 @@ class NotFound(InputError):
     """The request names something that does not exist (a job id); services answer NOT_FOUND / 404."""
 
 
+class QuotaExceeded(RuntimeError):
+    """A caller has used up a quota (running jobs): RESOURCE_EXHAUSTED / 429; the same call succeeds later."""
+
+
 class BackendError(RuntimeError):
     """A service behind this one (an encoder, the LLM) failed. ``code``: the gRPC status name to answer with."""
 
@@ -64,6 +68,8 @@ def status_of(e: BaseException) -> tuple[str, str]:
         return "NOT_FOUND", str(e)
     if isinstance(e, InputError):
         return "INVALID_ARGUMENT", str(e)
+    if isinstance(e, QuotaExceeded):
+        return "RESOURCE_EXHAUSTED", str(e)
     if isinstance(e, PermissionError):
         return "PERMISSION_DENIED", str(e)
     if isinstance(e, BackendError):

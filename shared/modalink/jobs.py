@@ -1,7 +1,8 @@
 """Offline captioning jobs: a manifest split per modality into batches, captioned through the services.
 
 State lives in Redis: ``modalink:job:<id>`` (a hash: state, total, done, errors, results path, prompt) and
-``modalink:job:<id>:results`` (item id -> result JSON, written with HSETNX). Writing a result only if its
+``modalink:job:<id>:results`` (item id -> result JSON, written with HSETNX), and ``modalink:caller:<id>:jobs``
+(the ids of a caller's jobs, for the running-jobs quota). Writing a result only if its
 id is new makes a re-delivered batch (a worker killed mid-batch, ``acks_late``) harmless: at-least-once
 delivery, exactly-once results. The worker-side store steps retry while Redis restarts (it persists with an
 append-only file). The Celery side is ``services/worker``.
@@ -29,11 +30,12 @@ from typing import Any
 from modalink import MODALITIES
 from modalink.data import check_path, default_question
 from modalink.engine import GenerationParams
-from modalink.errors import InputError, NotFound
+from modalink.errors import InputError, NotFound, QuotaExceeded
 from modalink.pipeline import Turn
 from modalink.prompt import Media
 
 KEY = "modalink:job:{}"
+CALLER_KEY = "modalink:caller:{}:jobs"
 STATES = ("running", "done", "cancelled")
 ANYWHERE = (Path("/"),)  # the roots of a trusted submitter (the CLI, which reaches the broker directly anyway)
 log = logging.getLogger(__name__)
@@ -102,8 +104,10 @@ class JobStore:
         self.redis, self.retry_s, self.ttl_s = redis, retry_s, ttl_s
         self._record = redis.register_script(RECORD)
 
-    def create(self, rows: list[dict], results_path: str, prompt: str = "") -> str:
-        """A running job over ``rows``; ``results_path`` may contain ``{job_id}``."""
+    def create(self, rows: list[dict], results_path: str, prompt: str = "", caller: str = "",
+               max_running: int = 0) -> str:  # fmt: skip
+        """A running job over ``rows``; ``results_path`` may contain ``{job_id}``. With a ``caller`` and
+        ``max_running``, a caller who already has that many jobs running is refused (``QuotaExceeded``)."""
         job_id = uuid.uuid4().hex[:16]
         results_path = results_path.replace("{job_id}", job_id)
         counts: dict[str, int] = {}
@@ -113,7 +117,30 @@ class JobStore:
         self.redis.hset(KEY.format(job_id), mapping={"state": "running", "total": len(rows), "done": 0, "errors": 0,
                                                      "results": results_path, "created": time.time(), "prompt": prompt,
                                                      "items": json.dumps(counts)})  # fmt: skip
+        if caller and max_running:
+            self._admit(job_id, caller, max_running)
         return job_id
+
+    def _admit(self, job_id: str, caller: str, max_running: int) -> None:
+        """Count the caller's running jobs with this one (ended ones leave the caller's set here); over the quota,
+        the new job is deleted again and refused. Two submits at the same moment may both be refused, never both
+        let past the quota."""
+        key = CALLER_KEY.format(caller)
+        self.redis.sadd(key, job_id)
+        if self.ttl_s:
+            self.redis.expire(key, self.ttl_s)
+        ids = [i.decode() for i in self.redis.smembers(key)]
+        pipe = self.redis.pipeline(transaction=False)
+        for i in ids:
+            pipe.hget(KEY.format(i), "state")
+        ended = [i for i, state in zip(ids, pipe.execute(), strict=True) if state != b"running"]
+        if ended:
+            self.redis.srem(key, *ended)
+        if (running := len(ids) - len(ended)) > max_running:
+            self.redis.srem(key, job_id)
+            self.redis.delete(KEY.format(job_id))
+            raise QuotaExceeded(f"this caller has {running - 1} captioning jobs running; the limit is {max_running} "
+                                "(MODALINK_MAX_JOBS_PER_CALLER): wait for one to end, or cancel one")  # fmt: skip
 
     def get(self, job_id: str) -> dict:
         raw = self.redis.hgetall(KEY.format(job_id))

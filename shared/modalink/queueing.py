@@ -84,11 +84,13 @@ def submit(
     prompt: str = "",
     roots: Sequence[str | Path] | None = None,
     settings: Settings | None = None,
+    caller: str = "",
 ) -> str:
     """Create a job for manifest rows (``modalink.data.read_manifest``) and queue its batches per modality
     (``caption.<modality>``); returns the job id. ``results`` may contain ``{job_id}``. The results file and the
     items must lie inside ``roots`` (default: ``manifest_roots()``; a trusted local submitter may pass
-    ``jobs.ANYWHERE``)."""
+    ``jobs.ANYWHERE``). A ``caller`` (the gateway's: an API key's id or an address) may have at most
+    ``MODALINK_MAX_JOBS_PER_CALLER`` jobs running."""
     settings = settings or get_settings()
     roots = [str(r) for r in (manifest_roots() if roots is None else roots)]
     check_path(results.replace("{job_id}", "job"), roots, "results path")
@@ -108,7 +110,7 @@ def submit(
         raise InputError(f"batch_size must be in 1..256, got {batch_size}")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InputError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
-    job_id = store(settings).create(rows, results, prompt)
+    job_id = store(settings).create(rows, results, prompt, caller, settings.max_jobs_per_caller)
     sender = _sender(settings.redis_url)
     for modality, chunk in batches(rows, batch_size):
         sender.send_task(CAPTION_TASK, (job_id, modality, chunk, asdict(params), prompt, roots),

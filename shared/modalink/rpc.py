@@ -96,6 +96,14 @@ def peer_host(peer: str) -> str:
     return address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
 
 
+def caller_of(context: grpc.ServicerContext, keys: KeyRing) -> str:
+    """Who is calling, for quotas: the API key's id, or with no keys configured the peer's address."""
+    if keys:
+        metadata = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        return "key:" + (keys.identify(key_from_headers(metadata)) or "?")
+    return "address:" + peer_host(context.peer())
+
+
 def server_credentials(settings) -> grpc.ServerCredentials | None:
     """mTLS for a service's gRPC port when ``MODALINK_TLS_CERT``/``_KEY`` are set: clients must present a
     certificate signed by ``MODALINK_TLS_CA``."""
