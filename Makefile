@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help install install-system stubs demo up down test lint format bench chart clean data adapters eval \
-	protos-check protos-release
+	protos-check protos-release docs-images
 
 help:
 	@echo "make demo    - start the services, ask them about a sample image, audio clip, IMU window and video"
@@ -23,6 +23,7 @@ help:
 	@echo "make install - Debian packages + .venv (torch CPU wheel first, then modalink-client and modalink editable)"
 	@echo "make adapters - rebuild the data and retrain every adapter from scratch"
 	@echo "make eval    - class-word accuracy of the current adapters on the held-out test splits"
+	@echo "make docs-images - rerun the playground test, writing its screenshots to docs/img/ (the README's)"
 	@echo "make chart   - render + lint the Helm chart, validate it (Kubernetes 1.30/1.33) and docker-compose.yml"
 
 install: install-system $(VENV)/.installed stubs
@@ -140,6 +141,11 @@ bench: install
 			"docs/PERFORMANCE.md (\`$(BIN)/python $$f --smoke\` reproduces it in a minute or two)" >&2; exit 1; }; \
 	done
 	$(BIN)/python bench/report.py
+
+# The README's playground screenshots (docs/img/, tracked): tests/test_playground.py writes them there only when asked
+# (otherwise to build/screenshots/). Stop a running `make up` first: the playground test uses its ports.
+docs-images: install
+	MODALINK_DOCS_IMAGES=1 $(BIN)/python -m pytest -q tests/test_playground.py
 
 # Offline: Helm's engine embedded in Python, Kubernetes and Compose JSON schemas; no cluster or Docker needed.
 chart: install

@@ -4,7 +4,8 @@
 playground on :7860; Debian's Chromium (driven by Playwright, no browser download) opens the page, uploads
 the packaged samples, reads the streamed answers, runs a captioning job and looks at the adapter registry.
 The stack gets its own copy of the adapter registry and its own jobs dir, so nothing here touches the repo.
-Screenshots for the README land in docs/img/.
+Screenshots land in build/screenshots/; the README's (docs/img/, tracked) are refreshed only on request:
+`make docs-images` (MODALINK_DOCS_IMAGES=1), so a test run never rewrites tracked files.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync",
                  # a fake microphone (a beeping tone) that needs no permission prompt, for the recording test
                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]  # fmt: skip
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "img"
-REPO_ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / ("docs/img" if os.environ.get("MODALINK_DOCS_IMAGES") == "1" else "build/screenshots")
+REPO_ADAPTERS = ROOT / "adapters"
 ANSWER_TIMEOUT_MS = 300_000  # 2 slow cores, one torch thread per service
 
 
