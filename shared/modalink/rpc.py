@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -65,29 +66,38 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def _per_peer(self, handler):
         """The handler, refusing a call whose peer address (not its port) is over the limit."""
-        if handler is None or handler.request_streaming:
-            return handler
-        kind = "unary_stream" if handler.response_streaming else "unary_unary"
-        behavior = getattr(handler, kind)
 
-        def check(context) -> None:
+        @contextlib.contextmanager
+        def check(request, context):
             if wait := self._wait(peer_host(context.peer())):
                 context.set_trailing_metadata((("retry-after", f"{wait:.3f}"),))
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._limited("caller address", wait))
+            yield
 
-        if handler.response_streaming:
+        return wrap_handler(handler, check)
 
-            def stream(request, context):
-                check(context)
+
+def wrap_handler(handler, around: Callable):
+    """``handler`` with its behavior run inside ``around(request, context)``, a context manager: what every
+    interceptor here needs of a call (check it first, count it while it runs). Unary requests, streamed responses
+    or not (no method here streams its requests); others are returned as they are."""
+    if handler is None or handler.request_streaming:
+        return handler
+    if handler.response_streaming:
+        behavior = handler.unary_stream
+
+        def unary_stream(request, context):
+            with around(request, context):
                 yield from behavior(request, context)
 
-            return handler._replace(unary_stream=stream)
+        return handler._replace(unary_stream=unary_stream)
+    behavior = handler.unary_unary
 
-        def unary(request, context):
-            check(context)
+    def unary_unary(request, context):
+        with around(request, context):
             return behavior(request, context)
 
-        return handler._replace(unary_unary=unary)
+    return handler._replace(unary_unary=unary_unary)
 
 
 def peer_host(peer: str) -> str:
@@ -151,30 +161,15 @@ class Gate(grpc.ServerInterceptor):
             return continuation(details)
         if self.closed:
             return self._refuse
-        handler = continuation(details)
-        if handler is None or handler.request_streaming:
-            return handler
-        if handler.response_streaming:
-            behavior = handler.unary_stream
+        return wrap_handler(continuation(details), self._counted)
 
-            def unary_stream(request, context):
-                self._count(+1)
-                try:
-                    yield from behavior(request, context)
-                finally:
-                    self._count(-1)
-
-            return handler._replace(unary_stream=unary_stream)
-        behavior = handler.unary_unary
-
-        def unary_unary(request, context):
-            self._count(+1)
-            try:
-                return behavior(request, context)
-            finally:
-                self._count(-1)
-
-        return handler._replace(unary_unary=unary_unary)
+    @contextlib.contextmanager
+    def _counted(self, request, context):
+        self._count(+1)
+        try:
+            yield
+        finally:
+            self._count(-1)
 
 
 @dataclass
@@ -358,16 +353,13 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
             except Exception:  # noqa: BLE001  (DecodeError; anything else is as malformed to the caller)
                 return _Malformed(_why(method, data))
 
-        def checked(behavior):
-            def run(request, context):
-                if isinstance(request, _Malformed):
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-                return behavior(request, context)
+        @contextlib.contextmanager
+        def parsed(request, context):
+            if isinstance(request, _Malformed):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            yield
 
-            return run
-
-        kind = "unary_stream" if handler.response_streaming else "unary_unary"
-        return handler._replace(request_deserializer=safe_deserialize, **{kind: checked(getattr(handler, kind))})
+        return wrap_handler(handler._replace(request_deserializer=safe_deserialize), parsed)
 
 
 def _why(method: str, data: bytes) -> str:
