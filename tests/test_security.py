@@ -24,6 +24,7 @@ from modalink.wire import assistant_pb2, common_pb2, llm_pb2
 
 MODALINK = [sys.executable, "-m", "modalink.cli"]
 HASHED_KEY, PLAIN_KEY = "mlk_hashed-at-rest", "mlk_plain-in-env"
+ADMIN_KEY = "mlk_admin-may-promote"
 
 
 def make_certs(out: Path) -> dict[str, Path]:
@@ -96,6 +97,7 @@ def secured(tmp_path_factory, samples):
             "gateway", [*MODALINK, "serve", "gateway", "--port", str(gw_port), "--http-port", str(gw_http)],
             {"MODALINK_ENCODERS": f"image=127.0.0.1:{grpc_port}", "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}",
              "MODALINK_API_KEY_HASHES": hash_key(HASHED_KEY), "MODALINK_API_KEYS": PLAIN_KEY,
+             "MODALINK_ADMIN_API_KEY_HASHES": hash_key(ADMIN_KEY),
              "MODALINK_RATE_LIMIT_RPS": "1", "MODALINK_RATE_LIMIT_BURST": "4"},
         )  # fmt: skip
         wait_triton(http, "image_encoder", *encoder)
@@ -151,6 +153,18 @@ def test_key_ring_keeps_only_hashes_and_reads_both_headers():
     assert key_from_headers({"authorization": "Basic abc"}) is None
     with pytest.raises(ConfigError, match="sha256:<64"):
         KeyRing(hashes=["sha256:not-hex"])
+
+
+def test_admin_keys_are_accepted_keys_and_the_only_ones_that_may_promote():
+    settings = Settings(api_keys="k-plain", api_key_hashes=hash_key("k-hashed"), admin_api_keys="k-admin",
+                        admin_api_key_hashes=hash_key("k-admin-hashed"))  # fmt: skip
+    keys, admins = KeyRing.from_settings(settings), KeyRing.admins_from_settings(settings)
+    assert all(keys.identify(k) for k in ("k-plain", "k-hashed", "k-admin", "k-admin-hashed"))
+    assert admins.identify("k-admin") and admins.identify("k-admin-hashed")
+    assert admins.identify("k-plain") is None and admins.identify("k-hashed") is None
+    assert not KeyRing.admins_from_settings(Settings(api_keys="k-plain"))  # no admins: nobody promotes
+    with pytest.raises(ConfigError, match="sha256:<64"):
+        KeyRing.from_settings(Settings(admin_api_key_hashes="sha256:nope"))
 
 
 def test_rate_limiter_allows_the_burst_then_the_rate():
@@ -246,18 +260,31 @@ def patient(fn, *args, **kw):
     raise AssertionError("still rate limited")
 
 
-def test_promote_and_rollback_with_a_key_reach_the_encoder(secured):
-    """The adapters page's calls: a key holder promotes an older image adapter, the encoder serves it without a
-    restart, and a rollback brings the newer one back. Without a valid key, nothing changes."""
+def test_promote_and_rollback_with_an_admin_key_reach_the_encoder(secured):
+    """The adapters page's calls: an admin key's holder promotes an older image adapter, the encoder serves it
+    without a restart, and a rollback brings the newer one back. An ordinary key may list the adapters but not
+    promote (PERMISSION_DENIED); without a valid key, nothing at all."""
     from modalink import client
 
-    with client.Client(secured["gateway"], api_key=HASHED_KEY) as c:
+    with client.Client(secured["gateway"], api_key=ADMIN_KEY) as c:
         table = patient(c.adapters, "image")["image"]
         newest, older = table["versions"][-1]["version"], table["versions"][0]["version"]
         assert table["current"] == newest and older != newest
         with client.Client(secured["gateway"], api_key="wrong") as intruder, pytest.raises(grpc.RpcError) as err:
             intruder.promote("image", older)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        for key in (HASHED_KEY, PLAIN_KEY):
+            with client.Client(secured["gateway"], api_key=key) as ordinary:
+                assert patient(ordinary.adapters, "image")["image"]["current"] == newest
+                with pytest.raises(grpc.RpcError) as err:
+                    patient(ordinary.promote, "image", older)
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value
+                assert "admin API key" in err.value.details()
+                with pytest.raises(grpc.RpcError) as err:
+                    patient(ordinary.promote, "image", rollback=True)
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert patient(c.adapters, "image")["image"]["current"] == newest  # nothing changed
+        assert embed(secured["gateway"], secured["image"], (("x-api-key", ADMIN_KEY),)).embeddings.shape == [8, 576]
         assert patient(c.promote, "image", older)["image"]["current"] == older
 
         def served() -> str:

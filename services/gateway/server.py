@@ -17,7 +17,7 @@ import threading
 import grpc
 
 from modalink import MODALITIES, check_modality, data, jobs, ports, queueing
-from modalink.auth import KeyRing
+from modalink.auth import KeyRing, key_from_headers
 from modalink.config import Settings, get_settings
 from modalink.data import default_question
 from modalink.errors import InputError
@@ -59,6 +59,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         self.remote, self.settings = remote, settings or get_settings()
         self.registry = AdapterRegistry(self.settings.adapters_dir)
         self.keys = KeyRing.from_settings(self.settings)  # who a caller is, for the running-jobs quota
+        self.admins = KeyRing.admins_from_settings(self.settings)
 
     def Generate(self, request: assistant_pb2.GenerateRequest, context: grpc.ServicerContext):
         with track("grpc", "Generate", context):
@@ -127,9 +128,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
 
     @tracked
     def PromoteAdapter(self, request: assistant_pb2.PromoteAdapterRequest, context: grpc.ServicerContext):
-        if not KeyRing.from_settings(self.settings):
-            raise PermissionError("promoting adapters needs an API key: this gateway has none configured "
-                                  "(MODALINK_API_KEYS / MODALINK_API_KEY_HASHES)")  # fmt: skip
+        admin = self.check_admin(context)
         modality = check_modality(request.modality)
         try:
             if request.rollback:
@@ -141,8 +140,21 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
                 self.registry.promote(modality, version)
         except (ValueError, RuntimeError) as e:  # unknown version, nothing to roll back to, checksum mismatch
             raise InputError(str(e)) from None
-        log.info("adapter %s/%s promoted%s", modality, version, " (rollback)" if request.rollback else "")
+        log.info("adapter %s/%s promoted%s by admin key %s", modality, version,
+                 " (rollback)" if request.rollback else "", admin)  # fmt: skip
         return adapter_list(self.registry, [modality])
+
+    def check_admin(self, context: grpc.ServicerContext) -> str:
+        """The calling admin key's id. Promoting changes what every caller is served: only an admin key may (the
+        auth interceptor has let in any accepted key); without admin keys nobody may, on an open gateway too."""
+        if not self.admins:
+            raise PermissionError("promoting adapters needs an admin API key: this gateway has none configured "
+                                  "(MODALINK_ADMIN_API_KEYS / MODALINK_ADMIN_API_KEY_HASHES)")  # fmt: skip
+        metadata = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        if (admin := self.admins.identify(key_from_headers(metadata))) is None:
+            raise PermissionError("promoting adapters needs an admin API key (MODALINK_ADMIN_API_KEY_HASHES); "
+                                  "this key may call everything else but not PromoteAdapter")  # fmt: skip
+        return admin
 
 
 def adapter_list(registry: AdapterRegistry, modalities) -> assistant_pb2.AdapterList:

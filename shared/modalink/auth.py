@@ -4,6 +4,10 @@ Keys come from ``MODALINK_API_KEYS`` (plain, e.g. for local use; hashed as soon 
 ``MODALINK_API_KEY_HASHES`` (``sha256:<hex>``, what the Helm chart's Secret stores, so the cluster never holds a
 usable key). Clients send a key as gRPC metadata ``x-api-key`` or ``authorization: Bearer <key>``, or as the
 same HTTP headers. ``modalink keys new`` makes a key and prints its hash.
+
+Admin keys (``MODALINK_ADMIN_API_KEYS`` / ``MODALINK_ADMIN_API_KEY_HASHES``, ``modalink keys new --admin``) are
+accepted for every call and are the only ones that may change what every caller is served: promoting or rolling
+back an adapter. A gateway without admin keys lets nobody promote (open or not).
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ def key_from_headers(headers: Mapping[str, str]) -> str | None:
     return auth[7:].strip() or None if auth[:7].lower() == "bearer " else None
 
 
+def _split(value: str) -> list[str]:
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
 class KeyRing:
     """Hashes of the accepted keys; ``identify`` compares in constant time and names a key by its hash prefix."""
 
@@ -52,8 +60,14 @@ class KeyRing:
 
     @classmethod
     def from_settings(cls, settings) -> KeyRing:
-        split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
-        return cls(split(settings.api_keys), split(settings.api_key_hashes))
+        """Every key the gateway accepts: the ordinary ones and the admin ones."""
+        return cls([*_split(settings.api_keys), *_split(settings.admin_api_keys)],
+                   [*_split(settings.api_key_hashes), *_split(settings.admin_api_key_hashes)])  # fmt: skip
+
+    @classmethod
+    def admins_from_settings(cls, settings) -> KeyRing:
+        """The admin keys only (they may promote adapters)."""
+        return cls(_split(settings.admin_api_keys), _split(settings.admin_api_key_hashes))
 
     def __bool__(self) -> bool:
         return bool(self.hashes)

@@ -516,18 +516,23 @@ def _http_host(grpc_host: str) -> str:
     return "0.0.0.0" if grpc_host in ("[::]", "::", "0.0.0.0") else grpc_host.strip("[]")
 
 
-keys_app = typer.Typer(help="Gateway API keys: the cluster stores only their hashes (MODALINK_API_KEY_HASHES).",
+keys_app = typer.Typer(help="Gateway API keys: the cluster stores only their hashes (MODALINK_API_KEY_HASHES, "
+                       "MODALINK_ADMIN_API_KEY_HASHES).",
                        no_args_is_help=True)  # fmt: skip
 app.add_typer(keys_app, name="keys")
 
 
 @keys_app.command("new")
-def keys_new() -> None:
+def keys_new(
+    admin: bool = typer.Option(False, "--admin", help="An admin key: it may also promote adapters."),
+) -> None:
     """Make a random API key; prints the key (give it to the client) and its hash (put it in the Secret)."""
     from modalink.auth import hash_key, new_key
 
     key = new_key()
-    typer.echo(f"key:  {key}\nhash: {hash_key(key)}")
+    setting = "MODALINK_ADMIN_API_KEY_HASHES (chart: adminApiKeyHashes)" if admin else \
+        "MODALINK_API_KEY_HASHES (chart: apiKeyHashes)"  # fmt: skip
+    typer.echo(f"key:  {key}\nhash: {hash_key(key)}\nput the hash in {setting}")
 
 
 @keys_app.command("hash")

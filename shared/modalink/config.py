@@ -66,6 +66,13 @@ class Settings(BaseSettings):
         "", description="Comma-separated 'sha256:<hex>' hashes of accepted keys (the at-rest form a Secret holds; "
         "`modalink keys new`)."
     )  # fmt: skip
+    admin_api_keys: str = Field(
+        "", description="Comma-separated admin keys: accepted like api_keys, and the only ones that may promote or "
+        "roll back adapters (PromoteAdapter). None: nobody promotes through the gateway."
+    )  # fmt: skip
+    admin_api_key_hashes: str = Field(
+        "", description="Comma-separated 'sha256:<hex>' hashes of admin keys (`modalink keys new --admin`)."
+    )  # fmt: skip
     rate_limit_rps: float = Field(0.0, ge=0, description="Gateway requests/s per API key (per caller if open); 0: off.")
     rate_limit_burst: int = Field(20, ge=1, description="Requests a key may send at once before the rate applies.")
     max_message_mb: int = Field(64, ge=1, le=2047, description="Largest gRPC message a service accepts (MiB).")

@@ -26,8 +26,66 @@ app.kubernetes.io/component: {{ .component }}
 {{- toYaml (mergeOverwrite (deepCopy .root.Values.encoderDefaults) (deepCopy (index .root.Values.encoders .modality))) -}}
 {{- end -}}
 
+{{/* MODALINK_REDIS_URL; with a password, "$(REDIS_PASSWORD)" in it is filled in by Kubernetes (modalink.redisEnv) */}}
 {{- define "modalink.redisUrl" -}}
-{{- if .Values.redis.enabled -}}redis://{{ include "modalink.fullname" . }}-redis:6379/0{{- else -}}{{ .Values.redis.externalUrl }}{{- end -}}
+{{- if .Values.redis.enabled -}}
+redis://{{ if include "modalink.redisSecret" . }}:$(REDIS_PASSWORD)@{{ end }}{{ include "modalink.fullname" . }}-redis:6379/0
+{{- else -}}
+{{- if and (include "modalink.redisSecret" .) (not (contains "$(REDIS_PASSWORD)" .Values.redis.externalUrl)) -}}
+{{- fail "redis.externalUrl must carry the password as $(REDIS_PASSWORD), e.g. redis://:$(REDIS_PASSWORD)@host:6379/0 (or unset redis.auth.password/existingSecret)" -}}
+{{- end -}}
+{{- .Values.redis.externalUrl -}}
+{{- end -}}
+{{- end -}}
+
+{{/* the Secret holding the Redis password, or empty when Redis has none: the chart's Redis (auth.enabled) or an
+external one given auth.password or auth.existingSecret */}}
+{{- define "modalink.redisSecret" -}}
+{{- $a := .Values.redis.auth -}}
+{{- if $a.enabled -}}
+{{- if $a.existingSecret -}}{{ $a.existingSecret }}
+{{- else if or .Values.redis.enabled $a.password -}}{{ include "modalink.fullname" . }}-redis
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "modalink.redisSecretKey" -}}
+{{- if .Values.redis.auth.existingSecret -}}{{ .Values.redis.auth.existingSecretKey }}{{- else -}}redis-password{{- end -}}
+{{- end -}}
+
+{{/* env of a Redis client (gateway, workers, beat): the password from its Secret, then the URL that carries it */}}
+{{- define "modalink.redisEnv" -}}
+{{- if include "modalink.redisSecret" . }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ include "modalink.redisSecret" . }}, key: {{ include "modalink.redisSecretKey" . }}}
+{{- end }}
+- name: MODALINK_REDIS_URL
+  value: {{ include "modalink.redisUrl" . | quote }}
+{{- end -}}
+
+{{/* NetworkPolicy peers: this release's pods of the given components, (dict "root" $ "components" (list ...)) */}}
+{{- define "modalink.peers" -}}
+- podSelector:
+    matchLabels:
+      app.kubernetes.io/name: {{ .root.Chart.Name }}
+      app.kubernetes.io/instance: {{ .root.Release.Name }}
+    matchExpressions:
+      - key: app.kubernetes.io/component
+        operator: In
+        values: {{ toJson .components }}
+{{- end -}}
+
+{{/* components of the worker Deployments: "caption" (any caption.* queue), "finetune" or "all" */}}
+{{- define "modalink.workerComponents" -}}
+{{- $out := list -}}
+{{- range $w := .root.Values.workers -}}
+{{- $finetune := has "finetune" $w.queues -}}
+{{- if or (eq $.which "all") (and (eq $.which "finetune") $finetune) (and (eq $.which "caption") (not $finetune)) -}}
+{{- $out = append $out (printf "worker-%s" $w.name) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
 {{- end -}}
 
 {{- define "modalink.claim" -}}
