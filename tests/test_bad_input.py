@@ -629,6 +629,41 @@ def test_http_bad_request(stack, before, case):
     assert answer["error"]["type"] == "invalid_request_error"
 
 
+# The bad requests that reach the decoders (image, audio), sent again and again: memory per request, not per run.
+LEAK_CASES = ["image bomb 100000x100000", "image 7000x7000", "truncated PNG", "corrupt image", "audio 1 h FLAC",
+              "Embed corrupt image", "Caption truncated WAV", "max_new_tokens beyond context"]  # fmt: skip
+LEAK_ROUNDS = 8
+LEAK_MIB_PER_REQUEST = 0.25  # a leak of 1 MiB per request grows 64 MiB here, four times the whole allowance
+
+
+@pytest.mark.slow
+def test_memory_per_bad_request_is_bounded(stack, gateway, before):
+    """After two warm-up rounds (decoder buffers, allocator arenas), repeating the bad requests grows no service by
+    more than LEAK_MIB_PER_REQUEST per request: a leak of a few MiB per request fails, allocator noise does not."""
+
+    def one_round() -> None:
+        for case in LEAK_CASES:
+            (method, request), match = GRPC_CASES[case]
+            with pytest.raises(grpc.RpcError) as e:
+                res = getattr(gateway, method)(request, timeout=120)
+                if method == "Generate":
+                    list(res)
+            assert match.lower() in e.value.details().lower(), e.value.details()
+
+    procs = stack["procs"]
+    watched = {name: (procs[name].pid, name != "gateway") for name in ("gateway", "image", "audio", "llm")}
+    one_round()
+    one_round()
+    start = {name: rss_mib(pid, tree) for name, (pid, tree) in watched.items()}
+    for _ in range(LEAK_ROUNDS):
+        one_round()
+    n = LEAK_ROUNDS * len(LEAK_CASES)
+    per_request = {name: (rss_mib(pid, tree) - start[name]) / n for name, (pid, tree) in watched.items()}
+    print("RSS growth per bad request: " + ", ".join(f"{k} {v:+.3f} MiB" for k, v in per_request.items()))
+    for name, growth in per_request.items():
+        assert growth < LEAK_MIB_PER_REQUEST, f"{name} grew {growth:.2f} MiB per bad request over {n} requests"
+
+
 @pytest.mark.slow
 def test_still_serving_and_bounded_after_bad_input(stack, gateway, before, samples):
     """After every case above: the same good requests get the same answers, and memory did not run away."""
