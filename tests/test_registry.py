@@ -295,3 +295,89 @@ def test_a_writer_killed_at_random_points_never_leaves_a_broken_registry(tmp_pat
         "registry_writer_killed", kills=20, **outcomes, versions=len(registry.versions("imu")), broken=0
     )  # every assertion above held after each kill
     assert sum(outcomes.values()) == 20
+
+
+STEP_WRITER = """
+import os, signal, sys, torch
+from modalink import registry
+from modalink.projectors import ProjectorConfig, build_projector
+root, step, op = sys.argv[1:4]
+def kill_at(name):
+    if name == step:
+        print("killed at", name, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer or a node loss does: no cleanup runs
+registry.STEP_HOOKS.append(kill_at)
+reg = registry.AdapterRegistry(root)
+if op == "publish":
+    torch.manual_seed(len(reg.versions("imu")))
+    reg.publish("imu", build_projector(ProjectorConfig(kind="linear", d_in=16, d_llm=8, n_tokens=2)), promote=True)
+else:
+    reg.rollback("imu")
+print("finished", flush=True)
+"""
+
+
+def check_readable(registry: AdapterRegistry) -> None:
+    """What every reader relies on, whatever a writer was doing when it died."""
+    folder = registry.root / "imu"
+    assert re.fullmatch(r"v\d+\n", (folder / "CURRENT").read_text())  # never empty or cut short
+    current = registry.current("imu")
+    assert current in registry.versions("imu")
+    assert registry.load("imu")[1] == current  # checksum-verified
+    for v in registry.versions("imu"):
+        registry.verify("imu", v)  # no half-written version is listed
+    assert registry.promotions("imu")[-1] == current  # the log agrees with CURRENT: a rollback goes where it says
+    assert [v.version for v in registry.list("imu") if v.current] == [current]
+
+
+# Where a kill at each step leaves the registry: (the new version is listed, HISTORY has the new entry, CURRENT
+# names the target, the name a stray temp dir or file starts with)
+AFTER_KILL = {"version-partial": (False, False, False, ".v"), "version-written": (False, False, False, ".v"),
+              "version-renamed": (True, False, False, None), "HISTORY-temp": (True, False, False, ".HISTORY."),
+              "HISTORY-replaced": (True, True, False, None), "CURRENT-temp": (True, True, False, ".CURRENT."),
+              "CURRENT-replaced": (True, True, True, None)}  # fmt: skip
+
+
+@pytest.mark.parametrize("op", ["publish", "rollback"])
+def test_a_writer_killed_at_each_write_step_leaves_a_readable_registry(tmp_path, op):
+    """A writer SIGKILLed at every named step of a publish + promote (or of a rollback), from inside the write
+    (``registry.STEP_HOOKS``), not at a moment timing happens to pick: each kill lands where it is meant to, the
+    registry reads as before the write or as after it (never in between), and the next publish and rollback work."""
+    from modalink import registry as registry_module
+
+    assert set(AFTER_KILL) == set(registry_module.WRITE_STEPS)
+    registry = AdapterRegistry(tmp_path / "adapters")
+    registry.publish("imu", make_projector(0), promote=True)
+    registry.publish("imu", make_projector(1), promote=True)
+    steps = registry_module.WRITE_STEPS if op == "publish" else registry_module.WRITE_STEPS[3:]
+    folder = registry.root / "imu"
+    for step in steps:
+        before_versions, before_current = registry.versions("imu"), registry.current("imu")
+        before_log = (folder / "HISTORY").read_text().splitlines()
+        target = f"v{int(before_versions[-1][1:]) + 1}" if op == "publish" else registry.promotions("imu")[-2]
+        proc = subprocess.run([sys.executable, "-c", STEP_WRITER, str(registry.root), step, op], capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == -signal.SIGKILL and proc.stdout == f"killed at {step}\n", (step, proc)
+        check_readable(registry)
+        listed, logged, promoted, stray = AFTER_KILL[step]
+        listed &= op == "publish"  # a rollback writes no version
+        assert registry.versions("imu") == before_versions + ([target] if listed else []), step
+        assert registry.current("imu") == (target if promoted else before_current), step
+        log = (folder / "HISTORY").read_text().splitlines()
+        assert log[: len(before_log)] == before_log and len(log) == len(before_log) + logged, step
+        if logged:
+            assert json.loads(log[-1])["version"] == target and json.loads(log[-1])["rollback"] == (op == "rollback")
+        strays = {p.name for p in folder.iterdir()} - {"CURRENT", "HISTORY", *registry.versions("imu")}
+        assert (not strays) if stray is None else len(strays) == 1 and strays.pop().startswith(stray), (step, strays)
+        if step == "version-partial":  # the temp dir really is half a version: its weights, no metrics, no checksums
+            half = sorted(p.name for p in next(folder.glob(".v*")).iterdir())
+            assert half == ["config.json", "projector.safetensors"], half
+        for path in folder.glob(".*"):  # remove them, so the next kill's leftovers are told apart
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        # Writable again: a publish, a promotion and a rollback on top of whatever the kill left.
+        new = registry.publish("imu", make_projector(50 + len(registry.versions("imu"))), promote=True)
+        assert registry.current("imu") == new and registry.promotions("imu")[-1] == new
+        assert registry.rollback("imu") == registry.promotions("imu")[-1] == registry.current("imu") != new
+        registry.promote("imu", new)
+        check_readable(registry)
+    record_figures(f"registry_writer_killed_at_each_step_{op}", kills=len(steps), steps=list(steps), broken=0)

@@ -2,10 +2,10 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -170,35 +170,50 @@ def test_stage_two_trains_a_lora_that_the_registry_ships_and_the_assistant_serve
 
 
 WRITER = """
-import sys, torch
+import os, signal, sys, torch
 from pathlib import Path
-from modalink.projectors import ProjectorConfig, build_projector, pad_features
-from modalink.registry import AdapterRegistry
-reg = AdapterRegistry(Path(sys.argv[1]))
-proj = build_projector(ProjectorConfig(kind="linear", d_in=2048, d_llm=2048, n_tokens=8))  # ~134 MB
-print("ready", flush=True)
-while True:
-    reg.publish("image", proj, metrics={"val_accuracy": 0.1}, promote=True)
+from modalink import registry
+from modalink.projectors import ProjectorConfig, build_projector
+registry.STEP_HOOKS.append(lambda name: os.kill(os.getpid(), signal.SIGKILL) if name == sys.argv[2] else None)
+reg = registry.AdapterRegistry(Path(sys.argv[1]))
+proj = build_projector(ProjectorConfig(kind="linear", d_in=2048, d_llm=2048, n_tokens=8))  # 67 MB at rest (fp16)
+lora = ({"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(8, 576),
+         "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(576, 8)},
+        {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA"})
+reg.publish("image", proj, metrics={"val_accuracy": 0.1}, promote=True, lora=lora)
+print("finished", flush=True)
 """
 
 
 def test_a_writer_killed_mid_publish_leaves_current_complete(tmp_path):
-    """SIGKILL during publish/promote: CURRENT always names a complete, checksum-valid version."""
+    """A stage-2 publish (a large projector and its LoRA) SIGKILLed at each write step (``registry.STEP_HOOKS``),
+    so every kill lands inside the write it names: CURRENT always names a complete, checksum-valid version (its
+    LoRA included), no half-written version is listed, and the version appears, and becomes current, only at the
+    steps that make it so."""
+    from modalink.registry import WRITE_STEPS
+
     reg = AdapterRegistry(tmp_path)
     reg.publish("image", build_projector(ProjectorConfig(kind="linear", d_in=4, d_llm=4, n_tokens=1)), promote=True)
-    for delay in (0.3, 0.9, 1.7):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    for step in WRITE_STEPS:
+        before, before_current = reg.versions("image"), reg.current("image")
+        target = f"v{int(before[-1][1:]) + 1}"
+        proc = subprocess.run([sys.executable, "-c", WRITER, str(tmp_path), step], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert proc.returncode == -signal.SIGKILL, (step, proc.returncode, proc.stderr[-2000:])
         current = reg.current("image")
         assert current in reg.versions("image")
         reg.verify("image", current)  # complete and checksum-valid
         for v in reg.versions("image"):
             reg.verify("image", v)  # no half-written version is visible
-    for leftover in (tmp_path / "image").iterdir():
-        assert leftover.name in {"CURRENT", "HISTORY"} or leftover.name.startswith(("v", "."))
+            assert (reg.lora_path("image", v) is not None) == (v != "v1")  # a stage-2 version has its LoRA
+        assert reg.promotions("image")[-1] == current
+        renamed = WRITE_STEPS.index(step) >= WRITE_STEPS.index("version-renamed")
+        assert reg.versions("image") == before + [target] * renamed, step
+        assert current == (target if step == "CURRENT-replaced" else before_current), step
+        for leftover in (tmp_path / "image").iterdir():
+            assert leftover.name in {"CURRENT", "HISTORY"} or leftover.name.startswith(("v", "."))
+            if leftover.name.startswith("."):  # a killed writer's temp dir or file: not a version
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
 
 def test_rollback_returns_to_the_previous_promotion(tmp_path):

@@ -6,7 +6,8 @@ Versions are immutable and checksummed (``checksums.json``); a version is writte
 renamed into place, and ``CURRENT`` (the promoted version's name) is replaced atomically (write temp,
 fsync, rename, fsync the folder), so a reader never sees half a version or a pointer to one, even after
 the writer is killed at any point (a killed writer may leave a dot-named temp dir or file behind, which
-is not a version).
+is not a version). ``WRITE_STEPS`` names the points between those steps; the crash-safety tests kill a
+writer at each of them (``STEP_HOOKS``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,20 @@ from modalink.cache import atomic_dir
 from modalink.projectors import load_projector, save_projector
 
 _VERSION_RE = re.compile(r"^v(\d+)$")
+
+# The points of a publish + promote, in order: the version's first file written into its temp dir, the temp dir
+# complete, the temp dir renamed into place; then for HISTORY and CURRENT each, the temp file written and fsynced,
+# then renamed over the old one. A rollback passes the last four.
+WRITE_STEPS = ("version-partial", "version-written", "version-renamed", "HISTORY-temp", "HISTORY-replaced",
+               "CURRENT-temp", "CURRENT-replaced")  # fmt: skip
+# Called with each step's name as a writer reaches it: tests/test_registry.py and tests/test_training.py kill
+# their writer process at one step (SIGKILL from inside the hook). Empty, and so free, everywhere else.
+STEP_HOOKS: list[Callable[[str], None]] = []
+
+
+def _step(name: str) -> None:
+    for hook in STEP_HOOKS:
+        hook(name)
 
 
 def _sha256(path: Path) -> str:
@@ -53,7 +69,9 @@ def _write_atomic(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    _step(f"{path.name}-temp")
     os.replace(tmp, path)
+    _step(f"{path.name}-replaced")
     _fsync_dir(path.parent)
 
 
@@ -132,6 +150,7 @@ class AdapterRegistry:
                 with atomic_dir(self.root / modality / version, exist_ok=False) as tmp:
                     meta = {"modality": modality, "version": version, **(extra or {})}
                     save_projector(projector, tmp, meta, half=True)  # fp16 at rest: adapters live in the repo
+                    _step("version-partial")
                     (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n")
                     names = ["projector.safetensors", "config.json", "metrics.json"]
                     if lora is not None:
@@ -140,11 +159,13 @@ class AdapterRegistry:
                         names += [f"lora/{n}" for n in lora_files.save(tmp / "lora", *lora, half=True)]
                     sums = {n: _sha256(tmp / n) for n in names}
                     (tmp / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
+                    _step("version-written")  # then atomic_dir fsyncs the files and renames the folder
                 break
             except FileExistsError:
                 continue
         else:
             raise RuntimeError(f"could not allocate a new {modality} adapter version")
+        _step("version-renamed")
         _fsync_dir(self.root / modality)  # the version's rename, before CURRENT may name it
         if promote:
             self.promote(modality, version)
