@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent / "modalink"
+SHIPPED_ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"  # read only here
 
 
 def run(*args: str, adapters: Path) -> subprocess.CompletedProcess:
@@ -75,22 +76,25 @@ def test_models_lists_configuration(tmp_path):
 
 
 def test_eval_manifest_json_prints_only_json(tmp_path, samples):
-    """Users evaluate on their own manifest; relative paths resolve against the manifest's folder."""
+    """Users evaluate on their own manifest; relative paths resolve against the manifest's folder.
+
+    With the shipped adapters, each sample once under its true label and once under a wrong one: exactly half
+    right per modality. An eval that scored everything right, or ran without the adapters (the bare LLM names
+    neither), or miscounted, would not give 0.5."""
     import shutil
 
     shutil.copy(samples["imu"], tmp_path / "walk.npy")
     shutil.copy(samples["image"], tmp_path / "shoe.png")
-    (tmp_path / "mine.jsonl").write_text(
-        json.dumps({"id": "a", "modality": "imu", "path": "walk.npy", "label": "walking"}) + "\n"
-        + json.dumps({"id": "b", "modality": "image", "path": "shoe.png", "label": "sneaker",
-                      "question": "What is this?"}) + "\n"
-    )  # fmt: skip
-    out = run("eval", "--manifest", str(tmp_path / "mine.jsonl"), "--json", adapters=tmp_path / "empty")
+    q = "What is this?"
+    rows = [{"id": "a", "modality": "imu", "path": "walk.npy", "label": "walking"},
+            {"id": "b", "modality": "image", "path": "shoe.png", "label": "sneaker", "question": q},
+            {"id": "c", "modality": "imu", "path": "walk.npy", "label": "running"},
+            {"id": "d", "modality": "image", "path": "shoe.png", "label": "bag", "question": q}]  # fmt: skip
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run("eval", "--manifest", str(tmp_path / "mine.jsonl"), "--json", adapters=SHIPPED_ADAPTERS)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)  # nothing else on stdout
-    assert set(result) == {"imu", "image"}
-    assert result["imu"]["n"] == 1 and result["image"]["n"] == 1
-    assert 0.0 <= result["imu"]["accuracy"] <= 1.0
+    assert result == {"imu": {"n": 2, "accuracy": 0.5}, "image": {"n": 2, "accuracy": 0.5}}, result
 
 
 def test_eval_refuses_a_manifest_without_labels(tmp_path):
