@@ -260,14 +260,24 @@ def test_internal_services_refuse_clients_without_a_trusted_certificate(secured)
         refused.append(label)
     with tls_channel(secured["llm"], certs) as ch:
         assert llm_pb2_grpc.LLMStub(ch).Info(info, timeout=10).hidden_size == 576
-    plain = tg.InferenceServerClient(secured["encoder"])
-    with pytest.raises(InferenceServerException):
-        plain.is_server_live(client_timeout=10)
+    # Triton's gRPC port, as the gateway's tritonclient reaches it (modalink.remote): only with a certificate
+    # from the services' CA. A TLS client that trusts the server but has no certificate, or one from another CA,
+    # is refused at the handshake like a plaintext one.
+    ca = {"root_certificates": str(certs["ca"])}
+    encoder_clients = [("plaintext", {}), ("TLS without a client certificate", {"ssl": True, **ca}),
+                       ("a certificate from another CA", {"ssl": True, **ca, "private_key": str(certs["rogue_key"]),
+                                                          "certificate_chain": str(certs["rogue"])})]  # fmt: skip
+    refused_encoder = []
+    for label, tls in encoder_clients:
+        with pytest.raises(InferenceServerException) as err:
+            tg.InferenceServerClient(secured["encoder"], **tls).is_server_live(client_timeout=10)
+        assert "UNAVAILABLE" in str(err.value.status()), (label, err.value)
+        refused_encoder.append(label)
     pem = {"root_certificates": str(certs["ca"]), "private_key": str(certs["service_key"]),
            "certificate_chain": str(certs["service"])}  # fmt: skip
     trusted = tg.InferenceServerClient(secured["encoder"], ssl=True, **pem)
     assert trusted.is_model_ready("image_encoder", client_timeout=10)
-    record_figures("mtls", refused_llm_clients=refused, refused_encoder_clients=["plaintext"])
+    record_figures("mtls", refused_llm_clients=refused, refused_encoder_clients=refused_encoder)
 
 
 def patient(fn, *args, **kw):
