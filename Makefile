@@ -133,8 +133,9 @@ test: install $(NODE) protos-check
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
-# Every benchmark (one heavy job at a time), then the table in docs/PERFORMANCE.md from bench/results/; stops at the
-# first that fails. `python bench/<name>.py --smoke` runs one at tiny sizes (tests/test_bench_smoke.py runs them all).
+# Every benchmark (one heavy job at a time), then the table in docs/PERFORMANCE.md and README.md's marked figures from
+# bench/results/ (tests/test_docs_figures.py checks they agree); stops at the first that fails.
+# `python bench/<name>.py --smoke` runs one at tiny sizes (tests/test_bench_smoke.py runs them all).
 bench: install
 	@for f in $(filter-out bench/report.py bench/_%.py,$(wildcard bench/*.py)); do echo "== $$f"; \
 		$(BIN)/python $$f || { rc=$$?; echo "make bench: $$f failed (exit $$rc); stopped before the rest and" \

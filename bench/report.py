@@ -1,8 +1,11 @@
-"""Writes docs/PERFORMANCE.md from bench/results/*.json (what the other bench/ scripts measured); `make bench`
-runs it last. Each row is a ratio measured side by side in one run; absolute figures are labelled with the
-machine they came from.
+"""Writes docs/PERFORMANCE.md from bench/results/*.json (what the other bench/ scripts measured), and the
+figures README.md quotes (between ``<!-- bench:NAME -->`` and ``<!-- /bench -->``) from the same results;
+`make bench` runs it last. Each row is a ratio measured side by side in one run; absolute figures are labelled
+with the machine they came from. No benchmark figure is typed into the docs by hand.
 
     python bench/report.py [--results bench/results] [--out docs/PERFORMANCE.md]
+    python bench/report.py --check   # exit 1 if docs/PERFORMANCE.md or README.md's figures differ from
+                                     # what bench/results/ gives (tests/test_docs_figures.py runs it)
     python bench/report.py --smoke   # the smoke runs' results (build/bench-smoke/results/) into
                                      # build/bench-smoke/PERFORMANCE.md: checks the report still renders
 """
@@ -10,13 +13,18 @@ machine they came from.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
 from pathlib import Path
 
 from _common import RESULTS, SMOKE
 
 OUT = Path("docs/PERFORMANCE.md")
+README = Path("README.md")
 results = RESULTS  # the folder ``load`` reads (``--results``)
+# A figure README.md quotes: <!-- bench:captioning -->...<!-- /bench --> (one line; the comments do not render)
+MARKED = re.compile(r"(<!-- bench:([\w-]+) -->)(.*?)(<!-- /bench -->)")
 
 
 def load(name: str) -> dict | None:
@@ -179,25 +187,38 @@ def notes() -> str:
     )  # fmt: skip
 
 
-def main() -> None:
-    global results
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true",
-                    help=f"read {SMOKE}/results, write {SMOKE}/PERFORMANCE.md (not {RESULTS}/ nor {OUT})")  # fmt: skip
-    ap.add_argument("--results", type=Path, default=None, help=f"folder of the result JSON files (default: {RESULTS})")
-    ap.add_argument("--out", type=Path, default=None, help=f"the Markdown file to write (default: {OUT})")
-    args = ap.parse_args()
-    results = args.results or (SMOKE / "results" if args.smoke else RESULTS)
-    out = args.out or (SMOKE / "PERFORMANCE.md" if args.smoke else OUT)
-    found = [p.stem for p in sorted(results.glob("*.json"))]
-    if not found:
-        raise SystemExit(f"error: no results in {results}/ (run the bench/ scripts first)")
+def readme_figures() -> dict[str, str]:
+    """The figures README.md quotes, by marker name."""
+    out = {}
+    if cap := load("captioning"):
+        per_s = cap["items_per_s"]
+        out["captioning"] = (f"{cap['items']} items: {per_s['job']} vs {per_s['naive']} items/s, "
+                             f"**{cap['speedup']:.2f}x** (target {cap['target']:g}x; {cap['machine']})")  # fmt: skip
+    return out
+
+
+def fill_readme(text: str, figures: dict[str, str]) -> str:
+    """``text`` with every marked figure replaced by the one the results give; a marker they lack is an error."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(2) not in figures:
+            raise SystemExit(f"error: README.md quotes the bench figure {m.group(2)!r}, which {results}/ lacks")
+        return m.group(1) + figures[m.group(2)] + m.group(4)
+
+    return MARKED.sub(sub, text)
+
+
+def table() -> list[str]:
+    return ["| row | ratio | target | absolute (this machine) | reproduce |", "|---|---|---|---|---|"] + [
+        f"| {' | '.join(row)} |" for row in rows()
+    ]
+
+
+def performance(found: list[str]) -> str:
+    """docs/PERFORMANCE.md's text."""
     smoke = [name for name in found if (load(name) or {}).get("smoke")]
-    table = ["| row | ratio | target | absolute (this machine) | reproduce |", "|---|---|---|---|---|"]
-    table += [f"| {' | '.join(row)} |" for row in rows()]
     prof = profiles()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
+    return (
         "# Performance\n\nWritten by `python bench/report.py` from `bench/results/*.json`; `make bench` reruns every "
         "benchmark and this table. Ratios are measured side by side in one run (medians of repetitions); the "
         "machine is noisy, so absolute figures are for orientation only.\n\n"
@@ -207,7 +228,7 @@ def main() -> None:
             if smoke
             else ""
         )
-        + "\n".join(table)
+        + "\n".join(table())
         + "\n"
         + (
             "\n## Profiles\n\nCollapsed py-spy stacks are written to `build/bench-profiles/`.\n\n"
@@ -218,8 +239,50 @@ def main() -> None:
         )
         + ("\n" + notes() if notes() else "")
     )
-    print("\n".join(table))
+
+
+def stale(path: Path, expected: str) -> str:
+    """A unified diff of ``path`` against ``expected`` ("" when they agree)."""
+    actual = path.read_text() if path.exists() else ""
+    return "".join(difflib.unified_diff(actual.splitlines(True), expected.splitlines(True), str(path),
+                                        f"{path} from {results}/"))  # fmt: skip
+
+
+def main() -> None:
+    global results
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"read {SMOKE}/results, write {SMOKE}/PERFORMANCE.md (not {RESULTS}/, {OUT} nor "
+                         f"{README})")  # fmt: skip
+    ap.add_argument("--results", type=Path, default=None, help=f"folder of the result JSON files (default: {RESULTS})")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"the Markdown file to write (default: {OUT}; given, {README} is left alone)")  # fmt: skip
+    ap.add_argument("--readme", type=Path, default=README, help=f"the README whose marked figures to fill ({README})")
+    ap.add_argument("--check", action="store_true",
+                    help="write nothing; exit 1 if the Markdown file or the README's figures are not what the results "
+                         "give")  # fmt: skip
+    args = ap.parse_args()
+    results = args.results or (SMOKE / "results" if args.smoke else RESULTS)
+    out = args.out or (SMOKE / "PERFORMANCE.md" if args.smoke else OUT)
+    found = [p.stem for p in sorted(results.glob("*.json"))]
+    if not found:
+        raise SystemExit(f"error: no results in {results}/ (run the bench/ scripts first)")
+    text = performance(found)
+    readme = None if args.smoke or args.out else fill_readme(args.readme.read_text(), readme_figures())
+    if args.check:
+        diffs = [stale(out, text)] + ([stale(args.readme, readme)] if readme is not None else [])
+        if any(diffs):
+            raise SystemExit("".join(diffs) + f"\nerror: the docs disagree with {results}/; "
+                             "`python bench/report.py` rewrites them from it")  # fmt: skip
+        print(f"{out} and {args.readme}'s figures agree with {results}/")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print("\n".join(table()))
     print(f"(written to {out})")
+    if readme is not None and readme != args.readme.read_text():
+        args.readme.write_text(readme)
+        print(f"(figures in {args.readme} updated)")
 
 
 if __name__ == "__main__":
