@@ -14,7 +14,6 @@ import logging
 import threading
 
 import grpc
-import torch
 
 from modalink import lora, ports
 from modalink.aio import server_tls
@@ -25,7 +24,7 @@ from modalink.engines import load_engine
 from modalink.registry import AdapterRegistry
 from modalink.rpc import abort_on_input_error, make_server
 from modalink.v1 import common_pb2, llm_pb2, llm_pb2_grpc
-from modalink.wire import from_tensor_msg, params_from_msg
+from modalink.wire import params_from_msg, segments_from_msg
 
 log = logging.getLogger("modalink.llm")
 SERVICE = "modalink.v1.LLM"
@@ -49,11 +48,7 @@ class LLMService(llm_pb2_grpc.LLMServicer):
 
     def Generate(self, request: llm_pb2.LLMRequest, context: grpc.ServicerContext):
         try:
-            prompt = [
-                seg.text if seg.WhichOneof("kind") == "text"
-                else torch.from_numpy(from_tensor_msg(seg.embeddings, "embeddings segment", ndim=2))
-                for seg in request.segments
-            ]  # fmt: skip
+            prompt = segments_from_msg(request.segments)  # plain_text: a client's text, read as plain text
             req = self.batcher.submit(prompt, params_from_msg(request.params), self._adapter(list(request.adapters)))
         except Exception as e:  # noqa: BLE001
             abort_on_input_error(context, e)

@@ -6,7 +6,9 @@ Routes: ``POST /generate``, ``POST /generate_stream`` (SSE), ``POST /`` (what th
 ``/health`` and ``/metrics`` needs a key, the rate limit applies, and with ``MODALINK_TLS_*`` set it serves HTTPS
 that requires a client certificate, as the gRPC port does (``modalink.aio.guard``/``server_tls``). It skips the
 gateway's safety filters: an internal port, which compose publishes on loopback only and the chart's NetworkPolicy
-closes to all but the gateway and workers. Text only: prefix embeddings travel over gRPC. Errors are TGI's
+closes to all but the gateway and workers. ``inputs`` are raw prompt text, as TGI's are: their special tokens are
+control tokens (the gateway never sends a client's text here; it sends it over gRPC as ``plain_text``); the chat
+route's messages are client text, read as plain text. Text only: prefix embeddings travel over gRPC. Errors are TGI's
 ``{"error", "error_type"}`` with the status of ``modalink.errors.status_of`` (the table every HTTP API uses),
 except that a bad request is 422 ("validation"), as TGI answers it.
 """

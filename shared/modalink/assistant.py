@@ -32,7 +32,8 @@ class Assistant(Embedder):
         self._engine = engine
         self._engine_lock = threading.Lock()
         self.safety = SafetyFilter.from_settings(self.settings)  # a bad MODALINK_SAFETY_* fails here
-        self.pipeline = Pipeline(self, self, self.settings.system_prompt, self.safety, self.settings.max_text_bytes)
+        self.pipeline = Pipeline(self, self, self.settings.system_prompt, self.safety, self.settings.max_text_bytes,
+                                 self.settings.client_system_messages == "allow")  # fmt: skip
 
     @property
     def engine(self) -> Engine:

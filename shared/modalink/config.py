@@ -126,6 +126,10 @@ class Settings(BaseSettings):
         "You are a helpful assistant.",
         description="System prompt (adapters are trained with it); empty keeps the chat template's own.",
     )
+    client_system_messages: Literal["allow", "refuse"] = Field(
+        "allow", description="System messages from clients (OpenAI's role system, a gRPC history turn's): 'allow' "
+        "reads them after the operator's system prompt, as plain text; 'refuse' answers INVALID_ARGUMENT / 400."
+    )  # fmt: skip
     # jobs: allowed manifest roots
     manifest_roots: str = Field(
         "",

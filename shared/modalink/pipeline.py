@@ -120,9 +120,11 @@ class Reply:
 
 class Pipeline:
     def __init__(self, encoder: MediaEncoder, llm: LLM, system_prompt: str | None, safety: SafetyFilter,
-                 max_text_bytes: int = 1 << 20):  # fmt: skip
+                 max_text_bytes: int = 1 << 20, client_system: bool = True):  # fmt: skip
+        """``system_prompt``: the operator's, always first; ``client_system``: whether a client's own system
+        messages (history turns of role system) are read, after it (``MODALINK_CLIENT_SYSTEM_MESSAGES``)."""
         self.encoder, self.llm, self.system_prompt, self.safety = encoder, llm, system_prompt, safety
-        self.max_text_bytes = max_text_bytes
+        self.max_text_bytes, self.client_system = max_text_bytes, client_system
 
     def start(self, turn: Turn, timeout_s: float | None = None, media: Sequence[Media] | None = None) -> Reply:
         """Check the turn, encode its media (and its history's), build the prompt and start the LLM. ``media``:
@@ -130,6 +132,11 @@ class Pipeline:
 
         A refused turn is one event with the refusal text, before any encoding or generation."""
         turn.params.validate()
+        if not self.client_system and any(m.role == "system" for m in turn.history):
+            raise InputError(
+                "system messages from clients are refused here (MODALINK_CLIENT_SYSTEM_MESSAGES=refuse): the "
+                "operator's system prompt applies; put instructions in a user turn"
+            )
         turn = self._bounded(turn)
         if refusal := self.safety.check_input(turn.text, turn.every_input(), turn.history):
             return Reply(iter([Event(refusal.text, CONTENT_FILTER, usage=Usage())]), {})

@@ -38,7 +38,7 @@ from modalink.rpc import CHANNEL_OPTIONS, channel, upstream_error, upstream_time
 from modalink.safety import SafetyFilter
 from modalink.triton import INVALID_INPUT, model_name
 from modalink.v1 import llm_pb2, llm_pb2_grpc
-from modalink.wire import params_to_msg, to_tensor_msg
+from modalink.wire import params_to_msg, segments_to_msg
 
 log = logging.getLogger(__name__)
 # gRPC's words for a call that never reached a replica (refused at connect): it can go to the next one freely
@@ -225,9 +225,8 @@ class RemoteAssistant:
         self.address, self.channel = llm_address, channel(llm_address, settings)
         self.llm = llm_pb2_grpc.LLMStub(self.channel)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="encode")
-        self.pipeline = Pipeline(
-            self, self, system_prompt, SafetyFilter.from_settings(settings), settings.max_text_bytes
-        )
+        self.pipeline = Pipeline(self, self, system_prompt, SafetyFilter.from_settings(settings),
+                                 settings.max_text_bytes, settings.client_system_messages == "allow")  # fmt: skip
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> RemoteAssistant:
@@ -250,11 +249,8 @@ class RemoteAssistant:
     def start(self, prompt: list[Segment], params: GenerationParams, adapters: Sequence[str],
               timeout_s: float | None = None) -> LLMStream:  # fmt: skip
         """The ``pipeline.LLM`` interface: start the LLM service's call now (it runs in the background)."""
-        request = llm_pb2.LLMRequest(
-            segments=[llm_pb2.Segment(text=s) if isinstance(s, str) else llm_pb2.Segment(embeddings=to_tensor_msg(s))
-                      for s in prompt],
-            params=params_to_msg(params), adapters=list(adapters),
-        )  # fmt: skip
+        request = llm_pb2.LLMRequest(segments=segments_to_msg(prompt), params=params_to_msg(params),
+                                     adapters=list(adapters))  # fmt: skip
         return LLMStream(self.llm.Generate(request, timeout=timeout_s))
 
 

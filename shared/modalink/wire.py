@@ -68,6 +68,58 @@ def params_from_msg(msg: common_pb2.GenerationParams, default_max_new_tokens: in
     return p
 
 
+def segments_to_msg(prompt: Sequence) -> list[llm_pb2.Segment]:
+    """A prompt's segments as the LLM service's: a ``prompt.Text``'s plain spans (what clients wrote) as
+    ``plain_text`` segments between the template's ``text``, so the service reads them as plain text too."""
+    out = []
+    for seg in prompt:
+        if not isinstance(seg, str):
+            out.append(llm_pb2.Segment(embeddings=to_tensor_msg(seg)))
+            continue
+        pos = 0
+        for a, b in [*getattr(seg, "plain", ()), (len(seg), len(seg))]:
+            if pos < a:
+                out.append(llm_pb2.Segment(text=str.__getitem__(seg, slice(pos, a))))
+            if a < b:
+                out.append(llm_pb2.Segment(plain_text=str.__getitem__(seg, slice(a, b))))
+            pos = b
+    return out
+
+
+def segments_from_msg(segments: Sequence[llm_pb2.Segment]) -> list:
+    """The prompt of an ``LLMRequest``: adjacent ``text`` and ``plain_text`` segments joined into one text (a
+    ``prompt.Text`` whose plain spans are the ``plain_text``), embeddings as float32 [n, d] tensors."""
+    from modalink.prompt import Text
+
+    prompt: list = []
+    run: list[str] = []  # the text segments since the last embeddings, joined once (not one copy per segment)
+    spans: list[tuple[int, int]] = []
+    size = 0
+
+    def flush() -> None:
+        if run:
+            prompt.append(Text("".join(run), spans) if spans else "".join(run))
+            run.clear()
+            spans.clear()
+
+    for i, seg in enumerate(segments):
+        kind = seg.WhichOneof("kind")
+        if kind == "embeddings":
+            flush()
+            size = 0
+            prompt.append(torch.from_numpy(from_tensor_msg(seg.embeddings, "embeddings segment", ndim=2)))
+        elif kind is None:
+            raise InputError(f"segments[{i}] is empty: set text, plain_text or embeddings")
+        else:
+            text = seg.text if kind == "text" else seg.plain_text
+            if kind == "plain_text":
+                spans.append((size, size + len(text)))
+            run.append(text)
+            size += len(text)
+    flush()
+    return prompt
+
+
 def parse_message(cls: type[Message], data: bytes) -> Message:
     """``cls.FromString`` with an ``InputError`` that says what is wrong (see ``malformed``)."""
     try:

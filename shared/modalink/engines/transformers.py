@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from modalink.engine import FINISH_LENGTH, FINISH_STOP, Engine, GenerationParams, TokenEvent
 from modalink.errors import InputError
 from modalink.lora import BASE as LORA_BASE
-from modalink.prompt import Segment
+from modalink.prompt import Segment, text_ids
 
 
 class _TextStream:
@@ -146,22 +146,22 @@ class TransformersEngine(Engine):
         """(prompt embeddings, its text's token ids). Text is bounded before it is tokenized, once; with
         ``params``, the token count is checked against the context before anything is embedded."""
         self.check_text_size(prompt)
-        pieces = [self.tokenizer(s, add_special_tokens=False).input_ids if isinstance(s, str) else s for s in prompt]
+        pieces = [text_ids(self.tokenizer, s) if isinstance(s, str) else s for s in prompt]  # client text: plain
         for piece in pieces:
             if not isinstance(piece, list):
                 self._check_embeddings(piece)
         if params is not None:
             self._check_budget(sum(len(p) for p in pieces), params)
-        parts, text_ids = [], []
+        parts, ids = [], []
         for piece in pieces:
             if isinstance(piece, list):
-                text_ids += piece
+                ids += piece
                 parts.append(self.embedding(torch.tensor(piece, device=self.device)))
             else:
                 parts.append(piece.to(self.device, self.dtype))
         if not parts:
             raise InputError("empty prompt")
-        return torch.cat(parts), text_ids
+        return torch.cat(parts), ids
 
     def check(self, prompt: list[Segment], params: GenerationParams, adapter: str | None = None) -> int:
         """Bounded before the expensive steps: text by size before it is tokenized, tokens against the context

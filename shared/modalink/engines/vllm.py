@@ -22,7 +22,7 @@ import torch
 from modalink.config import Settings
 from modalink.engine import FINISH_LENGTH, FINISH_STOP, Engine, GenerationParams, TokenEvent
 from modalink.errors import ConfigError, InputError
-from modalink.prompt import Segment
+from modalink.prompt import Segment, text_ids
 
 
 def embedding_table(checkpoint: str | Path) -> torch.Tensor:
@@ -77,7 +77,7 @@ class VLLMEngine(Engine):
         parts = []
         for seg in prompt:
             if isinstance(seg, str):
-                ids = self.tokenizer(seg, add_special_tokens=False).input_ids
+                ids = text_ids(self.tokenizer, seg)  # a client's text is plain text (prompt.Text)
                 parts.append(self.table[torch.tensor(ids, device=self.table.device)])
             else:
                 if seg.ndim != 2 or seg.shape[1] != self.hidden_size or not torch.isfinite(seg).all():
