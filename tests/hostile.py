@@ -1,7 +1,7 @@
-"""What the hostile-input tests share: one stack of real services (the LLM service, an image encoder and a gateway
-as processes on free loopback ports), a sampler of their resident memory, and ``hostile()``, which sends one
-request, records its figures (``build/reliability/hostile-*.json``) and checks the bounds: memory growth under
-300 MiB and an answer to the next good request."""
+"""What the hostile-input tests share: one stack of real services (the LLM service, image, video and audio encoders
+and a gateway as processes on free loopback ports), a sampler of their resident memory, and ``hostile()``, which
+sends one request, records its figures (``build/reliability/hostile-*.json``) and checks the bounds: memory growth
+under 300 MiB and an answer to the next good request."""
 
 from __future__ import annotations
 
@@ -25,27 +25,33 @@ MIB = 1 << 20
 
 
 def start_stack(tmp_path_factory):
-    """The LLM service (gRPC + TGI HTTP), an image encoder service and a gateway (gRPC + OpenAI HTTP) with the
-    input safety filter on."""
+    """The LLM service (gRPC + TGI HTTP), image, video and audio encoder services and a gateway (gRPC + OpenAI
+    HTTP) with the input safety filter on."""
     logs = tmp_path_factory.mktemp("hostile-logs")
     procs = Procs(logs, {**os.environ, "HF_HUB_OFFLINE": "1", "MODALINK_NUM_THREADS": "1",
                          "MODALINK_QUANTIZE": "fp16-cpu"})  # fmt: skip
     cli = [sys.executable, "-m", "modalink.cli", "serve"]
     llm_port, tgi, gw_port, http = free_port(), free_port(), free_port(), free_port()
-    enc_http, enc_grpc, enc_metrics = free_port(), free_port(), free_port()
     try:
         llm = procs.start("llm", [*cli, "llm", "--port", str(llm_port), "--http-port", str(tgi)])
-        encoder = procs.start("image", [*cli, "encoder", "-m", "image", "--http-port", str(enc_http), "--grpc-port",
-                                        str(enc_grpc), "--metrics-port", str(enc_metrics)])  # fmt: skip
+        encoders = {}  # modality: (http port, grpc port, (process, log))
+        for modality in ("image", "video", "audio"):
+            enc_http, enc_grpc, enc_metrics = free_port(), free_port(), free_port()
+            encoders[modality] = (enc_http, enc_grpc, procs.start(modality, [
+                *cli, "encoder", "-m", modality, "--http-port", str(enc_http), "--grpc-port", str(enc_grpc),
+                "--metrics-port", str(enc_metrics)]))  # fmt: skip
+        addresses = ",".join(f"{m}=127.0.0.1:{grpc_port}" for m, (_, grpc_port, _) in encoders.items())
         gateway = procs.start("gateway", [*cli, "gateway", "--port", str(gw_port), "--http-port", str(http)],
-                              {"MODALINK_ENCODERS": f"image=127.0.0.1:{enc_grpc}", "MODALINK_SAFETY_INPUT": "1",
+                              {"MODALINK_ENCODERS": addresses, "MODALINK_SAFETY_INPUT": "1",
                                "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}"})  # fmt: skip
-        wait_triton(enc_http, "image_encoder", *encoder)
+        for modality, (enc_http, _, proc) in encoders.items():
+            wait_triton(enc_http, f"{modality}_encoder", *proc)
         wait_grpc(f"127.0.0.1:{llm_port}", *llm)
         wait_grpc(f"127.0.0.1:{gw_port}", *gateway)
         yield {"gateway": f"127.0.0.1:{gw_port}", "http": f"http://127.0.0.1:{http}", "llm": f"127.0.0.1:{llm_port}",
                "tgi": f"http://127.0.0.1:{tgi}",
-               "pids": {"gateway": gateway[0].pid, "llm": llm[0].pid, "image encoder": encoder[0].pid}}  # fmt: skip
+               "pids": {"gateway": gateway[0].pid, "llm": llm[0].pid,
+                        **{f"{m} encoder": proc[0].pid for m, (_, _, proc) in encoders.items()}}}  # fmt: skip
     finally:
         procs.stop_all()
 

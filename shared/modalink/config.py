@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     imu_channels: int = Field(6, ge=1, description="IMU channels expected (3-axis accelerometer + gyroscope).")
     max_image_pixels: int = Field(40_000_000, description="Decoded-size limit against decompression bombs.")
     max_audio_seconds: float = Field(600.0, description="Longest audio clip accepted.")
+    # media decoding limits (hostile-input suite): checked from the header, then while decoding
+    max_audio_samples: int = Field(
+        28_800_000, ge=1, description="Most samples per channel (seconds x sample rate) in one audio clip, 600 s at "
+        "48 kHz: bounds decoding memory and resampling CPU whatever rate the file declares."
+    )  # fmt: skip
+    max_audio_channels: int = Field(8, ge=1, le=64, description="Most channels in one audio clip (7.1 is 8).")
+    max_video_frames: int = Field(4096, ge=1, description="Most frames decoded from one video (file or frame list).")
+    max_video_pixels: int = Field(
+        1_000_000_000, ge=1, description="Most pixels decoded from one video, frames x width x height (an animated "
+        "GIF/WebP: frames x canvas, as each frame is composited onto it); about 7 s of decoding on one core."
+    )  # fmt: skip
+    max_video_decode_s: float = Field(20.0, gt=0, description="Wall-clock limit on decoding one video.")
     encoders: str = Field(
         ports.encoder_addresses(),
         description="Encoder services' Triton gRPC addresses, '<modality>=<host:port>' comma-separated; repeat a "

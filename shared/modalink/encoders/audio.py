@@ -24,26 +24,41 @@ from modalink.encoders.base import Encoder, Raw, read_bytes
 from modalink.errors import InputError
 
 SAMPLE_RATE = 16_000
-MAX_SAMPLE_RATE, MAX_AUDIO_CHANNELS = 384_000, 64  # of a file or of PCM from a client
+# Of a file or of PCM from a client; the decoder holds files to MODALINK_MAX_AUDIO_CHANNELS (at most this).
+MAX_SAMPLE_RATE, MAX_AUDIO_CHANNELS = 384_000, 64
 UNKNOWN_LENGTH = 2**62  # libsndfile's frame count of a stream whose header gives none (SF_COUNT_MAX)
 WINDOW_S = 30
+MAX_RESAMPLE_DENOMINATOR = 1000  # every common rate (8k..384k, 11025 multiples) is exact within it
 
 
 def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    """Polyphase resampling to ``target``. Its filter has 20 x max(up, down) taps of the reduced ratio, so an odd
+    rate (383,999 Hz: 16000/383999, a 7.7M-tap filter, ~0.6 s of CPU per second of audio) is resampled by the
+    nearest ratio with a denominator of at most 1000 instead (1/24 there: the output rate is off by 3 ppm)."""
     if rate == target:
         return audio
-    f = Fraction(target, rate)
+    f = Fraction(target, rate).limit_denominator(MAX_RESAMPLE_DENOMINATOR)
     return resample_poly(audio, f.numerator, f.denominator).astype(np.float32)
 
 
-def decode_audio(data: Raw | np.ndarray, sample_rate: int | None = None, max_seconds: float = 600.0) -> np.ndarray:
-    """Mono float32 PCM at 16 kHz from encoded bytes/path, or from a PCM array with its ``sample_rate``."""
+def decode_audio(
+    data: Raw | np.ndarray,
+    sample_rate: int | None = None,
+    max_seconds: float = 600.0,
+    max_samples: int = 28_800_000,
+    max_channels: int = 8,
+) -> np.ndarray:
+    """Mono float32 PCM at 16 kHz from encoded bytes/path, or from a PCM array with its ``sample_rate``.
+
+    Limits (checked before decoding, from a file's header, and again while decoding): ``max_seconds``,
+    ``max_samples`` per channel (seconds x rate: what decoding and resampling cost) and ``max_channels``."""
     if isinstance(data, np.ndarray):
         if sample_rate is None or sample_rate <= 0:
             raise InputError("raw PCM audio needs a positive sample_rate")
+        _check_format(sample_rate, min(data.shape) if data.ndim == 2 else 1, max_channels)
         audio, rate = data, sample_rate
     else:
-        audio, rate = _read_file(read_bytes(data, "audio"), max_seconds)
+        audio, rate = _read_file(read_bytes(data, "audio"), max_seconds, max_samples, max_channels)
     audio = np.asarray(audio)
     if audio.dtype.kind in "iu":  # integer PCM (e.g. int16) to [-1, 1]
         info = np.iinfo(audio.dtype)
@@ -57,40 +72,64 @@ def decode_audio(data: Raw | np.ndarray, sample_rate: int | None = None, max_sec
         raise InputError(f"audio PCM must be [samples] or [channels, samples], got shape {list(audio.shape)}")
     if audio.size == 0:
         raise InputError("audio has no samples")
-    if audio.size / rate > max_seconds:
-        raise InputError(f"audio is {audio.size / rate:.1f} s long; the limit is {max_seconds:.0f} s")
+    _check_length(audio.size, rate, max_seconds, max_samples)
     if not np.isfinite(audio).all():
         raise InputError("audio contains NaN or Inf samples")
     return resample(audio, int(rate))
 
 
-def _read_file(raw: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
-    """Mono float32 samples and rate of an encoded file, decoded in blocks and never past ``max_seconds``.
+def _check_format(rate: int, channels: int, max_channels: int) -> None:
+    if not 1 <= rate <= MAX_SAMPLE_RATE:
+        raise InputError(f"audio sample rate {rate} Hz is outside 1..{MAX_SAMPLE_RATE} Hz")
+    if not 1 <= channels <= max_channels:
+        raise InputError(f"audio has {channels} channels; the limit is {max_channels} (MODALINK_MAX_AUDIO_CHANNELS)")
 
-    A compressed file can hold far more audio than its size suggests (minutes of silence in a few KB of FLAC),
-    so the length is checked from the header and while decoding, not after.
+
+def _check_length(frames: int, rate: int, max_seconds: float, max_samples: int) -> None:
+    """``frames`` samples per channel at ``rate``: within ``max_seconds`` and ``max_samples``."""
+    if frames > max_seconds * rate + 1:
+        raise InputError(f"audio is {frames / rate:.1f} s long; the limit is {max_seconds:.0f} s "
+                         "(MODALINK_MAX_AUDIO_SECONDS)")  # fmt: skip
+    if frames > max_samples:
+        raise InputError(f"audio is {frames / rate:.1f} s at {rate} Hz: {frames} samples per channel; the limit is "
+                         f"{max_samples} (MODALINK_MAX_AUDIO_SAMPLES)")  # fmt: skip
+
+
+def _read_file(raw: bytes, max_seconds: float, max_samples: int, max_channels: int) -> tuple[np.ndarray, int]:
+    """Mono float32 samples and rate of an encoded file, decoded in blocks and never past the limits.
+
+    A compressed file can hold far more audio than its size suggests (minutes of silence in a few KB of FLAC, at
+    any rate up to 384 kHz, in up to 64 channels), so the rate, channels and length are checked from the header
+    and the length again while decoding, not after; the mono samples go into one buffer sized by the header.
     """
     try:
         with sf.SoundFile(io.BytesIO(raw)) as f:
             rate, channels = f.samplerate, f.channels
-            if not 1 <= rate <= MAX_SAMPLE_RATE or not 1 <= channels <= MAX_AUDIO_CHANNELS:
-                raise InputError(f"audio file has {channels} channels at {rate} Hz; at most {MAX_AUDIO_CHANNELS} "
-                                 f"channels at 1..{MAX_SAMPLE_RATE} Hz are accepted")  # fmt: skip
-            limit = int(max_seconds * rate) + 1
-            if limit < f.frames < UNKNOWN_LENGTH:  # the header's claim; the loop below holds to the limit anyway
-                raise InputError(f"audio is {f.frames / rate:.1f} s long; the limit is {max_seconds:.0f} s")
-            blocks, n = [], 0
+            _check_format(rate, channels, max_channels)
+            limit = min(int(max_seconds * rate) + 1, max_samples)
+            if f.frames < UNKNOWN_LENGTH:  # the header's claim; the loop below holds to the limit anyway
+                _check_length(f.frames, rate, max_seconds, max_samples)
+            out = np.empty(min(f.frames, limit) if f.frames < UNKNOWN_LENGTH else min(limit, 1 << 20), np.float32)
+            n = 0
             while len(block := f.read(1 << 16, dtype="float32", always_2d=True)):
-                blocks.append(block.mean(axis=1))
+                if n + len(block) > out.size:  # more than the header said (or it said nothing)
+                    if n + len(block) > max_seconds * rate + 1:
+                        raise InputError(f"audio is longer than the limit of {max_seconds:.0f} s "
+                                         "(MODALINK_MAX_AUDIO_SECONDS)")  # fmt: skip
+                    if n + len(block) > max_samples:
+                        raise InputError(f"audio at {rate} Hz has more than {max_samples} samples per channel; the "
+                                         f"limit is {max_samples} (MODALINK_MAX_AUDIO_SAMPLES)")  # fmt: skip
+                    grown = np.empty(min(limit, max(2 * out.size, n + len(block))), np.float32)
+                    grown[:n] = out[:n]
+                    out = grown
+                out[n : n + len(block)] = block.mean(axis=1)
                 n += len(block)
-                if n > limit:
-                    raise InputError(f"audio is longer than the limit of {max_seconds:.0f} s")
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001  (libsndfile's errors on untrusted bytes: LibsndfileError, RuntimeError...)
         why = str(e).split(">: ", 1)[-1]  # libsndfile's "Error opening <_io.BytesIO object at 0x...>: why"
         raise InputError(f"not a decodable audio file (WAV/FLAC/OGG expected, {len(raw)} bytes): {why}") from None
-    return (np.concatenate(blocks) if blocks else np.zeros(0, np.float32)), rate
+    return out[:n], rate
 
 
 def whisper_ct2_dir(cache_dir: Path) -> Path:
@@ -122,6 +161,7 @@ class WhisperEncoder(Encoder):
         path = whisper_ct2_dir(settings.cache_dir) if name == "whisper-base" else Path(name)
         self.name = name
         self.max_seconds = settings.max_audio_seconds
+        self.max_samples, self.max_channels = settings.max_audio_samples, settings.max_audio_channels
         self.device = "cuda" if settings.torch_device().type == "cuda" else "cpu"
         threads = settings.num_threads or len(__import__("os").sched_getaffinity(0))
         compute = "float16" if self.device == "cuda" else "float32"
@@ -132,7 +172,7 @@ class WhisperEncoder(Encoder):
         self._ct2 = ctranslate2
 
     def decode(self, data: Raw | np.ndarray, sample_rate: int | None = None) -> np.ndarray:
-        return decode_audio(data, sample_rate, self.max_seconds)
+        return decode_audio(data, sample_rate, self.max_seconds, self.max_samples, self.max_channels)
 
     def _mel(self, audio: np.ndarray) -> np.ndarray:
         seconds = min(WINDOW_S, max(1, math.ceil(audio.size / SAMPLE_RATE)))
