@@ -194,6 +194,15 @@ def test_the_secret_holds_only_key_hashes_and_tls_reaches_every_service():
             assert all(c["lifecycle"]["preStop"] for c in pod["containers"])  # drain before SIGTERM
     with pytest.raises(Exception, match="sha256"):
         validate.render({"apiKeyHashes": ["not-a-hash"]})
+    # under mTLS the kubelet's gRPC and HTTP probes (no client certificate) would fail the LLM service: its gRPC
+    # checks go through `modalink health` (mTLS, tested in test_hostile_ports.py) and liveness is a TCP connect
+    llm = find(objects, "Deployment", "modalink-llm")["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe"):
+        assert llm[probe]["exec"]["command"][:3] == ["modalink", "health", "127.0.0.1:50061"], llm[probe]
+        assert llm[probe]["exec"]["command"][-1] == "modalink-llm"  # the name in the services' certificate
+    assert "tcpSocket" in llm["livenessProbe"]
+    plain = find(validate.render(), "Deployment", "modalink-llm")["spec"]["template"]["spec"]["containers"][0]
+    assert plain["readinessProbe"] == {"grpc": {"port": 50061}, "periodSeconds": 10}
 
 
 def test_the_playground_is_a_client_of_the_gateway_service(default):

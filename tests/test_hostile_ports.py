@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import subprocess
 import sys
 import time
 import urllib.error
@@ -92,6 +93,13 @@ def test_the_tgi_port_needs_a_key_and_a_client_certificate(tmp_path):
         while (health := call("/health", "service")) != "200":
             assert llm[0].poll() is None and time.time() < deadline, llm[1].read_text()[-3000:]
             time.sleep(1)
+        # the chart's probes under mTLS: the kubelet's gRPC probe has no certificate; `modalink health` has one
+        probe = [sys.executable, "-m", "modalink.cli", "health", f"127.0.0.1:{port}", "--tls-name", "localhost"]
+        with_cert = subprocess.run(probe, env=procs.env, capture_output=True, text=True, timeout=120)
+        without = subprocess.run(probe, env={k: v for k, v in procs.env.items() if not k.startswith("MODALINK_TLS")},
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert with_cert.returncode == 0 and "SERVING" in with_cert.stdout, with_cert
+        assert without.returncode != 0 and "UNAVAILABLE" in without.stderr, without
         body = b'{"inputs": "Hello", "parameters": {"max_new_tokens": 2}}'
         seen = {
             "health, with a certificate": health,

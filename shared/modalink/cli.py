@@ -678,6 +678,31 @@ def down(run_dir: Path = typer.Option(RUN_DIR, help="The run dir `modalink up` u
 
 
 @app.command()
+def health(
+    address: str = typer.Argument(..., help="host:port of a modalink gRPC service."),
+    service: str = typer.Option("", help="The service name to check (empty: the server as a whole)."),
+    tls_name: str = typer.Option("", help="The name in its TLS certificate (a probe in the pod dials 127.0.0.1)."),
+) -> None:
+    """Exit 0 if a service's gRPC health check says SERVING, else 1: a probe that speaks mTLS
+    (``MODALINK_TLS_*``), which Kubernetes' own gRPC probe does not."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from modalink.config import get_settings
+    from modalink.rpc import CHANNEL_OPTIONS, channel
+
+    options = [*CHANNEL_OPTIONS, *([("grpc.ssl_target_name_override", tls_name)] if tls_name else [])]
+    with channel(address, get_settings(), options) as ch:
+        try:
+            res = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        except grpc.RpcError as e:  # (not up, refused, TLS mismatch: "not healthy", said in one line)
+            raise _fail(f"{address}: {e.code().name}") from None
+    if res.status != health_pb2.HealthCheckResponse.SERVING:
+        raise _fail(f"{address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(res.status)}")
+    typer.echo(f"{address}: SERVING")
+
+
+@app.command()
 def ps(run_dir: Path = typer.Option(RUN_DIR, help="The run dir `modalink up` used.")) -> None:
     """The services `modalink up` started: pid, process state, health."""
     from modalink.up import status
