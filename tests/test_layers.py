@@ -21,7 +21,7 @@ PACKAGE = REPO / "shared" / "modalink"
 
 SERVING = {"modalink.wire", "modalink.rpc", "modalink.auth", "modalink.metrics", "modalink.batching",
            "modalink.remote", "modalink.jobs", "modalink.queueing", "modalink.triton", "modalink.aio",
-           "modalink.client"}  # fmt: skip
+           "modalink.client", "modalink.embed_cache"}  # fmt: skip
 APP = {"modalink.cli", "modalink.up"}  # the command line: starts services, so it sits on top of them
 # the services' installed name, and their folder's own name, which nothing may import by
 SERVICES = ("modalink_services", "services")

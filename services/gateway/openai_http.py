@@ -25,7 +25,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 
 from modalink.aio import guard, iterate_in_thread, read_json
+from modalink.auth import KeyRing, key_from_headers
 from modalink.config import Settings, get_settings
+from modalink.embed_cache import salted
 from modalink.engine import GenerationParams
 from modalink.errors import HTTP_STATUS, BackendError, InputError, status_of
 from modalink.metrics import LATENCY, REQUESTS
@@ -124,6 +126,11 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", settings: Set
     guard(app, settings, lambda path: path.startswith("/v1/"), _error)
 
     latency = LATENCY.labels("http", "chat.completions")
+    keys = KeyRing.from_settings(settings) if settings.embed_cache_salt else None
+
+    def salt(request: Request) -> str:
+        """The embedding cache's salt: the API key's id, as the gRPC API's (``caller_of``) (issue 24)."""
+        return f"key:{keys.identify(key_from_headers(request.headers)) or '?'}" if keys else ""
 
     def count(status: str) -> None:
         REQUESTS.labels("http", "chat.completions", status).inc()
@@ -176,7 +183,8 @@ def build_app(remote: RemoteAssistant, model_id: str = "modalink", settings: Set
         t0 = time.perf_counter()
         turn = Turn(text, media, params, history, history_media)
         # encoding the media blocks on the encoder services: off the event loop
-        reply = await asyncio.to_thread(remote.pipeline.start, turn, upstream_timeout(settings))
+        with salted(salt(request)):  # (to_thread runs in a copy of this context)
+            reply = await asyncio.to_thread(remote.pipeline.start, turn, upstream_timeout(settings))
         fingerprint = ",".join(f"{m}@{v}" for m, v in reply.versions.items()) or "text"  # the adapters used
         base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": body.get("model") or model_id, "system_fingerprint": fingerprint}  # fmt: skip

