@@ -43,6 +43,9 @@ def cluster(tmp_path_factory):
            "MODALINK_ENCODERS": ",".join(f"{m}=127.0.0.1:{p[1]}" for m, p in encoders.items()),
            "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}", "MODALINK_JOBS_DIR": str(jobs_dir),
            "MODALINK_JOB_VISIBILITY_TIMEOUT_S": "15",
+           # no media embedding cache (tests/test_embed_cache.py tests it): the encoder-down test's video was
+           # captioned before, and a cached item would need no encoder
+           "MODALINK_EMBED_CACHE_MB": "0", "MODALINK_EMBED_CACHE_REDIS": "false",
            # the tests' manifests, samples and results live under pytest's temp dir; /etc is outside it
            "MODALINK_MANIFEST_ROOTS": str(tmp_path_factory.getbasetemp())}  # fmt: skip
     procs = Procs(logs, env)
