@@ -65,7 +65,8 @@ def stack(tmp_path_factory):
         wait_grpc(f"127.0.0.1:{llm_port}", *llm)
         for g in gateways.values():
             wait_grpc(g["address"], *g["proc"])
-        yield {"procs": procs, "gateways": gateways, "encoder": enc, "adapters": adapters, "logs": logs}
+        yield {"procs": procs, "gateways": gateways, "encoder": enc, "adapters": adapters, "logs": logs,
+               "redis": env["MODALINK_REDIS_URL"]}  # fmt: skip
     finally:
         procs.stop_all()
 
@@ -172,6 +173,30 @@ def test_a_promotion_between_two_turns_makes_the_second_miss(stack, samples):
         c.ask(["What is this?", image(picture)], max_new_tokens=4)
         assert counter(one, "hits", "local") + counter(one, "hits", "redis") == hits + 1
         assert encoded(stack) == after
+
+
+def test_a_captioning_batch_sends_repeats_once_and_another_worker_finds_them_in_redis(stack, samples):
+    """The workers' path (``EncoderPool.embed_batch`` with a job's batch, no salt): a batch's repeated items go to
+    the encoder once, with the values a cache-off pool gets (rounded to fp16); a second worker's pool (an empty
+    local tier) finds them in Redis."""
+    import torch
+
+    from modalink.remote import EncoderPool
+
+    address = {"image": [f"127.0.0.1:{stack['encoder']['grpc']}"]}
+    on = Settings(adapters_dir=stack["adapters"], redis_url=stack["redis"], embed_cache_mb=16)
+    off = Settings(adapters_dir=stack["adapters"], embed_cache_mb=0, embed_cache_redis=False)
+    a, b = variant(samples["image"], 7), variant(samples["image"], 8)
+    before = encoded(stack)
+    got = EncoderPool(address, settings=on).embed_batch("image", [a, b, a, a, b])
+    assert encoded(stack) - before == 2
+    ref = EncoderPool(address, settings=off).embed_batch("image", [a, b])
+    expected = [ref[i] for i in (0, 1, 0, 0, 1)]
+    assert all(torch.equal(g[0], e[0].half().float()) and g[1] == e[1] for g, e in zip(got, expected, strict=True))
+    before = encoded(stack)
+    again = EncoderPool(address, settings=on).embed_batch("image", [b, a])
+    assert encoded(stack) == before
+    assert all(torch.equal(g[0], e[0]) and g[1] == e[1] for g, e in zip(again, [got[1], got[0]], strict=True))
 
 
 def test_with_redis_and_then_the_encoder_stopped_cached_pictures_still_answer(stack, samples):
