@@ -5,6 +5,7 @@ under 300 MiB and an answer to the next good request."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 
 import grpc
 import psutil
@@ -134,3 +136,27 @@ def generate(stack, text: str, history=(), max_new_tokens: int = 4):
             params=common_pb2.GenerationParams(max_new_tokens=max_new_tokens),
         )
         return list(assistant_pb2_grpc.AssistantStub(ch).Generate(req, timeout=300))
+
+
+def send_body(url: str, kind: str) -> tuple[str, str]:
+    """POST a body that declares 1 GB and sends almost nothing (``declared``), or 80 MiB chunked without a length
+    (``chunked``); (status, body) of the answer."""
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.putrequest("POST", u.path)
+    conn.putheader("content-type", "application/json")
+    if kind == "declared":
+        conn.putheader("content-length", str(1 << 30))
+        conn.endheaders(b'{"messages": [')  # and nothing more: the server must not wait for the rest
+    else:
+        conn.putheader("transfer-encoding", "chunked")
+        conn.endheaders()
+        chunk = b" " * (1 << 20)
+        try:
+            for _ in range(80):  # 80 MiB, past the 64 MiB limit
+                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            conn.send(b"0\r\n\r\n")
+        except OSError:  # the server answered and closed while the body was still coming: what is wanted
+            pass
+    res = conn.getresponse()
+    return str(res.status), res.read().decode()

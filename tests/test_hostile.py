@@ -17,7 +17,7 @@ import time
 
 import grpc
 import pytest
-from hostile import BIG, MIB, generate, grpc_status, hostile, http_status
+from hostile import BIG, MIB, generate, grpc_status, hostile, http_status, send_body
 from procs import Procs, free_port, record_figures
 
 from modalink.v1 import assistant_pb2_grpc, llm_pb2, llm_pb2_grpc
@@ -199,37 +199,7 @@ def test_jobs_are_capped_expire_when_they_end_and_a_row_that_breaks_the_reader_i
 def test_http_bodies_are_bounded_while_they_are_read(stack, route):
     """A body that declares 1 GB is refused before anything is read; a chunked one (no length) as soon as it passes
     the limit (MODALINK_MAX_MESSAGE_MB, 64 MiB), on the gateway's OpenAI route and the LLM service's TGI port."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    base = urlsplit(stack["http"] if route == "openai" else stack["tgi"])
-    path = "/v1/chat/completions" if route == "openai" else "/generate"
-
-    def declared():
-        conn = http.client.HTTPConnection(base.hostname, base.port, timeout=60)
-        conn.putrequest("POST", path)
-        conn.putheader("content-type", "application/json")
-        conn.putheader("content-length", str(1 << 30))
-        conn.endheaders(b'{"messages": [')  # and nothing more: the server must not wait for the rest
-        res = conn.getresponse()
-        return str(res.status), res.read().decode()
-
-    def chunked():
-        conn = http.client.HTTPConnection(base.hostname, base.port, timeout=60)
-        conn.putrequest("POST", path)
-        conn.putheader("content-type", "application/json")
-        conn.putheader("transfer-encoding", "chunked")
-        conn.endheaders()
-        chunk = b" " * (1 << 20)
-        try:
-            for _ in range(80):  # 80 MiB, past the 64 MiB limit
-                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            conn.send(b"0\r\n\r\n")
-        except OSError:  # the server answered and closed while the body was still coming: what is wanted
-            pass
-        res = conn.getresponse()
-        return str(res.status), res.read().decode()
-
-    for kind, call in (("declared-1GB", declared), ("chunked-80MB", chunked)):
-        status, message = hostile(stack, f"{route}-body-{kind}", call)
+    url = (stack["http"] + "/v1/chat/completions") if route == "openai" else (stack["tgi"] + "/generate")
+    for kind, label in (("declared", "declared-1GB"), ("chunked", "chunked-80MB")):
+        status, message = hostile(stack, f"{route}-body-{label}", lambda kind=kind: send_body(url, kind))
         assert status in ("400", "413", "422") and "exceeds the limit" in message, (kind, status, message)

@@ -191,36 +191,9 @@ def test_through_the_gateway_the_caller_gets_internal_and_a_job_gets_error_rows(
     assert [r["id"] for r in out] == ["a", "b"] and all("went away" in r["error"] for r in out), out
 
 
-def send_body(url: str, kind: str) -> tuple[str, str]:
-    """POST a body that declares 1 GB and sends almost nothing (``declared``), or 80 MiB chunked without a length
-    (``chunked``); (status, body) of the answer."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    u = urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-    conn.putrequest("POST", u.path)
-    conn.putheader("content-type", "application/json")
-    if kind == "declared":
-        conn.putheader("content-length", str(1 << 30))
-        conn.endheaders(b'{"messages": [')  # and nothing more: the server must not wait for the rest
-    else:
-        conn.putheader("transfer-encoding", "chunked")
-        conn.endheaders()
-        chunk = b" " * (1 << 20)
-        try:
-            for _ in range(80):  # 80 MiB, past the 64 MiB limit
-                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            conn.send(b"0\r\n\r\n")
-        except OSError:  # the server answered and closed while the body was still coming: what is wanted
-            pass
-    res = conn.getresponse()
-    return str(res.status), res.read().decode()
-
-
 def test_the_playground_reads_bodies_no_further_than_its_limit(tmp_path):
     """The playground (a gateway client any browser reaches) read whole bodies before checking their size."""
-    from hostile import PeakMemory
+    from hostile import PeakMemory, send_body
 
     port = free_port()
     procs = Procs(tmp_path, {**os.environ, "MODALINK_ENCODERS": ""})
