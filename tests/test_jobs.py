@@ -131,6 +131,22 @@ def results_of(path: str) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def queued(redis_port: int) -> int:
+    """Caption batches queued, or delivered to a worker and not yet acknowledged (kombu's Redis lists and its
+    ``unacked`` hash: with late acks, a batch stays there until its task has returned)."""
+    from redis import Redis
+
+    with Redis(port=redis_port) as r:
+        return sum(r.llen(q) for q in QUEUES.split(",")) + r.hlen("unacked")
+
+
+def wait_drained(redis_port: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while queued(redis_port) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not queued(redis_port), f"{queued(redis_port)} batches still queued or unacknowledged"
+
+
 def test_a_200_item_mixed_job_through_the_gateway_captions_every_item_once(cluster, samples, tmp_path):
     counts = {"imu": 70, "image": 60, "audio": 40, "video": 28}
     rows = write_manifest(tmp_path, samples, counts)
@@ -178,15 +194,27 @@ def test_gateway_job_calls_reject_bad_input_and_cancel_stops_a_job(cluster, samp
     with pytest.raises(grpc.RpcError) as e:
         gw.GetJob(assistant_pb2.JobRequest(job_id="nope"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
-    # An inline manifest (relative paths are relative to the jobs dir), cancelled at once.
+    # An inline manifest (relative paths are relative to the jobs dir): 20 batches, cancelled at once.
     shutil.copy(samples["image"], cluster["jobs_dir"] / "shoe.png")
     lines = "".join(json.dumps({"id": f"i{i}", "modality": "image", "path": "shoe.png"}) + "\n" for i in range(40))
+    port, image_metrics = cluster["redis_port"], cluster["encoders"]["image"][2]
+    encoded = lambda: triton_metric(image_metrics, "nv_inference_request_success", "image_encoder")  # noqa: E731
+    wait_drained(port)  # nothing of an earlier test (a redelivered batch) reaches the encoder meanwhile
+    before = encoded()
     job = gw.SubmitCaptionJob(assistant_pb2.SubmitCaptionJobRequest(manifest_jsonl=lines, batch_size=2))
     cancelled = gw.CancelJob(assistant_pb2.JobRequest(job_id=job.job_id))
     assert cancelled.state == "cancelled"
-    time.sleep(5)  # batches already taken may finish; no new ones start
+    # Every batch is then taken off the queue and acknowledged: the ones the worker held at the cancel (at most 2,
+    # its concurrency) finish; every later one is skipped before it encodes anything. Until the queue is empty,
+    # no more than those 2 image-encoder requests may appear (with the skip broken, the third fails here).
+    deadline = time.time() + 300
+    while queued(port) and time.time() < deadline:
+        assert encoded() - before <= 2, f"{encoded() - before} batches encoded after the cancel; queued: {queued(port)}"
+        time.sleep(0.2)
+    assert not queued(port), f"{queued(port)} batches still queued or unacknowledged"
+    started = encoded() - before
     later = gw.GetJob(assistant_pb2.JobRequest(job_id=job.job_id))
-    assert later.state == "cancelled" and later.done < 40
+    assert started <= 2 and later.state == "cancelled" and later.done <= 2 * started, (started, later)
     assert len(results_of(later.results)) == cancelled.done  # the results so far, written on cancel
 
 
