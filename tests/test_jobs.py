@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -22,7 +23,7 @@ from procs import Procs, free_port, record_figures, triton_metric, wait_grpc, wa
 
 from modalink.data import check_path, read_manifest
 from modalink.errors import InputError
-from modalink.jobs import load_item
+from modalink.jobs import batches, load_item
 from modalink.v1 import assistant_pb2_grpc
 from modalink.wire import assistant_pb2, common_pb2
 
@@ -145,6 +146,17 @@ def wait_drained(redis_port: int, timeout: float = 300) -> None:
     while queued(redis_port) and time.time() < deadline:
         time.sleep(0.2)
     assert not queued(redis_port), f"{queued(redis_port)} batches still queued or unacknowledged"
+
+
+TASK_LINE = re.compile(r"Task modalink\.caption_batch\[([0-9a-f-]+)\] (received|succeeded)")
+
+
+def task_events(log: str) -> dict[str, list[str]]:
+    """Task id -> its "received" / "succeeded" events, in order, from a Celery worker's log."""
+    events: dict[str, list[str]] = {}
+    for task_id, event in TASK_LINE.findall(log):
+        events.setdefault(task_id, []).append(event)
+    return events
 
 
 def test_a_200_item_mixed_job_through_the_gateway_captions_every_item_once(cluster, samples, tmp_path):
@@ -373,10 +385,12 @@ def test_a_redis_restart_mid_job_loses_and_duplicates_nothing(cluster, samples, 
     ids = [r["id"] for r in results_of(job["results"])]
     lost, duplicates = {r["id"] for r in rows} - set(ids), len(ids) - len(set(ids))
     texts = [p.read_text() for p in [*old_logs, logs / "worker-a.log"]]
-    batches = sum(t.count("] received") for t in texts) - received
+    deliveries = sum(t.count("] received") for t in texts) - received
+    n_batches = sum(1 for _ in batches(rows, 2))  # 20 of IMU, the corrupt image's, the unknown modality's
     record_figures("redis_restart", items=len(rows), done_at_kill=at_kill, outage_s=round(outage, 1), done=job["done"],
-                   duplicates=duplicates, lost=len(lost), batch_deliveries=batches, batches=22,
+                   duplicates=duplicates, lost=len(lost), batch_deliveries=deliveries, batches=n_batches,
                    worker_restarts=restarts)  # fmt: skip
+    assert deliveries >= n_batches  # every batch was delivered (a redelivered one counts twice)
     assert job["state"] == "done" and job["done"] == job["total"] == len(rows) == 42 and job["errors"] == 2, job
     assert not lost and not duplicates
     assert len(store.done_ids(job_id)) == len(rows)  # the counter and the results agree: nothing counted twice
@@ -385,18 +399,36 @@ def test_a_redis_restart_mid_job_loses_and_duplicates_nothing(cluster, samples, 
 
 
 def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(cluster, samples, tmp_path):
-    worker_app, procs = cluster["worker_app"], cluster["procs"]
-
+    """The worker SIGKILLed with batches in hand; a second worker (started here: nothing restarts the first) gets
+    them again. The workers' logs show which: each batch the first one received and never finished is received
+    again by the second, under the same task id, and finished there."""
+    worker_app, procs, logs = cluster["worker_app"], cluster["procs"], cluster["logs"]
+    wait_drained(cluster["redis_port"])  # every batch received from here on is this job's
+    earlier = set(task_events((logs / "worker-a.log").read_text()))
     rows, job_id, store = submit_until_done(worker_app, tmp_path, samples, {"imu": 40, "image": 20}, seed=2,
                                             batch_size=4, max_new_tokens=16, done=4)  # fmt: skip
     procs.kill("worker-a")  # SIGKILL to the worker and its pool children, with batches in hand
     at_kill = store.get(job_id)["done"]
     assert 4 <= at_kill < len(rows)
+    a = {t: e for t, e in task_events((logs / "worker-a.log").read_text()).items() if t not in earlier}
+    in_hand = {t for t, e in a.items() if "succeeded" not in e}  # received by the killed worker, never finished
+    assert in_hand, f"the kill found no batch in hand: nothing to deliver again ({a})"
     worker_b = procs.start("worker-b", [*CELERY, "-Q", QUEUES, "-c", "2", "-n", "b@%h"])
     wait_log("ready.", *worker_b)
+    deadline = time.time() + 180  # redelivered once the visibility timeout (15 s here) has passed
+    while not in_hand <= set(b := task_events(worker_b[1].read_text())) and time.time() < deadline:
+        time.sleep(0.5)
+    assert in_hand <= set(b), f"batches the killed worker held were never delivered again: {in_hand - set(b)}"
     job = wait_job(store.get, job_id, timeout=600)
     assert job["state"] == "done" and job["done"] == len(rows) == 62 and job["errors"] == 2, job
     results = results_of(job["results"])
     ids = [r["id"] for r in results]
     assert len(ids) == len(set(ids)) == len(rows) and set(ids) == {r["id"] for r in rows}
     assert len(store.done_ids(job_id)) == len(rows)
+    b = task_events(worker_b[1].read_text())
+    assert all("succeeded" in b[t] for t in in_hand)  # each batch the kill interrupted ran again, to its end
+    n_batches = sum(1 for _ in batches(rows, 4))  # 10 of IMU, 6 of images, the unknown modality's
+    assert len(set(a) | set(b)) == n_batches  # the task ids the two logs name are this job's batches, each once
+    record_figures("worker_killed", items=len(rows), batches=n_batches, done_at_kill=at_kill,
+                   batches_done_by_killed_worker=len(a) - len(in_hand), redelivered=len(in_hand), done=job["done"],
+                   duplicates=len(ids) - len(set(ids)), lost=len(rows) - len(set(ids)))  # fmt: skip
