@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -132,3 +133,49 @@ def http_chat(base: str, key: str | None = None, max_tokens: int = 2) -> tuple[i
             return res.status, {k.lower(): v for k, v in res.headers.items()}, res.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode()
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))  # every interface: taken if anything holds it on any address
+            return True
+        except OSError:
+            return False
+
+
+def stack_ports(replicas: int = 2):
+    """Ports for a test's own ``modalink up --port-offset``: every port of the stack (``modalink.up.Ports``, up to
+    ``replicas`` encoder replicas) free now and none of them a default port, so a test's stack never meets a
+    developer's running stack (on the defaults) or another test's."""
+    import random
+
+    from modalink.ports import ENCODER_HTTP
+    from modalink.up import Ports
+
+    def numbers(p: Ports) -> set[int]:
+        fixed = {p.redis, p.llm, p.llm_http, p.gateway, p.gateway_http, p.playground}
+        return fixed | {p.encoder_http(m, i) + k for m in ENCODER_HTTP for i in range(replicas) for k in range(3)}
+
+    defaults = numbers(Ports(0))
+    rng = random.Random()
+    for _ in range(200):
+        ports = Ports(rng.randrange(100, 15000))
+        if not numbers(ports) & defaults and all(map(_bindable, numbers(ports))):
+            return ports
+    raise RuntimeError("no port offset with every port of a stack free")
+
+
+def modalink_up(run_dir: Path, *args: str, env: dict, timeout: float = 600):
+    """``modalink up`` in ``run_dir`` on ports of its own (``stack_ports``), with a Redis of its own (a
+    ``MODALINK_REDIS_URL`` in ``env`` is dropped): (its ``Ports``, the finished process). Tried again on other
+    ports when another process took one of them meanwhile."""
+    env = {k: v for k, v in env.items() if k != "MODALINK_REDIS_URL"}
+    for _ in range(3):
+        ports = stack_ports()
+        cmd = [sys.executable, "-m", "modalink.cli", "up", "--run-dir", str(run_dir), "--port-offset",
+               str(ports.offset), *args]  # fmt: skip
+        started = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if "ports in use" not in started.stderr:
+            break
+    return ports, started

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from procs import Procs, free_port, http_chat
+from procs import Procs, free_port, http_chat, modalink_up
 
 from modalink import client
 from modalink.v1 import assistant_pb2, assistant_pb2_grpc
@@ -30,7 +30,6 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_DIR = REPO / "tests" / "node"
-GATEWAY = "127.0.0.1:50051"
 QUESTION = "What is shown in this picture?"
 
 
@@ -41,13 +40,15 @@ def modalink(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
-    """``modalink up`` with the image encoder (Redis, encoder, LLM, worker, gateway, playground)."""
+    """``modalink up`` with the image encoder (Redis, encoder, LLM, worker, gateway, playground), in a run dir and
+    on ports of its own (``--port-offset``): never a developer's stack, whose ports it leaves alone. Its
+    addresses: the gateway's gRPC and HTTP, the image encoder's Triton gRPC, the LLM service's."""
     run = str(tmp_path_factory.mktemp("run"))
-    modalink("down")  # nothing else of ours may hold the default ports
-    started = modalink("up", "--modalities", "image", "--run-dir", run)
+    ports, started = modalink_up(run, "--modalities", "image", env={**os.environ, "MODALINK_NUM_THREADS": "1"})
     try:
         assert started.returncode == 0, started.stdout + started.stderr
-        yield run
+        yield {"gateway": f"127.0.0.1:{ports.gateway}", "http": f"http://127.0.0.1:{ports.gateway_http}",
+               "encoder": f"127.0.0.1:{ports.encoder_http('image') + 1}", "llm": f"127.0.0.1:{ports.llm}"}  # fmt: skip
     finally:
         modalink("down", "--run-dir", run)
 
@@ -55,7 +56,7 @@ def up(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stub(up):
     """A bare generated stub: no deadline, no retry policy, no metadata."""
-    with grpc.insecure_channel(GATEWAY) as ch:
+    with grpc.insecure_channel(up["gateway"]) as ch:
         yield assistant_pb2_grpc.AssistantStub(ch)
 
 
@@ -68,12 +69,12 @@ def generate(stub, request) -> tuple[str, list]:
     return "".join(m.text for m in messages), messages
 
 
-def test_a_bare_python_stub_without_deadlines_is_answered_on_every_rpc(stub, samples):
+def test_a_bare_python_stub_without_deadlines_is_answered_on_every_rpc(up, stub, samples):
     image = image_part(samples["image"])
     params = common_pb2.GenerationParams(max_new_tokens=16)
     text, messages = generate(stub, assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text=QUESTION), image],
                                                                   params=params))  # fmt: skip
-    with client.Client(GATEWAY) as c:  # modalink's own client, which sets a deadline: the same answer
+    with client.Client(up["gateway"]) as c:  # modalink's own client, which sets a deadline: the same answer
         assert text == c.ask([QUESTION, client.image(samples["image"])], max_new_tokens=16)
     assert "sneaker" in text and messages[0].adapter_versions["image"]
     assert messages[-1].finish_reason in ("stop", "length") and messages[-1].usage.completion_tokens > 0
@@ -114,9 +115,9 @@ def data_uri(path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def test_a_node_client_without_deadlines_streams_embeds_captions_and_runs_a_job(stub, samples):
+def test_a_node_client_without_deadlines_streams_embeds_captions_and_runs_a_job(up, stub, samples):
     assert (NODE_DIR / "node_modules").is_dir(), "`make test` installs the Node client's packages (npm ci)"
-    out = subprocess.run(["node", str(NODE_DIR / "client.mjs"), GATEWAY, samples["image"]], capture_output=True,
+    out = subprocess.run(["node", str(NODE_DIR / "client.mjs"), up["gateway"], samples["image"]], capture_output=True,
                          text=True, timeout=600, cwd=NODE_DIR)  # fmt: skip
     assert out.returncode == 0, out.stderr
     node = json.loads(out.stdout)
@@ -149,7 +150,7 @@ def test_a_node_client_without_deadlines_streams_embeds_captions_and_runs_a_job(
 def test_openai_route_lists_models_reads_earlier_media_and_matches_grpc(up, stub, samples):
     import openai
 
-    oa = openai.OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused", timeout=300)
+    oa = openai.OpenAI(base_url=up["http"] + "/v1", api_key="unused", timeout=300)
     assert [m.id for m in oa.models.list()] == ["modalink"]
     assert oa.models.retrieve("modalink").owned_by == "modalink"
     with pytest.raises(openai.NotFoundError):
@@ -195,7 +196,7 @@ def test_backends_down_or_slow_are_unavailable_or_deadline_exceeded_in_words(up,
     try:
         for name, env in (
             ("down", {"MODALINK_ENCODERS": f"image={dead}", "MODALINK_LLM_ADDRESS": dead}),
-            ("slow", {"MODALINK_ENCODERS": "image=127.0.0.1:8001", "MODALINK_LLM_ADDRESS": "127.0.0.1:50061",
+            ("slow", {"MODALINK_ENCODERS": f"image={up['encoder']}", "MODALINK_LLM_ADDRESS": up["llm"],
                       "MODALINK_UPSTREAM_TIMEOUT_S": "0.001"}),
         ):  # fmt: skip
             port, http = free_port(), free_port()
@@ -251,7 +252,7 @@ def test_chat_openai_caption_and_jobs_give_one_turn_the_same_safety_verdict_and_
     redis_port, port, http = free_port(), free_port(), free_port()
     env = {**os.environ, "MODALINK_NUM_THREADS": "1", "MODALINK_SAFETY_OUTPUT": "1",
            "MODALINK_SAFETY_BLOCKLIST": str(blocklist), "MODALINK_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-           "MODALINK_ENCODERS": "image=127.0.0.1:8001", "MODALINK_LLM_ADDRESS": "127.0.0.1:50061",
+           "MODALINK_ENCODERS": f"image={up['encoder']}", "MODALINK_LLM_ADDRESS": up["llm"],
            "MODALINK_JOBS_DIR": str(tmp_path / "jobs")}  # fmt: skip
     procs = Procs(tmp_path, env)
     blank = io.BytesIO()

@@ -1,9 +1,10 @@
 """The web playground (services/playground) in a real headless browser against the real stack.
 
 `modalink up --modalities image,imu` starts the encoders, the LLM service, the gateway, a worker and the
-playground on :7860; Debian's Chromium (driven by Playwright, no browser download) opens the page, uploads
-the packaged samples, reads the streamed answers, runs a captioning job and looks at the adapter registry.
-The stack gets its own copy of the adapter registry and its own jobs dir, so nothing here touches the repo.
+playground; Debian's Chromium (driven by Playwright, no browser download) opens the page, uploads the packaged
+samples, reads the streamed answers, runs a captioning job and looks at the adapter registry. The stack gets its
+own copy of the adapter registry, its own jobs dir, its own run dir (Redis's append-only file included) and ports
+of its own (``--port-offset``), so nothing here touches the repo or a developer's running stack.
 Screenshots land in build/screenshots/; the README's (docs/img/, tracked) are refreshed only on request:
 `make docs-images` (MODALINK_DOCS_IMAGES=1), so a test run never rewrites tracked files.
 """
@@ -23,10 +24,10 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
+from procs import modalink_up
 
 pytestmark = pytest.mark.slow
 
-PLAYGROUND = "http://localhost:7860"
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (the Makefile installs it); never `playwright install`
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync",
@@ -53,10 +54,10 @@ def stack(tmp_path_factory) -> dict:
            "MODALINK_JOBS_DIR": str(root / "jobs")}  # fmt: skip
     run = str(root / "run")
     try:
-        started = modalink("up", "--modalities", "image,imu", "--run-dir", run, env=env)
+        ports, started = modalink_up(run, "--modalities", "image,imu", env=env)
         assert started.returncode == 0, started.stdout + started.stderr
         assert "playground" in started.stdout, started.stdout
-        yield {"adapters": adapters, "root": root}
+        yield {"adapters": adapters, "root": root, "url": f"http://localhost:{ports.playground}"}
     finally:
         stopped = modalink("down", "--run-dir", run, env=env)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
@@ -73,13 +74,13 @@ def browser(stack):
 
 
 @pytest.fixture
-def page(browser):
+def page(browser, stack):
     """A fresh 1280x800 page on the playground; fails the test on any uncaught error in the page's script."""
     context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(PLAYGROUND)
+    page.goto(stack["url"])
     # the health poll found the gateway serving, so the red banner stays hidden
     expect(page.locator("#gateway-status")).to_have_attribute("data-state", "SERVING", timeout=30_000)
     expect(page.locator("#banner")).to_be_hidden()

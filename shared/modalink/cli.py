@@ -646,10 +646,14 @@ RUN_DIR = Path("build/run")
 def up(
     replicas: list[str] = typer.Option([], "--replicas", metavar="MODALITY=N", help="Encoder replicas, e.g. image=2."),
     modalities: str = typer.Option(",".join(MODALITIES), help="Which encoder services to start (comma-separated)."),
-    run_dir: Path = typer.Option(RUN_DIR, help="Where the state file and the logs go."),
+    run_dir: Path = typer.Option(RUN_DIR, help="Where the state file, the logs and Redis's append-only file go."),
     timeout: float = typer.Option(300.0, help="Seconds to wait for every service to be healthy."),
+    port_offset: int = typer.Option(
+        0, help="Add this to every port (gateway 50051 + N, Redis 6379 + N, ...): a second stack beside the first."
+    ),
 ) -> None:
     """Start the whole topology as local processes (Redis, encoders, LLM, gateway) and wait until healthy."""
+    from modalink.up import Ports
     from modalink.up import up as start
 
     counts = {}
@@ -660,12 +664,15 @@ def up(
         counts[m] = int(n)
     typer.echo("starting modalink (first start converts models into the cache; later starts take ~1 min)")
     try:
-        start(run_dir, counts, [m.strip() for m in modalities.split(",") if m.strip()], timeout, typer.echo)
+        at = Ports(port_offset)
+        start(run_dir, counts, [m.strip() for m in modalities.split(",") if m.strip()], timeout, typer.echo,
+              port_offset)  # fmt: skip
     except (RuntimeError, TimeoutError) as e:
         raise _fail(str(e)) from None
-    typer.echo(f"up: gRPC localhost:{ports.GATEWAY_GRPC} (modalink.v1.Assistant), OpenAI HTTP "
-               f"http://localhost:{ports.GATEWAY_HTTP}/v1, playground http://localhost:{ports.PLAYGROUND}; "
-               "stop with `modalink down`")  # fmt: skip
+    down = "`modalink down`" if run_dir == RUN_DIR else f"`modalink down --run-dir {run_dir}`"
+    typer.echo(f"up: gRPC localhost:{at.gateway} (modalink.v1.Assistant), OpenAI HTTP "
+               f"http://localhost:{at.gateway_http}/v1, playground http://localhost:{at.playground}; "
+               f"stop with {down}")  # fmt: skip
 
 
 @app.command()

@@ -5,9 +5,11 @@ else Debian's), a Celery worker for captioning jobs and fine-tunes (and beat, wh
 ``MODALINK_FINETUNE_INTERVAL_S`` is set), one encoder service per modality (``--replicas
 image=2`` starts more, which the gateway balances), the LLM service and the gateway, each in its own
 process group with its log in ``<run dir>/logs``; waits until every one is healthy; records them in
-``<run dir>/state.json`` so ``down`` stops exactly those. Ports are the documented defaults; replica i
-of a modality adds 100 * i. Only the gateway listens on every interface; the internal services bind to
-127.0.0.1.
+``<run dir>/state.json`` so ``down`` stops exactly those. Redis keeps its append-only file in ``<run dir>/redis``,
+beat its schedule in ``<run dir>/beat-schedule``: two run dirs share no state. Ports are the documented defaults
+(``modalink.ports``) plus ``port_offset`` (``--port-offset``: a second stack beside the first, or a test's stack
+beside a developer's); replica i of a modality adds 100 * i. Only the gateway listens on every interface; the
+internal services bind to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -67,19 +69,64 @@ def redis_server() -> str:
         return path
 
 
-def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None) -> list[Service]:
+@dataclass(frozen=True)
+class Ports:
+    """The stack's ports: the defaults (``modalink.ports``) moved by ``offset``."""
+
+    offset: int = 0
+
+    def __post_init__(self):
+        defaults = [REDIS_PORT, GATEWAY_GRPC, GATEWAY_HTTP, LLM_GRPC, LLM_HTTP, PLAYGROUND, *ENCODER_HTTP.values()]
+        low, high = 1024 - min(defaults), 65535 - max(defaults)
+        if not low <= self.offset <= high:
+            raise ConfigError(f"port offset {self.offset}: every port must stay within 1024..65535 "
+                              f"(offsets {low}..{high})")  # fmt: skip
+
+    @property
+    def redis(self) -> int:
+        return REDIS_PORT + self.offset
+
+    @property
+    def llm(self) -> int:
+        return LLM_GRPC + self.offset
+
+    @property
+    def llm_http(self) -> int:
+        return LLM_HTTP + self.offset
+
+    @property
+    def gateway(self) -> int:
+        return GATEWAY_GRPC + self.offset
+
+    @property
+    def gateway_http(self) -> int:
+        return GATEWAY_HTTP + self.offset
+
+    @property
+    def playground(self) -> int:
+        return PLAYGROUND + self.offset
+
+    def encoder_http(self, modality: str, replica: int = 0) -> int:
+        """Triton's HTTP port of an encoder replica; its gRPC port is the next one, its metrics the one after."""
+        return ENCODER_HTTP[modality] + REPLICA_STEP * replica + self.offset
+
+
+def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None, run_dir: Path = Path("build/run"),
+         port_offset: int = 0) -> list[Service]:  # fmt: skip
     py = [sys.executable, "-m", "modalink.cli"]
     services: list[Service] = []
+    ports = Ports(port_offset)
+    run_dir = Path(run_dir).resolve()
     if not redis_url:  # append-only file, fsynced per write: queued batches and job state survive a restart
-        (aof := Path("build/run/redis").resolve()).mkdir(parents=True, exist_ok=True)
-        services.append(Service("redis", [redis_server(), "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
+        (aof := run_dir / "redis").mkdir(parents=True, exist_ok=True)
+        services.append(Service("redis", [redis_server(), "--port", str(ports.redis), "--bind", "127.0.0.1",
                                           "--save", "", "--appendonly", "yes", "--appendfsync", "always",
                                           "--dir", str(aof), "--maxmemory", "1gb",
-                                          "--maxmemory-policy", "noeviction"], {"tcp": REDIS_PORT}))  # fmt: skip
+                                          "--maxmemory-policy", "noeviction"], {"tcp": ports.redis}))  # fmt: skip
     addresses = []
     for m in modalities:
         for i in range(replicas.get(m, 1)):
-            http = ENCODER_HTTP[m] + REPLICA_STEP * i
+            http = ports.encoder_http(m, i)
             services.append(Service(
                 f"{m}-encoder-{i}",
                 [*py, "serve", "encoder", "-m", m, "--http-port", str(http), "--grpc-port", str(http + 1),
@@ -90,10 +137,10 @@ def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None)
     # on a CPU the LLM serves fp16 weights through fbgemm (about 2x the decode speed, same answers)
     on_cpu = get_settings().torch_device().type == "cpu"
     llm_env = {"MODALINK_QUANTIZE": "fp16-cpu"} if on_cpu and "MODALINK_QUANTIZE" not in os.environ else {}
-    services.append(Service("llm", [*py, "serve", "llm", "--port", str(LLM_GRPC), "--http-port", str(LLM_HTTP),
+    services.append(Service("llm", [*py, "serve", "llm", "--port", str(ports.llm), "--http-port", str(ports.llm_http),
                                     "--host", INTERNAL_HOST],
-                            {"grpc": f"127.0.0.1:{LLM_GRPC}"}, llm_env))  # fmt: skip
-    wiring = {"MODALINK_ENCODERS": ",".join(addresses), "MODALINK_LLM_ADDRESS": f"127.0.0.1:{LLM_GRPC}"}
+                            {"grpc": f"127.0.0.1:{ports.llm}"}, llm_env))  # fmt: skip
+    wiring = {"MODALINK_ENCODERS": ",".join(addresses), "MODALINK_LLM_ADDRESS": f"127.0.0.1:{ports.llm}"}
     queues = ",".join([*(f"caption.{m}" for m in [*modalities, "unknown"]), "finetune"])
     celery = [sys.executable, "-m", "celery", "-A", "modalink_services.worker.app"]
     services.append(
@@ -101,16 +148,16 @@ def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None)
                 wiring)
     )  # fmt: skip
     if float(os.environ.get("MODALINK_FINETUNE_INTERVAL_S") or 0) > 0:  # periodic fine-tuning is opt-in
-        services.append(Service("beat", [*celery, "beat", "-s", "build/run/beat-schedule", "--loglevel", "INFO"],
+        services.append(Service("beat", [*celery, "beat", "-s", str(run_dir / "beat-schedule"), "--loglevel", "INFO"],
                                 {"log": "beat: Starting"}, wiring))  # fmt: skip
     services.append(Service(
-        "gateway", [*py, "serve", "gateway", "--port", str(GATEWAY_GRPC), "--http-port", str(GATEWAY_HTTP)],
-        {"grpc": f"127.0.0.1:{GATEWAY_GRPC}"}, wiring,
+        "gateway", [*py, "serve", "gateway", "--port", str(ports.gateway), "--http-port", str(ports.gateway_http)],
+        {"grpc": f"127.0.0.1:{ports.gateway}"}, wiring,
     ))  # fmt: skip
     services.append(Service(  # a client of the gateway like any other
-        "playground", [*py, "serve", "playground", "--port", str(PLAYGROUND), "--gateway", f"127.0.0.1:{GATEWAY_GRPC}",
-                       "--host", INTERNAL_HOST],
-        {"http": f"http://127.0.0.1:{PLAYGROUND}/api/health"}, wiring,
+        "playground", [*py, "serve", "playground", "--port", str(ports.playground), "--gateway",
+                       f"127.0.0.1:{ports.gateway}", "--host", INTERNAL_HOST],
+        {"http": f"http://127.0.0.1:{ports.playground}/api/health"}, wiring,
     ))  # fmt: skip
     return services
 
@@ -145,8 +192,9 @@ def _port_busy(check: dict) -> int | None:
 
 
 def up(run_dir: Path, replicas: dict[str, int] | None = None, modalities: list[str] | None = None,
-       timeout: float = 300.0, echo=print) -> list[Service]:  # fmt: skip
-    """Start everything and wait until healthy; on failure stop what was started and raise."""
+       timeout: float = 300.0, echo=print, port_offset: int = 0) -> list[Service]:  # fmt: skip
+    """Start everything and wait until healthy; on failure stop what was started and raise. ``port_offset`` moves
+    every port of the stack (``Ports``)."""
     run_dir = Path(run_dir)
     if (run_dir / "state.json").exists():
         raise ConfigError(f"already up (see {run_dir / 'state.json'}): run `modalink down` first")
@@ -155,12 +203,12 @@ def up(run_dir: Path, replicas: dict[str, int] | None = None, modalities: list[s
     if unknown:
         raise ConfigError(f"unknown modality {sorted(unknown)}; expected {', '.join(MODALITIES)}")
     redis_url = os.environ.get("MODALINK_REDIS_URL")
-    services = plan(replicas or {}, modalities, redis_url)
+    services = plan(replicas or {}, modalities, redis_url, run_dir, port_offset)
     busy = [f"{s.name} (port {p})" for s in services if (p := _port_busy(s.check))]
     if busy:
         raise ConfigError(f"ports in use: {', '.join(busy)}; is another stack running?")
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    redis_env = {"MODALINK_REDIS_URL": redis_url or f"redis://127.0.0.1:{REDIS_PORT}/0"}
+    redis_env = {"MODALINK_REDIS_URL": redis_url or f"redis://127.0.0.1:{Ports(port_offset).redis}/0"}
     for s in services:
         s.log = str(run_dir / "logs" / f"{s.name}.log")
         with open(s.log, "w") as log:
