@@ -144,7 +144,7 @@ bench: install
 	$(BIN)/python bench/report.py
 
 # The README's playground screenshots (docs/img/, tracked): tests/test_playground.py writes them there only when asked
-# (otherwise to build/screenshots/). Stop a running `make up` first: the playground test uses its ports.
+# (otherwise to build/screenshots/).
 docs-images: install
 	MODALINK_DOCS_IMAGES=1 $(BIN)/python -m pytest -q tests/test_playground.py
 
