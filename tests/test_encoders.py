@@ -21,7 +21,7 @@ from modalink.encoders import load_encoder
 from modalink.encoders.audio import SAMPLE_RATE, decode_audio
 from modalink.encoders.image import decode_image, to_tensor
 from modalink.encoders.imu import IMUCNN, IMUConfig, IMUEncoder, decode_imu, save_imu_encoder
-from modalink.encoders.video import decode_video, frames_to_gif, sample_indices
+from modalink.encoders.video import clip_tokens, decode_video, frames_to_gif, sample_indices
 from modalink.errors import InputError
 
 # ---------------------------------------------------------------------------------------------------------
@@ -667,14 +667,21 @@ def test_video_encoder_pooling_matches_image_encoder(video_encoder, image_encode
     clip = video_encoder.decode(frame_dir)
     assert clip.shape == (8, 3, 224, 224)
     out = video_encoder.encode([clip])[0]
-    assert out.shape == (49 + 8, 1280) and out.dtype == torch.float32
+    assert out.dtype == torch.float32
     # The same frames through the image encoder one at a time.
     frames = decode_video(frame_dir, n_frames=8)
     per_frame = torch.stack([image_encoder(f) for f in frames])  # [T, 49, 1280]
-    torch.testing.assert_close(out[:49], per_frame.mean(0), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out[49:], per_frame.mean(1), atol=1e-4, rtol=1e-4)
-    # Frames differ, so the temporal rows do too.
-    assert not torch.allclose(out[49], out[56], atol=1e-3)
+    torch.testing.assert_close(out, clip_tokens(per_frame, video_encoder.tokens), atol=1e-4, rtol=1e-4)
+    # 'frames': one token per frame, in time order; frames differ, so their tokens do too.
+    tokens = clip_tokens(per_frame, "frames")
+    assert tokens.shape == (8, 1280)
+    torch.testing.assert_close(tokens, per_frame.mean(1))
+    assert not torch.allclose(tokens[0], tokens[7], atol=1e-3)
+    # 'st-pool': Video-ChatGPT's spatial + temporal pooling.
+    st = clip_tokens(per_frame, "st-pool")
+    assert st.shape == (49 + 8, 1280)
+    torch.testing.assert_close(st[:49], per_frame.mean(0))
+    torch.testing.assert_close(st[49:], per_frame.mean(1))
 
 
 @pytest.mark.slow
@@ -683,7 +690,8 @@ def test_video_encoder_batch_of_clips_of_different_lengths(video_encoder):
     short_clip = video_encoder.decode([Image.fromarray(f) for f in gray_frames(3)])
     assert long_clip.shape[0] == 8 and short_clip.shape[0] == 3
     a, b = video_encoder.encode([long_clip, short_clip])
-    assert a.shape == (57, 1280) and b.shape == (52, 1280)
+    spatial = 49 if video_encoder.tokens == "st-pool" else 0
+    assert a.shape == (spatial + 8, 1280) and b.shape == (spatial + 3, 1280)
     torch.testing.assert_close(b, video_encoder.encode([short_clip])[0], atol=1e-4, rtol=1e-4)
 
 
@@ -701,7 +709,7 @@ def test_load_encoder_unknown_modality(settings):
 def test_load_encoder_modalities(image_encoder, audio_encoder, imu_encoder, video_encoder):
     for modality, enc in zip(MODALITIES, (image_encoder, audio_encoder, imu_encoder, video_encoder), strict=True):
         assert enc.modality == modality
-    assert video_encoder.name == "efficientnet-lite0+st-pool"
+    assert video_encoder.name == f"efficientnet-lite0+{video_encoder.tokens}"
 
 
 def test_decode_audio_int16_pcm_and_samples_by_channels_layout():

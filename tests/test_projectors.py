@@ -66,3 +66,22 @@ def test_bad_configs_are_rejected():
         ProjectorConfig(kind="perceiver", d_model=30, n_heads=8)
     with pytest.raises(ValueError, match="unknown projector config keys"):
         ProjectorConfig.from_dict({"kind": "mlp", "bogus": 1})
+
+
+def test_mlp_positions_mark_where_each_pooled_token_is(tmp_path):
+    """With ``max_positions`` the MLP adds a learned embedding per pooled position (a video's time): the same
+    frame at two times projects differently; without, alike."""
+    x = torch.randn(1, 1, 32).expand(1, 8, 32)  # one frame, eight times
+    plain = make("mlp").eval()
+    with torch.no_grad():
+        out = plain(x)
+    torch.testing.assert_close(out[0, 0], out[0, -1])
+    timed = make("mlp", max_positions=5).eval()
+    with torch.no_grad():
+        timed.pos.normal_()
+        out = timed(x)
+    assert not torch.allclose(out[0, 0], out[0, -1])
+    save_projector(timed, tmp_path)
+    loaded, _ = load_projector(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)

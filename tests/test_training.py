@@ -16,7 +16,9 @@ from modalink.projectors import ProjectorConfig, build_projector, pad_features
 from modalink.registry import AdapterRegistry
 
 SMALL = BuildConfig(seed=3, image_train=20, image_val=10, image_test=10, audio_train_per_word=1,
-                    audio_val_per_word=1, audio_test_per_word=1, video_train=6, video_val=2, video_test=2)  # fmt: skip
+                    audio_val_per_word=1, audio_test_per_word=1, video_train=6, video_val=2, video_test=2,
+                    video_train_mixed=12, video_val_single=1, video_test_single=2, video_val_mixed=1,
+                    video_test_mixed=3)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,63 @@ def test_class_word_scoring_is_strict():
     assert is_correct("audio", "seven", "The word is 7.")
     assert is_correct("video", "coat|bag", "First a coat, then a bag.")
     assert not is_correct("video", "coat|bag", "First a bag, then a coat.")
+    assert not is_correct("video", "coat|bag", "First a coat, then a bag, then a coat.")  # every item, no more
+    assert is_correct("video", "coat|bag|coat", "A coat, then a bag, and last a coat.")
+    assert is_correct("video", "coat", "The video shows a coat. The coat is grey.")  # a repeat in a row is one item
+    assert not is_correct("video", "coat", "A coat, then a bag.")
     assert mentioned("imu", "Someone is walking, not running.") == ["walking", "running"]
+
+
+def test_video_clips_show_one_two_or_three_items_in_order(data):
+    from modalink.data import clip_sampled_items
+
+    for split in ("train", "val", "test"):
+        rows = read_manifest(data / "video" / f"{split}.jsonl")
+        kinds = [r["kind"] for r in rows]
+        assert kinds == sorted(kinds, key=("pair", "single", "mixed").index)  # the two-item clips come first
+        for r in rows:
+            items = r["label"].split("|")
+            assert len(items) == len(r["items"]) == len(r["frames"]) in (1, 2, 3)
+            assert all(a != b for a, b in zip(items, items[1:], strict=False))  # neighbours differ
+            assert r["kind"] != "pair" or r["frames"] == [4, 4]
+            assert sorted(set(clip_sampled_items(r["frames"], 8))) == list(range(len(items)))  # each one is seen
+    held_out = read_manifest(data / "video" / "test.jsonl")
+    assert [r["kind"] for r in held_out].count("single") == SMALL.video_test_single
+
+
+def test_video_order_questions_are_answered_from_the_label():
+    import random
+
+    from modalink.data import instruction
+
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(200):
+        q, a = instruction("video", "shirt|bag|sandal", rng, order=1.0)
+        if "first" in q.lower() or "start" in q.lower():
+            assert mentioned("video", a) == ["shirt"], (q, a)
+            seen.add("first")
+        elif "last" in q.lower() or "end" in q.lower():
+            assert mentioned("video", a) == ["sandal"], (q, a)
+            seen.add("last")
+        else:
+            asked = mentioned("video", q)[0]
+            assert a.startswith("Yes." if asked in ("shirt", "bag", "sandal") else "No."), (q, a)
+            assert is_correct("video", "shirt|bag|sandal", a.split(". ", 1)[1])
+            seen.add("appears")
+    assert seen == {"first", "last", "appears"}
+    describe = ("What happens in this video?", "Describe the video in order.", "What appears first, and what next?")
+    assert instruction("video", "shirt|bag", random.Random(0), order=0.0)[0] in describe
+
+
+def test_video_scores_per_kind_of_clip():
+    from modalink.evaluate import video_scores
+
+    rows = [{"label": "coat|bag", "kind": "pair"}, {"label": "coat|bag"}, {"label": "shirt"},
+            {"label": "coat|bag|dress", "kind": "mixed"}]  # fmt: skip
+    answers = ["First a coat, then a bag.", "First a bag, then a coat.", "A shirt.", "A coat, then a dress."]
+    assert video_scores(rows, answers) == {"pair": (0.5, 2), "first": (0.6667, 3), "last": (0.6667, 3),
+                                           "single": (1.0, 1), "mixed": (0.0, 1)}  # fmt: skip
 
 
 def test_a_short_training_run_lowers_the_loss(data, engine, settings, tmp_path):
@@ -259,16 +317,35 @@ def test_imu_encoder_aligns_to_text_and_loads_as_trained(data, tmp_path):
         Assistant(settings).projector("imu")
 
 
-def test_cached_video_features_equal_the_video_encoder(data, settings):
-    """Training derives clip features from the items' image features; that must equal the real encoder path."""
+@pytest.mark.parametrize("tokens", ["frames", "st-pool"])
+def test_cached_video_features_equal_the_video_encoder(data, settings, tokens):
+    """Training derives clip features from the items' image features; that must equal the real encoder path, for
+    clips of one, two and three items of any length."""
     from modalink.encoders import load_encoder
     from modalink.train.features import encode_rows, video_from_image_features
 
-    video = load_encoder("video", settings)
-    clip = read_manifest(data / "video" / "train.jsonl")[0]
+    video = load_encoder("video", settings.model_copy(update={"video_tokens": tokens}))
+    assert video.name == f"efficientnet-lite0+{tokens}"
+    rows = read_manifest(data / "video" / "train.jsonl")
+    clips = [rows[0]] + [next(r for r in rows if len(r["items"]) == n and r["kind"] == "mixed") for n in (1, 2, 3)]
     images = {r["id"]: r for r in read_manifest(data / "image" / "train.jsonl")}
-    feats = encode_rows(video.image, [images[i] for i in clip["items"]])
-    derived = video_from_image_features([feats[i] for i in clip["items"]]).float()
-    direct = video(clip["path"])
-    assert derived.shape == direct.shape == (49 + 8, 1280)
-    torch.testing.assert_close(derived, direct, atol=2e-2, rtol=2e-2)  # fp16 cache
+    for clip in clips:
+        feats = encode_rows(video.image, [images[i] for i in clip["items"]])
+        derived = video_from_image_features([feats[i] for i in clip["items"]], clip["frames"], 8, tokens).float()
+        direct = video(clip["path"])
+        n_frames = 1 if len(clip["items"]) == 1 else 8  # a clip of one item is a still image
+        assert derived.shape == direct.shape == ((n_frames,) if tokens == "frames" else (49 + n_frames,)) + (1280,)
+        torch.testing.assert_close(derived, direct, atol=2e-2, rtol=2e-2)  # fp16 cache
+
+
+def test_a_video_adapter_reads_the_clip_tokens_it_was_trained_on(settings, tmp_path):
+    from modalink.embedder import Embedder
+
+    reg = AdapterRegistry(tmp_path)
+    proj = build_projector(ProjectorConfig(kind="mlp", d_in=1280, d_llm=576, n_tokens=8))
+    reg.publish("video", proj, extra={"encoder": "efficientnet-lite0+st-pool"}, promote=True)
+    other = settings.model_copy(update={"adapters_dir": tmp_path, "video_tokens": "frames"})
+    with pytest.raises(RuntimeError, match="'st-pool' clip tokens but the encoder makes 'frames'"):
+        Embedder(other).projector("video")
+    same = settings.model_copy(update={"adapters_dir": tmp_path, "video_tokens": "st-pool"})
+    assert Embedder(same).projector("video")[1] == "v1"

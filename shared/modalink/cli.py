@@ -248,6 +248,9 @@ def train(
     ),  # fmt: skip
     lora_rank: int = typer.Option(8, "--lora-rank", help="Stage 2: LoRA rank (on q_proj and v_proj)."),
     lora_lr: float = typer.Option(5e-4, "--lora-lr", help="Stage 2: peak learning rate of the LoRA weights."),
+    order: float = typer.Option(
+        0.0, "--order", help="Video: share of questions about what comes first, last or at all (else: describe)."
+    ),
 ) -> None:
     """Train one modality's adapter, publish it as a new version, promote it if not worse.
 
@@ -271,7 +274,7 @@ def train(
     overrides = {k: v for k, v in {"kind": kind, "n_tokens": n_tokens}.items() if v is not None}
     cfg = AlignConfig(modality, projector=overrides, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                       init_from=init_from, stage=stage, lora={"r": lora_rank, "alpha": 2 * lora_rank},
-                      lora_lr=lora_lr)  # fmt: skip
+                      lora_lr=lora_lr, order=order)  # fmt: skip
     settings = get_settings()
     run_dir = settings.cache_dir / "runs" / (modality if stage == 1 else f"{modality}-stage2")
     if restart:
@@ -337,7 +340,8 @@ def evaluate(
         from modalink.evaluate import write_report
 
         cmd = f"modalink eval --data {data} --report {report} --baseline-limit {baseline_limit}"
-        result = write_report(report, data, get_settings(), baseline_limit, command=cmd)
+        cmd += "".join(f" -m {m}" for m in modality) if set(modality) != set(MODALITIES) else ""
+        result = write_report(report, data, get_settings(), baseline_limit, command=cmd, modalities=modality)
         for r in result["rows"]:
             typer.echo(f"{r['modality']:<30} accuracy {r['accuracy']:.1%}  (n={r['n']})")
         typer.echo(f"table written to {report}")
@@ -369,6 +373,13 @@ def evaluate(
         return
     for m, v in result.items():
         typer.echo(f"{m:<6} accuracy {v['accuracy']:.1%}  ({v['correct']}/{v['n']})")
+    answers = {s.id: s.answer for s in scored}
+    video = [(r, answers[r["id"]]) for r in rows if r["modality"] == "video"]
+    if video:
+        from modalink.evaluate import VIDEO_METRICS, video_scores
+
+        for k, (acc, n) in video_scores([r for r, _ in video], [a for _, a in video]).items():
+            typer.echo(f"  video {k:<6} {acc:.1%}  (n={n}): {VIDEO_METRICS[k]}")
 
 
 @adapters_app.command("list")

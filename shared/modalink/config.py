@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     )
     num_threads: int = Field(0, description="torch intra-op threads; 0 = number of usable cores.")
     video_frames: int = Field(8, ge=1, le=64, description="Frames sampled uniformly from a video.")
+    video_tokens: Literal["frames", "st-pool"] = Field(
+        "st-pool", description="A clip's tokens: 'frames', one per sampled frame in time order (its spatial mean); "
+        "'st-pool', Video-ChatGPT's spatial + temporal pooling (the earlier adapters'). An adapter reads the kind it "
+        "was trained on."
+    )  # fmt: skip
     imu_channels: int = Field(6, ge=1, description="IMU channels expected (3-axis accelerometer + gyroscope).")
     max_image_pixels: int = Field(40_000_000, description="Decoded-size limit against decompression bombs.")
     max_audio_seconds: float = Field(600.0, description="Longest audio clip accepted.")

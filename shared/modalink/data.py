@@ -8,6 +8,8 @@ windows (PyPI aeon), and video clips made of Fashion-MNIST items whose captions 
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import random
 import subprocess
@@ -68,20 +70,38 @@ ANSWERS = {
     "imu": ("The person is {text}.", "The wearer is {text}.", "These motion signals show someone {text}."),
     "video": ("First a {a}, then a {b}.", "The video shows a {a}, and then a {b}.", "A {a} appears first, then a {b}."),
 }  # fmt: skip
+# A video's caption names its items in order, however many it shows (ANSWERS["video"]: two).
+VIDEO_ANSWERS = {
+    1: ("The video shows a {a}.", "A {a}, the whole time.", "Only a {a} appears."),
+    2: ANSWERS["video"],
+    3: ("First a {a}, then a {b}, then a {c}.", "The video shows a {a}, then a {b}, and then a {c}.",
+        "A {a} appears first, then a {b}, and last a {c}."),
+}  # fmt: skip
+# Questions about one moment of a video, and their answers (training teaches order with them).
+VIDEO_FIRST = (("What appears first?", "What is the first item in the video?", "What does the video start with?"),
+               ("A {x}.", "First comes a {x}.", "The video starts with a {x}."))  # fmt: skip
+VIDEO_LAST = (("What appears last?", "What is the last item in the video?", "What does the video end with?"),
+              ("A {x}.", "Last comes a {x}.", "The video ends with a {x}."))  # fmt: skip
+VIDEO_APPEARS = ("Does a {x} appear in the video?", "Is there a {x} in this video?")
+
+
+def answer_templates(modality: str, label: str) -> tuple[str, ...]:
+    """The answer templates for a label (a video's depend on how many items it shows)."""
+    return VIDEO_ANSWERS[len(label.split("|"))] if modality == "video" else ANSWERS[modality]
 
 
 def fill(template: str, modality: str, label: str) -> str:
-    """An answer template filled for a label (video labels are "first|second", IMU names an activity)."""
+    """An answer template filled for a label (video labels name the items in order, "first|second", IMU names an
+    activity)."""
     if modality == "video":
-        a, b = label.split("|")
-        return template.format(a=a, b=b)
+        return template.format(**dict(zip("abc", label.split("|"), strict=False)))
     if modality == "imu":
         return template.format(text=ACTIVITY_TEXT[label])
     return template.format(label=label)
 
 
 def caption(modality: str, label: str, rng: random.Random) -> str:
-    return fill(rng.choice(ANSWERS[modality]), modality, label)
+    return fill(rng.choice(answer_templates(modality, label)), modality, label)
 
 
 # Stage-2 instructions beyond "what is it": yes/no checks against a named class (the true one or another),
@@ -111,8 +131,27 @@ def _check_phrase(modality: str, label: str) -> str:
     return ACTIVITY_TEXT[label].split(",")[0] if modality == "imu" else label
 
 
-def instruction(modality: str, label: str, rng: random.Random, checks: float = 0.0) -> tuple[str, str]:
-    """(question, answer) for training: with probability ``checks`` a yes/no check, else a describe question."""
+def video_order_question(label: str, rng: random.Random) -> tuple[str, str]:
+    """(question, answer) about one moment of a clip: what comes first, what comes last, or whether an item
+    appears at all (answered "Yes." / "No." plus the whole description)."""
+    items = label.split("|")
+    kind = rng.randrange(3)
+    if kind < 2:
+        questions, answers = VIDEO_FIRST if kind == 0 else VIDEO_LAST
+        x = items[0] if kind == 0 else items[-1]
+        return rng.choice(questions), rng.choice(answers).format(x=x)
+    asked = rng.choice(items) if rng.random() < 0.5 else rng.choice([x for x in GARMENTS if x not in items])
+    question = rng.choice(VIDEO_APPEARS).format(x=asked)
+    return question, f"{'Yes' if asked in items else 'No'}. {caption('video', label, rng)}"
+
+
+def instruction(
+    modality: str, label: str, rng: random.Random, checks: float = 0.0, order: float = 0.0
+) -> tuple[str, str]:
+    """(question, answer) for training: with probability ``checks`` a yes/no check, else a describe question;
+    for a video, with probability ``order`` first a question about what comes first, last or at all."""
+    if modality == "video" and order and rng.random() < order:
+        return video_order_question(label, rng)
     answer = caption(modality, label, rng)
     if rng.random() >= checks:
         return rng.choice(QUESTIONS[modality]), answer
@@ -131,9 +170,14 @@ class BuildConfig:
     audio_train_per_word: int = 60
     audio_val_per_word: int = 8
     audio_test_per_word: int = 10
-    video_train: int = 2000
+    video_train: int = 2000  # clips of two different items, 4 frames each (per split)
     video_val: int = 100
     video_test: int = 200
+    video_train_mixed: int = 2000  # clips of one, two or three items of varied lengths
+    video_val_single: int = 50  # held out: clips of one item
+    video_test_single: int = 100
+    video_val_mixed: int = 50  # held out: two or three items of varied lengths
+    video_test_mixed: int = 100
 
 
 def _write_manifest(path: Path, rows: list[dict]) -> None:
@@ -321,31 +365,85 @@ def build_imu(out: Path, cfg: BuildConfig) -> dict[str, int]:
     return counts
 
 
+VIDEO_FRAME_MS = 250  # each frame of a built clip (frames_to_gif's default)
+
+
+def clip_sampled_items(frames: Sequence[int], k: int) -> list[int]:
+    """Which item each of the ``k`` frames the video decoder samples from a built clip shows, the clip holding
+    item i for ``frames[i]`` frames of equal duration.
+
+    A GIF writer merges identical consecutive frames, so a clip is one GIF frame per item, each lasting its
+    frames; the decoder samples by time (``encoders.video``), and a clip of one item is a still image: one frame.
+    """
+    if len(frames) == 1:
+        return [0]
+    ends = list(itertools.accumulate(frames))
+    return [min(len(frames) - 1, bisect.bisect_right(ends, (j + 0.5) * ends[-1] / k)) for j in range(k)]
+
+
+def _mixed_clip(pool: list[dict], rng: random.Random, n_items: int, k: int = 8) -> tuple[list[dict], list[int]]:
+    """``n_items`` items (neighbours of different classes; a three-item clip may show one class twice, first and
+    last) and their lengths in frames, each item seen by at least one of ``k`` sampled frames."""
+    while True:
+        items, repeat = [rng.choice(pool)], n_items == 3 and rng.random() < 0.25  # a b a: a quarter of them
+        while len(items) < n_items:
+            nxt = rng.choice(pool)
+            third_repeats = len(items) == 2 and nxt["label"] == items[0]["label"]
+            if nxt["label"] != items[-1]["label"] and third_repeats == (repeat and len(items) == 2):
+                items.append(nxt)
+        frames = [rng.randint(2, 12)] if n_items == 1 else [rng.randint(1, 6) for _ in range(n_items)]
+        if len(set(clip_sampled_items(frames, k))) == n_items:
+            return items, frames
+
+
+def _mixed_size(split: str, rng: random.Random) -> int:
+    """Items in a mixed clip: for training one (a quarter), two (three tenths) or three; held out, two or three."""
+    if split == "train":
+        return 1 if rng.random() < 0.25 else rng.choice((2, 2, 3, 3, 3))
+    return rng.choice((2, 3))
+
+
 def build_video(out: Path, cfg: BuildConfig) -> dict[str, int]:
-    """Clips of two Fashion-MNIST items, 4 frames each: the caption names them in order."""
-    rng = random.Random(cfg.seed + 1)
+    """Clips of Fashion-MNIST items shown one after another: the caption names them in order.
+
+    Each split starts with clips of two different items, 4 frames each (the same clips for a seed as before
+    clips of other kinds were added), then the mixed clips: for training one, two or three items (a quarter,
+    three tenths, the rest), neighbours of different classes, 1-6 frames each (2-12 for one item); held out, clips of
+    one item and clips of two or three. Rows name their ``items`` (image ids) and each one's ``frames``.
+    """
+    rng, mrng = random.Random(cfg.seed + 1), random.Random(cfg.seed + 2)
     train_x, train_y = fashion_mnist("train")
     test_x, test_y = fashion_mnist("t10k")
     image_rows = {s: read_manifest(out / "image" / f"{s}.jsonl") for s in ("train", "val", "test")}
+    mixed = {"train": (0, cfg.video_train_mixed), "val": (cfg.video_val_single, cfg.video_val_mixed),
+             "test": (cfg.video_test_single, cfg.video_test_mixed)}  # fmt: skip
     counts = {}
     for split, n in (("train", cfg.video_train), ("val", cfg.video_val), ("test", cfg.video_test)):
         # Items come from the image split of the same role (val clips reuse held-out image val items).
         src = "test" if split == "test" else "train"
         pool = image_rows["val" if split == "val" else src]
         x = test_x if split == "test" else train_x
-        rows = []
-        for k in range(n):
+        clips = []  # (kind, items, frames of each, caption)
+        for _ in range(n):
             a, b = rng.sample(pool, 2)
             while a["label"] == b["label"]:
                 b = rng.choice(pool)
-            frames = [x[int(a["id"].rsplit("-", 1)[1])]] * 4 + [x[int(b["id"].rsplit("-", 1)[1])]] * 4
+            clips.append(("pair", [a, b], [4, 4], caption("video", f"{a['label']}|{b['label']}", rng)))
+        singles, n_mixed = mixed[split]
+        sizes = [1] * singles + [_mixed_size(split, mrng) for _ in range(n_mixed)]
+        for i, n_items in enumerate(sizes):
+            items, frames = _mixed_clip(pool, mrng, n_items)
+            label = "|".join(it["label"] for it in items)
+            clips.append(("single" if i < singles else "mixed", items, frames, caption("video", label, mrng)))
+        rows = []
+        for k, (kind, items, frames, text) in enumerate(clips):
+            pixels = [x[int(it["id"].rsplit("-", 1)[1])] for it, f in zip(items, frames, strict=True) for _ in range(f)]
             rel = f"{split}/{k:05d}.gif"
             (out / "video" / rel).parent.mkdir(parents=True, exist_ok=True)
-            (out / "video" / rel).write_bytes(frames_to_gif(frames))
-            label = f"{a['label']}|{b['label']}"
-            rows.append({"id": f"clip-{split}-{k}", "modality": "video", "path": rel, "label": label,
-                         "caption": caption("video", label, rng), "split": split,
-                         "items": [a["id"], b["id"]]})  # fmt: skip
+            (out / "video" / rel).write_bytes(frames_to_gif(pixels, VIDEO_FRAME_MS))
+            rows.append({"id": f"clip-{split}-{k}", "modality": "video", "path": rel,
+                         "label": "|".join(it["label"] for it in items), "caption": text, "split": split,
+                         "kind": kind, "items": [it["id"] for it in items], "frames": frames})  # fmt: skip
         _write_manifest(out / "video" / f"{split}.jsonl", rows)
         counts[split] = len(rows)
     return counts

@@ -36,6 +36,17 @@ def llm_hidden_size(settings: Settings) -> int:
     return AutoConfig.from_pretrained(resolve_llm_path(settings.llm, settings), local_files_only=True).hidden_size
 
 
+def check_video_tokens(modality: str, version: str, meta: dict, enc: Encoder) -> None:
+    """A video adapter reads the kind of clip tokens it was trained on (its encoder's name ends ``+<kind>``):
+    another kind has the same width, so it would load and answer nonsense."""
+    trained = str(meta.get("encoder") or "")
+    if modality == "video" and "+" in trained and trained.rpartition("+")[2] != enc.tokens:  # type: ignore[attr-defined]
+        raise RuntimeError(
+            f"video adapter {version} was trained on {trained.rpartition('+')[2]!r} clip tokens but the encoder makes "
+            f"{enc.tokens!r} (MODALINK_VIDEO_TOKENS): set it to match, or promote an adapter trained on them"  # type: ignore[attr-defined]
+        )
+
+
 class Embedder:
     def __init__(self, settings: Settings | None = None, versions: dict[str, str] | None = None):
         """``versions`` pins adapter versions per modality (default: the registry's current ones, followed)."""
@@ -81,6 +92,7 @@ class Embedder:
                     f"{modality} adapter {version} was trained on encoder weights {meta['encoder_weights']} "
                     f"but {enc.name} has {enc.weights_id}: retrain the adapter or restore that encoder"
                 )
+            check_video_tokens(modality, version, meta, enc)
         else:
             log.info("no trained %s adapter in %s: using an untrained projector", modality, self.registry.root)
             cfg = ProjectorConfig(d_in=enc.feature_dim, d_llm=self.d_llm, **DEFAULT_PROJECTORS[modality])

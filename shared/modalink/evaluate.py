@@ -56,11 +56,44 @@ def mentioned(modality: str, text: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def sequence(modality: str, text: str) -> list[str]:
+    """Class words named in ``text`` in order, a word named again right after itself counted once (a video's
+    "a bag, then a shirt, then a bag" is three items; "a bag, the same bag" one)."""
+    mentioned(modality, "")  # builds the pattern
+    lookup = {f.lower(): w for w in class_words(modality) for f in SYNONYMS.get(w, (w, w + "s"))}
+    lookup.update(_NUMERALS if modality == "audio" else {})
+    found = [lookup[m.group(1).lower()] for m in _PATTERNS[modality].finditer(text)]
+    return [w for i, w in enumerate(found) if not i or w != found[i - 1]]
+
+
 def is_correct(modality: str, label: str, answer: str) -> bool:
-    names = mentioned(modality, answer)
-    if modality == "video":
-        return names == label.split("|")
-    return names == [label]
+    if modality == "video":  # every item, in order
+        return sequence(modality, answer) == label.split("|")
+    return mentioned(modality, answer) == [label]
+
+
+# How a video answer is scored (``video_scores``): the answer to the describe question names...
+VIDEO_METRICS = {
+    "pair": "both items in order (clips of two items, 4 frames each)",
+    "first": "the first item first (clips of two or three items)",
+    "last": "the last item last (clips of two or three items)",
+    "single": "the one item and nothing else (clips of one item)",
+    "mixed": "every item in order (two or three items of varied lengths)",
+}
+
+
+def video_scores(rows: Sequence[dict], answers: Sequence[str]) -> dict[str, tuple[float, int]]:
+    """{metric: (accuracy, n)} of ``VIDEO_METRICS`` over manifest rows (their ``kind``; rows without one are pairs)
+    and the answers to their describe question; metrics without rows are left out."""
+    hits: dict[str, list[bool]] = {k: [] for k in VIDEO_METRICS}
+    for r, a in zip(rows, answers, strict=True):
+        truth, said = r["label"].split("|"), sequence("video", a)
+        kind = r.get("kind") or ("single" if len(truth) == 1 else "pair")
+        hits["single" if len(truth) == 1 else kind].append(said == truth)
+        if len(truth) > 1:
+            hits["first"].append(bool(said) and said[0] == truth[0])
+            hits["last"].append(bool(said) and said[-1] == truth[-1])
+    return {k: (round(sum(v) / len(v), 4), len(v)) for k, v in hits.items() if v}
 
 
 @dataclass
@@ -152,6 +185,23 @@ def linear_probe(train: Sequence[tuple[dict, torch.Tensor]], test: Sequence[tupl
     return float((clf.predict(scaler.transform(xte)) == np.array(yte)).mean())
 
 
+def video_frame_probe(
+    images: Sequence[tuple[dict, torch.Tensor]], clips: Sequence[tuple[dict, torch.Tensor]]
+) -> dict[str, tuple[float, int]]:
+    """Ceiling check for video: logistic regression trained on single images (mean-pooled features, the train
+    split), reading each clip's per-frame tokens [T, d] (``clip_tokens`` "frames"); a clip's answer is its frames'
+    classes in order, a class repeated in a row counted once. Scored as ``video_scores``."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.stack([f.float().mean(0).numpy() for _, f in images])
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(max_iter=2000, C=1.0).fit(scaler.transform(x), [r["label"] for r, _ in images])
+    answers = [", then ".join(clf.predict(scaler.transform(f.float().numpy()))) for _, f in clips]
+    return video_scores([r for r, _ in clips], answers)
+
+
 def grounding(scored: Sequence[Scored]) -> float:
     """Share of input pairs with different labels (same question) where both answers are correct, hence differ.
 
@@ -179,17 +229,18 @@ def caption_scores(scored: Sequence[Scored]) -> dict[str, float]:
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    from modalink.data import ANSWERS, fill
+    from modalink.data import answer_templates, fill
 
-    gts = {s.id: [_norm(fill(t, s.modality, s.label)) for t in ANSWERS[s.modality]] for s in scored}
+    gts = {s.id: [_norm(fill(t, s.modality, s.label)) for t in answer_templates(s.modality, s.label)] for s in scored}
     res = {s.id: [_norm(s.answer) or "empty"] for s in scored}
     with contextlib.redirect_stdout(io.StringIO()):  # the BLEU scorer prints its internals
         bleu = Bleu(4).compute_score(gts, res)[0][3]
     return {"bleu4": bleu, "rougeL": Rouge().compute_score(gts, res)[0], "cider": Cider().compute_score(gts, res)[0]}
 
 
-def write_report(path, data_dir, settings, baseline_limit: int = 100, command: str = "") -> dict:
-    """Evaluate the current adapters and the three baselines on held-out data; write a markdown table."""
+def write_report(path, data_dir, settings, baseline_limit: int = 100, command: str = "", modalities=None) -> dict:
+    """Evaluate the current adapters and the three baselines on held-out data; write a markdown table (the rows
+    of ``modalities``, default all)."""
     import datetime
     import platform
     import tempfile
@@ -198,18 +249,24 @@ def write_report(path, data_dir, settings, baseline_limit: int = 100, command: s
     from modalink import MODALITIES
     from modalink.assistant import Assistant
     from modalink.data import read_manifest
+    from modalink.encoders import load_encoder
     from modalink.train.features import features_for
 
     data_dir = Path(data_dir)
     assistant = Assistant(settings)
     untrained = Assistant(settings.model_copy(update={"adapters_dir": Path(tempfile.mkdtemp())}), assistant.engine)
     rows_out, examples = [], []
-    for m in MODALITIES:
+    for m in modalities or MODALITIES:
         test_path = data_dir / m / "test.jsonl"
         if not test_path.exists():
             continue
         test = read_manifest(test_path)
         scored = list(answer_rows(assistant, test))
+        by_kind = None
+        if m == "video":  # the main row: clips of two items, in order; more rows per kind of clip below
+            by_kind = video_scores(test, [s.answer for s in scored])
+            scored = [s for s, r in zip(scored, test, strict=True) if r.get("kind", "pair") == "pair"]
+            test = [r for r in test if r.get("kind", "pair") == "pair"]
         acc = accuracy(scored)[m]
         few = test[:baseline_limit]
         blind = accuracy(list(blind_rows(assistant, few)))[m]
@@ -233,6 +290,19 @@ def write_report(path, data_dir, settings, baseline_limit: int = 100, command: s
                          "untrained": rand["accuracy"], "baseline_n": len(few), "stage1": stage1,
                          "linear_probe": None if probe is None else round(probe, 4), "adapter": version})  # fmt: skip
         examples += [(m, s.label, s.answer, s.correct) for s in scored[:3]]
+        if by_kind:
+            enc = assistant.encoder("image")
+            frame_settings = settings.model_copy(update={"video_tokens": "frames"})
+            probe_kind = video_frame_probe(
+                features_for("image", "train", data_dir, settings, enc),
+                features_for("video", "test", data_dir, frame_settings, load_encoder("video", frame_settings, enc)),
+            )
+            rows_out[-1]["linear_probe"] = probe_kind["pair"][0]
+            for kind, (kacc, n) in by_kind.items():
+                if kind != "pair":
+                    rows_out.append({"modality": f"video: {VIDEO_METRICS[kind].split(' (')[0]}", "split": "test",
+                                     "n": n, "accuracy": kacc, "adapter": version,
+                                     "linear_probe": probe_kind.get(kind, (None,))[0]})  # fmt: skip
         if m == "audio" and (data_dir / "audio" / "real.jsonl").exists():
             real = [r for r in read_manifest(data_dir / "audio" / "real.jsonl") if r["label"] in DIGITS]
             sr = list(answer_rows(assistant, real))
@@ -256,13 +326,14 @@ def write_report(path, data_dir, settings, baseline_limit: int = 100, command: s
         "| linear probe | BLEU-4 | ROUGE-L | CIDEr |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    num = lambda r, k, f: "–" if r.get(k) is None else f"{r[k]:.{f}f}"  # noqa: E731
     for r in rows_out:
-        bn = f" (n={r['baseline_n']})" if r["baseline_n"] else ""
-        s1 = f"{pct(r['stage1'])}{bn}" if r["stage1"] is not None else "–"
+        bn = f" (n={r['baseline_n']})" if r.get("baseline_n") else ""
+        s1 = f"{pct(r['stage1'])}{bn}" if r.get("stage1") is not None else "–"
+        base = f"{pct(r['blind'])}{bn} | {pct(r['untrained'])}{bn}" if r.get("blind") is not None else "– | –"
         lines.append(f"| {r['modality']} | {r['adapter']} | {r['n']} | **{pct(r['accuracy'])}** "
-                     f"| {pct(r['grounding'])} | {pct(r['blind'])}{bn} | {pct(r['untrained'])}{bn} "
-                     f"| {s1} | {pct(r['linear_probe'])} | {r['bleu4']:.3f} | {r['rougeL']:.3f} "
-                     f"| {r['cider']:.2f} |")  # fmt: skip
+                     f"| {pct(r.get('grounding'))} | {base} | {s1} | {pct(r['linear_probe'])} "
+                     f"| {num(r, 'bleu4', 3)} | {num(r, 'rougeL', 3)} | {num(r, 'cider', 2)} |")  # fmt: skip
     lines += [
         "",
         "- grounding: pairs of test items (i, i + n/2) with different labels where both answers are right "
@@ -270,6 +341,11 @@ def write_report(path, data_dir, settings, baseline_limit: int = 100, command: s
         "- blind LLM: the same question without the input; untrained projector: a fixed-seed random "
         "projector; stage 1 only: the aligned projector a stage-2 (LoRA) adapter was trained from, without the "
         "LoRA; linear probe: logistic regression on mean-pooled encoder features (train split -> test).",
+        "- video: the main row scores clips of two items, 4 frames each (both named, in order); the rows below "
+        "score the same answers by what they name first and last (clips of two or three items), clips of one "
+        "item, and clips of two or three items of varied lengths (every item, in order). Its linear probe reads "
+        "the clip's per-frame features: logistic regression trained on single train images classifies each "
+        "sampled frame, and the classes in order (a repeat in a row counted once) are the probe's answer.",
         "- BLEU-4 / ROUGE-L / CIDEr (pycocoevalcap): the answer to the default question against every answer "
         "template for the true label, lower-cased, punctuation removed.",
         "",

@@ -294,12 +294,24 @@ def decode_video(
     return frames
 
 
+def clip_tokens(frames: torch.Tensor, kind: str = "frames") -> torch.Tensor:
+    """A clip's tokens from its sampled frames' image features [T, S, d]: ``frames``, one token per frame in time
+    order (the frame's spatial mean) [T, d]; ``st-pool``, Video-ChatGPT's spatial pooling over time and temporal
+    pooling over space [S + T, d], where time survives only in the last T rows."""
+    if kind == "frames":
+        return frames.mean(1)
+    if kind == "st-pool":
+        return torch.cat([frames.mean(0), frames.mean(1)])
+    raise ValueError(f"unknown video tokens {kind!r}: 'frames' or 'st-pool'")
+
+
 class VideoEncoder(Encoder):
     modality = "video"
 
     def __init__(self, settings: Settings, image_encoder: ImageEncoder):
         self.image = image_encoder
-        self.name = f"{image_encoder.name}+st-pool"
+        self.tokens = settings.video_tokens
+        self.name = f"{image_encoder.name}+{self.tokens}"
         self.feature_dim = image_encoder.feature_dim
         self.n_frames = settings.video_frames
         self.max_pixels = settings.max_image_pixels
@@ -316,7 +328,7 @@ class VideoEncoder(Encoder):
         for clip in inputs:
             f = torch.stack(flat[i : i + len(clip)])  # [T, S, d]
             i += len(clip)
-            out.append(torch.cat([f.mean(0), f.mean(1)]))  # [S + T, d]
+            out.append(clip_tokens(f, self.tokens))
         return out
 
 

@@ -52,6 +52,7 @@ class AlignConfig:
     lora: dict = field(default_factory=dict)  # overrides of lora.LoraSettings
     lora_lr: float = 5e-4
     checks: float = 0.3  # stage 2: share of yes/no check instructions
+    order: float = 0.0  # video: share of questions about what comes first, last or at all (both stages)
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -283,12 +284,14 @@ class AlignTrainer:
         x, mask = pad_features([f.float() for _, f in items])
         media = self.projector(x, mask)
         m = self.cfg.modality
-        if self.cfg.stage == 1:  # a describe question, then a fresh answer template (phrasing varies)
+        if self.cfg.stage == 1 and not self.cfg.order:  # a describe question, then a fresh answer template
             questions = [rng.choice(QUESTIONS[m]) for _ in items]
             # a curated pair (no label) is learned as written: e.g. a caption a user corrected
             answers = [caption(m, row["label"], rng) if "label" in row else row["caption"] for row, _ in items]
         else:
-            pairs = [instruction(m, row["label"], rng, self.cfg.checks) for row, _ in items]
+            checks = self.cfg.checks if self.cfg.stage == 2 else 0.0
+            pairs = [instruction(m, row["label"], rng, checks, self.cfg.order) if "label" in row
+                     else (rng.choice(QUESTIONS[m]), row["caption"]) for row, _ in items]  # fmt: skip
             questions, answers = [q for q, _ in pairs], [a for _, a in pairs]
         return answer_loss(self.engine, self.heads, self.batcher.build(media, m, questions, answers))
 

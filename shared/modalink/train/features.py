@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from modalink.data import read_manifest
+from modalink.data import clip_sampled_items, read_manifest
 from modalink.encoders import Encoder
+from modalink.encoders.video import clip_tokens
 from modalink.progress import progress
 
 
@@ -32,13 +33,17 @@ def encode_rows(encoder: Encoder, rows: list[dict], batch_size: int = 32, desc: 
     return out
 
 
-def video_from_image_features(items: list[torch.Tensor], frames_per_item: int = 4) -> torch.Tensor:
-    """Video-ChatGPT pooling of a clip made of still items, from the items' cached image features.
+def video_from_image_features(
+    items: list[torch.Tensor], frames: list[int] | None = None, k: int = 8, tokens: str = "frames"
+) -> torch.Tensor:
+    """A built clip's video tokens from its items' cached image features (``frames``: each item's length in frames,
+    4 when not given; ``k``: frames sampled; ``tokens``: ``clip_tokens``' kind).
 
-    Equal to ``VideoEncoder`` on the clip's frames (the frames are the items' pixels), at a fraction of the cost.
+    Equal to ``VideoEncoder`` on the clip (its frames are the items' pixels), at a fraction of the cost.
     """
-    f = torch.stack([x.float() for x in items for _ in range(frames_per_item)])  # [T, S, d]
-    return torch.cat([f.mean(0), f.mean(1)]).to(torch.float16)
+    shown = clip_sampled_items(frames or [4] * len(items), k)
+    f = torch.stack([items[i].float() for i in shown])  # [T, S, d]
+    return clip_tokens(f, tokens).to(torch.float16)
 
 
 def load_or_compute(
@@ -62,7 +67,8 @@ def features_for(modality: str, split: str, data_dir: Path, settings, encoder) -
         image_split = {"train": "train", "val": "val", "test": "test"}[split]
         img_manifest = data_dir / "image" / f"{image_split}.jsonl"
         img = load_or_compute(settings.cache_dir, encoder.image, img_manifest, read_manifest(img_manifest))
-        return [(r, video_from_image_features([img[i] for i in r["items"]])) for r in rows]
+        return [(r, video_from_image_features([img[i] for i in r["items"]], r.get("frames"), settings.video_frames,
+                                              encoder.tokens)) for r in rows]  # fmt: skip
     if modality == "imu":  # tiny, and the encoder itself is trained here: never cached
         feats = encode_rows(encoder, rows)
     else:

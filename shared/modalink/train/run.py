@@ -11,6 +11,7 @@ from pathlib import Path
 
 from modalink.config import Settings
 from modalink.data import read_manifest
+from modalink.embedder import check_video_tokens
 from modalink.encoders import load_encoder
 from modalink.engines.transformers import TransformersEngine
 from modalink.evaluate import default_question, is_correct
@@ -63,6 +64,7 @@ def train_modality(
         loaded = registry.load(m, version) if version else None
         if loaded is None:
             raise ValueError(f"no {m} adapter version {cfg.init_from!r} to start from (train stage 1 first)")
+        check_video_tokens(m, loaded[1], loaded[2], encoder)
         init = loaded[0].train()
         extra_metrics["init_from"] = loaded[1]
         lora_dir = registry.lora_path(m, loaded[1])
