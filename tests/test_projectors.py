@@ -69,14 +69,14 @@ def test_bad_configs_are_rejected():
 
 
 def test_mlp_positions_mark_where_each_pooled_token_is(tmp_path):
-    """With ``max_positions`` the MLP adds a learned embedding per pooled position (a video's time): the same
+    """With ``token_positions`` the MLP adds a learned embedding per pooled position (a video's time): the same
     frame at two times projects differently; without, alike."""
     x = torch.randn(1, 1, 32).expand(1, 8, 32)  # one frame, eight times
     plain = make("mlp").eval()
     with torch.no_grad():
         out = plain(x)
     torch.testing.assert_close(out[0, 0], out[0, -1])
-    timed = make("mlp", max_positions=5).eval()
+    timed = make("mlp", token_positions=5).eval()
     with torch.no_grad():
         timed.pos.normal_()
         out = timed(x)
@@ -85,3 +85,14 @@ def test_mlp_positions_mark_where_each_pooled_token_is(tmp_path):
     loaded, _ = load_projector(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(x), out)
+
+
+def test_shipped_adapters_load():
+    """Every adapter the repo ships loads into today's projector classes (an mlp adapter carries a max_positions
+    that its kind never used: reading it as position embeddings broke the audio adapter)."""
+    from modalink.config import Settings
+    from modalink.registry import AdapterRegistry
+
+    registry = AdapterRegistry(Settings().adapters_dir)
+    for modality in ("image", "audio", "imu", "video"):
+        assert registry.load(modality) is not None, modality

@@ -34,9 +34,10 @@ class ProjectorConfig:
     n_heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
-    # perceiver / qformer: learned input position embeddings (0 = orderless set); mlp: learned embeddings of the
-    # pooled tokens' positions (0 = none: the LLM sees them in order, without a mark of where each one is)
-    max_positions: int = 0
+    max_positions: int = 0  # perceiver / qformer: learned input position embeddings (0 = orderless set)
+    # mlp: learned embeddings of the pooled tokens' positions (0 = none: the LLM sees them in order, without a mark
+    # of where each one is). Its own field: shipped mlp adapters carry a max_positions their kind never used.
+    token_positions: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -80,7 +81,7 @@ class MLPProjector(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.norm = nn.LayerNorm(cfg.d_in)
-        self.pos = nn.Parameter(torch.zeros(cfg.max_positions, cfg.d_in)) if cfg.max_positions else None
+        self.pos = nn.Parameter(torch.zeros(cfg.token_positions, cfg.d_in)) if cfg.token_positions else None
         self.mlp = nn.Sequential(nn.Linear(cfg.d_in, cfg.d_llm), nn.GELU(), nn.Linear(cfg.d_llm, cfg.d_llm))
 
     def _pool(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -94,7 +95,7 @@ class MLPProjector(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self._pool(self.norm(x), mask)
         if self.pos is not None:  # positions past the table share its last entry
-            x = x + self.pos[torch.arange(x.shape[1], device=x.device).clamp(max=self.cfg.max_positions - 1)]
+            x = x + self.pos[torch.arange(x.shape[1], device=x.device).clamp(max=self.cfg.token_positions - 1)]
         return self.mlp(x)
 
 
