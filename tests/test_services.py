@@ -32,7 +32,17 @@ def stack(tmp_path_factory):
     """Encoders (image x2, audio), LLM, gateway; yields their addresses; stops them all afterwards."""
     logs = tmp_path_factory.mktemp("logs")
     procs = Procs(
-        logs, {**os.environ, "HF_HUB_OFFLINE": "1", "MODALINK_NUM_THREADS": "1", "MODALINK_QUANTIZE": "fp16-cpu"}
+        logs,
+        {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "MODALINK_NUM_THREADS": "1",
+            "MODALINK_QUANTIZE": "fp16-cpu",
+            # no media embedding cache (tests/test_embed_cache.py tests it): these tests count encoder calls per
+            # replica and compare the gateway's embeddings with the in-process ones exactly (fp32)
+            "MODALINK_EMBED_CACHE_MB": "0",
+            "MODALINK_EMBED_CACHE_REDIS": "false",
+        },
     )
     modalink = [sys.executable, "-m", "modalink.cli"]
 
