@@ -24,7 +24,6 @@ import io
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,13 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _common import add_options, cleaning, stop_on_sigterm, write_result  # noqa: E402
 
+from modalink.ports import free_port  # noqa: E402
+
 PY = [sys.executable, "-m", "modalink.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(check, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,11 +11,7 @@ from pathlib import Path
 
 import grpc
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from modalink.ports import free_port  # noqa: F401 (the tests import it from here)
 
 
 def wait_grpc(address: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -135,22 +130,13 @@ def http_chat(base: str, key: str | None = None, max_tokens: int = 2) -> tuple[i
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode()
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("", port))  # every interface: taken if anything holds it on any address
-            return True
-        except OSError:
-            return False
-
-
 def stack_ports(replicas: int = 2):
     """Ports for a test's own ``modalink up --port-offset``: every port of the stack (``modalink.up.Ports``, up to
     ``replicas`` encoder replicas) free now and none of them a default port, so a test's stack never meets a
     developer's running stack (on the defaults) or another test's."""
     import random
 
-    from modalink.ports import ENCODER_HTTP
+    from modalink.ports import ENCODER_HTTP, HANDED_OUT, port_is_free
     from modalink.up import Ports
 
     def numbers(p: Ports) -> set[int]:
@@ -161,7 +147,8 @@ def stack_ports(replicas: int = 2):
     rng = random.Random()
     for _ in range(200):
         ports = Ports(rng.randrange(100, 15000))
-        if not numbers(ports) & defaults and all(map(_bindable, numbers(ports))):
+        if not numbers(ports) & defaults and all(map(port_is_free, numbers(ports))):
+            HANDED_OUT.update(numbers(ports))
             return ports
     raise RuntimeError("no port offset with every port of a stack free")
 

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
-from procs import modalink_up
+from procs import free_port, modalink_up
 
 pytestmark = pytest.mark.slow
 
@@ -126,12 +125,6 @@ def ask(page, question: str):
     with page.expect_request(lambda r: r.url.endswith("/api/chat") and r.method == "POST") as request:
         page.press("#question", "Enter")
     return request.value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def current_version(stack, modality: str) -> str:

@@ -6,6 +6,9 @@ which cannot import this package). Compose and the Helm chart write the same num
 
 from __future__ import annotations
 
+import random
+import socket
+
 from modalink_client.options import GATEWAY_PORT
 
 GATEWAY_GRPC = GATEWAY_PORT  # modalink.v1.Assistant
@@ -27,3 +30,34 @@ def encoder_grpc(modality: str, replica: int = 0) -> int:
 def encoder_addresses(host: str = "localhost") -> str:
     """``MODALINK_ENCODERS`` for one encoder service per modality on ``host``."""
     return ",".join(f"{m}={host}:{encoder_grpc(m)}" for m in ENCODER_HTTP)
+
+
+# Ports for tests and benchmarks come from below the kernel's ephemeral range (32768-60999 by default on Linux):
+# a port the kernel handed out with bind(0) is free only until some process's outgoing connection or bind(0)
+# takes it, which a fresh-clone CI run hit (a Triton server took a port meant for the LLM service's HTTP API).
+_FREE_RANGE = (20000, 32000)
+HANDED_OUT: set[int] = set()  # ports this process gave to a server it starts (maybe not listening yet)
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on ``port`` (every interface or loopback) and this process has not handed it out."""
+    if port in HANDED_OUT:
+        return False
+    try:
+        for host in ("0.0.0.0", "127.0.0.1"):
+            with socket.socket() as s:
+                s.bind((host, port))
+    except OSError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port for a server a test or benchmark starts: free now, outside the ephemeral range, never handed
+    out before by this process."""
+    for _ in range(1000):
+        port = random.randint(*_FREE_RANGE)
+        if port_is_free(port):
+            HANDED_OUT.add(port)
+            return port
+    raise RuntimeError(f"no free port in {_FREE_RANGE}")
