@@ -181,13 +181,18 @@ def test_admin_keys_are_accepted_keys_and_the_only_ones_that_may_promote():
 
 
 def test_rate_limiter_allows_the_burst_then_the_rate():
-    limiter = RateLimiter(rate=2.0, burst=3)
+    now = [100.0]  # a clock the test moves: counts and order, not wall time
+    limiter = RateLimiter(rate=2.0, burst=3, clock=lambda: now[0])
     assert [limiter.acquire("a") for _ in range(3)] == [0.0, 0.0, 0.0]
-    wait = limiter.acquire("a")
-    assert 0 < wait <= 0.5
+    assert limiter.acquire("a") == pytest.approx(0.5)  # empty: one token comes back every 1/rate s
     assert limiter.acquire("b") == 0.0  # another key has its own bucket
-    time.sleep(wait + 0.05)
+    now[0] += 0.25
+    assert limiter.acquire("a") == pytest.approx(0.25)  # half a token back: still refused, and not counted
+    now[0] += 0.25
     assert limiter.acquire("a") == 0.0
+    assert limiter.acquire("a") == pytest.approx(0.5)
+    now[0] += 60  # a long pause refills to the burst, no more
+    assert [limiter.acquire("a") for _ in range(4)] == [0.0, 0.0, 0.0, pytest.approx(0.5)]
 
 
 def test_grpc_needs_a_key_as_metadata_or_bearer(secured):

@@ -17,7 +17,7 @@ import hmac
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from modalink.errors import ConfigError
 
@@ -87,8 +87,8 @@ class KeyRing:
 class RateLimiter:
     """A token bucket per caller: ``rate`` requests per second on average, bursts of up to ``burst``."""
 
-    def __init__(self, rate: float, burst: int, max_callers: int = 10_000):
-        self.rate, self.burst, self.max_callers = rate, max(1, burst), max_callers
+    def __init__(self, rate: float, burst: int, max_callers: int = 10_000, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self.max_callers, self.clock = rate, max(1, burst), max_callers, clock
         self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, time of last update)
         self._lock = threading.Lock()
 
@@ -99,7 +99,7 @@ class RateLimiter:
         """0 if the request may go ahead (and is counted), else the seconds until it would be allowed."""
         if self.rate <= 0:
             return 0.0
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             if len(self._buckets) >= self.max_callers and caller not in self._buckets:
                 self._buckets.clear()  # bounded memory: callers that come back start with a full bucket
