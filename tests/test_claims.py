@@ -123,7 +123,7 @@ def shipped():
     the LLM service runs it on a CPU (fp16-cpu)."""
     from modalink.assistant import Assistant
 
-    assistant = Assistant(Settings(quantize="fp16-cpu"))
+    assistant = Assistant(Settings(quantize="fp16-cpu", device="cpu"))
     audio_lora = assistant.lora("audio")
     assert audio_lora, "the shipped audio adapter must be a stage-2 one with a LoRA"
     assert assistant.lora("image") is None, "the shipped image adapter must be a stage-1 one (no LoRA)"

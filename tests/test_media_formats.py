@@ -139,7 +139,7 @@ def embedder():
     from modalink.config import Settings
     from modalink.embedder import Embedder
 
-    return Embedder(Settings())  # the shipped adapters, as the stack's encoder services serve them
+    return Embedder(Settings(device="cpu"))  # the shipped adapters, as the stack's encoder services serve them
 
 
 @pytest.fixture(scope="module")
