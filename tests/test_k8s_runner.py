@@ -4,10 +4,11 @@ runner calls (create a Job, read its status), reached through a kubeconfig with 
 ``kubernetes`` client outside a cluster does. The runner runs in a process of its own, with the chart's Job
 template and the chart's namespace setting.
 
-Each modality plays one story: ``image`` succeeds after a few polls, ``audio`` has a pod fail once (under
-the template's ``backoffLimit``: still running) and then fails for good, ``imu`` never finishes (the runner's
-wait runs out), ``video`` goes through the worker's entry point (``run_locked``, with its Redis lock and the
-recorded last run)."""
+Each Job plays one story: ``image`` succeeds after a few polls, ``audio`` has a pod fail once (under the
+template's ``backoffLimit``: still running) and then fails for good, ``imu`` never finishes (the runner's wait
+runs out), ``video`` goes through the worker's entry point (``run_locked``, with its Redis lock and the recorded
+last run), and a second ``audio`` Job is failed by the Job controller with one pod failure, within
+``backoffLimit`` (its ``activeDeadlineSeconds`` ran out): only the Job's ``Failed`` condition tells."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ STORIES = {
               {"failed": 2, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}],
     "imu": [{"active": 1}],
     "video": [{"succeeded": 1}],
+    "audio-again": [{"active": 1}, {"failed": 1, "conditions": [{"type": "Failed", "status": "True",
+                                                                  "reason": "DeadlineExceeded"}]}],
 }  # fmt: skip
 
 
@@ -84,6 +87,9 @@ class FakeKubernetes(BaseHTTPRequestHandler):
             return self.status(400, "BadRequest", "not a batch/v1 Job")
         if meta["name"] in self.server.jobs:
             return self.status(409, "AlreadyExists", f'jobs.batch "{meta["name"]}" already exists')
+        modality = meta["labels"]["modalink/modality"]
+        seen = {job["metadata"]["labels"]["modalink/modality"] for job in self.server.jobs.values()}
+        self.server.stories[meta["name"]] = STORIES[modality if modality not in seen else f"{modality}-again"]
         self.server.jobs[meta["name"]] = {**body, "metadata": {**meta, "namespace": namespace}}
         self.server.polls[meta["name"]] = 0
         self.reply(201, {**body, "status": {}})
@@ -97,18 +103,19 @@ class FakeKubernetes(BaseHTTPRequestHandler):
         job = self.server.jobs.get(parts[2])
         if job is None or job["metadata"]["namespace"] != parts[0]:
             return self.status(404, "NotFound", f'jobs.batch "{parts[2]}" not found')
-        story = STORIES[job["metadata"]["labels"]["modalink/modality"]]
+        story = self.server.stories[parts[2]]
         n = self.server.polls[parts[2]]
         self.server.polls[parts[2]] = n + 1
         self.reply(200, {**job, "status": story[min(n, len(story) - 1)]})
 
 
 RUNNER = """
-import json, sys, time
+import json, logging, sys, time
 from modalink.config import Settings
 from modalink.finetune import kubernetes_job, run_locked
+logging.basicConfig(level=logging.INFO)
 settings = Settings()
-for modality, wait_s in (("image", 20), ("audio", 20), ("imu", 1.5)):
+for modality, wait_s in (("image", 20), ("audio", 20), ("imu", 1.5), ("audio", 20)):
     t = time.time()
     result = kubernetes_job(modality, settings, wait_s=wait_s, poll_s=0.05)
     print(json.dumps({**result, "seconds": time.time() - t}), flush=True)
@@ -122,7 +129,7 @@ print(json.dumps({**result, "last": json.loads(redis.get("modalink:finetune:vide
 @pytest.fixture(scope="module")
 def api():
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), FakeKubernetes)
-    server.jobs, server.polls, server.calls = {}, {}, []
+    server.jobs, server.polls, server.calls, server.stories = {}, {}, [], {}
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -161,13 +168,14 @@ def test_the_runner_creates_the_job_and_reports_success_failure_and_timeout(api,
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "redis.db")], env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = {r["modality"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    runs = ["image", "audio", "imu", "audio-again", "video"]
+    results = dict(zip(runs, map(json.loads, proc.stdout.splitlines()), strict=True))
 
-    jobs = {job["metadata"]["labels"]["modalink/modality"]: job for job in api.jobs.values()}
-    assert sorted(jobs) == ["audio", "image", "imu", "video"]
-    for modality, job in jobs.items():  # the chart's template, with this modality's command
-        name = job["metadata"]["name"]
-        assert name.startswith(f"modalink-finetune-{modality}-") and results[modality]["job"] == name
+    assert sorted(r["job"] for r in results.values()) == sorted(api.jobs)
+    for run, result in results.items():  # the chart's template, with this modality's command
+        job, modality = api.jobs[result["job"]], run.split("-")[0]
+        assert result["modality"] == modality and api.stories[result["job"]] == STORIES[run]
+        assert result["job"].startswith(f"modalink-finetune-{modality}-")
         assert job["metadata"]["namespace"] == namespace
         container = job["spec"]["template"]["spec"]["containers"][0]
         assert container["command"] == ["modalink", "finetune", "-m", modality, "--json"]
@@ -179,7 +187,7 @@ def test_the_runner_creates_the_job_and_reports_success_failure_and_timeout(api,
         assert job["metadata"]["labels"] == {**template["metadata"]["labels"], "modalink/modality": modality}
     assert all(auth == f"Bearer {TOKEN}" for _, _, auth in api.calls)
     posts = [path for method, path, _ in api.calls if method == "POST"]
-    assert posts == [f"{JOBS}{namespace}/jobs"] * 4  # one create per run, no retry of a create
+    assert posts == [f"{JOBS}{namespace}/jobs"] * len(runs)  # one create per run, no retry of a create
 
     image = results["image"]
     assert image["state"] == "succeeded" and image["runner"] == "kubernetes"
@@ -188,10 +196,15 @@ def test_the_runner_creates_the_job_and_reports_success_failure_and_timeout(api,
     audio = results["audio"]  # one pod failure is within backoffLimit 1: it kept waiting, then failed
     assert audio["state"] == "failed"
     assert api.polls[audio["job"]] == len(STORIES["audio"])
+    assert f"fine-tune Job {namespace}/{audio['job']} failed" in proc.stderr
+
+    again = results["audio-again"]  # failed by the Job controller (its deadline), with failed 1 <= backoffLimit 1
+    assert again["state"] == "failed" and api.polls[again["job"]] == len(STORIES["audio-again"])
 
     imu = results["imu"]
     assert imu["state"] == "timed out"
     assert 1.5 <= imu["seconds"] < 15 and api.polls[imu["job"]] >= 5
+    assert f"fine-tune Job {namespace}/{imu['job']} did not finish within 2 s" in proc.stderr
 
     video = results["video"]  # the worker's entry point: the same runner, and the run recorded
     assert video["state"] == "succeeded" and api.polls[video["job"]] == 1

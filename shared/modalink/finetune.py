@@ -75,13 +75,18 @@ def kubernetes_job(modality: str, settings: Settings, wait_s: float = 6 * 3600, 
     api.create_namespaced_job(namespace, manifest)
     name = manifest["metadata"]["name"]
     deadline = time.time() + wait_s
+    backoff = manifest["spec"].get("backoffLimit")
     while time.time() < deadline:
         status = api.read_namespaced_job_status(name, namespace).status
-        if status.succeeded:
+        # the Job controller's verdict: Complete, or Failed (backoffLimit, activeDeadlineSeconds, pod failure policy)
+        verdict = {c.type for c in status.conditions or [] if c.status == "True"}
+        if status.succeeded or "Complete" in verdict:
             return {"modality": modality, "runner": "kubernetes", "job": name, "state": "succeeded"}
-        if status.failed and status.failed > (manifest["spec"].get("backoffLimit") or 0):
+        if "Failed" in verdict or (status.failed or 0) > (6 if backoff is None else backoff):  # 6: Kubernetes' default
+            log.error("fine-tune Job %s/%s failed: kubectl -n %s describe job %s", namespace, name, namespace, name)
             return {"modality": modality, "runner": "kubernetes", "job": name, "state": "failed"}
         time.sleep(poll_s)
+    log.error("fine-tune Job %s/%s did not finish within %.0f s; it may still be running", namespace, name, wait_s)
     return {"modality": modality, "runner": "kubernetes", "job": name, "state": "timed out"}
 
 
