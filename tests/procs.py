@@ -62,11 +62,16 @@ class Procs:
         self.running[name] = proc
         return proc, log
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Signal the whole group (a Celery worker and its pool children), and reap it."""
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = 60) -> None:
+        """Signal the whole group (a Celery worker and its pool children), and reap it (SIGKILLed if a gentler
+        signal has not ended it within ``timeout``: a test that means to watch a shutdown waits on it itself)."""
         proc = self.running.pop(name)
         os.killpg(proc.pid, sig)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
     def stop_all(self) -> None:
         for proc in self.running.values():

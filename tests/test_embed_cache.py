@@ -210,6 +210,46 @@ def test_a_captioning_batch_sends_repeats_once_and_another_worker_finds_them_in_
     assert all(torch.equal(g[0], e[0]) and g[1] == e[1] for g, e in zip(again, [got[1], got[0]], strict=True))
 
 
+def test_a_captioning_job_is_salted_with_its_submitters_key(stack, samples, tmp_path):
+    """A job's batches carry the submitter's salt (``queueing.submit(salt=)``, the worker task's ``salt``): a worker
+    pool under key A's salt finds the entry key A's chat made through a gateway; under key B's, or none, it misses."""
+    from modalink.auth import KeyRing
+    from modalink.client import image
+    from modalink.embed_cache import salted
+    from modalink.remote import EncoderPool
+
+    picture = variant(samples["image"], 9)
+    with client(stack, "one") as c:
+        c.caption(image(picture), max_new_tokens=2)
+    keys = KeyRing.from_settings(Settings(api_keys=f"{KEY_A},{KEY_B}"))
+    address = {"image": [f"127.0.0.1:{stack['encoder']['grpc']}"]}
+    settings = Settings(adapters_dir=stack["adapters"], redis_url=stack["redis"], embed_cache_mb=16)
+    for salt, hit in (("key:" + keys.identify(KEY_A), True), ("key:" + keys.identify(KEY_B), False), ("", False)):
+        before = encoded(stack)
+        with salted(salt):
+            EncoderPool(address, settings=settings).embed_batch("image", [picture])
+        assert encoded_since(stack, before, 0 if hit else 1) == (0 if hit else 1), salt
+
+    # what the gateway's submit sends: every batch's message carries the salt (no worker runs here: read the queue)
+    import base64
+    import json
+
+    import redis
+
+    from modalink import jobs, queueing
+
+    item = tmp_path / "item.png"
+    item.write_bytes(picture)
+    rows = [{"id": "a", "modality": "image", "path": str(item)}]
+    job = queueing.submit(rows, str(tmp_path / "out.jsonl"), roots=jobs.ANYWHERE, settings=settings, salt="key:abc")
+    r = redis.Redis.from_url(stack["redis"])
+    messages = [json.loads(m) for m in r.lrange("caption.image", 0, -1)]
+    bodies = [json.loads(base64.b64decode(m["body"])) for m in messages]
+    mine = [kwargs for args, kwargs, _ in bodies if args[0] == job]
+    assert mine == [{"salt": "key:abc"}]
+    r.delete("caption.image")
+
+
 def test_with_redis_and_then_the_encoder_stopped_cached_pictures_still_answer(stack, samples):
     from modalink.client import image
 
@@ -223,9 +263,13 @@ def test_with_redis_and_then_the_encoder_stopped_cached_pictures_still_answer(st
         assert c.ask(["What is this?", image(fresh)], max_new_tokens=6)  # a miss everywhere: encoded
         elapsed = time.perf_counter() - t0
         assert counter(one, "errors", "redis") >= 1
-        procs.kill("image", 15)  # the encoder goes away: a cached picture needs none
-        assert c.ask(["What is this?", image(known)], max_new_tokens=6) == first
+        # SIGKILL: the encoder goes away at once (its SIGTERM drain outlasted the test's wait under CI load)
+        procs.kill("image")
+        assert c.ask(["What is this?", image(known)], max_new_tokens=6) == first  # a cached picture needs none
         with pytest.raises(grpc.RpcError) as err:
             c.ask(["What is this?", image(variant(samples["image"], 6))], max_new_tokens=6)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        # a new picture does: UNAVAILABLE, or INTERNAL when the gateway's channel met the dead replica mid-call
+        # (it cannot tell that from a replica an input crashed, and does not retry it: modalink.errors.BackendCrashed)
+        assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), err.value
+        assert "image encoder" in err.value.details(), err.value
     assert elapsed < 60, elapsed

@@ -116,7 +116,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         results = str(jobs_dir / (request.results_path or "{job_id}.captions.jsonl"))
         with redis_errors():
             job_id = queueing.submit(rows, results, request.batch_size or 16, params, request.prompt,
-                                     caller=caller_of(context, self.keys))  # fmt: skip
+                                     caller=caller_of(context, self.keys), salt=self.salt(context))  # fmt: skip
             return job_msg(job_id, queueing.store().get(job_id))
 
     @tracked

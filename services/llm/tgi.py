@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from modalink.aio import guard, iterate_in_thread, read_json
 from modalink.batching import DynamicBatcher
@@ -41,10 +41,12 @@ log = logging.getLogger("modalink.llm.tgi")
 
 
 class BatcherCollector:
-    """Prometheus view of the batcher: batches, requests, tokens and the batch-size distribution."""
+    """Prometheus view of the batcher (batches, requests, tokens, the batch-size distribution) and of its engine's
+    KV prefix cache (``modalink.prefix_cache``), where it has one."""
 
     def __init__(self, batcher: DynamicBatcher):
         self.stats = batcher.stats
+        self.prefix = getattr(getattr(batcher.engine, "prefix_cache", None), "stats", None)
 
     def collect(self):
         st = self.stats
@@ -58,6 +60,17 @@ class BatcherCollector:
         buckets.append(("+Inf", st.batches))
         total = sum(size * n for size, n in st.sizes.items())
         yield HistogramMetricFamily("modalink_llm_batch_size", "Requests per batch.", buckets=buckets, sum_value=total)
+        if (pc := self.prefix) is not None:
+            yield CounterMetricFamily("modalink_llm_prefix_cache_hits", "Prompts that reused cached keys and values.",
+                                      value=pc.hits)  # fmt: skip
+            yield CounterMetricFamily("modalink_llm_prefix_cache_misses", "Prompts with no cached prefix to reuse.",
+                                      value=pc.misses)  # fmt: skip
+            yield CounterMetricFamily("modalink_llm_prefix_cache_evictions", "Entries evicted to stay in bounds.",
+                                      value=pc.evictions)  # fmt: skip
+            yield CounterMetricFamily("modalink_llm_prefix_cache_reused_tokens",
+                                      "Prompt positions not prefilled again (the prefill the cache saved).",
+                                      value=pc.tokens_reused)  # fmt: skip
+            yield GaugeMetricFamily("modalink_llm_prefix_cache_bytes", "Bytes of keys and values held.", value=pc.bytes)
 
 
 def _params(p: dict) -> GenerationParams:

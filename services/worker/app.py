@@ -23,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from modalink import queueing
 from modalink.config import Settings, get_settings
+from modalink.embed_cache import salted
 from modalink.engine import GenerationParams
 from modalink.errors import BackendError
 from modalink.jobs import caption_batch
@@ -48,18 +49,20 @@ def create_app(settings: Settings | None = None) -> Celery:
               autoretry_for=RETRIED)  # fmt: skip
     def caption_task(
         self, job_id: str, modality: str, rows: list[dict], params: dict, prompt: str = "",
-        roots: list[str] | None = None,
+        roots: list[str] | None = None, salt: str = "",
     ) -> int:  # fmt: skip
         """Caption the rows not captioned yet; returns how many results were new. ``roots``: where the items may
-        be (the submitter's ``manifest_roots``; a message without them gets this worker's)."""
+        be (the submitter's ``manifest_roots``; a message without them gets this worker's); ``salt``: the
+        submitter's media embedding cache salt (its key id), so one tenant's items never hit another's entries."""
         store = queueing.store(settings)
         if not store.active(job_id):
             return 0  # cancelled (or already finished by a re-delivered copy)
         done = store.done_ids(job_id)
         todo = [r for r in rows if r["id"] not in done]
-        results = (
-            caption_batch(remote(), modality, todo, GenerationParams(**params), prompt, roots=roots) if todo else []
-        )
+        with salted(salt):  # the encoder pool reads it (modalink.embed_cache.SALT)
+            results = (
+                caption_batch(remote(), modality, todo, GenerationParams(**params), prompt, roots=roots) if todo else []
+            )
         new = sum(store.record(job_id, r) for r in results)
         # Also when nothing was new: the worker that recorded the last item may have died (or lost Redis's
         # reply) before finishing the job.

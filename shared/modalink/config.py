@@ -130,6 +130,9 @@ class Settings(BaseSettings):
         True, description="With API keys configured, a caller's entries are keyed by its key id: another tenant "
         "cannot hit them (nor learn by timing what was sent)."
     )  # fmt: skip
+    kv_cache_mb: int = Field(512, ge=0, description="The LLM engine's KV prefix cache (modalink.prefix_cache): keys "
+                             "and values of recent prompts, per LoRA, MiB; a prompt that starts like one of them "
+                             "prefills only the rest. 0 = off.")  # fmt: skip
     llm_address: str = Field(f"localhost:{ports.LLM_GRPC}", description="The LLM service's gRPC address.")
     jobs_dir: Path = Field(
         REPO_ROOT / "build" / "jobs",

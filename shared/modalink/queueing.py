@@ -85,12 +85,14 @@ def submit(
     roots: Sequence[str | Path] | None = None,
     settings: Settings | None = None,
     caller: str = "",
+    salt: str = "",
 ) -> str:
     """Create a job for manifest rows (``modalink.data.read_manifest``) and queue its batches per modality
     (``caption.<modality>``); returns the job id. ``results`` may contain ``{job_id}``. The results file and the
     items must lie inside ``roots`` (default: ``manifest_roots()``; a trusted local submitter may pass
     ``jobs.ANYWHERE``). A ``caller`` (the gateway's: an API key's id or an address) may have at most
-    ``MODALINK_MAX_JOBS_PER_CALLER`` jobs running."""
+    ``MODALINK_MAX_JOBS_PER_CALLER`` jobs running. ``salt``: the submitter's media embedding cache salt (its key
+    id), so the workers' encodings of its items are cached as its own (``modalink.embed_cache``)."""
     settings = settings or get_settings()
     roots = [str(r) for r in (manifest_roots() if roots is None else roots)]
     check_path(results.replace("{job_id}", "job"), roots, "results path")
@@ -114,5 +116,5 @@ def submit(
     sender = _sender(settings.redis_url)
     for modality, chunk in batches(rows, batch_size):
         sender.send_task(CAPTION_TASK, (job_id, modality, chunk, asdict(params), prompt, roots),
-                         queue=f"caption.{modality}")  # fmt: skip
+                         {"salt": salt} if salt else None, queue=f"caption.{modality}")  # fmt: skip
     return job_id

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from modalink.engine import FINISH_LENGTH, FINISH_STOP, Engine, GenerationParams, TokenEvent
 from modalink.errors import InputError
 from modalink.lora import BASE as LORA_BASE
+from modalink.prefix_cache import Layers, Piece, PrefixCache, embedding_piece
 from modalink.prompt import Segment, text_ids
 
 
@@ -94,6 +95,7 @@ class TransformersEngine(Engine):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
         self.peft = None  # a peft.PeftModel around ``model`` once a LoRA adapter is loaded or trained
         self.adapters: set[str] = set()
+        self.prefix_cache = PrefixCache(0)  # off until ``load`` sizes it from the settings (MODALINK_KV_CACHE_MB)
 
     def load_adapter(self, name: str, path) -> None:
         from peft import PeftModel
@@ -136,15 +138,20 @@ class TransformersEngine(Engine):
 
     @classmethod
     def load(cls, name: str | None = None, settings=None) -> TransformersEngine:
+        from modalink.config import get_settings
         from modalink.llm import load_llm
 
-        return cls(*load_llm(name, settings))
+        settings = settings or get_settings()
+        engine = cls(*load_llm(name, settings))
+        engine.prefix_cache = PrefixCache(settings.kv_cache_mb * 2**20)
+        return engine
 
     def _embed_prompt(
-        self, prompt: list[Segment], params: GenerationParams | None = None
+        self, prompt: list[Segment], params: GenerationParams | None = None, key: list[Piece] | None = None
     ) -> tuple[torch.Tensor, list[int]]:
         """(prompt embeddings, its text's token ids). Text is bounded before it is tokenized, once; with
-        ``params``, the token count is checked against the context before anything is embedded."""
+        ``params``, the token count is checked against the context before anything is embedded. ``key`` gets the
+        prompt's prefix-cache pieces (runs of text as one piece of token ids, each embedding by its hash)."""
         self.check_text_size(prompt)
         pieces = [text_ids(self.tokenizer, s) if isinstance(s, str) else s for s in prompt]  # client text: plain
         for piece in pieces:
@@ -157,8 +164,14 @@ class TransformersEngine(Engine):
             if isinstance(piece, list):
                 ids += piece
                 parts.append(self.embedding(torch.tensor(piece, device=self.device)))
+                if key is not None and key and key[-1][0] == "t":
+                    key[-1] = (*key[-1], *piece)  # a run of text is one sequence of ids, however it was split
+                elif key is not None:
+                    key.append(("t", *piece))
             else:
                 parts.append(piece.to(self.device, self.dtype))
+                if key is not None:
+                    key.append(embedding_piece(parts[-1]))  # as the model reads it (its dtype)
         if not parts:
             raise InputError("empty prompt")
         return torch.cat(parts), ids
@@ -208,27 +221,16 @@ class TransformersEngine(Engine):
         plist = [params] * n if isinstance(params, GenerationParams) else list(params)
         if len(plist) != n:
             raise ValueError("one GenerationParams per prompt")
+        keys: list[list[Piece] | None] = [[] if self.prefix_cache else None for _ in range(n)]
         with torch.inference_mode():  # each prompt's tokens are checked against the context before it is embedded
-            embedded = [self._embed_prompt(prompt, p) for prompt, p in zip(prompts, plist, strict=True)]
-        lengths = [e.shape[0] for e, _ in embedded]
-        # Left padding: every row's last prompt position lines up, so one step decodes all rows.
-        width = max(lengths)
-        embeds = torch.zeros(n, width, self.hidden_size, device=self.device, dtype=self.dtype)
-        mask = torch.zeros(n, width, dtype=torch.long, device=self.device)
-        for i, (e, _) in enumerate(embedded):
-            embeds[i, width - e.shape[0] :] = e
-            mask[i, width - e.shape[0] :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # logits of the last position only: the prompt's others would cost a [n * width, vocab] matmul
-        logits, cache = self._forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                      logits_to_keep=1, **route)  # fmt: skip
+            embedded = [self._embed_prompt(prompt, p, k) for prompt, p, k in zip(prompts, plist, keys, strict=True)]
+        logits, cache, next_pos, mask = self._prefill([e for e, _ in embedded], keys, adapters, route)
 
         gens = [torch.Generator().manual_seed(p.seed if p.seed is not None else random.getrandbits(63)) for p in plist]
         seen = [torch.tensor(ids, dtype=torch.long) for _, ids in embedded]
         streams = [_TextStream(self.tokenizer, p.stop) for p in plist]
         done = [False] * n
         counts = [0] * n
-        next_pos = positions[:, -1:] + 1
         while True:
             step = []
             for i in range(n):
@@ -260,3 +262,64 @@ class TransformersEngine(Engine):
                 input_ids=ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache, **route
             )
             next_pos = next_pos + 1
+
+    @torch.inference_mode()
+    def _prefill(self, embedded: list[torch.Tensor], keys: list[list[Piece] | None],
+                 adapters: Sequence[str | None] | None, route: dict):  # fmt: skip
+        """One forward over the prompts' positions the prefix cache does not hold: (last logits, the batch's KV
+        cache, each row's next position [n, 1], the attention mask).
+
+        Layout: the reused keys and values right-aligned in the first ``C`` columns, then each row's new
+        positions right-aligned in the next ``N``; the mask hides the gaps and position ids continue each row
+        from its reused length, so every row's last position lines up and one step decodes all rows."""
+        n, pc = len(embedded), self.prefix_cache
+        names = list(adapters) if adapters is not None else [None] * n
+        lengths = [e.shape[0] for e in embedded]
+        keys_t = [tuple(k) if k is not None else () for k in keys]
+        reused = [pc.lookup(names[i], keys_t[i], lengths[i]) if pc else (0, None) for i in range(n)]
+        c = max(r for r, _ in reused)
+        fresh = [length - r for length, (r, _) in zip(lengths, reused, strict=True)]
+        w = max(fresh)
+        embeds = torch.zeros(n, w, self.hidden_size, device=self.device, dtype=self.dtype)
+        mask = torch.zeros(n, c + w, dtype=torch.long, device=self.device)
+        positions = torch.zeros(n, w, dtype=torch.long, device=self.device)
+        for i, (e, (r, _)) in enumerate(zip(embedded, reused, strict=True)):
+            embeds[i, w - fresh[i] :] = e[r:]
+            mask[i, c - r : c] = 1
+            mask[i, c + w - fresh[i] :] = 1
+            positions[i, w - fresh[i] :] = torch.arange(r, lengths[i], device=self.device)
+        past = self._assemble(reused, c) if c else None
+        # logits of the last position only: the prompt's others would cost a [n * width, vocab] matmul
+        logits, cache = self._forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                      past_key_values=past, logits_to_keep=1, **route)  # fmt: skip
+        if pc:
+            for i in range(n):
+                if not pc.covers(names[i], keys_t[i], lengths[i]):
+                    r = reused[i][0]
+                    pc.store(names[i], keys_t[i], lengths[i], [
+                        (torch.cat([k[i, :, c - r : c], k[i, :, c + w - fresh[i] :]], dim=1),
+                         torch.cat([v[i, :, c - r : c], v[i, :, c + w - fresh[i] :]], dim=1))
+                        for k, v in _layers(cache)
+                    ])  # fmt: skip
+        next_pos = torch.tensor(lengths, device=self.device).unsqueeze(1)
+        return logits, cache, next_pos, mask
+
+    def _assemble(self, reused: list[tuple[int, Layers | None]], c: int):
+        """The batch's past keys and values from each row's reused ones, right-aligned in ``c`` columns."""
+        from transformers import DynamicCache
+
+        some = next(layers for _, layers in reused if layers is not None)
+        data = []
+        for li, (k0, v0) in enumerate(some):
+            k = k0.new_zeros(len(reused), k0.shape[0], c, k0.shape[2])
+            v = v0.new_zeros(len(reused), v0.shape[0], c, v0.shape[2])
+            for i, (r, layers) in enumerate(reused):
+                if layers is not None:
+                    k[i, :, c - r :], v[i, :, c - r :] = layers[li]
+            data.append((k, v))
+        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
+
+def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) [batch, kv_heads, positions, head_dim] per layer of a transformers DynamicCache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]

@@ -1,0 +1,146 @@
+"""The LLM's KV prefix cache: a later prompt that starts like an earlier one prefills only what is new.
+
+A chat's second turn repeats the first turn's prompt (system message, history, the media's prefix embeddings)
+and adds the answer and a new question; captioning prompts share the system head. The engine keeps, per LoRA
+adapter (a LoRA changes the keys and values), the keys and values of recent prompts, and a new prompt reuses
+those of the longest prefix it shares with any of them. Prompts are compared piece by piece: a text piece by
+its token ids, an embedding piece by a hash of its values, so media match by content, never by position
+alone. Memory is bounded in bytes, least recently used first; the entry that holds a system head is used by
+every prompt, so it stays hot. Size: ``MODALINK_KV_CACHE_MB`` (0 = off).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+# Reusing fewer tokens than this saves less than assembling the batch's cache costs.
+MIN_REUSE_TOKENS = 16
+
+Piece = tuple  # ("t", token ids...) or ("e", sha256 hex of the embedding's values, rows)
+Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [kv_heads, positions, head_dim]
+
+
+def embedding_piece(embeds: torch.Tensor) -> Piece:
+    """An embedding segment's key: its values' hash (dtype and shape included) and its length in positions."""
+    t = embeds.detach().contiguous().cpu()
+    digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return ("e", digest.hexdigest(), t.shape[0])
+
+
+def piece_length(piece: Piece) -> int:
+    return piece[2] if piece[0] == "e" else len(piece) - 1
+
+
+def common_length(a: tuple[Piece, ...], b: tuple[Piece, ...]) -> int:
+    """Positions the two prompts share from their start (an embedding piece matches only whole)."""
+    n = 0
+    for pa, pb in zip(a, b, strict=False):
+        if pa == pb:
+            n += piece_length(pa)
+            continue
+        if pa[0] == pb[0] == "t":
+            k = 1
+            while k < min(len(pa), len(pb)) and pa[k] == pb[k]:
+                k += 1
+            n += k - 1
+        break
+    return n
+
+
+@dataclass
+class PrefixStats:
+    """Counters for /metrics."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    tokens_reused: int = 0  # prompt positions not prefilled again
+    bytes: int = 0
+    entries: int = 0
+
+
+@dataclass
+class _Entry:
+    adapter: str | None
+    pieces: tuple[Piece, ...]
+    length: int
+    layers: Layers
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+
+
+class PrefixCache:
+    """Keys and values of recent prompts, per adapter, at most ``max_bytes`` in all (LRU)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.stats = PrefixStats()
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return self.max_bytes > 0
+
+    def lookup(self, adapter: str | None, pieces: tuple[Piece, ...], length: int) -> tuple[int, Layers | None]:
+        """(positions reused, their layers cut to that length) for the longest cached prefix of a prompt of
+        ``length`` positions; at least its last position is left to prefill (its logits pick the first token)."""
+        best, best_n = None, 0
+        with self._lock:
+            for key, entry in self._entries.items():
+                if entry.adapter == adapter:
+                    n = min(common_length(entry.pieces, pieces), entry.length, length - 1)
+                    if n > best_n:
+                        best, best_n = key, n
+            if best is None or best_n < MIN_REUSE_TOKENS:
+                self.stats.misses += 1
+                return 0, None
+            self._entries.move_to_end(best)
+            self.stats.hits += 1
+            self.stats.tokens_reused += best_n
+            layers = [(k[:, :best_n], v[:, :best_n]) for k, v in self._entries[best].layers]
+        return best_n, layers
+
+    def covers(self, adapter: str | None, pieces: tuple[Piece, ...], length: int) -> bool:
+        """Some entry already holds this whole prompt (no need to store it again)."""
+        with self._lock:
+            return any(
+                e.adapter == adapter and min(common_length(e.pieces, pieces), e.length) >= length
+                for e in self._entries.values()
+            )
+
+    def store(self, adapter: str | None, pieces: tuple[Piece, ...], length: int, layers: Layers) -> None:
+        """Keep a prompt's keys and values (copies); entries it extends are dropped, then the oldest go."""
+        if length < MIN_REUSE_TOKENS:
+            return
+        entry = _Entry(adapter, pieces, length, [(k.clone(), v.clone()) for k, v in layers])
+        if entry.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            for key in [k for k, e in self._entries.items() if e.adapter == adapter
+                        and common_length(e.pieces, pieces) >= e.length]:  # fmt: skip
+                self._drop(key)  # a prefix of the new prompt: the new entry serves all it did
+            self._entries[self._next] = entry
+            self._next += 1
+            self.stats.bytes += entry.nbytes
+            while self.stats.bytes > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+                self.stats.evictions += 1
+            self.stats.entries = len(self._entries)
+
+    def _drop(self, key: int) -> None:
+        self.stats.bytes -= self._entries.pop(key).nbytes
+        self.stats.entries = len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.stats.bytes = self.stats.entries = 0
