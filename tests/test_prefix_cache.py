@@ -102,7 +102,7 @@ def _layers(length: int, nbytes_per_position: int = 1024) -> list:
 def test_lookup_is_per_adapter_leaves_the_last_position_and_skips_short_prefixes():
     pc = PrefixCache(1 << 20)
     key = (("t", *range(100)),)
-    pc.store(None, key, 100, _layers(100))
+    pc.store(None, key, 100, lambda: _layers(100))
     assert pc.lookup("audio@v3", key, 100) == (0, None)  # a LoRA changes keys and values
     n, layers = pc.lookup(None, key, 100)
     assert n == 99 and layers[0][0].shape[1] == 99  # the last position is prefilled: its logits pick a token
@@ -115,16 +115,16 @@ def test_lookup_is_per_adapter_leaves_the_last_position_and_skips_short_prefixes
 def test_memory_is_bounded_least_recently_used_first_and_longer_prompts_replace_their_prefixes():
     pc = PrefixCache(200 * 1024)  # 200 positions of 1 KiB
     a, b = (("t", *range(100)),), (("t", *range(1000, 1080)),)
-    pc.store(None, a, 100, _layers(100))
-    pc.store(None, b, 80, _layers(80))
+    pc.store(None, a, 100, lambda: _layers(100))
+    pc.store(None, b, 80, lambda: _layers(80))
     assert pc.stats.bytes == 180 * 1024 and pc.stats.entries == 2
-    pc.store(None, (("t", *range(100), 7, 8, 9),), 103, _layers(103))  # extends a: replaces it
+    pc.store(None, (("t", *range(100), 7, 8, 9),), 103, lambda: _layers(103))  # extends a: replaces it
     assert pc.stats.entries == 2 and pc.stats.evictions == 0 and pc.stats.bytes == 183 * 1024
     pc.lookup(None, b, 80)  # b is now the most recent
-    pc.store(None, (("t", *range(2000, 2050)),), 50, _layers(50))  # over 200 KiB: the oldest (a + 3) goes
+    pc.store(None, (("t", *range(2000, 2050)),), 50, lambda: _layers(50))  # over 200 KiB: the oldest (a + 3) goes
     assert pc.stats.evictions == 1 and pc.lookup(None, a, 100)[0] == 0 and pc.lookup(None, b, 80)[0] == 79
     assert pc.stats.bytes <= pc.max_bytes
-    pc.store(None, (("t", *range(3000, 3300)),), 300, _layers(300))  # bigger than the whole cache: not kept
+    pc.store(None, (("t", *range(3000, 3300)),), 300, lambda: _layers(300))  # bigger than the whole cache: not kept
     assert pc.stats.bytes <= pc.max_bytes and pc.lookup(None, b, 80)[0] == 79
 
 

@@ -478,6 +478,19 @@ def test_stock_text_generation_client_against_the_tgi_api(stack, engine):
     metrics = urllib.request.urlopen(stack["tgi"] + "/metrics", timeout=10).read().decode()
     assert re.search(r"^modalink_llm_batches_total \d", metrics, re.M), metrics[:500]
 
+    def prefix_metric(name: str) -> float:
+        text = urllib.request.urlopen(stack["tgi"] + "/metrics", timeout=10).read().decode()
+        return float(re.search(rf"^modalink_llm_prefix_cache_{name} ([0-9.e+-]+)$", text, re.M).group(1))
+
+    # the same long prompt twice: the second prefills only its last position (the KV prefix cache, on /metrics)
+    long = {"inputs": "Describe, in one short sentence, a quiet morning in a small town by the sea. " * 2,
+            "parameters": {"max_new_tokens": 2}}  # fmt: skip
+    assert post("/generate", long)[0] == 200
+    hits, reused = prefix_metric("hits_total"), prefix_metric("reused_tokens_total")
+    assert post("/generate", long)[0] == 200
+    assert prefix_metric("hits_total") == hits + 1 and prefix_metric("reused_tokens_total") - reused >= 16
+    assert prefix_metric("bytes") > 0
+
 
 def test_openai_client_against_the_gateway(stack, local, samples):
     import base64

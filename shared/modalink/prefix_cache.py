@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -112,16 +113,19 @@ class PrefixCache:
     def covers(self, adapter: str | None, pieces: tuple[Piece, ...], length: int) -> bool:
         """Some entry already holds this whole prompt (no need to store it again)."""
         with self._lock:
-            return any(
-                e.adapter == adapter and min(common_length(e.pieces, pieces), e.length) >= length
-                for e in self._entries.values()
-            )
+            return self._covered(adapter, pieces, length)
 
-    def store(self, adapter: str | None, pieces: tuple[Piece, ...], length: int, layers: Layers) -> None:
-        """Keep a prompt's keys and values (copies); entries it extends are dropped, then the oldest go."""
-        if length < MIN_REUSE_TOKENS:
+    def _covered(self, adapter: str | None, pieces: tuple[Piece, ...], length: int) -> bool:
+        return any(e.adapter == adapter and min(common_length(e.pieces, pieces), e.length) >= length
+                   for e in self._entries.values())  # fmt: skip
+
+    def store(self, adapter: str | None, pieces: tuple[Piece, ...], length: int, layers: Callable[[], Layers]) -> None:
+        """Keep a prompt's keys and values, unless an entry already holds the whole prompt: ``layers()`` is called
+        only then, and what it returns (tensors of their own, not views of a batch's cache) is kept as it is.
+        Entries the prompt extends are dropped, then the oldest go."""
+        if length < MIN_REUSE_TOKENS or self.covers(adapter, pieces, length):
             return
-        entry = _Entry(adapter, pieces, length, [(k.clone(), v.clone()) for k, v in layers])
+        entry = _Entry(adapter, pieces, length, layers())
         if entry.nbytes > self.max_bytes:
             return
         with self._lock:
@@ -139,8 +143,3 @@ class PrefixCache:
     def _drop(self, key: int) -> None:
         self.stats.bytes -= self._entries.pop(key).nbytes
         self.stats.entries = len(self._entries)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.stats.bytes = self.stats.entries = 0

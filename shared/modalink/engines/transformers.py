@@ -294,13 +294,13 @@ class TransformersEngine(Engine):
                                       past_key_values=past, logits_to_keep=1, **route)  # fmt: skip
         if pc:
             for i in range(n):
-                if not pc.covers(names[i], keys_t[i], lengths[i]):
-                    r = reused[i][0]
-                    pc.store(names[i], keys_t[i], lengths[i], [
-                        (torch.cat([k[i, :, c - r : c], k[i, :, c + w - fresh[i] :]], dim=1),
-                         torch.cat([v[i, :, c - r : c], v[i, :, c + w - fresh[i] :]], dim=1))
-                        for k, v in _layers(cache)
-                    ])  # fmt: skip
+
+                def row(i: int = i, r: int = reused[i][0]) -> Layers:  # its reused columns, then its new ones
+                    return [(torch.cat([k[i, :, c - r : c], k[i, :, c + w - fresh[i] :]], dim=1),
+                             torch.cat([v[i, :, c - r : c], v[i, :, c + w - fresh[i] :]], dim=1))
+                            for k, v in _layers(cache)]  # fmt: skip
+
+                pc.store(names[i], keys_t[i], lengths[i], row)
         next_pos = torch.tensor(lengths, device=self.device).unsqueeze(1)
         return logits, cache, next_pos, mask
 
