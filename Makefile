@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help install install-system stubs demo up down test lint format bench chart clean data adapters eval \
-	protos-check protos-release docs-images
+	protos-check protos-release docs-images image image-test
 
 help:
 	@echo "make demo    - start the services, ask them about a sample image, audio clip, IMU window and video"
@@ -25,6 +25,8 @@ help:
 	@echo "make eval    - class-word accuracy of the current adapters on the held-out test splits"
 	@echo "make docs-images - rerun the playground test, writing its screenshots to docs/img/ (the README's)"
 	@echo "make chart   - render + lint the Helm chart, validate it (Kubernetes 1.30/1.33) and docker-compose.yml"
+	@echo "make image   - build every container image on the local Docker engine (no registry needed; starts dockerd)"
+	@echo "make image-test - run the chart's own pod specs from those images on the engine and use the stack through them"
 
 install: install-system $(VENV)/.installed stubs
 
@@ -151,6 +153,14 @@ docs-images: install
 # Offline: Helm's engine embedded in Python, Kubernetes and Compose JSON schemas; no cluster or Docker needed.
 chart: install
 	$(BIN)/python charts/validate.py
+
+# Container images on a local engine without a registry (deploy/images.sh: a Debian base made by mmdebstrap, the
+# torch CPU wheel from pip's find-links), then the chart's pod specs run from them (deploy/image_test.py).
+image:
+	bash deploy/images.sh
+
+image-test: install image
+	$(BIN)/python deploy/image_test.py
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

@@ -141,7 +141,15 @@ def _ask_remote(address: str, prompt: str, inputs: list[tuple[str, Path]], param
 
 
 @app.command()
-def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    prepare: bool = typer.Option(
+        False,
+        "--prepare",
+        help="First convert the embedded default weights into the cache (image builds do, so a "
+        "container starts without writing them).",
+    ),  # fmt: skip
+) -> None:
     """List the configured models, whether their weights are cached, and the current adapters."""
     from modalink.config import get_settings
     from modalink.llm import EMBEDDED_LLMS
@@ -149,6 +157,17 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
 
     s = get_settings()
     cache = s.cache_dir
+    if prepare:
+        from modalink.encoders.audio import whisper_ct2_dir
+        from modalink.encoders.image import EfficientNetLite0Encoder
+        from modalink.llm import embedded_llm_path
+
+        if s.llm in EMBEDDED_LLMS:
+            embedded_llm_path(s.llm, s)
+        if s.image_encoder == "efficientnet-lite0":
+            EfficientNetLite0Encoder._weights(cache)
+        if s.audio_encoder == "whisper-base":
+            whisper_ct2_dir(cache)
 
     def row(role: str, name: str, embedded: str, source: str, cached: Path, other: str) -> dict:
         is_embedded = name == embedded
@@ -456,7 +475,7 @@ def serve_encoder(
     metrics_port: int | None = typer.Option(None, help="Prometheus metrics port (default: HTTP port + 2)."),
     max_batch_size: int = typer.Option(32, min=1, help="Most requests Triton concatenates into one forward pass."),
     max_queue_delay_us: int = typer.Option(2000, min=0, help="How long Triton waits to fill a batch (microseconds)."),
-    host: str = typer.Option("0.0.0.0", help="Address to bind."),
+    host: str = typer.Option("0.0.0.0", envvar="MODALINK_HOST", help="Address to bind."),
     adapter_version: str | None = typer.Option(
         None, envvar="MODALINK_ADAPTER_VERSION", help="Serve this adapter version (default: follow CURRENT)."
     ),
@@ -478,7 +497,9 @@ def serve_llm(
     http_port: int = typer.Option(ports.LLM_HTTP, help="TGI-compatible HTTP API port (0 = off)."),
     max_batch: int = typer.Option(32, min=1, help="Most requests decoded together (throughput vs token latency)."),
     max_wait_ms: float = typer.Option(10.0, min=0, help="How long a batch waits after each arrival (10x in all)."),
-    host: str = typer.Option("[::]", help="Address to bind (gRPC and HTTP; 127.0.0.1: this machine only)."),
+    host: str = typer.Option(
+        "[::]", envvar="MODALINK_HOST", help="Address to bind (gRPC and HTTP; 127.0.0.1: this machine only)."
+    ),
 ) -> None:
     """The frozen LLM: gRPC modalink.v1.LLM (prefix embeddings, streaming) and TGI's HTTP API, dynamic batching."""
     _service_logging()
@@ -493,7 +514,9 @@ def serve_gateway(
     http_port: int = typer.Option(
         ports.GATEWAY_HTTP, help="OpenAI-compatible HTTP port (/v1/chat/completions; 0 = off)."
     ),
-    host: str = typer.Option("[::]", help="Address to bind (gRPC and HTTP; 127.0.0.1: this machine only)."),
+    host: str = typer.Option(
+        "[::]", envvar="MODALINK_HOST", help="Address to bind (gRPC and HTTP; 127.0.0.1: this machine only)."
+    ),
 ) -> None:
     """The public gRPC API and OpenAI-compatible HTTP; encoders and LLM from MODALINK_ENCODERS, MODALINK_LLM_ADDRESS."""
     _service_logging()
@@ -508,7 +531,7 @@ def serve_playground(
     gateway: str = typer.Option(
         f"localhost:{ports.GATEWAY_GRPC}", envvar="MODALINK_GATEWAY", help="The gateway's gRPC address."
     ),
-    host: str = typer.Option("0.0.0.0", help="Address to bind."),
+    host: str = typer.Option("0.0.0.0", envvar="MODALINK_HOST", help="Address to bind."),
 ) -> None:
     """The web playground: chat with images, audio, IMU and video, captioning jobs, adapters; a gateway client."""
     _service_logging()

@@ -1,0 +1,193 @@
+"""make image-test: the images `make image` built, run from the Helm chart's own pod specs on the local engine.
+
+Renders the chart with ``deploy/image-test-values.yaml`` (the local images, a Redis image built here, two image
+encoder replicas, an API key) and runs every Deployment and StatefulSet through ``podrun`` (pod IPs on loopback,
+the rendered security contexts, volumes, limits and probes), then, through the containerized gateway:
+
+1. asks the ``make demo`` questions (image, audio, IMU, video) and checks the class words in the answers;
+2. runs a 5-item captioning job on the containerized workers (files on the shared volume, results back on it);
+3. kills one of the two image encoder containers and asks again: the gateway routes around it.
+
+Every container it started is removed at the end, also on failure or Ctrl-C (``--keep`` leaves them running).
+
+    python deploy/image_test.py [--values FILE] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+import modalink  # noqa: E402,F401  (before charts/ is on the path: its modalink/ folder would shadow the package)
+
+sys.path += [str(ROOT / "deploy"), str(ROOT / "charts")]
+import podrun  # noqa: E402
+import validate  # noqa: E402
+
+API_KEY = "image-test-key"  # the values file's apiKeys entry (the chart stores only its hash)
+DEMO = {  # the `make demo` questions, and a word each answer must hold
+    "image": ("sneaker.png", "What is shown in this picture?", "sneaker"),
+    "audio": ("seven.wav", "What does the voice say?", "seven"),
+    "imu": ("walking.npy", "What activity is the person doing?", "walking"),
+    "video": ("shirt_then_bag.gif", "What happens in this video?", ""),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[image-test {time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+
+
+T0 = time.monotonic()
+
+
+def pods_named(cluster: podrun.Cluster, component: str) -> list[podrun.Pod]:
+    return [p for p in cluster.pods if p.labels.get("app.kubernetes.io/component") == component]
+
+
+def start(cluster: podrun.Cluster, timeout: float) -> dict[str, float]:
+    """Start every pod (as a cluster would: all at once), then wait for each to be ready, concurrently."""
+    for pod in cluster.pods:
+        cluster.start(pod)
+        log(f"started {pod.name} ({pod.ip}): {', '.join(pod.containers)}")
+    deadline = time.monotonic() + timeout
+    with ThreadPoolExecutor(len(cluster.pods)) as pool:
+        futures = {pod.name: pool.submit(cluster.wait_ready, pod, deadline) for pod in cluster.pods}
+        ready = {}
+        for name, f in futures.items():
+            ready[name] = f.result()
+            log(f"ready {name}: {ready[name]:.1f}s after docker run (startup, readiness and liveness probes passed)")
+    return ready
+
+
+def ask_demo(client, samples: Path) -> dict[str, str]:
+    from modalink.client import audio, image, imu, video
+
+    build = {"image": image, "audio": audio, "imu": imu, "video": video}
+    answers = {}
+    for m, (file, question, word) in DEMO.items():
+        answer = client.ask([build[m](samples / file), question], max_new_tokens=48)
+        log(f"{m}: {question!r} -> {answer!r}")
+        if word not in answer.lower():
+            raise AssertionError(f"the {m} answer does not say {word!r}: {answer!r}")
+        answers[m] = answer
+    return answers
+
+
+def caption_job(client, cluster: podrun.Cluster, samples: Path, claim: str) -> dict:
+    """5 items written to the shared volume's jobs folder, captioned by the worker containers."""
+    jobs = cluster.workdir / "volumes" / claim / "jobs"
+    folder = jobs / "image-test"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for m, (file, _, _) in DEMO.items():
+        shutil.copy(samples / file, folder / file)
+        rows.append({"id": m, "modality": m, "path": f"image-test/{file}"})
+    shutil.copy(samples / "sneaker.png", folder / "sneaker-2.png")
+    rows.append({"id": "image-2", "modality": "image", "path": "image-test/sneaker-2.png"})
+    job = client.submit_caption_job(manifest_jsonl="".join(json.dumps(r) + "\n" for r in rows), max_new_tokens=16)
+    log(f"job {job['job_id']}: {job['total']} items queued")
+    deadline = time.monotonic() + 600
+    while job["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(2)
+        job = client.job(job["job_id"])
+    if job["state"] != "done" or job["done"] != len(rows) or job["errors"]:
+        raise AssertionError(f"the captioning job did not finish cleanly: {job}")
+    results = [json.loads(line) for line in (jobs / Path(job["results"]).name).read_text().splitlines()]
+    if sorted(r["id"] for r in results) != sorted(r["id"] for r in rows) or not all(r.get("caption") for r in results):
+        raise AssertionError(f"results are not one caption per item: {results}")
+    for r in results:
+        log(f"  caption {r['id']}: {r['caption']!r}")
+    return job
+
+
+def kill_one_encoder(client, cluster: podrun.Cluster, samples: Path) -> str:
+    from modalink.client import image
+
+    replicas = pods_named(cluster, "image-encoder")
+    if len(replicas) < 2:
+        raise AssertionError("the values file must give the image encoder two replicas")
+    victim = replicas[0].containers[0]
+    podrun.docker("kill", victim)
+    log(f"killed {victim}; asking about the image 6 times")
+    for i in range(6):
+        answer = client.ask([image(samples / "sneaker.png"), "What is shown in this picture?"], max_new_tokens=16)
+        if "sneaker" not in answer.lower():
+            raise AssertionError(f"after the kill, answer {i} does not say sneaker: {answer!r}")
+    return victim
+
+
+def image_sizes() -> dict[str, str]:
+    out = podrun.docker("image", "ls", "--format", "{{.Repository}}:{{.Tag}}\t{{.Size}}").stdout
+    return dict(line.split("\t") for line in out.splitlines() if line.startswith("modalink-"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--values", type=Path, default=ROOT / "deploy" / "image-test-values.yaml")
+    ap.add_argument("--keep", action="store_true", help="leave the containers running (remove: --down)")
+    ap.add_argument("--down", action="store_true", help="only remove the containers of an earlier --keep run")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds for every pod to become ready")
+    a = ap.parse_args()
+
+    values = yaml.safe_load(a.values.read_text())
+    objects = validate.render(values, name="mlk", namespace="modalink")
+    workdir = Path("/tmp/modalink-image-test")
+    cluster = podrun.Cluster(objects, workdir, prefix="mlk-it")
+    cluster.down()
+    if a.down:
+        return 0
+    for image in {c["image"] for p in cluster.pods for c in p.spec["containers"]}:
+        if podrun.docker("image", "inspect", image, check=False).returncode != 0:
+            print(f"image-test: image {image} is not on this engine: run `make image` first", file=sys.stderr)
+            return 1
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleanup below runs on SIGTERM too
+    from modalink.client import Client
+    from modalink.samples import write_samples
+
+    samples = workdir / "samples"
+    write_samples(samples)
+    claim = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")["metadata"]["name"]
+    ok = False
+    try:
+        log(f"{len(cluster.pods)} pods from the chart: {', '.join(p.name for p in cluster.pods)}")
+        ready = start(cluster, a.timeout)
+        gateway = pods_named(cluster, "gateway")[0]
+        with Client(f"{gateway.ip}:{values.get('gateway', {}).get('service', {}).get('grpcPort', 50051)}",
+                    api_key=API_KEY, timeout=300) as client:  # fmt: skip
+            ask_demo(client, samples)
+            job = caption_job(client, cluster, samples, claim)
+            victim = kill_one_encoder(client, cluster, samples)
+        ok = True
+        print("\nimage-test: passed")
+        print(f"  ready after docker run (s): {json.dumps({k: round(v, 1) for k, v in ready.items()})}")
+        print(f"  captioning job: {job['done']} items, {job['errors']} errors; killed {victim}, answers went on")
+        print(f"  images: {json.dumps(image_sizes())}")
+    except KeyboardInterrupt:
+        print("image-test: interrupted", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001  (the report, then the cleanup)
+        print(f"image-test: FAILED: {e}", file=sys.stderr)
+        for name in (n for p in cluster.pods for n in p.containers):
+            print(f"--- the last lines of {name}'s log:\n{podrun.logs(name, 25)}", file=sys.stderr)
+    finally:
+        if a.keep:
+            log(f"--keep: containers left running (python deploy/image_test.py --down removes them); {workdir}")
+        else:
+            cluster.down()
+            shutil.rmtree(workdir, ignore_errors=True)
+            log("removed every container it started")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
