@@ -59,7 +59,7 @@ for svc in encoder gateway llm worker; do
     - < "services/$svc/Dockerfile" >/dev/null
 done
 say "modalink-redis:$TAG"
-docker build -q --network host --build-arg "BASE=$DEBIAN_BASE" -t "modalink-redis:$TAG" - < deploy/redis.Dockerfile >/dev/null
+docker build -q --network host --build-arg "BASE=$BASE" -t "modalink-redis:$TAG" - < deploy/redis.Dockerfile >/dev/null
 rm -rf "$extra"
 say "done"
 docker image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E "^modalink-" | sort
