@@ -38,7 +38,7 @@ DEMO = {  # the `make demo` questions, and a word each answer must hold
     "image": ("sneaker.png", "What is shown in this picture?", "sneaker"),
     "audio": ("seven.wav", "What does the voice say?", "seven"),
     "imu": ("walking.npy", "What activity is the person doing?", "walking"),
-    "video": ("shirt_then_bag.gif", "What happens in this video?", ""),
+    "video": ("shirt_then_bag.gif", "What happens in this video?", "shirt"),
 }
 
 
@@ -47,6 +47,7 @@ def log(msg: str) -> None:
 
 
 T0 = time.monotonic()
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 
 
 def pods_named(cluster: podrun.Cluster, component: str) -> list[podrun.Pod]:
@@ -64,8 +65,31 @@ def start(cluster: podrun.Cluster, timeout: float) -> dict[str, float]:
         ready = {}
         for name, f in futures.items():
             ready[name] = f.result()
-            log(f"ready {name}: {ready[name]:.1f}s after docker run (startup, readiness and liveness probes passed)")
+            pod = next(p for p in cluster.pods if p.name == name)
+            kinds = sorted({k.removesuffix("Probe") for c in pod.spec["containers"] for k in PROBES if c.get(k)})
+            log(f"ready {name}: {ready[name]:.1f}s after docker run "
+                f"({' and '.join(kinds) + ' probes passed' if kinds else 'running; the chart gives it no probe'})")
     return ready
+
+
+def first_answer(client, samples: Path, timeout: float = 60) -> float:
+    """Seconds until the gateway answers once: the pods are ready, but the gateway's channel to a just-started LLM
+    may still be in its reconnect backoff (at most 3 s), so UNAVAILABLE is retried as a client honouring its
+    ``retry-after`` would be."""
+    import grpc
+
+    from modalink.client import image
+
+    t0 = time.monotonic()
+    while True:
+        try:
+            client.ask([image(samples / "sneaker.png"), "What is shown in this picture?"], max_new_tokens=4)
+            return time.monotonic() - t0
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() - t0 > timeout:
+                raise
+            log(f"not answering yet: {e.details()}")
+            time.sleep(1)
 
 
 def ask_demo(client, samples: Path) -> dict[str, str]:
@@ -165,6 +189,7 @@ def main() -> int:
         gateway = pods_named(cluster, "gateway")[0]
         with Client(f"{gateway.ip}:{values.get('gateway', {}).get('service', {}).get('grpcPort', 50051)}",
                     api_key=API_KEY, timeout=300) as client:  # fmt: skip
+            log(f"first answer {first_answer(client, samples):.1f}s after every pod was ready")
             ask_demo(client, samples)
             job = caption_job(client, cluster, samples, claim)
             victim = kill_one_encoder(client, cluster, samples)

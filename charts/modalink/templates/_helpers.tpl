@@ -104,6 +104,10 @@ volumes:
       claimName: {{ include "modalink.claim" . }}
   - name: tmp
     emptyDir: {}
+  - name: runs  # training runs and feature caches: the image's /cache is read-only
+    emptyDir: {}
+  - name: features
+    emptyDir: {}
   {{- if .Values.tls.existingSecret }}
   - name: tls
     secret: {secretName: {{ .Values.tls.existingSecret }}}
@@ -143,6 +147,8 @@ lifecycle:
 volumeMounts:
   - {name: shared, mountPath: /shared}
   - {name: tmp, mountPath: /tmp}
+  - {name: runs, mountPath: /cache/runs}
+  - {name: features, mountPath: /cache/features}
   {{- if .Values.tls.existingSecret }}
   - {name: tls, mountPath: /etc/modalink/tls, readOnly: true}
   {{- end }}
