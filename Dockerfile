@@ -52,7 +52,8 @@ ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MODALINK_CACHE_DIR=/cache PYTHONUNBU
 RUN if ! ldconfig -p | grep -q 'libpython3\.11\.so\.1\.0'; then \
       apt-get update && apt-get install -y --no-install-recommends libpython3.11 && rm -rf /var/lib/apt/lists/*; \
     fi \
- && echo 'modalink:x:10001:10001::/tmp:/usr/sbin/nologin' >> /etc/passwd && echo 'modalink:x:10001:' >> /etc/group
+ && echo 'modalink:x:10001:10001::/tmp:/usr/sbin/nologin' >> /etc/passwd && echo 'modalink:x:10001:' >> /etc/group \
+ && install -d -o 10001 -g 10001 /data  # compose's data volume: a named volume takes this owner, so 10001 can write
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build --chown=10001:10001 /app /app
 COPY --from=build --chown=10001:10001 /cache /cache

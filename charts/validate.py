@@ -3,7 +3,8 @@
 - the Helm chart, rendered with Helm's own engine (``helm-python-sdk`` embeds Helm; no binary), linted, and every
   rendered object checked against the Kubernetes 1.30 and 1.33 OpenAPI schemas in strict mode
   (``kubernetes-validate``: unknown fields fail), including the fine-tune Job template the chart ships;
-- ``docker-compose.yml`` against the Compose specification's JSON schema (vendored by ``check-jsonschema``).
+- ``docker-compose.yml`` and ``docker-compose.host.yml`` against the Compose specification's JSON schema
+  (vendored by ``check-jsonschema``).
 
     python charts/validate.py            # what `make chart` runs
 """
@@ -62,6 +63,9 @@ def lint(values: dict | None = None) -> list[str]:
     return [f"{m['path']}: {m['error']}" for m in report["messages"] if m["severity"] >= 2] + report["errors"]
 
 
+COMPOSE_FILES = (ROOT / "docker-compose.yml", ROOT / "docker-compose.host.yml")  # the second: host networking
+
+
 def compose_problems(path: Path = ROOT / "docker-compose.yml") -> list[str]:
     import importlib.resources
 
@@ -90,11 +94,13 @@ def main() -> int:
         for p in problems:
             print("  " + p)
         failed |= bool(problems)
-    problems = compose_problems()
-    print(f"docker-compose.yml against the Compose specification: {'ok' if not problems else 'invalid'}")
-    for p in problems:
-        print("  " + p)
-    return 1 if failed or problems else 0
+    for compose_file in COMPOSE_FILES:
+        problems = compose_problems(compose_file)
+        print(f"{compose_file.name} against the Compose specification: {'ok' if not problems else 'invalid'}")
+        for p in problems:
+            print("  " + p)
+        failed |= bool(problems)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@
 # Fails with a clear message when no engine can run here: image-test never skips silently.
 set -euo pipefail
 SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+# Compose for docker-compose.host.yml (image-test): the v2 plugin when present, else Debian's docker-compose 1.29
+if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
+  echo "engine: installing Debian's docker-compose"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq docker-compose >/dev/null
+fi
 if docker info >/dev/null 2>&1; then exit 0; fi
 if ! command -v dockerd >/dev/null; then
   echo "engine: installing Debian's docker.io"

@@ -8,9 +8,13 @@ the rendered security contexts, volumes, limits and probes), then, through the c
 2. runs a 5-item captioning job on the containerized workers (files on the shared volume, results back on it);
 3. kills one of the two image encoder containers and asks again: the gateway routes around it.
 
-Every container it started is removed at the end, also on failure or Ctrl-C (``--keep`` leaves them running).
+Then it brings up ``docker-compose.host.yml`` (Compose v2 or Debian's docker-compose 1.29), waits for every
+health check and asks the demo questions through that gateway on 127.0.0.1:50051.
 
-    python deploy/image_test.py [--values FILE] [--keep]
+Every container it started is removed at the end, also on failure or Ctrl-C (``--keep`` leaves the chart's
+running and skips compose).
+
+    python deploy/image_test.py [--values FILE] [--keep] [--no-compose]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import json
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -67,8 +72,10 @@ def start(cluster: podrun.Cluster, timeout: float) -> dict[str, float]:
             ready[name] = f.result()
             pod = next(p for p in cluster.pods if p.name == name)
             kinds = sorted({k.removesuffix("Probe") for c in pod.spec["containers"] for k in PROBES if c.get(k)})
-            log(f"ready {name}: {ready[name]:.1f}s after docker run "
-                f"({' and '.join(kinds) + ' probes passed' if kinds else 'running; the chart gives it no probe'})")
+            log(
+                f"ready {name}: {ready[name]:.1f}s after docker run "
+                f"({' and '.join(kinds) + ' probes passed' if kinds else 'running; the chart gives it no probe'})"
+            )
     return ready
 
 
@@ -149,6 +156,55 @@ def kill_one_encoder(client, cluster: podrun.Cluster, samples: Path) -> str:
     return victim
 
 
+COMPOSE_PROJECT = "mlk-it-compose"
+
+
+def compose(*args: str, timeout: float = 300) -> str:
+    """``docker compose`` (v2) where the plugin is installed, else ``docker-compose`` (v1.29, deploy/engine.sh)."""
+    v2 = podrun.docker("compose", "version", check=False).returncode == 0
+    cmd = ["docker", "compose"] if v2 else ["docker-compose"]
+    if not v2 and not shutil.which("docker-compose"):
+        raise RuntimeError("neither `docker compose` nor `docker-compose` is here (bash deploy/engine.sh installs one)")
+    r = subprocess.run([*cmd, "-p", COMPOSE_PROJECT, "-f", str(ROOT / "docker-compose.host.yml"), *args],
+                       capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+    return r.stdout
+
+
+def compose_test(samples: Path, timeout: float = 600) -> float:
+    """docker-compose.host.yml up; seconds until every container with a health check is healthy (and the seed
+    service has exited 0); then the demo questions through its gateway."""
+    compose("down", "-v")
+    t0 = time.monotonic()
+    compose("up", "-d", timeout=600)
+    while True:
+        ids = podrun.docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={COMPOSE_PROJECT}").stdout
+        states = {}
+        for c in (podrun.inspect_json(i) for i in ids.split()):
+            st = c["State"]
+            states[c["Name"].lstrip("/")] = st.get("Health", {}).get("Status") or st["Status"] + f"/{st['ExitCode']}"
+        if states and all(v in ("healthy", "running/0", "exited/0") for v in states.values()):
+            break
+        bad = {k: v for k, v in states.items() if v.startswith(("exited", "dead")) and v != "exited/0"}
+        if bad or time.monotonic() - t0 > timeout:
+            raise RuntimeError(
+                f"compose services not healthy: {states}\n"
+                + "\n".join(
+                    f"--- {k}:\n{podrun.logs(k, 25)}" for k, v in states.items() if v not in ("healthy", "exited/0")
+                )
+            )
+        time.sleep(2)
+    healthy = time.monotonic() - t0
+    log(f"compose: {len(states)} containers up, health checks passing {healthy:.1f}s after `up -d`")
+    from modalink.client import Client
+
+    with Client("127.0.0.1:50051", timeout=300) as client:
+        log(f"compose: first answer {first_answer(client, samples):.1f}s after that")
+        ask_demo(client, samples)
+    return healthy
+
+
 def image_sizes() -> dict[str, str]:
     out = podrun.docker("image", "ls", "--format", "{{.Repository}}:{{.Tag}}\t{{.Size}}").stdout
     return dict(line.split("\t") for line in out.splitlines() if line.startswith("modalink-"))
@@ -160,6 +216,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="leave the containers running (remove: --down)")
     ap.add_argument("--down", action="store_true", help="only remove the containers of an earlier --keep run")
     ap.add_argument("--timeout", type=float, default=900, help="seconds for every pod to become ready")
+    ap.add_argument("--no-compose", action="store_true", help="skip the docker-compose.host.yml stage")
     a = ap.parse_args()
 
     values = yaml.safe_load(a.values.read_text())
@@ -193,10 +250,16 @@ def main() -> int:
             ask_demo(client, samples)
             job = caption_job(client, cluster, samples, claim)
             victim = kill_one_encoder(client, cluster, samples)
+        compose_s = None
+        if not a.keep and not a.no_compose:
+            cluster.down()  # one stack at a time on 2 cores
+            compose_s = compose_test(samples)
         ok = True
         print("\nimage-test: passed")
         print(f"  ready after docker run (s): {json.dumps({k: round(v, 1) for k, v in ready.items()})}")
         print(f"  captioning job: {job['done']} items, {job['errors']} errors; killed {victim}, answers went on")
+        if compose_s is not None:
+            print(f"  docker-compose.host.yml: healthy {compose_s:.1f}s after up -d, the demo questions answered")
         print(f"  images: {json.dumps(image_sizes())}")
     except KeyboardInterrupt:
         print("image-test: interrupted", file=sys.stderr)
@@ -209,6 +272,11 @@ def main() -> int:
             log(f"--keep: containers left running (python deploy/image_test.py --down removes them); {workdir}")
         else:
             cluster.down()
+            if not a.no_compose:
+                try:
+                    compose("down", "-v")
+                except RuntimeError as e:
+                    print(f"image-test: {e}", file=sys.stderr)
             shutil.rmtree(workdir, ignore_errors=True)
             log("removed every container it started")
     return 0 if ok else 1

@@ -150,7 +150,9 @@ class Cluster:
     def volume_args(self, pod: Pod, c: dict, uid: int, gid: int) -> list[str]:
         args, volumes = [], {v["name"]: v for v in pod.spec.get("volumes", [])}
         for tmpl in pod.workload["spec"].get("volumeClaimTemplates", []):  # a StatefulSet's own claim per pod
-            volumes[tmpl["metadata"]["name"]] = {"persistentVolumeClaim": {"claimName": f"{tmpl['metadata']['name']}-{pod.name}"}}  # noqa: E501
+            volumes[tmpl["metadata"]["name"]] = {
+                "persistentVolumeClaim": {"claimName": f"{tmpl['metadata']['name']}-{pod.name}"}
+            }
         for m in c.get("volumeMounts", []):
             v, ro = volumes[m["name"]], ":ro" if m.get("readOnly") else ""
             if "emptyDir" in v:
@@ -163,7 +165,9 @@ class Cluster:
                     host.chmod(0o2775)
                 args += ["-v", f"{host}:{m['mountPath']}{ro}"]
             elif "configMap" in v or "secret" in v:
-                kind, ref = ("ConfigMap", v["configMap"]["name"]) if "configMap" in v else ("Secret", v["secret"]["secretName"])  # noqa: E501
+                kind, ref = (
+                    ("ConfigMap", v["configMap"]["name"]) if "configMap" in v else ("Secret", v["secret"]["secretName"])
+                )
                 host = self.workdir / "objects" / pod.name / m["name"]
                 host.mkdir(parents=True, exist_ok=True)
                 for key, value in self.data(kind, ref).items():
@@ -288,14 +292,15 @@ class Cluster:
         ready = time.monotonic() - pod.started
         for c in pod.spec["containers"]:
             if probe := c.get("livenessProbe"):  # the kubelet restarts a container after failureThreshold failures
-                for attempt in range(probe.get("failureThreshold", 3)):
+                name, failures = self.container_name(pod, c), probe.get("failureThreshold", 3)
+                for _ in range(failures):
                     ok, seen = self.probe(pod, c, probe)
                     if ok:
                         break
                     time.sleep(probe.get("periodSeconds", 10))
                 else:
-                    raise RuntimeError(f"{self.container_name(pod, c)}: livenessProbe failed {attempt + 1} times in a "
-                                       f"row, the kubelet would restart it (last: {seen}):\n{logs(self.container_name(pod, c))}")  # fmt: skip
+                    raise RuntimeError(f"{name}: livenessProbe failed {failures} times in a row, the kubelet would "
+                                       f"restart it (last: {seen}):\n{logs(name)}")  # fmt: skip
         return ready
 
     def down(self) -> None:

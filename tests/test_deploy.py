@@ -168,6 +168,61 @@ def test_docker_compose_runs_what_modalink_up_runs():
     assert f"127.0.0.1:{up.PLAYGROUND}:{up.PLAYGROUND}" in compose["playground"]["ports"]
 
 
+def test_the_host_network_compose_file_runs_the_same_services_on_distinct_loopback_addresses():
+    """docker-compose.host.yml (engines without a bridge network): docker-compose.yml's services, settings and
+    commands, every container on the host's network, each binding its own address (MODALINK_HOST), the service
+    names resolving to exactly those addresses, and no two services on one address and port."""
+    bridge = validate.load_compose()["services"]
+    host_file = validate.load_compose(validate.COMPOSE_FILES[1])
+    host = host_file["services"]
+    assert validate.compose_problems(validate.COMPOSE_FILES[1]) == []
+    assert set(host) - {"seed"} == set(bridge) - {"base"}
+    # the seed fills the named volumes before anything else mounts them (the engine's copy-up races otherwise)
+    assert host["seed"]["volumes"] == host["gateway"]["volumes"] and host["seed"]["command"] == ["true"]
+    names = dict(entry.split(":") for entry in host_file["x-hosts"])
+    bound: dict[str, str] = {}
+    for name, svc in ((n, s) for n, s in host.items() if n != "seed"):
+        if name != "redis":
+            assert svc["depends_on"]["seed"] == {"condition": "service_completed_successfully"}, name
+        assert svc["network_mode"] == "host" and "ports" not in svc, name
+        env = dict(svc.get("environment") or {})
+        if name == "redis":
+            address = svc["command"][svc["command"].index("--bind") + 1]
+            assert svc["command"][3:] == ["--port", "6379", "--protected-mode", "no", *bridge["redis"]["command"][1:]]
+        else:
+            assert svc["extra_hosts"] == host_file["x-hosts"], name
+            address = env.pop("MODALINK_HOST", "")
+            assert {k: v for k, v in env.items()} == bridge[name]["environment"], name
+            assert svc.get("command") == bridge[name].get("command") or name == "worker", name
+        bound[name] = address
+        if name in names:
+            assert names[name] == address, f"{name} resolves to {names[name]} but binds {address}"
+    # the worker runs its image's CMD, which is docker-compose.yml's worker command
+    worker_cmd = (REPO_ROOT / "services/worker/Dockerfile").read_text().split("\nCMD ")[1].splitlines()[0]
+    assert json.loads(worker_cmd) == bridge["worker"]["command"]
+    # services that listen (workers and beat only connect out): one address each; the encoders share ports
+    listening = [n for n in host if n not in ("worker", "beat", "seed")]
+    assert len({bound[n] for n in listening if n.endswith("-encoder")}) == 4
+    assert all(bound[n].startswith("127.") for n in listening), bound
+    assert bound["gateway"] == bound["playground"] == "127.0.0.1"  # distinct ports: 50051, 8080 and 7860
+
+
+def test_the_images_health_checks_and_writable_paths_match_how_the_services_run():
+    """Found by the first real run: a HEALTHCHECK that asks 127.0.0.1 fails for a service bound to another
+    address (MODALINK_HOST under host networking), and a named volume on a path the image lacks is root's, so the
+    service user 10001 (redis: 999) could not write to it."""
+    for svc in ("encoder", "gateway", "llm"):
+        check = next(line for line in (REPO_ROOT / f"services/{svc}/Dockerfile").read_text().splitlines()
+                     if line.startswith("HEALTHCHECK"))  # fmt: skip
+        assert "os.environ.get('MODALINK_HOST','127.0.0.1')" in check and "127.0.0.1:" not in check, svc
+    root = (REPO_ROOT / "Dockerfile").read_text()
+    assert "install -d -o 10001 -g 10001 /data" in root and "USER 10001" in root
+    assert "python3 -m venv" in root and "useradd" not in root  # a Debian base has python3, not python
+    assert "install -d -o 999 -g 999 /data" in (REPO_ROOT / "deploy/redis.Dockerfile").read_text()
+    ignored = (REPO_ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv"} <= set(ignored)
+
+
 def test_the_secret_holds_only_key_hashes_and_tls_reaches_every_service():
     from modalink.auth import KeyRing, hash_key
 
