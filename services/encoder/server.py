@@ -59,8 +59,9 @@ def serve(
     dtype, shape = input_spec(modality)
     # On SIGTERM Triton stops taking requests and finishes those in flight for up to exit_timeout_secs.
     config = TritonConfig(
-        http_address=host, grpc_address=host, metrics_address=host, http_port=http_port or base, grpc_port=grpc_port or base + 1,
-        metrics_port=metrics_port or base + 2, exit_timeout_secs=max(1, int(settings.shutdown_grace_s)),
+        http_address=host, grpc_address=host, metrics_address=host,
+        http_port=http_port or base, grpc_port=grpc_port or base + 1, metrics_port=metrics_port or base + 2,
+        exit_timeout_secs=max(1, int(settings.shutdown_grace_s)),
         **tls_config(settings),
     )  # fmt: skip
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # else tritonserver lingers after a SIGTERM
