@@ -161,8 +161,9 @@ class Cluster:
                 host = self.workdir / "volumes" / v["persistentVolumeClaim"]["claimName"]
                 if not host.exists():  # a new volume, owned by the pod's fsGroup as the kubelet would set it
                     host.mkdir(parents=True)
-                    os.chown(host, 0, gid)
-                    host.chmod(0o2775)
+                    if os.geteuid() == 0:
+                        os.chown(host, 0, gid)
+                    host.chmod(0o2775 if os.geteuid() == 0 else 0o777)
                 args += ["-v", f"{host}:{m['mountPath']}{ro}"]
             elif "configMap" in v or "secret" in v:
                 kind, ref = (
