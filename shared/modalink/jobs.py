@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 import logging
 import time
@@ -26,6 +27,8 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from modalink import MODALITIES
 from modalink.data import check_path, default_question
@@ -52,11 +55,14 @@ def manifest_roots(settings=None) -> list[Path]:
 
 
 def batches(rows: Iterable[dict], size: int) -> Iterator[tuple[str, list[dict]]]:
-    """(modality, up to ``size`` rows of it); rows of an unknown modality come as their own batch ("unknown")."""
+    """(modality, up to ``size`` rows of it); rows of an unknown modality come as their own batch ("unknown").
+    Rows naming the same file or URI are placed next to each other (a stable sort), so repeats of an item share a
+    batch, where ``caption_batch`` computes them once."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r.get("modality") if r.get("modality") in MODALITIES else "unknown", []).append(r)
     for modality, items in groups.items():
+        items.sort(key=lambda r: str(r.get("path") or r.get("uri") or ""))
         for i in range(0, len(items), size):
             yield modality, items[i : i + size]
 
@@ -279,6 +285,20 @@ def caption_batch(
         except Exception:  # noqa: BLE001  (anything a row makes the reader raise is that row's error: no job hangs)
             log.warning("job item %r could not be read", row.get("id"), exc_info=True)
             results[row["id"]] = {"id": row["id"], "error": "the item could not be read"}
+    # Items with the same content (same bytes; an IMU window: same values) are computed once when the answer is
+    # deterministic (greedy, or a fixed seed): the others get a copy of that result, with ``same_as`` naming it.
+    copies: dict[str, str] = {}  # row id -> the id of the row whose result it copies
+    if params.temperature == 0 or params.seed is not None:
+        first: dict[str, str] = {}
+        unique = []
+        for row, raw in loaded:
+            digest = content_digest(raw)
+            if digest in first:
+                copies[row["id"]] = first[digest]
+            else:
+                first[digest] = row["id"]
+                unique.append((row, raw))
+        loaded = unique
     embedded = remote.encoders.embed_batch(modality, [raw for _, raw in loaded], timeout_s) if loaded else []
     question = (prompt or default_question(modality)) if modality in MODALITIES else ""
     # Every turn is started first (an LLM call runs in the background), so the calls reach the LLM service within
@@ -305,4 +325,16 @@ def caption_batch(
             raise  # the LLM service is down or failing: the task retries the batch
         results[row["id"]] = {"id": row["id"], "caption": answer.text.strip(), "finish_reason": answer.finish_reason,
                               "adapter_version": reply.versions.get(modality, ""), "usage": answer.usage}  # fmt: skip
+    for row_id, original in copies.items():
+        results[row_id] = {**results[original], "id": row_id, "same_as": original}
     return [results[r["id"]] for r in rows]
+
+
+def content_digest(raw: Any) -> str:
+    """What makes two job items the same input: their bytes, or an array's dtype, shape and values."""
+    h = hashlib.sha256()
+    if isinstance(raw, np.ndarray):
+        h.update(f"{raw.dtype.str}{raw.shape}".encode())
+        raw = np.ascontiguousarray(raw).tobytes()
+    h.update(bytes(raw))
+    return h.hexdigest()
