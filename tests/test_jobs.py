@@ -214,8 +214,9 @@ def test_gateway_job_calls_reject_bad_input_and_cancel_stops_a_job(cluster, samp
         gw.GetJob(assistant_pb2.JobRequest(job_id="nope"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     # An inline manifest (relative paths are relative to the jobs dir): 20 batches, cancelled at once.
-    shutil.copy(samples["image"], cluster["jobs_dir"] / "shoe.png")
-    lines = "".join(json.dumps({"id": f"i{i}", "modality": "image", "path": "shoe.png"}) + "\n" for i in range(40))
+    for i in range(40):  # 40 files: rows naming one file would ride in few batches (computed once)
+        shutil.copy(samples["image"], cluster["jobs_dir"] / f"shoe-{i}.png")
+    lines = "".join(json.dumps({"id": f"i{i}", "modality": "image", "path": f"shoe-{i}.png"}) + "\n" for i in range(40))
     port, image_metrics = cluster["redis_port"], cluster["encoders"]["image"][2]
     encoded = lambda: triton_metric(image_metrics, "nv_inference_request_success", "image_encoder")  # noqa: E731
     wait_drained(port)  # nothing of an earlier test (a redelivered batch) reaches the encoder meanwhile
@@ -439,3 +440,18 @@ def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(cluster, samples, 
     record_figures("worker_killed", items=len(rows), batches=n_batches, done_at_kill=at_kill,
                    batches_done_by_killed_worker=len(a) - len(in_hand), redelivered=len(in_hand), done=job["done"],
                    duplicates=len(ids) - len(set(ids)), lost=len(rows) - len(set(ids)))  # fmt: skip
+
+
+def test_batches_hold_at_most_size_distinct_files_and_repeats_ride_along():
+    """Repeats of a file share one batch (computed once there), so a job whose items repeat runs fewer batches;
+    rows without a file are each their own item; a batch never exceeds REPEATS_PER_BATCH times the size."""
+    from modalink.jobs import REPEATS_PER_BATCH
+
+    rows = [{"id": f"i{k}", "modality": "image", "path": f"/p/{k % 3}"} for k in range(9)]
+    rows += [{"id": f"m{k}", "modality": "imu", "data": [[0.0] * 6]} for k in range(3)]
+    rows += [{"id": "s", "modality": "smell", "path": "/p/0"}]
+    out = [(m, [r["id"] for r in b]) for m, b in batches(rows, 2)]
+    assert out == [("image", ["i0", "i3", "i6", "i1", "i4", "i7"]), ("image", ["i2", "i5", "i8"]),
+                   ("imu", ["m0", "m1"]), ("imu", ["m2"]), ("unknown", ["s"])]  # fmt: skip
+    same = [{"id": str(k), "modality": "audio", "path": "/a.wav"} for k in range(5 * REPEATS_PER_BATCH)]
+    assert [len(b) for _, b in batches(same, 2)] == [2 * REPEATS_PER_BATCH, 2 * REPEATS_PER_BATCH, REPEATS_PER_BATCH]

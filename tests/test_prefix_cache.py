@@ -149,3 +149,23 @@ def test_answers_with_a_lora_adapter_are_the_same_and_cached_per_adapter(setting
     mixed = answers(engine, [prompts[1], prompts[1]], [name, None])  # one batch, one row each way
     assert mixed == [reference[1], reference[-1]]
     assert reference[1] != reference[-1]  # the LoRA does change this answer, so a mix-up would show
+
+
+def test_the_next_turn_reuses_the_first_turns_answer_too(cached):
+    """A finished answer's keys and values are kept with its prompt's: the next turn, whose history repeats that
+    answer, prefills only its new question, and answers as with the cache off."""
+    torch.manual_seed(0)
+    picture = torch.randn(8, cached.hidden_size) * 0.02
+    first = chat(cached, picture, [], "What is in the picture?")
+    answer = answers(cached, [first])[0]
+    second = chat(cached, picture, [("What is in the picture?", answer)], "What colour is it?")
+    before = cached.prefix_cache.stats.tokens_reused
+    with_cache = answers(cached, [second])[0]
+    reused = cached.prefix_cache.stats.tokens_reused - before
+    answer_tokens = len(cached.tokenizer(answer, add_special_tokens=False).input_ids)
+    assert reused >= cached.prompt_length(first) + answer_tokens - 2, (reused, cached.prompt_length(first))
+    off, cached.prefix_cache = cached.prefix_cache, PrefixCache(0)
+    try:
+        assert answers(cached, [second])[0] == with_cache
+    finally:
+        cached.prefix_cache = off

@@ -41,7 +41,7 @@ class LLMService(llm_pb2_grpc.LLMServicer):
     def _adapter(self, names: list[str]) -> str | None:
         @contextlib.contextmanager
         def between_batches():
-            with self._lora_lock, self.batcher.lock:
+            with self._lora_lock, self.batcher.between_batches():
                 yield
 
         return lora.choose(self.engine, self.registry, names, between_batches)

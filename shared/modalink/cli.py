@@ -496,7 +496,12 @@ def serve_llm(
     port: int = typer.Option(ports.LLM_GRPC, help="gRPC port of modalink.v1.LLM."),
     http_port: int = typer.Option(ports.LLM_HTTP, help="TGI-compatible HTTP API port (0 = off)."),
     max_batch: int = typer.Option(32, min=1, help="Most requests decoded together (throughput vs token latency)."),
-    max_wait_ms: float = typer.Option(10.0, min=0, help="How long a batch waits after each arrival (10x in all)."),
+    max_wait_ms: float = typer.Option(
+        10.0,
+        min=0,
+        help="Engines without continuous batching (vLLM): how long a batch waits after each arrival for company (10x "
+        "in all); the transformers engine starts a request at once and lets later ones join.",
+    ),
     host: str = typer.Option(
         "[::]", envvar="MODALINK_HOST", help="Address to bind (gRPC and HTTP; 127.0.0.1: this machine only)."
     ),

@@ -12,6 +12,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
 
@@ -85,12 +86,24 @@ class Completion:
         return len(self.token_ids)
 
 
+class Join(Protocol):
+    """How a running batch meets requests that arrive while it decodes (continuous batching)."""
+
+    def more(self, running: int) -> list[tuple[list[Segment], GenerationParams, str | None]]:
+        """Requests (prompt, params, adapter) to add now, beside ``running`` rows; their event indices continue
+        the batch's, in this order. Called between decode steps, so it must not block."""
+
+    def cancelled(self, index: int) -> bool:
+        """Whether the request at ``index`` is no longer wanted (its row leaves the batch)."""
+
+
 class Engine(ABC):
     """What the assistant and the LLM service need from an LLM runtime."""
 
     tokenizer: PreTrainedTokenizerBase
     hidden_size: int
     max_context: int
+    joins: bool = False  # whether ``stream`` takes ``join`` (continuous batching); else a batch runs to its end
 
     @abstractmethod
     def stream(

@@ -54,17 +54,30 @@ def manifest_roots(settings=None) -> list[Path]:
     return [Path(p).expanduser().resolve() for p in named or [settings.jobs_dir]]
 
 
+REPEATS_PER_BATCH = 8
+
+
 def batches(rows: Iterable[dict], size: int) -> Iterator[tuple[str, list[dict]]]:
-    """(modality, up to ``size`` rows of it); rows of an unknown modality come as their own batch ("unknown").
-    Rows naming the same file or URI are placed next to each other (a stable sort), so repeats of an item share a
-    batch, where ``caption_batch`` computes them once."""
+    """(modality, rows of it naming at most ``size`` distinct files); rows of an unknown modality come as their own
+    batch ("unknown"). Rows naming the same file or URI are placed next to each other (a stable sort) and ride in
+    one batch, where ``caption_batch`` computes them once: a job whose items repeat runs fewer, fuller batches.
+    A batch holds at most ``REPEATS_PER_BATCH`` times ``size`` rows in all."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r.get("modality") if r.get("modality") in MODALITIES else "unknown", []).append(r)
     for modality, items in groups.items():
         items.sort(key=lambda r: str(r.get("path") or r.get("uri") or ""))
-        for i in range(0, len(items), size):
-            yield modality, items[i : i + size]
+        batch: list[dict] = []
+        names: set[str] = set()
+        for r in items:
+            name = str(r.get("path") or r.get("uri") or "") or f"id:{r.get('id')}"
+            if name not in names and len(names) == size or len(batch) == REPEATS_PER_BATCH * size:
+                yield modality, batch
+                batch, names = [], set()
+            names.add(name)
+            batch.append(r)
+        if batch:
+            yield modality, batch
 
 
 # Store a result and count it in one atomic step (a Lua script), so a worker killed in between cannot leave a

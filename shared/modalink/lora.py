@@ -91,13 +91,7 @@ def serve(engine, registry, modality: str, version: str) -> str | None:
     Returns its engine name, ``"<modality>@<version>"``, or None for a stage-1 version (the bare LLM).
     The assistant and the LLM service both resolve adapters through here, so they answer alike.
     """
-    from modalink.errors import InputError
-
-    if version not in registry.versions(modality):
-        if version == "untrained" or not registry.versions(modality):
-            return None
-        raise InputError(f"unknown {modality} adapter version {version!r}; have {registry.versions(modality)}")
-    path = registry.lora_path(modality, version)
+    path = lora_path(registry, modality, version)
     if path is None:
         return None
     name = f"{modality}@{version}"
@@ -107,17 +101,31 @@ def serve(engine, registry, modality: str, version: str) -> str | None:
     return name
 
 
+def lora_path(registry, modality: str, version: str):
+    """The folder of the LoRA that adapter ``version`` was trained with; None for a stage-1 version (or none yet)."""
+    from modalink.errors import InputError
+
+    if version not in registry.versions(modality):
+        if version == "untrained" or not registry.versions(modality):
+            return None
+        raise InputError(f"unknown {modality} adapter version {version!r}; have {registry.versions(modality)}")
+    return registry.lora_path(modality, version)
+
+
 def choose(
     engine, registry, names: Sequence[str], guard: Callable[[], AbstractContextManager] = nullcontext
 ) -> str | None:
     """The LoRA for a prompt whose media came from the adapters ``names`` ("<modality>@<version>", prompt order):
     the first one trained with a LoRA (mixed-modality prompts share it), loaded on first use; None: the bare LLM.
-    One rule for the in-process assistant and the LLM service. ``guard``: held while a LoRA is loaded (peft adds
-    modules in place, so a serving engine loads between batches only)."""
+    One rule for the in-process assistant and the LLM service. ``guard``: held only while a LoRA is loaded (peft
+    adds modules in place, so a serving engine loads between batches only); a version without a LoRA never
+    takes it, so its requests never wait for a running batch."""
     for name in names:
         modality, version = parse_name(name)
         if name in engine.adapters:
             return name
+        if lora_path(registry, modality, version) is None:
+            continue
         with guard():
             if served := serve(engine, registry, modality, version):
                 return served

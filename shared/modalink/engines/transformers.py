@@ -11,9 +11,10 @@ import random
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from modalink.engine import FINISH_LENGTH, FINISH_STOP, Engine, GenerationParams, TokenEvent
+from modalink.engine import FINISH_LENGTH, FINISH_STOP, Engine, GenerationParams, Join, TokenEvent
 from modalink.errors import InputError
 from modalink.lora import BASE as LORA_BASE
 from modalink.prefix_cache import Layers, Piece, PrefixCache, embedding_piece
@@ -82,6 +83,8 @@ def _sample(logits: torch.Tensor, p: GenerationParams, seen: torch.Tensor, gen: 
 class TransformersEngine(Engine):
     """Any causal LM from transformers (LLaMA-2-chat, SmolLM2) fed with ``inputs_embeds``."""
 
+    joins = True  # stream(join=...): requests join a running batch between decode steps
+
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
         self.model, self.tokenizer = model, tokenizer
         self.embedding = model.get_input_embeddings()
@@ -92,7 +95,6 @@ class TransformersEngine(Engine):
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
         self.peft = None  # a peft.PeftModel around ``model`` once a LoRA adapter is loaded or trained
         self.adapters: set[str] = set()
         self.prefix_cache = PrefixCache(0)  # off until ``load`` sizes it from the settings (MODALINK_KV_CACHE_MB)
@@ -215,53 +217,85 @@ class TransformersEngine(Engine):
         prompts: Sequence[list[Segment]],
         params: GenerationParams | Sequence[GenerationParams],
         adapters: Sequence[str | None] | None = None,
+        join: Join | None = None,
     ) -> Iterator[TokenEvent]:
+        """Continuous batching with ``join``: between decode steps, requests ``join.more`` returns are prefilled and
+        decode on with the running ones (event indices continue after the prompts'); finished and cancelled rows
+        leave the batch. Each finished prompt's keys and values, its answer included, go to the prefix cache, so
+        a chat's next turn, which repeats that answer in its history, prefills only its new text."""
         n = len(prompts)
-        route = self._adapter_kw(adapters, n)
         plist = [params] * n if isinstance(params, GenerationParams) else list(params)
-        if len(plist) != n:
-            raise ValueError("one GenerationParams per prompt")
-        keys: list[list[Piece] | None] = [[] if self.prefix_cache else None for _ in range(n)]
-        with torch.inference_mode():  # each prompt's tokens are checked against the context before it is embedded
-            embedded = [self._embed_prompt(prompt, p, k) for prompt, p, k in zip(prompts, plist, keys, strict=True)]
-        logits, cache, next_pos, mask = self._prefill([e for e, _ in embedded], keys, adapters, route)
-
-        gens = [torch.Generator().manual_seed(p.seed if p.seed is not None else random.getrandbits(63)) for p in plist]
-        seen = [torch.tensor(ids, dtype=torch.long) for _, ids in embedded]
-        streams = [_TextStream(self.tokenizer, p.stop) for p in plist]
-        done = [False] * n
-        counts = [0] * n
+        names = list(adapters) if adapters is not None else [None] * n
+        if len(plist) != n or len(names) != n:
+            raise ValueError("one GenerationParams and one adapter name (or None) per prompt")
+        rows, logits, cache, pos, mask = self._admit(list(zip(prompts, plist, names, strict=True)), 0)
         while True:
-            step = []
-            for i in range(n):
-                if done[i]:
-                    step.append(self.pad_id)
-                    continue
-                p = plist[i]
-                tok = _sample(logits[i].cpu(), p, seen[i], gens[i])
-                counts[i] += 1
-                step.append(tok)
-                if tok in self.eos_ids:
-                    done[i] = True
-                    yield TokenEvent(i, tok, streams[i].flush(), FINISH_STOP)
-                    continue
-                if p.repetition_penalty != 1.0:
-                    seen[i] = torch.cat([seen[i], torch.tensor([tok])])
-                delta, hit_stop = streams[i].push(tok)
-                if hit_stop or counts[i] >= p.max_new_tokens:
-                    done[i] = True
-                    tail = "" if hit_stop else streams[i].flush()
-                    yield TokenEvent(i, tok, delta + tail, FINISH_STOP if hit_stop else FINISH_LENGTH)
+            step = []  # each row's sampled token: its input to the next forward
+            for row, row_logits in zip(rows, logits, strict=True):
+                ev = row.next(self.eos_ids, row_logits)
+                step.append(ev.token_id)
+                yield ev
+            keep = [i for i, r in enumerate(rows) if not r.done and not (join and join.cancelled(r.index))]
+            if self.prefix_cache:
+                for i, r in enumerate(rows):
+                    if r.done:  # positions held: the prompt and every answer token but the last
+                        self._keep_answer(r, cache, mask, i)
+            if len(keep) < len(rows):
+                rows, step = [rows[i] for i in keep], [step[i] for i in keep]
+                cache, mask, pos = _select(cache, mask, pos, keep, self.model.config)
+            if rows:
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                ids = torch.tensor(step, device=self.device).unsqueeze(1)
+                logits, cache = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                              past_key_values=cache, **self._route(rows))  # fmt: skip
+                pos = pos + 1
+            new = join.more(len(rows)) if join is not None else []
+            if new:
+                more, more_logits, more_cache, more_pos, more_mask = self._admit(new, n)
+                n += len(new)
+                if rows:
+                    cache, mask = _concat(cache, mask, more_cache, more_mask, self.model.config)
+                    rows, logits, pos = rows + more, torch.cat([logits, more_logits]), torch.cat([pos, more_pos])
                 else:
-                    yield TokenEvent(i, tok, delta)
-            if all(done):
+                    rows, logits, cache, pos, mask = more, more_logits, more_cache, more_pos, more_mask
+            if not rows:
                 return
-            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
-            ids = torch.tensor(step, device=self.device).unsqueeze(1)
-            logits, cache = self._forward(
-                input_ids=ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache, **route
-            )
-            next_pos = next_pos + 1
+
+    def _admit(self, requests: list[tuple[list[Segment], GenerationParams, str | None]], first: int):
+        """Prefill new requests: (their rows, numbered from ``first``, and ``_prefill``'s logits, cache, next
+        positions and mask). Each prompt's tokens are checked against the context before it is embedded."""
+        self._adapter_kw([a for _, _, a in requests], len(requests))  # unknown adapters: refused before any work
+        keys: list[list[Piece] | None] = [[] if self.prefix_cache else None for _ in requests]
+        with torch.inference_mode():
+            embedded = [self._embed_prompt(pr, p, k) for (pr, p, _), k in zip(requests, keys, strict=True)]
+        names = [a for _, _, a in requests]
+        logits, cache, pos, mask = self._prefill(
+            [e for e, _ in embedded], keys, names, self._adapter_kw(names, len(names))
+        )
+        rows = [_Row(first + i, p, a, tuple(k) if k is not None else (), e.shape[0], ids, self.tokenizer)
+                for i, ((_, p, a), k, (e, ids)) in enumerate(zip(requests, keys, embedded, strict=True))]  # fmt: skip
+        return rows, logits, cache, pos, mask
+
+    def _route(self, rows: list[_Row]) -> dict:
+        return self._adapter_kw([r.adapter for r in rows], len(rows))
+
+    def _keep_answer(self, row: _Row, cache, mask: torch.Tensor, i: int) -> None:
+        """Store a finished row's prompt and answer (all but the last token, whose keys were never computed)."""
+        answer = row.tokens[:-1]
+        if not answer:
+            return
+        key = list(row.key)
+        if key and key[-1][0] == "t":
+            key[-1] = (*key[-1], *answer)
+        else:
+            key.append(("t", *answer))
+        held = mask[i].bool()
+
+        @torch.inference_mode()
+        def layers() -> Layers:
+            return [(k[i][:, held].clone(), v[i][:, held].clone()) for k, v in _layers(cache)]
+
+        self.prefix_cache.store(row.adapter, tuple(key), row.length + len(answer), layers)
 
     @torch.inference_mode()
     def _prefill(self, embedded: list[torch.Tensor], keys: list[list[Piece] | None],
@@ -318,6 +352,65 @@ class TransformersEngine(Engine):
                     k[i, :, c - r :], v[i, :, c - r :] = layers[li]
             data.append((k, v))
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
+
+class _Row:
+    """One request in a running batch: its sampling state and what the prefix cache needs to keep its answer."""
+
+    def __init__(self, index: int, params: GenerationParams, adapter: str | None, key: tuple[Piece, ...],
+                 length: int, prompt_ids: list[int], tokenizer: PreTrainedTokenizerBase):  # fmt: skip
+        self.index, self.params, self.adapter, self.key, self.length = index, params, adapter, key, length
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.seen = torch.tensor(prompt_ids, dtype=torch.long)
+        self.text = _TextStream(tokenizer, params.stop)
+        self.tokens: list[int] = []
+        self.done = False
+
+    def next(self, eos_ids: set[int], logits: torch.Tensor) -> TokenEvent:
+        """Sample the next token from this row's logits; the event ends the row on EOS, a stop or the length."""
+        p = self.params
+        tok = _sample(logits.cpu(), p, self.seen, self.gen)
+        self.tokens.append(tok)
+        if tok in eos_ids:
+            self.done = True
+            return TokenEvent(self.index, tok, self.text.flush(), FINISH_STOP)
+        if p.repetition_penalty != 1.0:
+            self.seen = torch.cat([self.seen, torch.tensor([tok])])
+        delta, hit_stop = self.text.push(tok)
+        if hit_stop or len(self.tokens) >= p.max_new_tokens:
+            self.done = True
+            tail = "" if hit_stop else self.text.flush()
+            return TokenEvent(self.index, tok, delta + tail, FINISH_STOP if hit_stop else FINISH_LENGTH)
+        return TokenEvent(self.index, tok, delta)
+
+
+@torch.inference_mode()
+def _select(cache, mask: torch.Tensor, pos: torch.Tensor, keep: list[int], config):
+    """The batch's rows ``keep`` only, without the leading columns none of them uses any more."""
+    from transformers import DynamicCache
+
+    idx = torch.tensor(keep, dtype=torch.long, device=mask.device)
+    mask = mask.index_select(0, idx)
+    used = mask.any(0).nonzero()
+    start = int(used[0]) if used.numel() else mask.shape[1]
+    data = [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]) for k, v in _layers(cache)]
+    return DynamicCache(ddp_cache_data=data, config=config), mask[:, start:], pos.index_select(0, idx)
+
+
+@torch.inference_mode()
+def _concat(a, mask_a: torch.Tensor, b, mask_b: torch.Tensor, config):
+    """Two batches' caches and masks as one: both right-aligned to the wider one (left columns masked out)."""
+    from transformers import DynamicCache
+
+    w = max(mask_a.shape[1], mask_b.shape[1])
+    mask = torch.cat([F.pad(mask_a, (w - mask_a.shape[1], 0)), F.pad(mask_b, (w - mask_b.shape[1], 0))])
+
+    def cat(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.pad(x, (0, 0, w - x.shape[2], 0)), F.pad(y, (0, 0, w - y.shape[2], 0))])
+
+    data = [(cat(ka, kb), cat(va, vb)) for (ka, va), (kb, vb) in zip(_layers(a), _layers(b), strict=True)]
+    return DynamicCache(ddp_cache_data=data, config=config), mask
 
 
 def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
