@@ -3,7 +3,8 @@
     modalink serve llm [--port 50061]
 
 Prompts arrive as segments (chat-templated text, or float32 [n, d_llm] embeddings from an encoder
-service). Concurrent requests are batched by ``modalink.batching.DynamicBatcher``. A request may name the
+service). Concurrent requests decode together (``modalink.batching.DynamicBatcher``: continuous batching with the
+transformers engine; a request that arrives mid-batch joins it between decode steps). A request may name the
 LoRA its projector was trained with (``"audio@v3"``); it is loaded from the adapter registry on first use.
 """
 

@@ -506,7 +506,7 @@ def serve_llm(
         "[::]", envvar="MODALINK_HOST", help="Address to bind (gRPC and HTTP; 127.0.0.1: this machine only)."
     ),
 ) -> None:
-    """The frozen LLM: gRPC modalink.v1.LLM (prefix embeddings, streaming) and TGI's HTTP API, dynamic batching."""
+    """The frozen LLM: gRPC modalink.v1.LLM (prefix embeddings, streaming) and TGI's HTTP API, continuous batching."""
     _service_logging()
     from modalink_services.llm.server import serve
 
