@@ -455,3 +455,5 @@ def test_batches_hold_at_most_size_distinct_files_and_repeats_ride_along():
                    ("imu", ["m0", "m1"]), ("imu", ["m2"]), ("unknown", ["s"])]  # fmt: skip
     same = [{"id": str(k), "modality": "audio", "path": "/a.wav"} for k in range(5 * REPEATS_PER_BATCH)]
     assert [len(b) for _, b in batches(same, 2)] == [2 * REPEATS_PER_BATCH, 2 * REPEATS_PER_BATCH, REPEATS_PER_BATCH]
+    # a sampled job (no seed) computes every repeat: they are items like any other, ``size`` rows a batch
+    assert [len(b) for _, b in batches(same[:5], 2, repeats=False)] == [2, 2, 1]

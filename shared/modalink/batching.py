@@ -4,10 +4,10 @@ A scheduler thread takes the requests that are waiting, generates them as one ba
 routes each token event to its request's queue. With an engine that takes joins (``Engine.joins``: continuous
 batching), a lone request starts at once and requests that arrive while a batch decodes join it between two
 decode steps, a burst together (once no request came for ``max_wait_ms``); finished and cancelled ones leave it.
-With one that does not, the scheduler waits up to
-``max_wait_ms`` after each arrival for more (at most ten times that in all) and the batch runs to its end. Each
-request is checked alone before it joins a batch (``Engine.check``), so a bad one fails by itself. A cancelled
-request stops receiving events; a batch whose requests are all cancelled stops decoding.
+With one that does not, the scheduler waits up to ``max_wait_ms`` after each arrival for more (at most ten times
+that in all) and the batch runs to its end. Each request is checked alone before it joins a batch
+(``Engine.check``), so a bad one fails by itself. A cancelled request stops receiving events; a batch whose
+requests are all cancelled stops decoding.
 """
 
 from __future__ import annotations
@@ -139,12 +139,9 @@ class DynamicBatcher:
         st.requests += len(batch)
         open_ = set(range(len(batch)))
         try:
-            if self.engine.joins:
-                events = self.engine.stream([r.prompt for r in batch], [r.params for r in batch],
-                                            [r.adapter for r in batch], join=_Join(self, batch, open_))  # fmt: skip
-            else:
-                events = self.engine.stream([r.prompt for r in batch], [r.params for r in batch],
-                                            [r.adapter for r in batch])  # fmt: skip
+            join = {"join": _Join(self, batch, open_)} if self.engine.joins else {}
+            events = self.engine.stream([r.prompt for r in batch], [r.params for r in batch],
+                                        [r.adapter for r in batch], **join)  # fmt: skip
             for ev in events:
                 req = batch[ev.index]
                 if req.cancelled.is_set():

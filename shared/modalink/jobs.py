@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -28,10 +27,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from modalink import MODALITIES
 from modalink.data import check_path, default_question
+from modalink.embed_cache import input_digest
 from modalink.engine import GenerationParams
 from modalink.errors import InputError, NotFound, QuotaExceeded
 from modalink.pipeline import Turn
@@ -57,20 +55,21 @@ def manifest_roots(settings=None) -> list[Path]:
 REPEATS_PER_BATCH = 8
 
 
-def batches(rows: Iterable[dict], size: int) -> Iterator[tuple[str, list[dict]]]:
+def batches(rows: Iterable[dict], size: int, repeats: bool = True) -> Iterator[tuple[str, list[dict]]]:
     """(modality, rows of it naming at most ``size`` distinct files); rows of an unknown modality come as their own
-    batch ("unknown"). Rows naming the same file or URI are placed next to each other (a stable sort) and ride in
-    one batch, where ``caption_batch`` computes them once: a job whose items repeat runs fewer, fuller batches.
-    A batch holds at most ``REPEATS_PER_BATCH`` times ``size`` rows in all."""
+    batch ("unknown"). With ``repeats`` (a deterministic job: ``deterministic(params)``), rows naming the same
+    file or URI are placed next to each other (a stable sort) and ride in one batch, where ``caption_batch``
+    computes them once and holds one copy of their input: a job whose items repeat runs fewer, fuller batches. A
+    batch holds at most ``REPEATS_PER_BATCH`` times ``size`` rows in all; without ``repeats``, ``size``."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r.get("modality") if r.get("modality") in MODALITIES else "unknown", []).append(r)
     for modality, items in groups.items():
-        items.sort(key=lambda r: str(r.get("path") or r.get("uri") or ""))
+        items.sort(key=_file)
         batch: list[dict] = []
         names: set[str] = set()
         for r in items:
-            name = str(r.get("path") or r.get("uri") or "") or f"id:{r.get('id')}"
+            name = (_file(r) if repeats else "") or f"id:{r.get('id')}"
             if name not in names and len(names) == size or len(batch) == REPEATS_PER_BATCH * size:
                 yield modality, batch
                 batch, names = [], set()
@@ -78,6 +77,16 @@ def batches(rows: Iterable[dict], size: int) -> Iterator[tuple[str, list[dict]]]
             batch.append(r)
         if batch:
             yield modality, batch
+
+
+def deterministic(params: GenerationParams) -> bool:
+    """Whether the same item always gets the same caption (greedy, or a fixed seed): repeats are then computed once."""
+    return params.temperature == 0 or params.seed is not None
+
+
+def _file(row: dict) -> str:
+    """The file or URI a row names ("" for inline data)."""
+    return str(row.get("path") or row.get("uri") or "")
 
 
 # Store a result and count it in one atomic step (a Lua script), so a worker killed in between cannot leave a
@@ -290,28 +299,28 @@ def caption_batch(
     roots = manifest_roots() if roots is None else roots
     results: dict[str, dict] = {}
     loaded: list[tuple[dict, Any]] = []
+    # Items with the same content (same bytes; an IMU window: same values) are computed once when the answer is
+    # deterministic: the others get a copy of that result, with ``same_as`` naming it, and their input is dropped as
+    # soon as it is read, so a batch holds one copy of each distinct input.
+    copies: dict[str, str] = {}  # row id -> the id of the row whose result it copies
+    first: dict[bytes, str] = {}  # content digest (as the media embedding cache keys it) -> the row computing it
     for row in rows:
         try:
-            loaded.append((row, load_item(modality, row, roots)))
+            raw = load_item(modality, row, roots)
         except (InputError, OSError) as e:
             results[row["id"]] = {"id": row["id"], "error": str(e)}
+            continue
         except Exception:  # noqa: BLE001  (anything a row makes the reader raise is that row's error: no job hangs)
             log.warning("job item %r could not be read", row.get("id"), exc_info=True)
             results[row["id"]] = {"id": row["id"], "error": "the item could not be read"}
-    # Items with the same content (same bytes; an IMU window: same values) are computed once when the answer is
-    # deterministic (greedy, or a fixed seed): the others get a copy of that result, with ``same_as`` naming it.
-    copies: dict[str, str] = {}  # row id -> the id of the row whose result it copies
-    if params.temperature == 0 or params.seed is not None:
-        first: dict[str, str] = {}
-        unique = []
-        for row, raw in loaded:
-            digest = content_digest(raw)
+            continue
+        if deterministic(params):
+            digest = input_digest(modality, raw)
             if digest in first:
                 copies[row["id"]] = first[digest]
-            else:
-                first[digest] = row["id"]
-                unique.append((row, raw))
-        loaded = unique
+                continue
+            first[digest] = row["id"]
+        loaded.append((row, raw))
     embedded = remote.encoders.embed_batch(modality, [raw for _, raw in loaded], timeout_s) if loaded else []
     question = (prompt or default_question(modality)) if modality in MODALITIES else ""
     # Every turn is started first (an LLM call runs in the background), so the calls reach the LLM service within
@@ -341,13 +350,3 @@ def caption_batch(
     for row_id, original in copies.items():
         results[row_id] = {**results[original], "id": row_id, "same_as": original}
     return [results[r["id"]] for r in rows]
-
-
-def content_digest(raw: Any) -> str:
-    """What makes two job items the same input: their bytes, or an array's dtype, shape and values."""
-    h = hashlib.sha256()
-    if isinstance(raw, np.ndarray):
-        h.update(f"{raw.dtype.str}{raw.shape}".encode())
-        raw = np.ascontiguousarray(raw).tobytes()
-    h.update(bytes(raw))
-    return h.hexdigest()

@@ -34,6 +34,14 @@ def embedding_piece(embeds: torch.Tensor) -> Piece:
     return ("e", digest.hexdigest(), t.shape[0])
 
 
+def add_text(key: list[Piece], ids: list[int]) -> None:
+    """Append token ids to a prompt's key: a run of text is one piece of ids, however it was split."""
+    if key and key[-1][0] == "t":
+        key[-1] = (*key[-1], *ids)
+    else:
+        key.append(("t", *ids))
+
+
 def piece_length(piece: Piece) -> int:
     return piece[2] if piece[0] == "e" else len(piece) - 1
 

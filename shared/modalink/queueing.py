@@ -15,7 +15,7 @@ from celery import Celery
 from modalink.config import Settings, get_settings
 from modalink.engine import GenerationParams
 from modalink.errors import InputError
-from modalink.jobs import JobStore, batches, check_path, manifest_roots
+from modalink.jobs import JobStore, batches, check_path, deterministic, manifest_roots
 
 CAPTION_TASK, FINETUNE_TASK = "modalink.caption_batch", "modalink.finetune"
 MAX_PROMPT_CHARS = 4000
@@ -114,7 +114,7 @@ def submit(
         raise InputError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
     job_id = store(settings).create(rows, results, prompt, caller, settings.max_jobs_per_caller)
     sender = _sender(settings.redis_url)
-    for modality, chunk in batches(rows, batch_size):
+    for modality, chunk in batches(rows, batch_size, repeats=deterministic(params)):
         sender.send_task(CAPTION_TASK, (job_id, modality, chunk, asdict(params), prompt, roots),
                          {"salt": salt} if salt else None, queue=f"caption.{modality}")  # fmt: skip
     return job_id

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from modalink.engine import FINISH_LENGTH, FINISH_STOP, Engine, GenerationParams, Join, TokenEvent
 from modalink.errors import InputError
 from modalink.lora import BASE as LORA_BASE
-from modalink.prefix_cache import Layers, Piece, PrefixCache, embedding_piece
+from modalink.prefix_cache import Layers, Piece, PrefixCache, add_text, embedding_piece
 from modalink.prompt import Segment, text_ids
 
 
@@ -166,10 +166,8 @@ class TransformersEngine(Engine):
             if isinstance(piece, list):
                 ids += piece
                 parts.append(self.embedding(torch.tensor(piece, device=self.device)))
-                if key is not None and key and key[-1][0] == "t":
-                    key[-1] = (*key[-1], *piece)  # a run of text is one sequence of ids, however it was split
-                elif key is not None:
-                    key.append(("t", *piece))
+                if key is not None:
+                    add_text(key, piece)
             else:
                 parts.append(piece.to(self.device, self.dtype))
                 if key is not None:
@@ -264,14 +262,12 @@ class TransformersEngine(Engine):
     def _admit(self, requests: list[tuple[list[Segment], GenerationParams, str | None]], first: int):
         """Prefill new requests: (their rows, numbered from ``first``, and ``_prefill``'s logits, cache, next
         positions and mask). Each prompt's tokens are checked against the context before it is embedded."""
-        self._adapter_kw([a for _, _, a in requests], len(requests))  # unknown adapters: refused before any work
+        names = [a for _, _, a in requests]
+        route = self._adapter_kw(names, len(names))  # unknown adapters: refused before any work
         keys: list[list[Piece] | None] = [[] if self.prefix_cache else None for _ in requests]
         with torch.inference_mode():
             embedded = [self._embed_prompt(pr, p, k) for (pr, p, _), k in zip(requests, keys, strict=True)]
-        names = [a for _, _, a in requests]
-        logits, cache, pos, mask = self._prefill(
-            [e for e, _ in embedded], keys, names, self._adapter_kw(names, len(names))
-        )
+        logits, cache, pos, mask = self._prefill([e for e, _ in embedded], keys, names, route)
         rows = [_Row(first + i, p, a, tuple(k) if k is not None else (), e.shape[0], ids, self.tokenizer)
                 for i, ((_, p, a), k, (e, ids)) in enumerate(zip(requests, keys, embedded, strict=True))]  # fmt: skip
         return rows, logits, cache, pos, mask
@@ -285,10 +281,7 @@ class TransformersEngine(Engine):
         if not answer:
             return
         key = list(row.key)
-        if key and key[-1][0] == "t":
-            key[-1] = (*key[-1], *answer)
-        else:
-            key.append(("t", *answer))
+        add_text(key, answer)
         held = mask[i].bool()
 
         @torch.inference_mode()
