@@ -104,8 +104,8 @@ data: install
 	$(BIN)/modalink data build --out build/data
 
 # Re-trains every embedded-default adapter from the packaged data, exactly as the shipped ones were made:
-# stage 1 aligns each projector (LLM frozen; about 55 min for all four on 2 cores); for audio, stage 2 then adds
-# its LoRA and tunes both on instructions (about 10 min). Each run publishes a new version.
+# stage 1 aligns each projector (LLM frozen; about 30 min for all four on 2 cores); for audio and video, stage 2 then
+# adds a LoRA and tunes both on instructions (about 10 and 13 min). Each run publishes a new version.
 TRAIN := $(BIN)/modalink train --promote always --restart
 STAGE2 := $(BIN)/modalink train --restart --stage 2 --lr 5e-4  # promoted only if not worse on validation
 adapters: data
@@ -114,9 +114,9 @@ adapters: data
 	$(TRAIN) --modality imu --steps 40 --init-from current
 	$(TRAIN) --modality image --steps 450
 	$(TRAIN) --modality audio --steps 120 --lr 2e-3
-	$(TRAIN) --modality video --steps 80
-	$(TRAIN) --modality video --steps 150 --init-from current
+	$(TRAIN) --modality video --steps 200 --lr 2e-3 --order 0.3 --ground 30
 	$(STAGE2) --modality audio --steps 100
+	$(BIN)/modalink train --restart --stage 2 --modality video --steps 150 --lr 1e-3 --order 0.3 --checks 0
 
 eval: data
 	$(BIN)/modalink eval --data build/data --split test

@@ -12,7 +12,7 @@ import torch
 
 from modalink.data import VARIANTS, BuildConfig, build, read_manifest
 from modalink.evaluate import is_correct, mentioned
-from modalink.projectors import ProjectorConfig, build_projector, pad_features
+from modalink.projectors import DEFAULT_PROJECTORS, ProjectorConfig, build_projector, pad_features
 from modalink.registry import AdapterRegistry
 
 SMALL = BuildConfig(seed=3, image_train=20, image_val=10, image_test=10, audio_train_per_word=1,
@@ -349,3 +349,39 @@ def test_a_video_adapter_reads_the_clip_tokens_it_was_trained_on(settings, tmp_p
         Embedder(other).projector("video")
     same = settings.model_copy(update={"adapters_dir": tmp_path, "video_tokens": "st-pool"})
     assert Embedder(same).projector("video")[1] == "v1"
+
+
+def test_word_grounding_puts_each_frame_token_on_its_items_class_word(data, engine, settings):
+    """A fresh video projector grounded on the image train split (``--ground``): each frame token of a clip lies
+    nearest the LLM embedding of the garment that frame shows, so the clip's tokens name its items in order."""
+    from modalink.data import GARMENTS, clip_sampled_items
+    from modalink.encoders import load_encoder
+    from modalink.train.align import AlignConfig
+    from modalink.train.features import features_for
+    from modalink.train.ground import class_embeddings, ground
+    from modalink.train.run import ground_projector
+
+    video = load_encoder("video", settings)  # 'frames' tokens, the default
+    cfg = AlignConfig("video", ground=60)
+    proj = build_projector(ProjectorConfig(d_in=1280, d_llm=engine.hidden_size, **DEFAULT_PROJECTORS["video"]))
+    words = class_embeddings(engine, list(GARMENTS))
+
+    def named(clip_feats: torch.Tensor) -> list[str]:
+        with torch.no_grad():
+            out = proj(clip_feats.float()[None])[0]
+        return [GARMENTS[i] for i in torch.nn.functional.cosine_similarity(out[:, None], words[None], -1).argmax(1)]
+
+    clips = [c for c in features_for("video", "train", data, settings, video) if len(c[0]["items"]) > 1][:6]
+    labels = {r["id"]: r["label"] for r in read_manifest(data / "image" / "train.jsonl")}
+    truth = [[labels[c["items"][i]] for i in clip_sampled_items(c["frames"], 8)] for c, _ in clips]
+    before = sum(a == b for (_, f), t in zip(clips, truth, strict=True) for a, b in zip(named(f), t, strict=True))
+    result = ground_projector(proj, "video", data, settings, video, engine, cfg)
+    assert result["ground_accuracy"] >= 0.95, result
+    after = [named(f) for _, f in clips]
+    assert after == truth, (after, truth)
+    assert before < 0.5 * sum(map(len, truth)), before  # an untrained projector does not already do it
+    with pytest.raises(ValueError, match="needs an 'mlp' projector"):
+        ground(build_projector(ProjectorConfig(kind="perceiver", d_in=1280, d_llm=576)), torch.zeros(2, 1280),
+               ["bag", "coat"], list(GARMENTS), engine)  # fmt: skip
+    with pytest.raises(ValueError, match="labels without a class word"):
+        ground(proj, torch.zeros(1, 1280), ["banana"], list(GARMENTS), engine)

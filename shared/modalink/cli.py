@@ -186,7 +186,7 @@ def models(
             Path("encoders/whisper-base-ct2/model.bin"), "CTranslate2 Whisper dir"),
         row("imu encoder", s.imu_encoder, "imu-cnn", "1-D CNN trained on BasicMotions",
             s.adapters_dir / "encoders/imu-cnn/model.safetensors", "dir with model.safetensors + config.json"),
-        {"role": "video encoder", "model": f"{s.image_encoder} + spatio-temporal pooling", "source": "image encoder",
+        {"role": "video encoder", "model": f"{s.image_encoder} per frame, {s.video_tokens} tokens", "source": "image encoder",
          "cached": None},
     ]  # fmt: skip
     reg = AdapterRegistry(s.adapters_dir)
@@ -270,6 +270,13 @@ def train(
     order: float = typer.Option(
         0.0, "--order", help="Video: share of questions about what comes first, last or at all (else: describe)."
     ),
+    checks: float = typer.Option(0.3, "--checks", help="Stage 2: share of yes/no check instructions."),
+    ground: int = typer.Option(
+        0,
+        "--ground",
+        help="Stage 1, fresh mlp projector: epochs of word grounding first (each single item's "
+        "features onto its class word's LLM embedding; video grounds on the image train split).",
+    ),
 ) -> None:
     """Train one modality's adapter, publish it as a new version, promote it if not worse.
 
@@ -293,7 +300,7 @@ def train(
     overrides = {k: v for k, v in {"kind": kind, "n_tokens": n_tokens}.items() if v is not None}
     cfg = AlignConfig(modality, projector=overrides, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                       init_from=init_from, stage=stage, lora={"r": lora_rank, "alpha": 2 * lora_rank},
-                      lora_lr=lora_lr, order=order)  # fmt: skip
+                      lora_lr=lora_lr, order=order, checks=checks, ground=ground)  # fmt: skip
     settings = get_settings()
     run_dir = settings.cache_dir / "runs" / (modality if stage == 1 else f"{modality}-stage2")
     if restart:

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     num_threads: int = Field(0, description="torch intra-op threads; 0 = number of usable cores.")
     video_frames: int = Field(8, ge=1, le=64, description="Frames sampled uniformly from a video.")
     video_tokens: Literal["frames", "st-pool"] = Field(
-        "st-pool", description="A clip's tokens: 'frames', one per sampled frame in time order (its spatial mean); "
+        "frames", description="A clip's tokens: 'frames', one per sampled frame in time order (its spatial mean); "
         "'st-pool', Video-ChatGPT's spatial + temporal pooling (the earlier adapters'). An adapter reads the kind it "
         "was trained on."
     )  # fmt: skip

@@ -217,7 +217,9 @@ def load_projector(directory: Path, device: torch.device | str = "cpu") -> tuple
 # the MLP over 8 time segments reached 86% after 120 (docs/RESULTS.md).
 DEFAULT_PROJECTORS: dict[str, dict] = {
     "image": {"kind": "perceiver", "n_tokens": 8, "n_layers": 2, "d_model": 256, "max_positions": 49},
-    "video": {"kind": "perceiver", "n_tokens": 8, "n_layers": 2, "d_model": 256, "max_positions": 64},
+    # one token per frame, in time order ('frames' clip tokens); 'st-pool' clips were read by a perceiver
+    # (--projector perceiver: 8 queries over the 57 tokens, max_positions 64)
+    "video": {"kind": "mlp", "n_tokens": 8, "token_positions": 8},
     "audio": {"kind": "mlp", "n_tokens": 8},
     "imu": {"kind": "linear", "n_tokens": 4},
 }

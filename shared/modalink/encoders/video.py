@@ -1,7 +1,8 @@
-"""Video encoder: frames through the image encoder, then Video-ChatGPT's spatial and temporal pooling.
+"""Video encoder: sampled frames through the image encoder, then the clip's tokens (``clip_tokens``).
 
-A clip of T sampled frames with S spatial tokens each gives T + S tokens: the temporal mean of every
-spatial token (what is where) followed by the spatial mean of every frame (what happens when).
+``frames`` (the default): one token per sampled frame, its spatial mean, in time order, so the projector and the
+LLM see what comes first. ``st-pool`` (the earlier adapters'): Video-ChatGPT's spatial and temporal pooling, T + S
+tokens, the temporal mean of every spatial token followed by the spatial mean of every frame.
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ class AlignConfig:
     lora_lr: float = 5e-4
     checks: float = 0.3  # stage 2: share of yes/no check instructions
     order: float = 0.0  # video: share of questions about what comes first, last or at all (both stages)
+    ground: int = 0  # epochs of word grounding before stage 1 (``train.ground``; a fresh mlp projector only)
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):

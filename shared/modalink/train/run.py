@@ -38,6 +38,23 @@ def ensure_imu_encoder(data_dir: Path, settings: Settings, retrain: bool = False
                              val=(windows(val), [r["label"] for r in val]))  # fmt: skip
 
 
+def ground_projector(projector, modality: str, data_dir: Path, settings: Settings, encoder, engine,
+                     cfg: AlignConfig) -> dict:  # fmt: skip
+    """Word-ground a fresh projector on single labelled items (``train.ground``): a video's on the image train
+    split (its frames are such images), another modality's on its own train split; features mean-pooled."""
+    import torch
+
+    from modalink.data import class_words
+    from modalink.train.ground import ground
+
+    source, enc = ("image", encoder.image) if modality == "video" else (modality, encoder)
+    items = features_for(source, "train", data_dir, settings, enc)
+    feats = torch.stack([f.float().mean(0) for _, f in items])
+    torch.manual_seed(cfg.seed)
+    return ground(projector, feats, [r["label"] for r, _ in items], list(class_words(modality)), engine,
+                  epochs=cfg.ground, seed=cfg.seed)  # fmt: skip
+
+
 def train_modality(
     cfg: AlignConfig, data_dir: Path, settings: Settings, run_dir: Path | None = None, promote: str = "if-better",
     engine: TransformersEngine | None = None,
@@ -88,6 +105,8 @@ def train_modality(
         extra_metrics["baseline_accuracy"] = baseline
     if trainer.resume():
         log.warning("resuming %s from step %d (%s)", m, trainer.step, trainer.checkpoint)
+    elif cfg.ground and init is None:
+        extra_metrics.update(ground_projector(trainer.projector, m, data_dir, settings, encoder, engine, cfg))
     t0 = time.time()
     projector = trainer.fit()
     train_s = time.time() - t0
