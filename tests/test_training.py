@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -385,3 +386,18 @@ def test_word_grounding_puts_each_frame_token_on_its_items_class_word(data, engi
                ["bag", "coat"], list(GARMENTS), engine)  # fmt: skip
     with pytest.raises(ValueError, match="labels without a class word"):
         ground(proj, torch.zeros(1, 1280), ["banana"], list(GARMENTS), engine)
+
+
+def test_balanced_batches_draw_clips_of_one_two_and_three_items_alike(engine, tmp_path):
+    """``--balance``: the built training clips are 12% single items; balanced batches draw each item count a third of
+    the time (a plain batch draws distinct items as built)."""
+    from modalink.train.align import AlignConfig, AlignTrainer
+
+    labels = ["bag"] * 6 + ["bag|coat"] * 32 + ["bag|coat|bag"] * 12
+    items = [({"label": label}, torch.zeros(1, 8)) for label in labels]
+    counts = lambda batch: Counter(len(r["label"].split("|")) for r, _ in batch)  # noqa: E731
+    balanced = AlignTrainer(AlignConfig("video", balance=True), engine, 8, items, items, tmp_path / "a")
+    got = counts(balanced.draw(3000))
+    assert all(850 < got[k] < 1150 for k in (1, 2, 3)), got
+    plain = AlignTrainer(AlignConfig("video"), engine, 8, items, items, tmp_path / "b").draw(50)
+    assert counts(plain) == {1: 6, 2: 32, 3: 12}

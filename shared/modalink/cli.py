@@ -186,8 +186,8 @@ def models(
             Path("encoders/whisper-base-ct2/model.bin"), "CTranslate2 Whisper dir"),
         row("imu encoder", s.imu_encoder, "imu-cnn", "1-D CNN trained on BasicMotions",
             s.adapters_dir / "encoders/imu-cnn/model.safetensors", "dir with model.safetensors + config.json"),
-        {"role": "video encoder", "model": f"{s.image_encoder} per frame, {s.video_tokens} tokens", "source": "image encoder",
-         "cached": None},
+        {"role": "video encoder", "model": f"{s.image_encoder} per frame, {s.video_tokens} tokens",
+         "source": "image encoder", "cached": None},
     ]  # fmt: skip
     reg = AdapterRegistry(s.adapters_dir)
     adapters = {m: {"current": reg.current(m), "versions": reg.versions(m)} for m in MODALITIES}
@@ -271,6 +271,9 @@ def train(
         0.0, "--order", help="Video: share of questions about what comes first, last or at all (else: describe)."
     ),
     checks: float = typer.Option(0.3, "--checks", help="Stage 2: share of yes/no check instructions."),
+    balance: bool = typer.Option(
+        False, "--balance", help="Draw clips of one, two and three items equally often (video; else as built)."
+    ),
     ground: int = typer.Option(
         0,
         "--ground",
@@ -300,7 +303,8 @@ def train(
     overrides = {k: v for k, v in {"kind": kind, "n_tokens": n_tokens}.items() if v is not None}
     cfg = AlignConfig(modality, projector=overrides, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                       init_from=init_from, stage=stage, lora={"r": lora_rank, "alpha": 2 * lora_rank},
-                      lora_lr=lora_lr, order=order, checks=checks, ground=ground)  # fmt: skip
+                      lora_lr=lora_lr, order=order, checks=checks, ground=ground,
+                      balance=balance)  # fmt: skip
     settings = get_settings()
     run_dir = settings.cache_dir / "runs" / (modality if stage == 1 else f"{modality}-stage2")
     if restart:

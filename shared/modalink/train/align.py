@@ -54,6 +54,7 @@ class AlignConfig:
     checks: float = 0.3  # stage 2: share of yes/no check instructions
     order: float = 0.0  # video: share of questions about what comes first, last or at all (both stages)
     ground: int = 0  # epochs of word grounding before stage 1 (``train.ground``; a fresh mlp projector only)
+    balance: bool = False  # draw items by how many classes their label names (video: 1, 2 and 3 items alike)
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -305,6 +306,18 @@ class AlignTrainer:
         self.projector.train()
         return sum(losses) / len(losses)
 
+    def draw(self, n: int) -> list[tuple[dict, torch.Tensor]]:
+        """A training batch: ``n`` distinct items, or with ``balance`` items drawn group by group, each group (items
+        whose label names as many classes: a video's one, two or three items) as likely as the others."""
+        if not self.cfg.balance:
+            return self.rng.sample(self.train, min(n, len(self.train)))
+        if not hasattr(self, "_groups"):
+            groups: dict[int, list] = {}
+            for item in self.train:
+                groups.setdefault(len(str(item[0].get("label", "")).split("|")), []).append(item)
+            self._groups = [groups[k] for k in sorted(groups)]
+        return [self.rng.choice(self.rng.choice(self._groups)) for _ in range(n)]
+
     def fit(self) -> nn.Module:
         c = self.cfg
         self.projector.train()
@@ -313,7 +326,7 @@ class AlignTrainer:
         while self.step < c.steps:
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.step) * g["scale"]
-            batch = self.rng.sample(self.train, min(c.batch_size, len(self.train)))
+            batch = self.draw(c.batch_size)
             loss = self.loss_on(batch, self.rng)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
