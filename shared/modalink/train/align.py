@@ -226,6 +226,10 @@ class AlignTrainer:
         self.step = 0
         self.rng = random.Random(cfg.seed)
         self.history: list[dict] = []
+        groups: dict[int, list] = {}  # ``balance``: items by how many classes their label names
+        for item in train if cfg.balance else ():
+            groups.setdefault(len(str(item[0].get("label", "")).split("|")), []).append(item)
+        self.groups = [groups[k] for k in sorted(groups)]
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -311,12 +315,7 @@ class AlignTrainer:
         whose label names as many classes: a video's one, two or three items) as likely as the others."""
         if not self.cfg.balance:
             return self.rng.sample(self.train, min(n, len(self.train)))
-        if not hasattr(self, "_groups"):
-            groups: dict[int, list] = {}
-            for item in self.train:
-                groups.setdefault(len(str(item[0].get("label", "")).split("|")), []).append(item)
-            self._groups = [groups[k] for k in sorted(groups)]
-        return [self.rng.choice(self.rng.choice(self._groups)) for _ in range(n)]
+        return [self.rng.choice(self.rng.choice(self.groups)) for _ in range(n)]
 
     def fit(self) -> nn.Module:
         c = self.cfg
