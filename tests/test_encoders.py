@@ -23,6 +23,7 @@ from modalink.encoders.image import decode_image, to_tensor
 from modalink.encoders.imu import IMUCNN, IMUConfig, IMUEncoder, decode_imu, save_imu_encoder
 from modalink.encoders.video import clip_tokens, decode_video, frames_to_gif, sample_indices
 from modalink.errors import InputError
+from modalink.modality import BUILTIN
 
 # ---------------------------------------------------------------------------------------------------------
 # Fixtures and input builders
@@ -707,7 +708,7 @@ def test_load_encoder_unknown_modality(settings):
 
 
 def test_load_encoder_modalities(image_encoder, audio_encoder, imu_encoder, video_encoder):
-    for modality, enc in zip(MODALITIES, (image_encoder, audio_encoder, imu_encoder, video_encoder), strict=True):
+    for modality, enc in zip(BUILTIN, (image_encoder, audio_encoder, imu_encoder, video_encoder), strict=True):
         assert enc.modality == modality
     assert video_encoder.name == f"efficientnet-lite0+{video_encoder.tokens}"
 

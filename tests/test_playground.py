@@ -11,6 +11,9 @@ Screenshots land in build/screenshots/; the README's (docs/img/, tracked) are re
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import io
 import json
 import os
 import re
@@ -19,8 +22,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 from procs import free_port, modalink_up
@@ -199,6 +204,31 @@ def test_imu_file_is_plotted_as_six_curves_and_answered(page, stack, samples):
     screenshot(page, "playground-imu.png")
 
 
+def test_an_extension_two_modalities_take_is_the_users_choice(page, stack, samples):
+    """The power plugin is registered (its encoder not started): a .npy is IMU's by default, power's by choice, shown
+    as a file chip with its modality."""
+    health = json.loads(urllib.request.urlopen(f"{stack['url']}/api/health", timeout=10).read())
+    if ".npy" not in health["file_types"].get("power", []):
+        pytest.skip("the power plugin is not installed")
+    page.set_input_files("#file-input", samples["imu"])
+    chip = page.locator("[data-testid=attachment]")
+    select = chip.locator("select.kind-select")
+    expect(select.locator("option")).to_have_text(["imu", "power"])
+    expect(chip).to_have_attribute("data-kind", "imu")
+    expect(chip.locator("canvas[data-testid=imu-plot]")).to_be_visible(timeout=30_000)
+    select.select_option("power")
+    expect(chip).to_have_attribute("data-kind", "power")
+    expect(chip.locator("[data-testid=file-chip] .chip")).to_have_text("power")
+    expect(chip.locator(".attachment-error")).to_have_text("no power encoder is running")
+    request = ask(page, "Which appliance is this?")
+    assert [p["type"] for p in request.post_data_json["parts"]] == ["text", "power"]
+    state, _, msg = answer(page, 1)
+    assert state == "error"
+    error = msg.locator("[data-testid=chat-error]").inner_text()
+    assert "power" in error and "INVALID_ARGUMENT" in error, error
+    expect(page.locator(".message.user [data-kind=power] [data-testid=file-chip]")).to_be_visible()
+
+
 def test_recorded_audio_is_a_wav_and_a_missing_encoder_is_a_clear_error(page):
     page.click("#record")
     expect(page.locator("#record")).to_have_attribute("data-state", "recording")
@@ -310,3 +340,135 @@ def test_an_unreachable_gateway_shows_a_banner_and_a_clear_chat_error(browser):
         context.close()
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# Plugin modalities on the server side: no stack and no browser (the app's functions, its routes over ASGI).
+
+PLUGINS = {"power": {"file_types": [".npy"], "input": "tensor", "tensor_rank": 2},
+           "smell": {"file_types": [".smell", ".NPY"], "input": "file", "mime": "application/x-smell"}}  # fmt: skip
+
+
+def npy(arr) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def asgi(app, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """One request through the app's ASGI interface (no HTTP client needed): (status, JSON answer)."""
+    raw = json.dumps(body).encode() if body is not None else b""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+             "server": ("testserver", 80), "client": ("127.0.0.1", 1)}  # fmt: skip
+    messages, sent = [], [{"type": "http.request", "body": raw, "more_body": False}]
+
+    async def receive():
+        return sent.pop(0) if sent else {"type": "http.disconnect"}
+
+    async def send(message):
+        messages.append(message)
+
+    with ThreadPoolExecutor(1) as pool:  # its own thread: Playwright's sync API may hold this one's event loop
+        pool.submit(asyncio.run, app(scope, receive, send)).result()
+    status = next(m["status"] for m in messages if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body"))
+
+
+def test_plugin_modalities_go_to_the_gateway_as_generic_media():
+    from modalink_client import from_tensor_msg
+    from modalink_services.playground.server import check_plugins, parse_chat
+
+    plugins = check_plugins(PLUGINS)
+    series = np.linspace(0, 1, 300, dtype=np.float64)[None]
+    smell = b"\x00sniff\xff"
+    body = {"parts": [{"type": "text", "text": "Which appliance is this?"},
+                      {"type": "power", "name": "fridge.npy", "data": b64(npy(series))},
+                      {"type": "smell", "name": "x.smell", "data": b64(smell)}],
+            "history": [{"role": "user", "text": "and this?", "media": [{"type": "power", "data": b64(npy(series))}]},
+                        {"role": "assistant", "text": "A fridge."}]}  # fmt: skip
+    parts, history, _ = parse_chat(body, plugins=plugins)
+    text, power, sniff = parts
+    assert text == "Which appliance is this?"
+    assert power.WhichOneof("kind") == "media" and power.media.modality == "power" and not power.media.data
+    sent = from_tensor_msg(power.media.tensor, "power")
+    assert sent.dtype == np.float32 and sent.shape == (1, 300) and np.allclose(sent, series)
+    assert sniff.media.modality == "smell" and sniff.media.data == smell and sniff.media.mime == "application/x-smell"
+    assert not sniff.media.HasField("tensor")
+    assert history[0][2][0].media.modality == "power"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"1,2,3\n", "fridge.npy (power): not a .npy file; expected a .npy array of 2 axes of floating-point numbers"),
+        (npy(np.ones((1, 300), np.int64)), "the array holds int64; expected a .npy array of 2 axes"),
+        (npy(np.array([{"a": 1}], dtype=object)), "the array holds object"),
+        (npy(np.ones(300, np.float32)), "the array has shape [300]; expected a .npy array of 2 axes"),
+        (npy(np.ones((1, 1, 300), np.float32)), "shape [1, 1, 300]"),
+        (npy(np.ones((1, 0), np.float32)), "the array is empty"),
+        (npy(np.array([[1.0, np.nan]])), "NaN or infinite"),
+        (npy(np.array([[1.0, 1e300]])), "NaN or infinite values (in float32)"),  # finite in float64 only
+        (npy(np.ones((1, 4), np.float32))[:-3], "does not match its 13 data bytes"),
+    ],
+)
+def test_a_bad_npy_for_a_tensor_plugin_is_a_clear_bad_request(raw, message):
+    from modalink_services.playground.server import BadRequest, media_part
+
+    with pytest.raises(BadRequest) as refused:
+        media_part("power", "fridge.npy", raw, plugins=PLUGINS)
+    assert message in str(refused.value)
+
+
+def test_a_huge_npy_header_is_refused_unallocated():
+    from modalink_services.playground.server import BadRequest, media_part
+
+    buf = io.BytesIO()  # a header that asks for 40 TB, over 16 bytes of data
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (100000, 100000000)})
+    raw = buf.getvalue() + bytes(16)
+    with pytest.raises(BadRequest, match=r"shape \[100000, 100000000\] of float32, which does not match its 16 data"):
+        media_part("power", "fridge.npy", raw, plugins=PLUGINS)
+
+
+def test_unknown_kinds_and_file_types_still_name_what_is_expected():
+    from modalink_services.playground.server import BadRequest, check_plugins, media_part, modality_of
+
+    with pytest.raises(BadRequest, match="unknown part type 'sound'; expected one of text, image, audio, imu, video, "
+                                         "power, smell"):  # fmt: skip
+        media_part("sound", "x.wav", b"RIFF", plugins=PLUGINS)
+    with pytest.raises(BadRequest, match="unknown part type 'power'; expected one of text, image, audio, imu, video$"):
+        media_part("power", "x.npy", npy(np.ones((1, 300))))  # no plugins
+    plugins = check_plugins(PLUGINS)
+    with pytest.raises(BadRequest, match=r"x\.bin: unknown file type \.bin; expected one of .*\.npy, \.csv.*\.smell$"):
+        modality_of("x.bin", plugins)
+    # a suffix several modalities take: the first whose encoder runs (IMU before plugins), else the first
+    assert modality_of("a.npy", plugins) == "imu" and modality_of("a.NPY", plugins, ["image", "imu"]) == "imu"
+    assert modality_of("a.npy", plugins, ["power"]) == "power" and modality_of("a.smell", plugins) == "smell"
+    for bad, message in (({"Power": {}}, "lower-case identifier"), ({"imu": {}}, "built-in"),
+                         ({"p": {"file_types": ["npy"]}}, "suffixes"), ({"p": {"input": "array"}}, "file or tensor"),
+                         ({"p": {"tensor_rank": 0}}, "tensor_rank")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            check_plugins(bad)
+
+
+def test_health_lists_the_plugins_file_types_and_chat_refuses_a_bad_npy(tmp_path):
+    from modalink_services.playground.server import build_app
+
+    app = build_app(f"127.0.0.1:{free_port()}", tmp_path, ["image", "power"], plugins=PLUGINS)
+    status, health = asgi(app, "GET", "/api/health")
+    assert status == 200 and health["gateway"] == "UNREACHABLE", health
+    assert health["modalities"] == ["image", "power"]
+    assert health["file_types"] == {"power": [".npy"], "smell": [".smell", ".npy"]}
+    default = asgi(build_app("127.0.0.1:1", tmp_path, plugins=PLUGINS), "GET", "/api/health")[1]
+    assert default["modalities"] == ["image", "audio", "imu", "video", "power", "smell"]
+    assert asgi(build_app("127.0.0.1:1", tmp_path), "GET", "/api/health")[1]["file_types"] == {}
+
+    bad = {"parts": [{"type": "power", "name": "fridge.npy", "data": b64(npy(np.ones((2, 2, 2))))}]}
+    status, error = asgi(app, "POST", "/api/chat", bad)
+    assert status == 400 and error["code"] == "INVALID_ARGUMENT", error
+    assert error["error"] == "fridge.npy (power): the array has shape [2, 2, 2]; expected a .npy array of 2 axes of " \
+        "floating-point numbers"  # fmt: skip

@@ -3,7 +3,15 @@ import json
 import pytest
 import torch
 
-from modalink.projectors import KINDS, ProjectorConfig, build_projector, load_projector, pad_features, save_projector
+from modalink.projectors import (
+    KINDS,
+    ProjectorConfig,
+    build_projector,
+    load_projector,
+    pad_features,
+    project,
+    save_projector,
+)
 
 
 def make(kind: str, **kw) -> torch.nn.Module:
@@ -85,6 +93,29 @@ def test_mlp_positions_mark_where_each_pooled_token_is(tmp_path):
     loaded, _ = load_projector(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(x), out)
+
+
+def test_mlp_without_stretch_keeps_a_short_items_length(tmp_path):
+    """Without ``stretch`` an item of fewer tokens than ``n_tokens`` keeps its length (a one-frame video is one
+    token, not that frame repeated): ``project`` returns each item's own rows, the same batched as alone; a long
+    item is pooled to ``n_tokens`` as before; the setting survives save/load and old configs stretch."""
+    proj = make("mlp", token_positions=5, stretch=False).eval()
+    one, three, long = torch.randn(1, 32), torch.randn(3, 32), torch.randn(12, 32)
+    with torch.no_grad():
+        proj.pos.normal_()
+        batched = project(proj, *pad_features([one, three, long]))
+        alone = [project(proj, f[None])[0] for f in (one, three, long)]
+    assert [tuple(o.shape) for o in batched] == [(1, 24), (3, 24), (5, 24)]
+    for b, a in zip(batched, alone, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    stretched = make("mlp", token_positions=5)
+    stretched.load_state_dict(proj.state_dict())
+    with torch.no_grad():
+        assert project(stretched.eval(), one[None])[0].shape == (5, 24)  # the frame repeated, as shipped v4 reads it
+    save_projector(proj, tmp_path)
+    loaded, meta = load_projector(tmp_path)
+    assert meta["projector"]["stretch"] is False and project(loaded, one[None])[0].shape == (1, 24)
+    assert ProjectorConfig.from_dict({"kind": "mlp"}).stretch  # configs written before the field stretch
 
 
 def test_shipped_adapters_load():

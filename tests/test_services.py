@@ -431,6 +431,49 @@ def test_encoder_hot_reloads_a_promoted_adapter_without_failing_requests(tmp_pat
     assert (seen[-1][1] - seen[0][1]).abs().max() > 0.1  # the new projector's embeddings, not the old ones
 
 
+def test_a_one_frame_video_is_one_token_through_the_video_encoder_service(tmp_path, samples):
+    """The shipped video adapter does not stretch: a still image sent as a video is one frame token, the demo clip
+    eight. Batched in one Triton request the short item's rows past its ``tokens`` are zero padding, and the gateway's
+    pool trims them: each item's embeddings equal the in-process ones, of their own length."""
+    import tritonclient.grpc as tg
+
+    from modalink.embedder import Embedder
+    from modalink.remote import EncoderPool
+
+    settings = Settings()
+    local = Embedder(settings)
+    assert local.projector("video")[0].cfg.stretch is False
+    still, clip = Path(samples["image"]).read_bytes(), Path(samples["video"]).read_bytes()
+    expected, version = local.embed("video", [still, clip])
+    assert [len(e) for e in expected] == [1, 8]
+    http, grpc_port, metrics = free_port(), free_port(), free_port()
+    log = tmp_path / "video.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modalink.cli", "serve", "encoder", "-m", "video", "--http-port", str(http),
+         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)],
+        env={**os.environ, "MODALINK_NUM_THREADS": "1"}, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_triton(http, "video_encoder", proc, log)
+        inp = tg.InferInput("data", [2, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[still], [clip]], dtype=object))
+        res = tg.InferenceServerClient(f"127.0.0.1:{grpc_port}").infer("video_encoder", [inp])
+        embs, tokens = res.as_numpy("embeddings"), res.as_numpy("tokens")
+        assert embs.shape == (2, 8, expected[1].shape[1]) and tokens[:, 0].tolist() == [1, 8]
+        assert not embs[0, 1:].any()  # padding
+        for row, n, e in zip(embs, tokens[:, 0], expected, strict=True):
+            np.testing.assert_allclose(row[:n], e.numpy(), atol=1e-4)
+        pool = EncoderPool({"video": [f"127.0.0.1:{grpc_port}"]})
+        for raw, e in ((still, expected[0]), (clip, expected[1])):
+            emb, served = pool.embed("video", raw)
+            assert emb.shape == e.shape and served == version
+            torch.testing.assert_close(emb, e, atol=1e-4, rtol=1e-4)
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+
+
 def test_stock_text_generation_client_against_the_tgi_api(stack, engine):
     """The PyPI ``text-generation`` client, unchanged: generate, stream, chat; same text as the engine."""
     import json as _json

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from procs import modalink_up
+from procs import caption_job_cli, modalink_up
 
 pytestmark = pytest.mark.slow
 
@@ -40,16 +40,8 @@ def test_up_serves_through_the_gateway_and_down_stops_everything(tmp_path, sampl
         with Client(f"localhost:{ports.gateway}") as c:
             answer = c.ask(["What activity is the person doing?", imu(np.load(samples["imu"]))], max_new_tokens=16)
         assert answer.strip()
-        manifest = tmp_path / "items.jsonl"
-        manifest.write_text("".join(json.dumps({"id": f"w{i}", "modality": "imu", "path": samples["imu"]}) + "\n"
-                                    for i in range(3)))  # fmt: skip
-        job = modalink("caption", "submit", str(manifest), "--wait", "--json",
-                       env={**ENV, "MODALINK_REDIS_URL": f"redis://127.0.0.1:{ports.redis}/0"})  # fmt: skip
-        assert job.returncode == 0, job.stderr
-        summary = json.loads(job.stdout)
-        assert (summary["state"], summary["items"], summary["ok"], summary["errors"]) == ("done", 3, 3, 0)
-        captions = [json.loads(line) for line in open(summary["results"])]
-        assert sorted(c["id"] for c in captions) == ["w0", "w1", "w2"] and all(c["caption"] for c in captions)
+        captions = caption_job_cli(tmp_path, "imu", samples["imu"], 3, ports.redis, ENV)
+        assert all(c["caption"] for c in captions)
         ps = modalink("ps", "--run-dir", run)
         assert ps.stdout.count("healthy") == 7, ps.stdout  # redis, 2 imu encoders, llm, worker, gateway, playground
         state = json.loads((tmp_path / "run" / "state.json").read_text())

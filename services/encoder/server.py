@@ -72,6 +72,7 @@ def serve(
             inputs=[Tensor(name="data", dtype=dtype, shape=shape)],
             outputs=[
                 Tensor(name="embeddings", dtype=np.float32, shape=(model.n_tokens, model.d_llm)),
+                Tensor(name="tokens", dtype=np.int32, shape=(1,)),
                 Tensor(name="adapter_version", dtype=np.bytes_, shape=(1,)),
                 Tensor(name="error", dtype=np.bytes_, shape=(1,)),
             ],

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP on the gateway: ``POST /v1/chat/completions`` with image and audio content parts.
 
 Content parts: ``text``, ``image_url`` (a ``data:`` URL; remote URLs are refused, the gateway fetches
-nothing), ``input_audio`` (base64 WAV/FLAC/OGG), in any user message: a chat front end sends the whole
+nothing), ``input_audio`` (base64 WAV/FLAC/OGG) and modalink's ``input_media`` (any registered modality by name,
+a plugin's too: ``{"modality", "data": base64 file or .npy}``), in any user message: a chat front end sends the whole
 conversation with its pictures every turn, and they are read where they were sent, as the gRPC API's history
 reads them. Streaming (SSE, ending with ``data: [DONE]``; ``stream_options.include_usage`` adds the usage
 chunk) and non-streaming; ``GET /v1/models`` and ``/v1/models/{id}``; the ``openai`` client works unchanged.
@@ -14,16 +15,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import json
 import logging
 import time
 import uuid
 
 import grpc
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 
+from modalink import check_modality
 from modalink.aio import guard, iterate_in_thread, read_json
 from modalink.auth import KeyRing, key_from_headers
 from modalink.config import Settings, get_settings
@@ -31,6 +35,7 @@ from modalink.embed_cache import salted
 from modalink.engine import GenerationParams
 from modalink.errors import HTTP_STATUS, BackendError, InputError, status_of
 from modalink.metrics import LATENCY, REQUESTS
+from modalink.modality import get as get_modality
 from modalink.pipeline import Turn
 from modalink.prompt import Message
 from modalink.remote import RemoteAssistant
@@ -54,6 +59,28 @@ def _b64(data: str, what: str) -> bytes:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise InputError(f"{what}: not valid base64") from None
+
+
+def input_media(spec, what: str) -> tuple[str, bytes | np.ndarray]:
+    """modalink's content part for media of any registered modality (a plugin's too):
+    ``{"type": "input_media", "input_media": {"modality": "power", "data": "<base64>"}}``, ``data`` being the file
+    (a tensor modality's: a float32 ``.npy`` of its rank, read without pickle)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("modality"), str):
+        raise InputError(f"{what}: expected {{modality, data (base64)}}")
+    m = get_modality(check_modality(spec["modality"]))
+    raw = _b64(str(spec.get("data", "")), f"{what}.data")
+    if not raw:
+        raise InputError(f"{what}.data is empty")
+    if m.input == "file":
+        return m.name, raw
+    try:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001  (numpy's error on untrusted bytes, of any type)
+        raise InputError(f"{what}.data: not a .npy array ({type(e).__name__}: {e})") from None
+    if arr.dtype.kind != "f" or arr.ndim != m.tensor_rank or not np.isfinite(arr).all():
+        raise InputError(f"{what}.data: {m.name} takes a finite float array of {m.tensor_rank} axes, got "
+                         f"{arr.dtype} of shape {list(arr.shape)}")  # fmt: skip
+    return m.name, arr.astype(np.float32)
 
 
 def parse_messages(messages) -> tuple[list[Message], list[list[tuple[str, bytes]]], str, list[tuple[str, bytes]]]:
@@ -84,10 +111,11 @@ def parse_messages(messages) -> tuple[list[Message], list[list[tuple[str, bytes]
             elif kind == "input_audio":
                 audio = part.get("input_audio") or {}
                 media.append(("audio", _b64(str(audio.get("data", "")), "input_audio.data")))
+            elif kind == "input_media":
+                media.append(input_media(part.get("input_media"), f"messages[{i}].input_media"))
             else:
-                raise InputError(
-                    f"messages[{i}]: unsupported content part type {kind!r} (text, image_url, input_audio)"
-                )
+                raise InputError(f"messages[{i}]: unsupported content part type {kind!r} (text, image_url, "
+                                 "input_audio, input_media)")  # fmt: skip
         if media and m["role"] != "user":
             raise InputError(f"messages[{i}]: only user messages carry media")
         turns.append(Message(m["role"], ["".join(texts)]))

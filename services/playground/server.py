@@ -7,7 +7,8 @@ that is a client of the gateway like any other: every call goes through ``modali
 the API key the page sends (``x-api-key``), and nothing else of modalink is imported (fastapi, numpy and the
 standard library besides). Answers stream to the page as server-sent events. Files for captioning jobs are written
 under ``<jobs dir>/playground/``, which the gateway and the workers share; the gateway checks the manifests.
-``modalink serve playground`` passes the settings it needs (jobs dir, encoder modalities, IMU channels).
+``modalink serve playground`` passes the settings it needs (jobs dir, encoder modalities, IMU channels) and the
+plugin modalities' specs (``plugins``: file types and input), since this process does not import their packages.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import json
 import logging
+import math
+import re
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import modalink_client as client
@@ -39,6 +43,7 @@ EXTENSIONS = {
     "video": (".gif", ".mp4", ".webm", ".mov"),
 }
 MODALITIES = tuple(EXTENSIONS)
+NAME_RE = re.compile(r"[a-z][a-z0-9]{0,31}")  # a modality's name (modalink.modality.NAME_RE)
 MAIN_METRICS = ("val_accuracy", "accuracy", "val_loss")  # the first one a version has is plotted
 MAX_BODY_BYTES = 64 << 20
 
@@ -47,12 +52,38 @@ class BadRequest(ValueError):
     """The page's request is unusable (INVALID_ARGUMENT, 400); the message says why."""
 
 
-def modality_of(name: str) -> str:
+def check_plugins(plugins: Mapping[str, Mapping] | None) -> dict[str, dict]:
+    """The plugin modalities' specs in the form ``media_part`` reads; a malformed one fails at start (ValueError)
+    rather than on the first upload."""
+    out = {}
+    for name, spec in (plugins or {}).items():
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (*MODALITIES, "text"):
+            raise ValueError(f"plugin modality {name!r}: not a lower-case identifier, or a built-in's name")
+        types = tuple(str(s).lower() for s in spec.get("file_types") or ())
+        if not all(len(s) > 1 and s.startswith(".") for s in types):
+            raise ValueError(f"plugin modality {name!r}: file_types must be suffixes such as '.npy', got {types}")
+        if (kind := spec.get("input", "file")) not in ("file", "tensor"):
+            raise ValueError(f"plugin modality {name!r}: input must be file or tensor, got {kind!r}")
+        rank = spec.get("tensor_rank", 2)
+        if not isinstance(rank, int) or not 1 <= rank <= 8:
+            raise ValueError(f"plugin modality {name!r}: tensor_rank must be an integer from 1 to 8, got {rank!r}")
+        out[name] = {"file_types": types, "input": kind, "tensor_rank": rank, "mime": str(spec.get("mime") or "")}
+    return out
+
+
+def file_types(plugins: Mapping[str, Mapping] | None = None) -> dict[str, tuple[str, ...]]:
+    """Every modality's file suffixes: the built-ins', then the plugins'."""
+    return {**EXTENSIONS, **{m: tuple(p.get("file_types") or ()) for m, p in (plugins or {}).items()}}
+
+
+def modality_of(name: str, plugins: Mapping[str, Mapping] | None = None, running: Sequence[str] = ()) -> str:
+    """A file's modality by its suffix. A suffix that several take (``.npy``: IMU and tensor plugins) goes to the
+    first of them whose encoder is ``running``, else to the first (a job's manifest can name another)."""
     suffix = Path(name).suffix.lower()
-    for modality, suffixes in EXTENSIONS.items():
-        if suffix in suffixes:
-            return modality
-    known = ", ".join(s for ss in EXTENSIONS.values() for s in ss)
+    kinds = [m for m, suffixes in file_types(plugins).items() if suffix in suffixes]
+    if kinds:
+        return next((m for m in kinds if m in running), kinds[0])
+    known = ", ".join(dict.fromkeys(s for ss in file_types(plugins).values() for s in ss))
     raise BadRequest(f"{name}: unknown file type {suffix or '(none)'}; expected one of {known}")
 
 
@@ -63,8 +94,9 @@ def decode_b64(data: str, what: str) -> bytes:
         raise BadRequest(f"{what}: data is not valid base64") from None
 
 
-def media_part(kind: str, name: str, raw: bytes, imu_channels: int = 6):
-    """A gateway Part for an uploaded file (IMU files are decoded here: the API takes an array)."""
+def media_part(kind: str, name: str, raw: bytes, imu_channels: int = 6, plugins: Mapping[str, Mapping] | None = None):
+    """A gateway Part for an uploaded file (IMU files and tensor plugins' .npy are decoded here: the API takes an
+    array); ``plugins``: the plugin modalities' specs (``check_plugins``)."""
     if kind == "image":
         return client.image(raw)
     if kind == "audio":
@@ -73,7 +105,43 @@ def media_part(kind: str, name: str, raw: bytes, imu_channels: int = 6):
         return client.video(raw)
     if kind == "imu":
         return client.imu(imu_window(raw, imu_channels))
-    raise BadRequest(f"unknown part type {kind!r}; expected text, image, audio, imu or video")
+    if (spec := (plugins or {}).get(kind)) is not None:
+        if spec.get("input") == "tensor":
+            return client.media(kind, npy_tensor(raw, f"{name} ({kind})", spec.get("tensor_rank", 2)))
+        return client.media(kind, raw, spec.get("mime") or "")
+    expected = ", ".join(["text", *MODALITIES, *(plugins or {})])
+    raise BadRequest(f"unknown part type {kind!r}; expected one of {expected}")
+
+
+def npy_tensor(raw: bytes, what: str, rank: int) -> np.ndarray:
+    """A tensor plugin's .npy upload as float32, checked before it goes out: never unpickled, and its header checked
+    against the bytes that follow it first (``np.load`` allocates the header's shape: 100 bytes could ask for
+    terabytes), so it is no bigger than the body the size limit let in."""
+    expected = f"a .npy array of {rank} axes of floating-point numbers"
+    f = io.BytesIO(raw)
+    try:  # numpy's errors on a corrupt header are of several types, and may quote it: not echoed
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    except Exception:  # noqa: BLE001
+        raise BadRequest(f"{what}: not a .npy file; expected {expected}") from None
+    if dtype.hasobject or dtype.kind != "f":
+        raise BadRequest(f"{what}: the array holds {dtype}; expected {expected}")
+    if len(shape) != rank:
+        raise BadRequest(f"{what}: the array has shape {list(shape)}; expected {expected}")
+    if math.prod(shape) * dtype.itemsize != len(raw) - f.tell():
+        raise BadRequest(f"{what}: the .npy header says shape {list(shape)} of {dtype}, which does not match its "
+                         f"{len(raw) - f.tell()} data bytes")  # fmt: skip
+    if math.prod(shape) == 0:
+        raise BadRequest(f"{what}: the array is empty (shape {list(shape)})")
+    try:
+        with np.errstate(over="ignore"):  # out of float32's range: refused just below, as infinite
+            arr = np.load(io.BytesIO(raw), allow_pickle=False).astype(np.float32)
+    except Exception:  # noqa: BLE001
+        raise BadRequest(f"{what}: not a readable .npy file; expected {expected}") from None
+    if not np.isfinite(arr).all():  # after float32: 1e300 is finite in float64 only
+        raise BadRequest(f"{what}: the array has NaN or infinite values (in float32)")
+    return arr
 
 
 def imu_window(raw: bytes, channels: int) -> np.ndarray:
@@ -84,27 +152,29 @@ def imu_window(raw: bytes, channels: int) -> np.ndarray:
         raise BadRequest(str(e)) from None
 
 
-def media_of(p, where: str, imu_channels: int = 6):
+def media_of(p, where: str, imu_channels: int = 6, plugins: Mapping[str, Mapping] | None = None):
     """A gateway Part from the page's ``{type, name, data (base64)}``."""
     if not isinstance(p, dict) or not isinstance(p.get("type"), str):
         raise BadRequest(f"{where}: expected an object with a type")
     name = str(p.get("name") or p["type"])
-    return media_part(p["type"], name, decode_b64(p.get("data") or "", f"{where} ({name})"), imu_channels)
+    return media_part(p["type"], name, decode_b64(p.get("data") or "", f"{where} ({name})"), imu_channels, plugins)
 
 
-def parse_chat(body: dict, imu_channels: int = 6) -> tuple[list, list[tuple[str, str]], dict]:
+def parse_chat(
+    body: dict, imu_channels: int = 6, plugins: Mapping[str, Mapping] | None = None
+) -> tuple[list, list[tuple[str, str]], dict]:
     """(parts, history, generation kwargs) from the page's request; BadRequest names what is wrong."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     parts = []
     for i, p in enumerate(body.get("parts") or []):
         is_text = isinstance(p, dict) and p.get("type") == "text"
-        parts.append(str(p.get("text") or "") if is_text else media_of(p, f"parts[{i}]", imu_channels))
+        parts.append(str(p.get("text") or "") if is_text else media_of(p, f"parts[{i}]", imu_channels, plugins))
     history = []
     for i, t in enumerate(body.get("history") or []):
         if not isinstance(t, dict) or t.get("role") not in ("user", "assistant") or not isinstance(t.get("text"), str):
             raise BadRequest(f"history[{i}]: expected {{role: user|assistant, text, media?}}")
-        history.append((t["role"], t["text"], [media_of(p, f"history[{i}].media[{j}]", imu_channels)
+        history.append((t["role"], t["text"], [media_of(p, f"history[{i}].media[{j}]", imu_channels, plugins)
                                                for j, p in enumerate(t.get("media") or [])]))  # fmt: skip
     try:
         params = {"max_new_tokens": int(body.get("max_new_tokens") or 128),
@@ -133,9 +203,18 @@ def event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def build_app(gateway: str, jobs_dir: Path, modalities: Sequence[str] = MODALITIES, imu_channels: int = 6) -> FastAPI:
+def build_app(
+    gateway: str,
+    jobs_dir: Path,
+    modalities: Sequence[str] | None = None,
+    imu_channels: int = 6,
+    plugins: Mapping[str, Mapping] | None = None,
+) -> FastAPI:
     """``jobs_dir``: the gateway's (``MODALINK_JOBS_DIR``, shared); ``modalities``: those with an encoder service
-    (the page says which it cannot send); ``imu_channels``: what the IMU encoder takes (``MODALINK_IMU_CHANNELS``)."""
+    (the page says which it cannot send; default: all); ``imu_channels``: what the IMU encoder takes
+    (``MODALINK_IMU_CHANNELS``); ``plugins``: the plugin modalities, ``{name: {file_types, input, tensor_rank}}``."""
+    plugins = check_plugins(plugins)
+    modalities = list((*MODALITIES, *plugins) if modalities is None else modalities)
     app = FastAPI(title="modalink playground")
     jobs_dir = Path(jobs_dir)
     jobs_root = jobs_dir / "playground"
@@ -181,12 +260,13 @@ def build_app(gateway: str, jobs_dir: Path, modalities: Sequence[str] = MODALITI
             with client.Client(gateway) as c:
                 return c.health(timeout=2)
 
-        return {"gateway": await asyncio.to_thread(check), "address": gateway, "modalities": list(modalities)}
+        return {"gateway": await asyncio.to_thread(check), "address": gateway, "modalities": modalities,
+                "file_types": {m: list(p["file_types"]) for m, p in plugins.items()}}  # fmt: skip
 
     @app.post("/api/chat")
     async def chat(request: Request):
         try:
-            parts, history, params = parse_chat(await body_json(request), imu_channels)
+            parts, history, params = parse_chat(await body_json(request), imu_channels, plugins)
         except BadRequest as e:
             return error_response(e)
         c = gateway_client(request)
@@ -227,7 +307,7 @@ def build_app(gateway: str, jobs_dir: Path, modalities: Sequence[str] = MODALITI
     async def submit_job(request: Request):
         try:
             body = await body_json(request)
-            rows = job_rows(body, jobs_root)
+            rows = job_rows(body, jobs_root, plugins, modalities)
         except BadRequest as e:
             return error_response(e)
         manifest = "".join(r + "\n" for r in rows)
@@ -278,9 +358,12 @@ def build_app(gateway: str, jobs_dir: Path, modalities: Sequence[str] = MODALITI
     return app
 
 
-def job_rows(body: dict, jobs_root: Path) -> list[str]:
-    """Write the uploaded files into a new folder under the jobs dir; the job's manifest lines: one per file, or
-    the uploaded manifest's, whose relative paths name uploaded files (the gateway checks the manifest)."""
+def job_rows(
+    body: dict, jobs_root: Path, plugins: Mapping[str, Mapping] | None = None, running: Sequence[str] = ()
+) -> list[str]:
+    """Write the uploaded files into a new folder under the jobs dir; the job's manifest lines: one per file (its
+    modality by ``modality_of``), or the uploaded manifest's, whose relative paths name uploaded files (the gateway
+    checks the manifest)."""
     files = body.get("files") or []
     manifest = str(body.get("manifest") or "")
     if not files and not manifest.strip():
@@ -297,7 +380,8 @@ def job_rows(body: dict, jobs_root: Path) -> list[str]:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(raw)
         if not manifest.strip():
-            rows.append(json.dumps({"id": name, "modality": modality_of(name), "path": str(rel / name)}))
+            modality = modality_of(name, plugins, running)
+            rows.append(json.dumps({"id": name, "modality": modality, "path": str(rel / name)}))
     if manifest.strip():
         rows = [in_folder(line, folder) for line in manifest.splitlines()]
     return rows
@@ -329,9 +413,19 @@ def with_main_metric(table: dict) -> dict:
     return {"modalities": out}
 
 
-def serve(gateway: str, port: int, host: str, jobs_dir: Path, modalities: Sequence[str], imu_channels: int) -> None:
-    """Serve the page until stopped (``modalink serve playground`` passes its options and the settings)."""
+def serve(
+    gateway: str,
+    port: int,
+    host: str,
+    jobs_dir: Path,
+    modalities: Sequence[str],
+    imu_channels: int,
+    plugins: Mapping[str, Mapping] | None = None,
+) -> None:
+    """Serve the page until stopped (``modalink serve playground`` passes its options, the settings and the plugin
+    modalities' specs)."""
     import uvicorn
 
+    app = build_app(gateway, jobs_dir, modalities, imu_channels, plugins)
     log.info("playground on http://%s:%d (gateway %s)", host, port, gateway)
-    uvicorn.run(build_app(gateway, jobs_dir, modalities, imu_channels), host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

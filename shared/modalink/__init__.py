@@ -12,13 +12,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 __version__ = "0.1.0"
 
-MODALITIES = ("image", "audio", "imu", "video")
+
+def __getattr__(name: str):
+    """``MODALITIES``: every registered modality (``modalink.modality``: the built-ins, then plugins by name)."""
+    if name == "MODALITIES":
+        from modalink.modality import names
+
+        return names()
+    raise AttributeError(f"module 'modalink' has no attribute {name!r}")
 
 
 def check_modality(modality: str) -> str:
-    """``modality`` if it is one of ``MODALITIES``; else the ``InputError`` every entry point answers with."""
-    if modality not in MODALITIES:
+    """``modality`` if it is a registered one; else the ``InputError`` every entry point answers with."""
+    from modalink.modality import names
+
+    if modality not in names():
         from modalink.errors import InputError
 
-        raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+        raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(names())}")
     return modality

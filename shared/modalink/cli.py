@@ -45,6 +45,13 @@ def ask(
     video: list[Path] = typer.Option(
         [], "--video", "-v", metavar="PATH", help="Video: a folder of frames, a GIF/WebP, or MP4/WebM. Repeatable."
     ),
+    media: list[str] = typer.Option(
+        [],
+        "--media",
+        "-M",
+        metavar="NAME=PATH",
+        help="An input of any registered modality by name, a plugin's too (e.g. power=fridge.npy). Repeatable.",
+    ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", metavar="N", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", metavar="T", help="0 = greedy; >0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", metavar="P", help="Nucleus sampling mass (with --temperature > 0)."),
@@ -73,6 +80,11 @@ def ask(
 
     inputs = [("image", p) for p in image] + [("audio", p) for p in audio]
     inputs += [("imu", p) for p in imu] + [("video", p) for p in video]
+    for item in media:
+        name, sep, path = item.partition("=")
+        if not sep or name not in MODALITIES or not path:
+            raise _fail(f"--media {item!r}: expected NAME=PATH with NAME one of {', '.join(MODALITIES)}")
+        inputs.append((name, Path(path)))
     for modality, path in inputs:
         if not path.exists():
             raise _fail(f"{modality} file not found: {path}")
@@ -119,8 +131,10 @@ def _ask_remote(address: str, prompt: str, inputs: list[tuple[str, Path]], param
     import grpc
 
     from modalink import client
+    from modalink.modality import BUILTIN
 
-    parts = [prompt, *(getattr(client, m)(p) for m, p in inputs)]
+    # the built-ins' own typed parts; any other modality as a generic media part, by name
+    parts = [prompt, *(getattr(client, m)(p) if m in BUILTIN else client.media(m, p) for m, p in inputs)]
     text = []
     with client.Client(address) as c:
         try:
@@ -549,16 +563,21 @@ def serve_playground(
     ),
     host: str = typer.Option("0.0.0.0", envvar="MODALINK_HOST", help="Address to bind."),
 ) -> None:
-    """The web playground: chat with images, audio, IMU and video, captioning jobs, adapters; a gateway client."""
+    """The web playground: chat with images, audio, IMU, video and plugin modalities, captioning jobs, adapters; a
+    gateway client."""
     _service_logging()
     from modalink_services.playground.server import serve
 
     from modalink.config import get_settings
+    from modalink.modality import BUILTIN, registry
     from modalink.remote import parse_addresses
 
     settings = get_settings()  # what the page needs of them: the playground itself imports only the client
     encoders = parse_addresses(settings.encoders)
-    serve(gateway, port, host, settings.jobs_dir, [m for m in MODALITIES if m in encoders], settings.imu_channels)
+    plugins = {n: {"file_types": list(m.file_types), "input": m.input, "tensor_rank": m.tensor_rank, "mime": m.mime}
+               for n, m in registry().items() if n not in BUILTIN}  # fmt: skip
+    modalities = [m for m in MODALITIES if m in encoders]
+    serve(gateway, port, host, settings.jobs_dir, modalities, settings.imu_channels, plugins)
 
 
 def _http_host(grpc_host: str) -> str:

@@ -23,8 +23,9 @@ from modalink_client import (
     image,
     imu,
     job_dict,
+    media,
     video,
 )
 
 __all__ = ["AsyncClient", "Client", "Embedding", "PartLike", "Turns", "adapters_dict", "audio", "image", "imu",
-           "job_dict", "video"]  # fmt: skip
+           "job_dict", "media", "video"]  # fmt: skip

@@ -26,6 +26,8 @@ from modalink.datasets import BASIC_MOTIONS_CLASSES, FASHION_CLASSES, asterisk_w
 from modalink.encoders.audio import resample
 from modalink.encoders.video import frames_to_gif
 from modalink.errors import InputError
+from modalink.modality import get as get_modality
+from modalink.modality import names as modality_names
 from modalink.progress import progress
 
 # Class words an answer must name (checked by modalink.evaluate): the datasets' classes in lower case ("T-shirt/top"
@@ -67,7 +69,7 @@ ANSWERS = {
     "image": ("It is a {label}.", "This is a photo of a {label}.", "A {label}.", "The picture shows a {label}."),
     "audio": ("The voice says the word {label}.", "A voice saying the word {label}.", "The word is {label}.",
               "Someone says \"{label}\"."),
-    "imu": ("The person is {text}.", "The wearer is {text}.", "These motion signals show someone {text}."),
+    "imu": ("The person is {label}.", "The wearer is {label}.", "These motion signals show someone {label}."),
     "video": ("First a {a}, then a {b}.", "The video shows a {a}, and then a {b}.", "A {a} appears first, then a {b}."),
 }  # fmt: skip
 # A video's caption names its items in order, however many it shows (ANSWERS["video"]: two).
@@ -87,17 +89,15 @@ VIDEO_APPEARS = ("Does a {x} appear in the video?", "Is there a {x} in this vide
 
 def answer_templates(modality: str, label: str) -> tuple[str, ...]:
     """The answer templates for a label (a video's depend on how many items it shows)."""
-    return VIDEO_ANSWERS[len(label.split("|"))] if modality == "video" else ANSWERS[modality]
+    return VIDEO_ANSWERS[len(label.split("|"))] if modality == "video" else get_modality(modality).answers
 
 
 def fill(template: str, modality: str, label: str) -> str:
-    """An answer template filled for a label (video labels name the items in order, "first|second", IMU names an
-    activity)."""
+    """An answer template filled for a label (video labels name the items in order, "first|second"; a modality's
+    ``describe`` turns a label into its phrase: IMU's names an activity)."""
     if modality == "video":
         return template.format(**dict(zip("abc", label.split("|"), strict=False)))
-    if modality == "imu":
-        return template.format(text=ACTIVITY_TEXT[label])
-    return template.format(label=label)
+    return template.format(label=get_modality(modality).phrase(label))
 
 
 def caption(modality: str, label: str, rng: random.Random) -> str:
@@ -114,9 +114,14 @@ CHECKS = {
 }
 
 
+def questions(modality: str) -> tuple[str, ...]:
+    """The describe questions of a modality (training draws from them)."""
+    return get_modality(modality).questions
+
+
 def default_question(modality: str) -> str:
     """The question asked when none is given (captions, evaluation, captioning jobs)."""
-    return QUESTIONS[modality][0]
+    return questions(modality)[0]
 
 
 CLASS_WORDS = {"image": GARMENTS, "audio": VOCABULARY, "imu": ACTIVITIES, "video": GARMENTS}
@@ -124,11 +129,13 @@ CLASS_WORDS = {"image": GARMENTS, "audio": VOCABULARY, "imu": ACTIVITIES, "video
 
 def class_words(modality: str) -> tuple[str, ...]:
     """The classes of a modality's data, as the words an answer names them by (a video names two garments)."""
-    return CLASS_WORDS[modality]
+    return get_modality(modality).words
 
 
 def _check_phrase(modality: str, label: str) -> str:
-    return ACTIVITY_TEXT[label].split(",")[0] if modality == "imu" else label
+    """A label as a yes/no check names it: its phrase up to the first comma (IMU: "walking", not the whole
+    description)."""
+    return get_modality(modality).phrase(label).split(",")[0]
 
 
 def video_order_question(label: str, rng: random.Random) -> tuple[str, str]:
@@ -153,11 +160,12 @@ def instruction(
     if modality == "video" and order and rng.random() < order:
         return video_order_question(label, rng)
     answer = caption(modality, label, rng)
-    if rng.random() >= checks:
-        return rng.choice(QUESTIONS[modality]), answer
+    templates = get_modality(modality).checks
+    if rng.random() >= checks or not templates:
+        return rng.choice(questions(modality)), answer
     truth = label.split("|")[0] if modality == "video" else label
     asked = truth if rng.random() < 0.5 else rng.choice([x for x in class_words(modality) if x != truth])
-    question = rng.choice(CHECKS[modality]).format(x=_check_phrase(modality, asked))
+    question = rng.choice(templates).format(x=_check_phrase(modality, asked))
     return question, f"{'Yes' if asked == truth else 'No'}. {answer}"
 
 
@@ -454,13 +462,17 @@ BUILDERS: dict[str, Callable[[Path, BuildConfig], dict[str, int]]] = {
 }  # fmt: skip
 
 
-def build(out: Path, modalities: tuple[str, ...] = ("image", "audio", "imu", "video"), cfg: BuildConfig | None = None):
+def build(out: Path, modalities: Sequence[str] | None = None, cfg: BuildConfig | None = None):
+    """Every registered modality's data (or ``modalities``'), each by its plugin's ``build_data``."""
     cfg = cfg or BuildConfig()
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
-    for m in modalities:
+    for m in modalities or modality_names():
         if m == "video" and not (out / "image" / "train.jsonl").exists():
             counts["image"] = build_image(out, cfg)
-        counts[m] = BUILDERS[m](out, cfg)
+        builder = get_modality(m).build_data
+        if builder is None:
+            raise InputError(f"modality {m!r} has no data builder (its plugin's build_data)")
+        counts[m] = builder(out, cfg)
     (out / "build.json").write_text(json.dumps({"config": cfg.__dict__, "counts": counts}, indent=2) + "\n")
     return counts

@@ -37,7 +37,13 @@ def fashion_mnist(split: str = "t10k") -> tuple[np.ndarray, np.ndarray]:
 
 def basic_motions(split: str = "TEST") -> tuple[np.ndarray, list[str]]:
     """BasicMotions windows [N, 6, 100] float32 and activity labels, parsed from aeon's packaged .ts file."""
-    path = package_dir("aeon") / "datasets" / "data" / "BasicMotions" / f"BasicMotions_{split}.ts"
+    return aeon_series("BasicMotions", split)
+
+
+def aeon_series(problem: str, split: str) -> tuple[np.ndarray, list[str]]:
+    """Series [N, channels, length] float32 and labels of a classification problem whose .ts files ship in the aeon
+    wheel (``aeon/datasets/data/<problem>/<problem>_<TRAIN|TEST>.ts``; equal lengths)."""
+    path = package_dir("aeon") / "datasets" / "data" / problem / f"{problem}_{split}.ts"
     rows, labels, in_data = [], [], False
     for line in path.read_text().splitlines():
         line = line.strip()

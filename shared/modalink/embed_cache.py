@@ -52,6 +52,7 @@ from modalink.metrics import (
     EMBED_CACHE_MISSES,
     EMBED_CACHE_SAVED,
 )
+from modalink.modality import get as get_modality
 
 log = logging.getLogger(__name__)
 KEY_PREFIX = "modalink:emb:"
@@ -96,10 +97,10 @@ class CacheConfig:
 
 
 def input_digest(modality: str, raw: Any) -> bytes:
-    """The input as the encoder reads it: bytes (a video's frames each length-prefixed) or, for IMU, the float32
-    array with its shape (``remote._triton_input`` sends exactly that)."""
+    """The input as the encoder reads it: bytes (a video's frames each length-prefixed) or, for a tensor modality
+    (IMU), the float32 array with its shape (``remote._triton_input`` sends exactly that)."""
     h = hashlib.blake2b(digest_size=32)
-    if modality == "imu" or isinstance(raw, (np.ndarray, torch.Tensor)):
+    if isinstance(raw, (np.ndarray, torch.Tensor)) or get_modality(modality).input == "tensor":
         arr = np.ascontiguousarray(np.asarray(raw, dtype=np.float32))
         h.update(b"f32" + struct.pack(f"<{arr.ndim + 1}q", arr.ndim, *arr.shape))
         h.update(arr.tobytes())
@@ -114,14 +115,10 @@ def input_digest(modality: str, raw: Any) -> bytes:
 
 
 def _preprocessing(settings, modality: str) -> dict:
-    """The settings of the encoder services that change a modality's embeddings for the same bytes."""
-    encoder = {"image": "image_encoder", "video": "image_encoder", "audio": "audio_encoder", "imu": "imu_encoder"}
-    out = {"encoder": getattr(settings, encoder.get(modality, ""), None)}
-    if modality == "video":
-        out |= {"frames": settings.video_frames, "tokens": getattr(settings, "video_tokens", None)}
-    elif modality == "imu":
-        out["channels"] = settings.imu_channels
-    return out
+    """The settings of the encoder services that change a modality's embeddings for the same bytes (its plugin's
+    ``preprocessing``)."""
+    pre = get_modality(modality).preprocessing
+    return pre(settings) if pre else {}
 
 
 def _pack(arr: np.ndarray, encode_s: float) -> bytes:

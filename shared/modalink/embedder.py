@@ -18,7 +18,8 @@ from torch import nn
 from modalink import check_modality
 from modalink.config import Settings, get_settings
 from modalink.encoders import Encoder, load_encoder
-from modalink.projectors import DEFAULT_PROJECTORS, ProjectorConfig, build_projector, pad_features
+from modalink.modality import get as get_modality
+from modalink.projectors import ProjectorConfig, build_projector, pad_features, project
 from modalink.prompt import Media
 from modalink.registry import AdapterRegistry
 
@@ -95,7 +96,7 @@ class Embedder:
             check_video_tokens(modality, version, meta, enc)
         else:
             log.info("no trained %s adapter in %s: using an untrained projector", modality, self.registry.root)
-            cfg = ProjectorConfig(d_in=enc.feature_dim, d_llm=self.d_llm, **DEFAULT_PROJECTORS[modality])
+            cfg = ProjectorConfig(d_in=enc.feature_dim, d_llm=self.d_llm, **get_modality(modality).projector)
             with torch.random.fork_rng():  # fixed init without touching the caller's RNG
                 torch.manual_seed(0)
                 module, version = build_projector(cfg).eval(), UNTRAINED
@@ -132,15 +133,16 @@ class Embedder:
         return [enc.decode(x) for x in items]
 
     def embed(self, modality: str, items: Sequence[Any], decoded: bool = False) -> tuple[list[torch.Tensor], str]:
-        """Encode + project a batch of raw (or already decoded) items: one [n_tokens, d_llm] tensor each."""
+        """Encode + project a batch of raw (or already decoded) items: one [n_tokens, d_llm] tensor each (fewer
+        tokens for a short item of a projector that does not stretch: a one-frame video)."""
         enc = self.encoder(modality)
         inputs = list(items) if decoded else self.decode(modality, items)
         projector, version = self.projector(modality)
-        feats = enc.encode(inputs)
+        feats = get_modality(modality).check_features(enc, enc.encode(inputs))
         x, mask = pad_features([f.to(self.settings.torch_device()) for f in feats])
         with torch.inference_mode():
-            out = projector(x, mask)
-        return list(out.float().cpu()), version
+            out = project(projector, x, mask)
+        return [o.float().cpu() for o in out], version
 
     def media(
         self, inputs: Sequence[tuple[str, Any]], timeout_s: float | None = None

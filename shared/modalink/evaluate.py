@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from modalink.data import DIGITS, class_words, default_question
+from modalink.modality import get as get_modality
 
 _NUMERALS = {str(i): w for i, w in enumerate(DIGITS)}
 SYNONYMS = {
@@ -29,10 +30,15 @@ SYNONYMS = {
 }
 
 
+def _forms(modality: str, word: str) -> tuple[str, ...]:
+    """The forms an answer may name a class word by: the modality's own synonyms, the built-ins', or word(s)."""
+    return get_modality(modality).synonyms.get(word) or SYNONYMS.get(word, (word, word + "s"))
+
+
 def _pattern(modality: str) -> re.Pattern:
     forms = []
     for word in class_words(modality):
-        forms += [(f, word) for f in SYNONYMS.get(word, (word, word + "s"))]
+        forms += [(f, word) for f in _forms(modality, word)]
     if modality == "audio":
         forms += list(_NUMERALS.items())
     forms.sort(key=lambda fw: -len(fw[0]))  # longest first: "t-shirt" before "shirt"
@@ -49,7 +55,7 @@ def mentioned(modality: str, text: str) -> list[str]:
         _PATTERNS[modality] = _pattern(modality)
     lookup = {}
     for word in class_words(modality):
-        for f in SYNONYMS.get(word, (word, word + "s")):
+        for f in _forms(modality, word):
             lookup[f.lower()] = word
     lookup.update(_NUMERALS if modality == "audio" else {})
     found = [lookup[m.group(1).lower()] for m in _PATTERNS[modality].finditer(text)]
@@ -60,7 +66,7 @@ def sequence(modality: str, text: str) -> list[str]:
     """Class words named in ``text`` in order, a word named again right after itself counted once (a video's
     "a bag, then a shirt, then a bag" is three items; "a bag, the same bag" one)."""
     mentioned(modality, "")  # builds the pattern
-    lookup = {f.lower(): w for w in class_words(modality) for f in SYNONYMS.get(w, (w, w + "s"))}
+    lookup = {f.lower(): w for w in class_words(modality) for f in _forms(modality, w)}
     lookup.update(_NUMERALS if modality == "audio" else {})
     found = [lookup[m.group(1).lower()] for m in _PATTERNS[modality].finditer(text)]
     return [w for i, w in enumerate(found) if not i or w != found[i - 1]]
@@ -290,6 +296,10 @@ def write_report(path, data_dir, settings, baseline_limit: int = 100, command: s
                          "untrained": rand["accuracy"], "baseline_n": len(few), "stage1": stage1,
                          "linear_probe": None if probe is None else round(probe, 4), "adapter": version})  # fmt: skip
         examples += [(m, s.label, s.answer, s.correct) for s in scored[:3]]
+        if (classical := get_modality(m).baseline) is not None:  # the field's own classifier, same split
+            name, cacc = classical(data_dir)
+            rows_out.append({"modality": f"{m}: {name}", "split": "test", "n": acc["n"], "accuracy": cacc,
+                             "adapter": "classical classifier", "linear_probe": None})  # fmt: skip
         if by_kind:
             enc = assistant.encoder("image")
             frame_settings = settings.model_copy(update={"video_tokens": "frames"})
@@ -346,6 +356,8 @@ def write_report(path, data_dir, settings, baseline_limit: int = 100, command: s
         "item, and clips of two or three items of varied lengths (every item, in order). Its linear probe reads "
         "the clip's per-frame features: logistic regression trained on single train images classifies each "
         "sampled frame, and the classes in order (a repeat in a row counted once) are the probe's answer.",
+        "- A row naming a classical classifier (a modality plugin's `baseline`, e.g. power's ROCKET) is that "
+        "classifier trained on the train split and scored on the same test items: the field's own baseline.",
         "- BLEU-4 / ROUGE-L / CIDEr (pycocoevalcap): the answer to the default question against every answer "
         "template for the true label, lower-cased, punctuation removed.",
         "",

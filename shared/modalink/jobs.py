@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import io
 import json
 import logging
 import time
@@ -27,11 +28,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from modalink import MODALITIES
 from modalink.data import check_path, default_question
 from modalink.embed_cache import input_digest
 from modalink.engine import GenerationParams
 from modalink.errors import InputError, NotFound, QuotaExceeded
+from modalink.modality import get as get_modality
 from modalink.pipeline import Turn
 from modalink.prompt import Media
 
@@ -248,7 +252,8 @@ class JobStore:
 
 
 def load_item(modality: str, row: dict, roots: Sequence[str | Path]) -> Any:
-    """What the encoder service takes for a manifest row: file bytes (IMU: a [channels, time] array).
+    """What the encoder service takes for a manifest row: file bytes (IMU: a [channels, time] array; a tensor
+    plugin's: its ``.npy`` array).
 
     ``uri`` may be ``file:///abs/path`` or a ``data:`` URI (base64); the jobs fetch nothing from the network.
     A file must lie inside ``roots`` (checked here, when it is read, with symlinks resolved).
@@ -272,12 +277,17 @@ def load_item(modality: str, row: dict, roots: Sequence[str | Path]) -> Any:
                 raise InputError("data: URI is not valid base64") from None
         else:
             raise InputError(f"unsupported uri {uri[:80]!r}: use a path, file:///... or a base64 data: URI")
+    from modalink.encoders.base import read_bytes
+
     if modality == "imu":
         from modalink.encoders.imu import decode_imu
 
         return decode_imu(source).numpy()
-    from modalink.encoders.base import read_bytes
-
+    if get_modality(modality).input == "tensor":  # a tensor plugin's file: a .npy array, never unpickled
+        try:
+            return np.load(io.BytesIO(read_bytes(source, modality)), allow_pickle=False).astype(np.float32)
+        except (ValueError, OSError, EOFError) as e:
+            raise InputError(f"{modality} item is not a .npy array of numbers: {e}") from None
     return read_bytes(source, modality)
 
 

@@ -11,14 +11,17 @@ import socket
 
 from modalink_client.options import GATEWAY_PORT
 
+from modalink.modality import ports as modality_ports
+
 GATEWAY_GRPC = GATEWAY_PORT  # modalink.v1.Assistant
 GATEWAY_HTTP = 8080  # the OpenAI-compatible route
 LLM_GRPC = 50061  # modalink.v1.LLM
 LLM_HTTP = 8081  # the LLM service's TGI-compatible API
 REDIS_PORT = 6379
 PLAYGROUND = 7860
-# Triton's HTTP port of each encoder service; its gRPC port is the next one, its metrics the one after.
-ENCODER_HTTP = {"image": 8000, "audio": 8010, "imu": 8020, "video": 8030}
+# Triton's HTTP port of each encoder service; its gRPC port is the next one, its metrics the one after. The
+# built-ins' are 8000, 8010, 8020, 8030; plugin modalities take 8040, 8050... in name order (modalink.modality).
+ENCODER_HTTP = modality_ports()
 REPLICA_STEP = 100  # replica i of a modality (``modalink up --replicas``) adds 100 * i
 
 

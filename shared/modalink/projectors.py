@@ -2,7 +2,8 @@
 
 Four kinds, one file, one config:
 - ``linear``: mean-pool, then one linear map to ``n_tokens`` tokens (AnyMAL audio/IMU, MiniGPT-4).
-- ``mlp``: LLaVA-1.5's two-layer GELU MLP on each token, after pooling the sequence to ``n_tokens``.
+- ``mlp``: LLaVA-1.5's two-layer GELU MLP on each token, after pooling the sequence to ``n_tokens`` (or, without
+  ``stretch``, keeping a shorter sequence's length: ``project`` returns each item's own tokens).
 - ``perceiver``: Perceiver resampler, learned queries cross-attending to [features; queries] for
   ``n_layers`` layers (AnyMAL vision, Flamingo).
 - ``qformer``: BLIP-2-style Q-Former layers: query self-attention, cross-attention to the features, FFN.
@@ -38,6 +39,9 @@ class ProjectorConfig:
     # mlp: learned embeddings of the pooled tokens' positions (0 = none: the LLM sees them in order, without a mark
     # of where each one is). Its own field: shipped mlp adapters carry a max_positions their kind never used.
     token_positions: int = 0
+    # mlp: an input shorter than n_tokens is pooled up to n_tokens (its tokens repeated); False keeps one output
+    # token per input token, so a one-frame video is one token, not one frame shown n_tokens times.
+    stretch: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -84,19 +88,36 @@ class MLPProjector(nn.Module):
         self.pos = nn.Parameter(torch.zeros(cfg.token_positions, cfg.d_in)) if cfg.token_positions else None
         self.mlp = nn.Sequential(nn.Linear(cfg.d_in, cfg.d_llm), nn.GELU(), nn.Linear(cfg.d_llm, cfg.d_llm))
 
-    def _pool(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def lengths(self, x: torch.Tensor, mask: torch.Tensor | None) -> list[int]:
+        """Output tokens per item: ``n_tokens``, or an item's own length when it is shorter and ``stretch`` is off."""
         n = self.cfg.n_tokens
-        if mask is None or bool(mask.all()):
-            return F.adaptive_avg_pool1d(x.transpose(1, 2), n).transpose(1, 2)
-        # Different lengths in one batch: pool each item over its own valid tokens.
-        rows = [F.adaptive_avg_pool1d(x[i, mask[i]].T.unsqueeze(0), n)[0].T for i in range(x.shape[0])]
-        return torch.stack(rows)
+        if self.cfg.stretch:
+            return [n] * x.shape[0]
+        valid = mask.sum(1).tolist() if mask is not None else [x.shape[1]] * x.shape[0]
+        return [min(int(v), n) for v in valid]
+
+    def _pool(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        sizes = self.lengths(x, mask)
+        if mask is None or bool(mask.all()):  # one length: one size
+            return F.adaptive_avg_pool1d(x.transpose(1, 2), sizes[0]).transpose(1, 2)
+        # Different lengths in one batch: pool each item over its own valid tokens (zero rows past a shorter output).
+        rows = [F.adaptive_avg_pool1d(x[i, mask[i]].T.unsqueeze(0), k)[0].T for i, k in enumerate(sizes)]
+        return nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self._pool(self.norm(x), mask)
         if self.pos is not None:  # positions past the table share its last entry
             x = x + self.pos[torch.arange(x.shape[1], device=x.device).clamp(max=self.cfg.token_positions - 1)]
         return self.mlp(x)
+
+
+def project(projector: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Each item's prefix embeddings [n, d_llm]: ``n_tokens`` rows, or fewer for a short input of a projector that
+    does not stretch (``forward`` pads those to the batch's longest; this drops the padding)."""
+    out = projector(x, mask)
+    if isinstance(projector, MLPProjector):
+        return [o[:k] for o, k in zip(out, projector.lengths(x, mask), strict=True)]
+    return list(out)
 
 
 class _Attention(nn.Module):
@@ -217,9 +238,10 @@ def load_projector(directory: Path, device: torch.device | str = "cpu") -> tuple
 # the MLP over 8 time segments reached 86% after 120 (docs/RESULTS.md).
 DEFAULT_PROJECTORS: dict[str, dict] = {
     "image": {"kind": "perceiver", "n_tokens": 8, "n_layers": 2, "d_model": 256, "max_positions": 49},
-    # one token per frame, in time order ('frames' clip tokens); 'st-pool' clips were read by a perceiver
+    # one token per frame, in time order ('frames' clip tokens), a one-frame clip (a still image) one token, not one
+    # frame repeated 8 times, which the LLM read as more than one item; 'st-pool' clips were read by a perceiver
     # (--projector perceiver: 8 queries over the 57 tokens, max_positions 64)
-    "video": {"kind": "mlp", "n_tokens": 8, "token_positions": 8},
+    "video": {"kind": "mlp", "n_tokens": 8, "token_positions": 8, "stretch": False},
     "audio": {"kind": "mlp", "n_tokens": 8},
     "imu": {"kind": "linear", "n_tokens": 4},
 }

@@ -33,6 +33,7 @@ from modalink.errors import (
     InputError,
 )
 from modalink.metrics import ENCODER_CALLS
+from modalink.modality import get as get_modality
 from modalink.pipeline import Pipeline
 from modalink.prompt import Media, Segment
 from modalink.rpc import CHANNEL_OPTIONS, channel, upstream_error, upstream_timeout
@@ -62,7 +63,7 @@ def _triton_input(modality: str, raws: Sequence[Any]):
     """One Triton ``data`` input holding a batch of same-shaped items (see ``modalink.triton``)."""
     import tritonclient.grpc as tc
 
-    if modality == "imu":
+    if get_modality(modality).input == "tensor":
         arr = np.stack([np.asarray(raw, dtype=np.float32) for raw in raws])
         inp = tc.InferInput("data", list(arr.shape), "FP32")
     else:
@@ -74,7 +75,7 @@ def _triton_input(modality: str, raws: Sequence[Any]):
 
 def _shape_key(modality: str, raw: Any) -> tuple:
     """Items batch together when their ``data`` rows have one shape (IMU windows, video frame counts)."""
-    if modality == "imu":
+    if get_modality(modality).input == "tensor":
         return tuple(np.shape(raw))
     return (len(raw) if isinstance(raw, list) else 1,)
 
@@ -248,10 +249,11 @@ class EncoderPool:
             if address in self._down_until:
                 with self._lock:
                     self._down_until.pop(address, None)
-            embs, versions, errors = (res.as_numpy(k) for k in ("embeddings", "adapter_version", "error"))
+            embs, tokens, versions, errors = (res.as_numpy(k) for k in ("embeddings", "tokens", "adapter_version",
+                                                                         "error"))  # fmt: skip
             return [
-                InputError(_text(err)) if err else (torch.from_numpy(emb.copy()), _text(ver))
-                for emb, ver, err in zip(embs, versions[:, 0], errors[:, 0], strict=True)
+                InputError(_text(err)) if err else (torch.from_numpy(emb[:n].copy()), _text(ver))
+                for emb, n, ver, err in zip(embs, tokens[:, 0], versions[:, 0], errors[:, 0], strict=True)
             ]
         if crashes:  # and no replica was reachable for its one retry: retrying later (a job's batch) would kill again
             raise BackendCrashed(f"an {modality} encoder replica went away while handling this request, and no "

@@ -4,9 +4,12 @@ Shared by the PyTriton service (``services/encoder/server.py``) and the classic 
 python backend (``services/encoder/model_repository``), so both serve the same contract:
 
 - model ``<modality>_encoder``; input ``data``: image/audio = BYTES [1] (an encoded file: PNG/JPEG/...,
-  WAV/FLAC/OGG), video = BYTES [n] (one encoded file, or n encoded frames), imu = FP32 [channels, time];
-- outputs ``embeddings`` FP32 [n_tokens, d_llm] (already projected into the LLM's space),
-  ``adapter_version`` BYTES [1] and ``error`` BYTES [1] (empty when the item is fine).
+  WAV/FLAC/OGG), video = BYTES [n] (one encoded file, or n encoded frames), imu = FP32 [channels, time]; a plugin
+  modality's BYTES [1] (``input="file"``) or FP32 of its ``tensor_rank`` axes (``input="tensor"``);
+- outputs ``embeddings`` FP32 [n_tokens, d_llm] (already projected into the LLM's space), ``tokens`` INT32 [1]
+  (how many rows of ``embeddings`` are the item's: fewer than n_tokens for a short item of a projector that does
+  not stretch, a one-frame video; the rows past it are zero padding), ``adapter_version`` BYTES [1] and
+  ``error`` BYTES [1] (empty when the item is fine).
 
 Triton fails a whole batch when the model raises, so one bad item must not raise while it shares a
 batch with good ones: its row carries the message in ``error`` (and zero embeddings). A batch in which
@@ -19,6 +22,8 @@ import numpy as np
 
 from modalink.embedder import Embedder
 from modalink.errors import InputError
+from modalink.modality import BUILTIN
+from modalink.modality import get as get_modality
 
 INVALID_INPUT = "invalid input: "  # prefixes bad-input errors, so clients can tell them from failures
 
@@ -28,14 +33,16 @@ def model_name(modality: str) -> str:
 
 
 def input_spec(modality: str) -> tuple[type, tuple[int, ...]]:
-    """(numpy dtype, shape without the batch axis) of the ``data`` input."""
-    if modality == "imu":
-        return np.float32, (-1, -1)
+    """(numpy dtype, shape without the batch axis) of the ``data`` input: a tensor modality's FP32 of its rank
+    (IMU [channels, time]), a file modality's one encoded file (a video's, or its frames)."""
+    spec = get_modality(modality)
+    if spec.input == "tensor":
+        return np.float32, (-1,) * spec.tensor_rank
     return np.bytes_, (-1,) if modality == "video" else (1,)
 
 
 def _raw(modality: str, row: np.ndarray):
-    if modality == "imu":
+    if get_modality(modality).input == "tensor":
         return np.asarray(row, dtype=np.float32)
     items = [bytes(x) for x in row.reshape(-1)]
     if modality == "video" and len(items) > 1:
@@ -51,6 +58,8 @@ class EncoderModel:
     def __init__(self, embedder: Embedder, modality: str):
         self.embedder, self.modality = embedder, modality
         projector, _ = self.embedder.projector(modality)  # loads encoder + projector now, not on a request
+        if modality not in BUILTIN:  # a plugin that breaks the contract fails here, at start
+            get_modality(modality).self_check(self.embedder.encoder(modality))
         self.n_tokens = projector.cfg.n_tokens
         self.d_llm = self.embedder.d_llm
 
@@ -68,12 +77,14 @@ class EncoderModel:
         if not good:
             raise InputError("; ".join(dict.fromkeys(errors)))
         embs, version = self.embedder.embed(self.modality, [decoded[i] for i in good], decoded=True)
-        out = np.zeros((len(data), *embs[0].shape), dtype=np.float32)
+        out = np.zeros((len(data), self.n_tokens, self.d_llm), dtype=np.float32)
+        tokens = np.zeros((len(data), 1), dtype=np.int32)
         for i, e in zip(good, embs, strict=True):
-            out[i] = e.numpy()
+            out[i, : len(e)], tokens[i] = e.numpy(), len(e)
         n = len(data)
         return {
             "embeddings": out,
+            "tokens": tokens,
             "adapter_version": np.array([[version.encode()]] * n, dtype=np.bytes_),
             "error": np.array([[e.encode()] for e in errors], dtype=object),
         }

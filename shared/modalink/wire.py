@@ -19,9 +19,11 @@ from google.protobuf.message import DecodeError, Message
 from modalink_client import convert
 from modalink_client.convert import DTYPES, MAX_TENSOR_BYTES, MAX_TENSOR_DIMS, params_to_msg
 
+from modalink import check_modality
 from modalink.config import get_settings
 from modalink.engine import GenerationParams
 from modalink.errors import InputError
+from modalink.modality import get as get_modality
 
 if TYPE_CHECKING:
     from modalink.pipeline import Turn
@@ -203,11 +205,23 @@ def wav_bytes(pcm: np.ndarray, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
+def media_input(m: common_pb2.Media) -> tuple[str, Any]:
+    """(modality, raw input) of a generic media part: a registered modality's file bytes or tensor, as it takes."""
+    spec = get_modality(check_modality(m.modality))
+    if spec.input == "tensor":
+        if m.data or not m.HasField("tensor"):
+            raise InputError(f"media of modality {m.modality!r} is a tensor: set media.tensor (float32), not data")
+        return spec.name, from_tensor_msg(m.tensor, "media.tensor", ndim=spec.tensor_rank)
+    if m.HasField("tensor") or not m.data:
+        raise InputError(f"media of modality {m.modality!r} is an encoded file: set media.data (and mime)")
+    return spec.name, m.data
+
+
 def part_input(part: common_pb2.Part) -> tuple[str, Any]:
     """(modality, raw input the encoders decode) for a media part; ("text", str) for text."""
     kind = part.WhichOneof("kind")
     if kind is None:
-        raise InputError("empty part: set one of text, image, audio, imu, video")
+        raise InputError("empty part: set one of text, image, audio, imu, video, media")
     if kind == "text":
         return "text", part.text
     if kind == "image":
@@ -219,6 +233,8 @@ def part_input(part: common_pb2.Part) -> tuple[str, Any]:
         return "audio", a.data
     if kind == "imu":
         return "imu", from_tensor_msg(part.imu.data, "imu.data", ndim=2)
+    if kind == "media":
+        return media_input(part.media)
     v = part.video
     if v.frames:
         return "video", [f.data for f in v.frames]

@@ -23,7 +23,45 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* the encoder settings of one modality: encoderDefaults overlaid with encoders.<modality> */}}
 {{- define "modalink.encoder" -}}
-{{- toYaml (mergeOverwrite (deepCopy .root.Values.encoderDefaults) (deepCopy (index .root.Values.encoders .modality))) -}}
+{{- toYaml (mergeOverwrite (deepCopy .root.Values.encoderDefaults) (deepCopy (index .root.Values.encoders .modality | default dict))) -}}
+{{- end -}}
+
+{{/* the modalities of .Values.encoders (built-in or plugin: a key is all a modality needs), in modalink.modality's
+order: the built-ins (modalink.modality.BUILTIN) in theirs, then plugins by name; a JSON list */}}
+{{- define "modalink.modalities" -}}
+{{- $builtin := list "image" "audio" "imu" "video" -}}
+{{- $out := list -}}
+{{- range $m := $builtin -}}
+{{- if hasKey $.Values.encoders $m }}{{ $out = append $out $m }}{{ end -}}
+{{- end -}}
+{{- range $m := keys .Values.encoders | sortAlpha -}}
+{{- if not (has $m $builtin) }}{{ $out = append $out $m }}{{ end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* the modalities whose encoders are enabled (encoderDefaults.enabled overlaid with encoders.<m>.enabled), in
+the order of modalink.modalities; a JSON list */}}
+{{- define "modalink.enabledModalities" -}}
+{{- $out := list -}}
+{{- range $m := include "modalink.modalities" . | fromJsonArray -}}
+{{- if (include "modalink.encoder" (dict "root" $ "modality" $m) | fromYaml).enabled }}{{ $out = append $out $m }}{{ end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* the queues of one worker, (dict "root" $ "worker" $w): its own, or by default the caption queue of every
+enabled encoder and caption.unknown (jobs of a modality the gateway could not tell) */}}
+{{- define "modalink.workerQueues" -}}
+{{- if .worker.queues -}}
+{{- toJson .worker.queues -}}
+{{- else -}}
+{{- $out := list -}}
+{{- range $m := include "modalink.enabledModalities" .root | fromJsonArray -}}
+{{- $out = append $out (printf "caption.%s" $m) -}}
+{{- end -}}
+{{- toJson (append $out "caption.unknown") -}}
+{{- end -}}
 {{- end -}}
 
 {{/* MODALINK_REDIS_URL; with a password, "$(REDIS_PASSWORD)" in it is filled in by Kubernetes (modalink.redisEnv) */}}

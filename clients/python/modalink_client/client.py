@@ -54,6 +54,16 @@ def video(src: str | Path | bytes | Sequence[str | Path | bytes], mime: str = ""
     return common_pb2.Part(video=common_pb2.Video(data=_bytes(src), mime=mime))
 
 
+def media(modality: str, src: str | Path | bytes | np.ndarray, mime: str = "") -> common_pb2.Part:
+    """Media of any modality the gateway has, by name (a plugin's, e.g. ``"power"``): an array (or a ``.npy`` file)
+    for a modality that takes a tensor, else a file as a path or its bytes."""
+    if isinstance(src, np.ndarray) or (isinstance(src, (str, Path)) and str(src).endswith(".npy")):
+        arr = src if isinstance(src, np.ndarray) else np.load(src, allow_pickle=False)
+        tensor = to_tensor_msg(np.asarray(arr, dtype=np.float32))
+        return common_pb2.Part(media=common_pb2.Media(modality=modality, tensor=tensor))
+    return common_pb2.Part(media=common_pb2.Media(modality=modality, data=_bytes(src), mime=mime))
+
+
 def _part(p) -> common_pb2.Part:
     if isinstance(p, str):
         return common_pb2.Part(text=p)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from modalink import MODALITIES
 from modalink.config import Settings, get_settings
 from modalink.encoders.base import Encoder
-from modalink.errors import InputError
 
 
 def load_encoder(modality: str, settings: Settings | None = None, image: Encoder | None = None) -> Encoder:
-    """The encoder for ``modality`` from config (video shares ``image`` when given)."""
+    """The encoder for ``modality`` from config (video shares ``image`` when given); a plugin's from its
+    ``Modality.load_encoder``."""
     settings = settings or get_settings()
     settings.apply_threads()
     if modality == "image":
@@ -30,7 +29,13 @@ def load_encoder(modality: str, settings: Settings | None = None, image: Encoder
 
         img = image if isinstance(image, ImageEncoder) else load_image_encoder(settings)
         return VideoEncoder(settings, img)
-    raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+    from modalink.modality import PluginError, get
+
+    enc = get(modality).load_encoder(settings)  # InputError for a name nothing registered
+    if not isinstance(enc, Encoder) or not isinstance(getattr(enc, "feature_dim", None), int) or enc.feature_dim < 1:
+        raise PluginError(f"modality plugin {modality!r}: load_encoder must return a modalink.encoders.base.Encoder "
+                          f"with an integer feature_dim >= 1, got {type(enc).__name__}")  # fmt: skip
+    return enc
 
 
 __all__ = ["Encoder", "load_encoder"]

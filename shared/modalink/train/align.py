@@ -27,10 +27,12 @@ from torch import nn
 from transformers import DynamicCache
 
 from modalink import lora
-from modalink.data import QUESTIONS, caption, instruction
+from modalink.data import caption, instruction
+from modalink.data import questions as describe_questions
 from modalink.engines.transformers import TransformersEngine
+from modalink.modality import get as get_modality
 from modalink.progress import progress
-from modalink.projectors import DEFAULT_PROJECTORS, ProjectorConfig, build_projector, pad_features
+from modalink.projectors import ProjectorConfig, build_projector, pad_features, project
 from modalink.prompt import Media, Message, build_prompt
 
 
@@ -97,7 +99,7 @@ class Batcher:
             self._prompt_ids[key] = (enc(before), enc(after))
         return self._prompt_ids[key]
 
-    def build(self, media: torch.Tensor, modality: str, questions: list[str], answers: list[str]) -> Batch:
+    def build(self, media: list[torch.Tensor], modality: str, questions: list[str], answers: list[str]) -> Batch:
         emb = self.engine.embedding
         heads: dict[tuple[int, ...], int] = {}
         rows, row_head, targets, where = [], [], [], []
@@ -106,7 +108,7 @@ class Batcher:
             ans = self.tok(a, add_special_tokens=False).input_ids + self.end_ids
             row_head.append(heads.setdefault(tuple(before), len(heads)))
             x = torch.cat([media[i].to(emb.weight.dtype), emb(torch.tensor(after + ans))])
-            start = media.shape[1] + len(after)  # first answer position
+            start = len(media[i]) + len(after)  # first answer position
             where.append(torch.arange(start - 1, start - 1 + len(ans)))  # positions that predict answer tokens
             targets.append(torch.tensor(ans))
             rows.append(x)
@@ -207,7 +209,7 @@ class AlignTrainer:
         if init is not None:  # continue from a published version (its own recipe wins)
             self.projector = init
         else:
-            pcfg = {**DEFAULT_PROJECTORS[cfg.modality], **cfg.projector}
+            pcfg = {**get_modality(cfg.modality).projector, **cfg.projector}
             self.projector = build_projector(ProjectorConfig(d_in=d_in, d_llm=engine.hidden_size, **pcfg))
         if cfg.stage == 1 and engine.peft is not None:
             raise ValueError("stage 1 trains against the bare LLM: use an engine without LoRA adapters")
@@ -288,16 +290,16 @@ class AlignTrainer:
 
     def loss_on(self, items: list[tuple[dict, torch.Tensor]], rng: random.Random) -> torch.Tensor:
         x, mask = pad_features([f.float() for _, f in items])
-        media = self.projector(x, mask)
+        media = project(self.projector, x, mask)
         m = self.cfg.modality
         if self.cfg.stage == 1 and not self.cfg.order:  # a describe question, then a fresh answer template
-            questions = [rng.choice(QUESTIONS[m]) for _ in items]
+            questions = [rng.choice(describe_questions(m)) for _ in items]
             # a curated pair (no label) is learned as written: e.g. a caption a user corrected
             answers = [caption(m, row["label"], rng) if "label" in row else row["caption"] for row, _ in items]
         else:
             checks = self.cfg.checks if self.cfg.stage == 2 else 0.0
             pairs = [instruction(m, row["label"], rng, checks, self.cfg.order) if "label" in row
-                     else (rng.choice(QUESTIONS[m]), row["caption"]) for row, _ in items]  # fmt: skip
+                     else (rng.choice(describe_questions(m)), row["caption"]) for row, _ in items]  # fmt: skip
             questions, answers = [q for q, _ in pairs], [a for _, a in pairs]
         return answer_loss(self.engine, self.heads, self.batcher.build(media, m, questions, answers))
 
@@ -354,7 +356,7 @@ class AlignTrainer:
         for i in range(0, len(items), 32):
             chunk = items[i : i + 32]
             x, mask = pad_features([f.float() for _, f in chunk])
-            media = self.projector.eval()(x, mask)
-            out += answer_media(self.engine, self.cfg.modality, list(media), [question] * len(chunk),
+            media = project(self.projector.eval(), x, mask)
+            out += answer_media(self.engine, self.cfg.modality, media, [question] * len(chunk),
                                 self.batcher.system, max_new_tokens, adapter=self.adapter)  # fmt: skip
         return out

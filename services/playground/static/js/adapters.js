@@ -2,7 +2,7 @@
 // one, the current version marked; Promote and Rollback (which need the API key).
 
 import * as api from "./api.js";
-import { $, el } from "./dom.js";
+import { $, el, kindChip } from "./dom.js";
 
 export function initAdapters() {
   $("#adapters-refresh").addEventListener("click", () => {
@@ -63,7 +63,7 @@ function renderAdapters(registry) {
         el(
           "div",
           { class: "adapter-head" },
-          el("h3", {}, el("span", { class: `chip chip-${m}`, text: m })),
+          el("h3", {}, kindChip(m)),
           el("span", { class: "muted", text: info.current ? `current ${info.current} · ${versions.length} version${versions.length === 1 ? "" : "s"}` : "no current version" }),
           el("button", {
             class: "btn btn-secondary small rollback",

@@ -1,21 +1,24 @@
 // Chat attachments: the files picked, dropped, pasted or recorded for the next question; their kind (image,
-// audio, IMU, video), their previews (also shown in the sent messages) and the list above the composer.
+// audio, IMU, video or a plugin modality), their previews (also shown in the sent messages) and the list above
+// the composer.
 
 import * as api from "./api.js";
-import { $, el, fmtBytes } from "./dom.js";
-import { encoderRunning } from "./health.js";
+import { $, el, fmtBytes, kindChip } from "./dom.js";
+import { encoderRunning, healthChecked, pluginFileTypes } from "./health.js";
 import { imuPlot } from "./imu-plot.js";
 
-const EXT_KIND = {
-  png: "image", jpg: "image", jpeg: "image", bmp: "image",
-  gif: "video", webp: "image",
-  wav: "audio", flac: "audio", ogg: "audio", oga: "audio", mp3: "audio",
-  npy: "imu", csv: "imu",
-  mp4: "video", webm: "video", mov: "video", mkv: "video",
+// The modalities the built-ins take each extension as, the default first; plugin modalities add theirs after
+// (/api/health). An extension with several is the user's choice (a select in the attachment list).
+const EXT_KINDS = {
+  png: ["image"], jpg: ["image"], jpeg: ["image"], bmp: ["image"],
+  gif: ["video", "image"], webp: ["image", "video"],
+  wav: ["audio"], flac: ["audio"], ogg: ["audio"], oga: ["audio"], mp3: ["audio"],
+  npy: ["imu"], csv: ["imu"],
+  mp4: ["video"], webm: ["video"], mov: ["video"], mkv: ["video"],
 };
+const IMAGE_VIDEO = ["gif", "webp"]; // animated images: an <img> shows them as a video too
 
 const extOf = (name) => (name.includes(".") ? name.split(".").pop().toLowerCase() : "");
-const eitherImageOrVideo = (item) => ["gif", "webp"].includes(extOf(item.name)); // the user picks which
 
 /** Animated GIFs count as video; a single-frame GIF is an image (graphic control blocks before each frame). */
 async function gifIsAnimated(file) {
@@ -27,26 +30,35 @@ async function gifIsAnimated(file) {
   return false;
 }
 
-async function kindOf(file) {
+/** Every modality `file` may be sent as, the likeliest first (none: an unsupported file). */
+async function kindsOf(file) {
+  await healthChecked(); // the plugins' file types
   const ext = extOf(file.name);
-  if (ext === "gif") return (await gifIsAnimated(file)) ? "video" : "image";
-  if (EXT_KIND[ext]) return EXT_KIND[ext];
+  let kinds = EXT_KINDS[ext] || [];
+  if (ext === "gif" && !(await gifIsAnimated(file))) kinds = ["image", "video"];
   const type = (file.type || "").split("/")[0];
-  if (["image", "audio", "video"].includes(type)) return type;
-  return null;
+  if (!kinds.length && ["image", "audio", "video"].includes(type)) kinds = [type];
+  const plugins = Object.entries(pluginFileTypes()).filter(([, types]) => types.includes(`.${ext}`));
+  return [...new Set([...kinds, ...plugins.map(([m]) => m)])];
 }
 
-let attachments = []; // {name, kind, file, url, size, imu?: {channels, labels, steps}, imuState?, imuPromise?, error?}
+let attachments = []; // {name, kinds, kind, file, url, size, imu?: {channels, labels, steps}, imuState?, imuPromise?, imuError?, error?}
 
 export async function addFiles(files) {
   for (const file of files) {
-    const kind = await kindOf(file);
-    const item = { name: file.name, kind, file, size: file.size, url: URL.createObjectURL(file) };
-    if (!kind) item.error = "unsupported file type";
+    const kinds = await kindsOf(file);
+    const item = { name: file.name, kinds, kind: null, file, size: file.size, url: URL.createObjectURL(file) };
+    if (!kinds.length) item.error = "unsupported file type";
     attachments.push(item);
-    renderAttachments();
-    if (kind === "imu") item.imuPromise = loadImuPreview(item);
+    setKind(item, kinds.find(encoderRunning) ?? kinds[0] ?? null); // the likeliest that can be answered
   }
+}
+
+/** Send `item` as `kind`; an IMU file is plotted the first time it is taken as one. */
+function setKind(item, kind) {
+  item.kind = kind;
+  renderAttachments();
+  if (kind === "imu" && !item.imuState) item.imuPromise = loadImuPreview(item);
 }
 
 async function loadImuPreview(item) {
@@ -57,7 +69,7 @@ async function loadImuPreview(item) {
     item.imuState = "ok";
   } catch (err) {
     item.imuState = "error";
-    item.error = api.describeError(err);
+    item.imuError = api.describeError(err);
   }
   renderAttachments();
 }
@@ -83,7 +95,7 @@ export function clearAttachments() {
 export function previewOf(item) {
   if (item.kind === "image") return el("img", { class: "thumb", src: item.url, alt: item.name });
   if (item.kind === "video") {
-    if (eitherImageOrVideo(item)) return el("img", { class: "thumb", src: item.url, alt: item.name });
+    if (IMAGE_VIDEO.includes(extOf(item.name))) return el("img", { class: "thumb", src: item.url, alt: item.name });
     return el("video", { class: "thumb", src: item.url, muted: true, loop: true, autoplay: true, playsInline: true });
   }
   if (item.kind === "audio") return el("audio", { class: "audio-player", src: item.url, controls: true, preload: "metadata" });
@@ -91,7 +103,29 @@ export function previewOf(item) {
     if (item.imu) return imuPlot(item.imu);
     return el("div", { class: "imu-placeholder", text: item.imuState === "error" ? "no preview" : "plotting…" });
   }
+  if (item.kind) return fileChip(item); // a plugin modality's: no preview of its own
   return el("div", { class: "imu-placeholder", text: "?" });
+}
+
+/** A plugin modality's file: its modality, name and size. */
+function fileChip(item) {
+  return el(
+    "div",
+    { class: "file-chip", "data-testid": "file-chip", title: item.name },
+    kindChip(item.kind),
+    el("span", { class: "file-chip-name", text: item.name }),
+    el("span", { class: "muted", text: fmtBytes(item.size) }),
+  );
+}
+
+/** The kind of an attachment: a select when its file may be sent as several, else a chip. */
+function kindLabel(item) {
+  if (item.kinds.length < 2) return kindChip(item.kind);
+  return el(
+    "select",
+    { class: "kind-select", title: `Send as ${item.kinds.join(" or ")}`, "aria-label": `Send ${item.name} as`, onchange: (e) => setKind(item, e.target.value) },
+    ...item.kinds.map((k) => el("option", { value: k, text: k, selected: item.kind === k })),
+  );
 }
 
 function renderAttachments() {
@@ -99,31 +133,18 @@ function renderAttachments() {
   box.hidden = attachments.length === 0;
   box.replaceChildren(
     ...attachments.map((item) => {
-      const kindLabel = eitherImageOrVideo(item)
-        ? el(
-            "select",
-            {
-              class: "kind-select",
-              title: "Send as an image or as a video",
-              onchange: (e) => {
-                item.kind = e.target.value;
-                renderAttachments();
-              },
-            },
-            ...["image", "video"].map((k) => el("option", { value: k, text: k, selected: item.kind === k })),
-          )
-        : el("span", { class: `chip chip-${item.kind || "bad"}`, text: item.kind || "?" });
+      const error = item.error || (item.kind === "imu" && item.imuError);
       const available = !item.kind || encoderRunning(item.kind);
       return el(
         "div",
-        { class: `attachment${item.error ? " has-error" : ""}`, "data-kind": item.kind || "", "data-testid": "attachment" },
+        { class: `attachment${error ? " has-error" : ""}`, "data-kind": item.kind || "", "data-testid": "attachment" },
         previewOf(item),
         el(
           "div",
           { class: "attachment-info" },
           el("span", { class: "attachment-name", title: item.name, text: item.name }),
-          el("span", { class: "attachment-meta" }, kindLabel, el("span", { class: "muted", text: fmtBytes(item.size) })),
-          item.error ? el("span", { class: "attachment-error", text: item.error }) : null,
+          el("span", { class: "attachment-meta" }, kindLabel(item), el("span", { class: "muted", text: fmtBytes(item.size) })),
+          error ? el("span", { class: "attachment-error", text: error }) : null,
           available ? null : el("span", { class: "attachment-error", text: `no ${item.kind} encoder is running` }),
         ),
         el("button", { class: "remove", type: "button", title: "Remove", "aria-label": `Remove ${item.name}`, onclick: () => removeAttachments([item]), text: "×" }),

@@ -1,4 +1,5 @@
-// DOM helpers shared by every part of the page: element lookup, element building, byte sizes for people.
+// DOM helpers shared by every part of the page: element lookup, element building, modality chips, byte sizes
+// for people.
 
 /** The first element matching `sel` (under `root`, the document by default). */
 export const $ = (sel, root = document) => root.querySelector(sel);
@@ -21,5 +22,11 @@ export const el = (tag, attrs = {}, ...children) => {
   for (const c of children.flat()) if (c !== null && c !== undefined) node.append(c);
   return node;
 };
+
+const BUILTIN_KINDS = ["image", "audio", "imu", "video"];
+
+/** A modality's chip: the built-ins in their own colours, plugin modalities in a shared one, none (null) in red. */
+export const kindChip = (kind) =>
+  el("span", { class: `chip chip-${!kind ? "bad" : BUILTIN_KINDS.includes(kind) ? kind : "plugin"}`, text: kind || "?" });
 
 export const fmtBytes = (n) => (n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(1)} KB` : `${(n / 1048576).toFixed(1)} MB`);
