@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from modalink import MODALITIES
+
 BIN = Path(sys.executable).parent / "modalink"
 SHIPPED_ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"  # read only here
 
@@ -72,7 +74,7 @@ def test_models_lists_configuration(tmp_path):
     info = json.loads(out.stdout)
     roles = {m["role"]: m for m in info["models"]}
     assert roles["llm"]["model"] == "smollm2-135m-instruct" and roles["llm"]["cached"] is True
-    assert set(info["adapters"]) == {"image", "audio", "imu", "video"}
+    assert set(info["adapters"]) == set(MODALITIES)  # the built-ins and the installed plugins (power)
 
 
 def test_eval_manifest_json_prints_only_json(tmp_path, samples):
