@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from modalink.config import Settings
     from modalink.encoders.base import Encoder
+
+Settings = Any  # modalink.config.Settings, not imported: config imports ports, which imports this module
 
 GROUP = "modalink.modalities"
 BUILTIN = ("image", "audio", "imu", "video")  # their order, then plugins by name
