@@ -28,6 +28,13 @@ def modalink(*args: str, timeout: float = 300, env: dict | None = None) -> subpr
                           timeout=timeout, env=env or ENV)  # fmt: skip
 
 
+def lying_npy() -> bytes:
+    """A .npy whose header claims [1, 10^12] float32 (4 TB) over 100 values: refused before anything is allocated."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (1, 10**12)})
+    return buf.getvalue() + np.zeros(100, np.float32).tobytes()
+
+
 def test_the_plugin_is_registered_and_its_encoder_keeps_the_contract(samples):
     from modalink import MODALITIES
     from modalink.embedder import Embedder
@@ -40,7 +47,8 @@ def test_the_plugin_is_registered_and_its_encoder_keeps_the_contract(samples):
     (emb,), version = embedder.embed("power", [x])
     assert emb.shape == (1, embedder.d_llm) and version.startswith("v")
     for bad, message in ((np.ones((2, 500)), "one channel"), (np.ones((1, 10)), "64 to 20000"),
-                         (np.full((1, 500), np.nan), "NaN"), (b"\x93NUMPY junk", "not a .npy array")):  # fmt: skip
+                         (np.full((1, 500), np.nan), "NaN"), (b"\x93NUMPY junk", "not a .npy array"),
+                         (lying_npy(), "does not match its 400 data bytes")):  # fmt: skip
         with pytest.raises(InputError, match=message):
             embedder.embed("power", [bad])
 

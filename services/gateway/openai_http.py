@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import json
 import logging
 import time
@@ -25,6 +24,7 @@ import grpc
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from modalink_client import load_npy
 from prometheus_client import generate_latest
 
 from modalink import check_modality
@@ -73,11 +73,11 @@ def input_media(spec, what: str) -> tuple[str, bytes | np.ndarray]:
         raise InputError(f"{what}.data is empty")
     if m.input == "file":
         return m.name, raw
-    try:
-        arr = np.load(io.BytesIO(raw), allow_pickle=False)
-    except Exception as e:  # noqa: BLE001  (numpy's error on untrusted bytes, of any type)
-        raise InputError(f"{what}.data: not a .npy array ({type(e).__name__}: {e})") from None
-    if arr.dtype.kind != "f" or arr.ndim != m.tensor_rank or not np.isfinite(arr).all():
+    try:  # its header checked against its bytes before anything is allocated
+        arr = load_npy(raw, f"{what}.data", m.tensor_rank, "")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if arr.dtype.kind != "f" or not np.isfinite(arr).all():
         raise InputError(f"{what}.data: {m.name} takes a finite float array of {m.tensor_rank} axes, got "
                          f"{arr.dtype} of shape {list(arr.shape)}")  # fmt: skip
     return m.name, arr.astype(np.float32)

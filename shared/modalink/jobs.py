@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import io
 import json
 import logging
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from modalink_client import load_npy
 
 from modalink import MODALITIES
 from modalink.data import check_path, default_question
@@ -283,11 +283,11 @@ def load_item(modality: str, row: dict, roots: Sequence[str | Path]) -> Any:
         from modalink.encoders.imu import decode_imu
 
         return decode_imu(source).numpy()
-    if get_modality(modality).input == "tensor":  # a tensor plugin's file: a .npy array, never unpickled
+    if (spec := get_modality(modality)).input == "tensor":  # a tensor plugin's .npy, header checked, never unpickled
         try:
-            return np.load(io.BytesIO(read_bytes(source, modality)), allow_pickle=False).astype(np.float32)
-        except (ValueError, OSError, EOFError) as e:
-            raise InputError(f"{modality} item is not a .npy array of numbers: {e}") from None
+            return load_npy(read_bytes(source, modality), f"{modality} item", spec.tensor_rank, "").astype(np.float32)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     return read_bytes(source, modality)
 
 

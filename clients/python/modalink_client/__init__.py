@@ -26,12 +26,12 @@ _WHERE = {
     **dict.fromkeys(["AsyncClient", "Client", "Embedding", "PartLike", "Turns", "adapters_dict", "audio",
                      "call_status", "image", "imu", "job_dict", "media", "video"], "client"),
     **dict.fromkeys(["from_tensor_msg", "params_to_msg", "to_tensor_msg"], "convert"),
-    **dict.fromkeys(["imu_array"], "imu_data"),
+    **dict.fromkeys(["imu_array", "load_npy"], "imu_data"),
     **dict.fromkeys(["CHANNEL_OPTIONS", "DEFAULT_ADDRESS", "HTTP_STATUS", "RETRY_SERVICE_CONFIG"], "options"),
 }  # fmt: skip
 __all__ = ["CHANNEL_OPTIONS", "DEFAULT_ADDRESS", "HTTP_STATUS", "RETRY_SERVICE_CONFIG", "AsyncClient", "Client",
            "Embedding", "PartLike", "Turns", "adapters_dict", "audio", "call_status", "from_tensor_msg", "image", "imu",
-           "imu_array", "job_dict", "media", "params_to_msg", "to_tensor_msg", "video"]  # fmt: skip
+           "imu_array", "job_dict", "load_npy", "media", "params_to_msg", "to_tensor_msg", "video"]  # fmt: skip
 
 if TYPE_CHECKING:
     from modalink_client.client import (

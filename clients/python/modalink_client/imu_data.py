@@ -19,22 +19,23 @@ class _Refused(ValueError):
     """A refusal that already says what is wrong (not wrapped in the generic "must be .npy or CSV")."""
 
 
-def _load_npy(raw: bytes) -> np.ndarray:
-    """A .npy array whose header is checked against the bytes that follow it before anything is allocated
-    (``np.load`` allocates the header's shape first: a 100-byte file could ask for terabytes)."""
+def load_npy(raw: bytes, what: str = "IMU", ndim: int | None = 2, axes: str = " [channels, time]") -> np.ndarray:
+    """A .npy array of numbers and ``ndim`` axes whose header is checked against the bytes that follow it before
+    anything is allocated (``np.load`` allocates the header's shape first: a 100-byte file could ask for
+    terabytes); never unpickled (``ndim`` None: any). ValueError says what is wrong (``what`` names the input)."""
     f = io.BytesIO(raw)
     try:  # numpy parses the header dict with tokenize and ast: errors of several types on a corrupt one
         version = np.lib.format.read_magic(f)
         fmt = np.lib.format
         shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
     except Exception:  # noqa: BLE001
-        raise _Refused("IMU .npy header is corrupt") from None  # its words may quote the file: not echoed
+        raise _Refused(f"{what} .npy header is corrupt") from None  # its words may quote the file: not echoed
     if dtype.hasobject or dtype.kind not in "fiu":
-        raise _Refused(f"IMU .npy must hold numbers, got dtype {dtype}")
-    if len(shape) != 2:
-        raise _Refused(f"IMU data must be 2-D [channels, time], got shape {list(shape)}")
+        raise _Refused(f"{what} .npy must hold numbers, got dtype {dtype}")
+    if ndim is not None and len(shape) != ndim:
+        raise _Refused(f"{what} data must be {ndim}-D{axes}, got shape {list(shape)}")
     if math.prod(shape) * dtype.itemsize != len(raw) - f.tell():
-        raise _Refused(f"IMU .npy header says shape {list(shape)} of {dtype}, which does not match its "
+        raise _Refused(f"{what} .npy header says shape {list(shape)} of {dtype}, which does not match its "
                          f"{len(raw) - f.tell()} data bytes")  # fmt: skip
     return np.frombuffer(raw, dtype, offset=f.tell()).reshape(shape, order="F" if fortran else "C").copy()
 
@@ -53,7 +54,7 @@ def imu_array(data: bytes | np.ndarray, channels: int = 6, name: str = "") -> np
             raise ValueError("IMU is empty (0 bytes)")
         try:
             if data[:6] == b"\x93NUMPY":
-                arr = _load_npy(data)
+                arr = load_npy(data)
             elif name.endswith(".npy"):
                 raise _Refused("IMU .npy file is corrupt (bad header)")
             else:

@@ -15,7 +15,6 @@ bytes; checked before any convolution (one channel, 64 to ``MAX_STEPS`` samples,
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from modalink_client import load_npy
 
 from modalink.encoders.base import Encoder, read_bytes
 from modalink.errors import InputError
@@ -68,10 +68,10 @@ def decode_power(data: Any) -> torch.Tensor:
         raw = read_bytes(data, "power series") if isinstance(data, (bytes, str, Path)) else None
         if raw is None:
             raise InputError(f"power input must be an array or a .npy file, got {type(data).__name__}")
-        try:
-            data = np.load(io.BytesIO(raw), allow_pickle=False)
-        except Exception as e:  # noqa: BLE001  (numpy's error on untrusted bytes, of any type)
-            raise InputError(f"power series is not a .npy array: {type(e).__name__}: {e}") from None
+        try:  # its header checked against its bytes before anything is allocated, never unpickled
+            data = load_npy(raw, "power series", None)  # [time] or [1, time]: checked below
+        except ValueError as e:
+            raise InputError(f"power series is not a .npy array: {e}") from None
     if data.ndim == 1:
         data = data[None]
     if data.ndim != 2 or data.shape[0] != 1:
