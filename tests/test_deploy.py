@@ -545,9 +545,17 @@ def test_a_plugin_modality_gets_its_encoders_address_queue_and_network_path_from
     # a caption queue of a modality the chart does not know is a typo, refused at render time
     with pytest.raises(Exception, match="caption.smell is no modality's"):
         validate.render({"workers": [{"name": "x", "queues": ["caption.smell"]}]})
-    worker = {"name": "x", "queues": ["caption.smell"], "concurrency": 1, "replicas": 1}
+    worker = {"name": "x", "queues": ["caption.smell"]}  # only a name and queues: the documented defaults
     smell = validate.render({"encoders": {"smell": {}}, "workers": [worker]})
+    assert validate.validate_objects(smell) == []
     assert worker_queues(smell, "modalink-worker-x") == ["caption.smell"]
+    deployment = find(smell, "Deployment", "modalink-worker-x")["spec"]
+    command = deployment["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("-c") + 1] == "1" and deployment["replicas"] == 1
+    scaled_to_zero = validate.render({"workers": [{"name": "x", "replicas": 0, "concurrency": 3}]})
+    deployment = find(scaled_to_zero, "Deployment", "modalink-worker-x")["spec"]
+    command = deployment["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("-c") + 1] == "3" and deployment["replicas"] == 0
 
 
 def test_the_values_schema_takes_any_modality_name_the_registry_does_and_lists_none():

@@ -162,3 +162,39 @@ def test_unknown_names_are_input_errors():
     assert name == "imu" and raw.shape == (6, 20)
     with pytest.raises(PluginError):
         Modality(name="Bad", load_encoder=print, questions=("q",), answers=("{label}",), words=("w",)).validate()
+
+
+def test_no_service_library_or_chart_code_names_a_plugin_modality():
+    """What makes a modality a plugin: no service, gateway, worker, library or chart template code names it.
+    Python is read as code (identifiers and string constants, not comments or docstrings, where an example may
+    name one); the chart's templates and compose's services as text."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    plugins = set(MODALITIES) - set(BUILTIN)
+    assert plugins, "no plugin installed (make install installs plugins/*/)"
+    found = []
+    for path in [*(root / "services").rglob("*.py"), *(root / "shared" / "modalink").rglob("*.py")]:
+        tree = ast.parse(path.read_text(), str(path))
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}  # fmt: skip
+        for node in ast.walk(tree):
+            words = ()
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                words = (node.value,)
+            elif isinstance(node, (ast.Name, ast.Attribute, ast.arg, ast.keyword)):
+                words = (getattr(node, "id", None) or getattr(node, "attr", None) or getattr(node, "arg", None),)
+            found += [f"{path.relative_to(root)}:{node.lineno}: {w!r}" for w in words if w in plugins]
+    templates = [*(root / "charts" / "modalink" / "templates").iterdir()]
+    for path in templates:
+        found += [f"{path.relative_to(root)}: {p}" for p in plugins if p in path.read_text().lower()]
+    compose = yaml_services(root / "docker-compose.yml")
+    found += [f"docker-compose.yml: service {s}" for s in compose if any(p in s for p in plugins)]
+    assert found == []
+
+
+def yaml_services(path: Path) -> list[str]:
+    import yaml
+
+    return list(yaml.safe_load(path.read_text())["services"])

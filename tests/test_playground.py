@@ -405,10 +405,10 @@ def test_plugin_modalities_go_to_the_gateway_as_generic_media():
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (b"1,2,3\n", "fridge.npy (power): not a .npy file; expected a .npy array of 2 axes of floating-point numbers"),
-        (npy(np.ones((1, 300), np.int64)), "the array holds int64; expected a .npy array of 2 axes"),
-        (npy(np.array([{"a": 1}], dtype=object)), "the array holds object"),
-        (npy(np.ones(300, np.float32)), "the array has shape [300]; expected a .npy array of 2 axes"),
+        (b"1,2,3\n", "fridge.npy (power) .npy header is corrupt"),
+        (npy(np.ones((1, 300), bool)), "fridge.npy (power) .npy must hold numbers, got dtype bool"),
+        (npy(np.array([{"a": 1}], dtype=object)), "must hold numbers, got dtype object"),
+        (npy(np.ones(300, np.float32)), "fridge.npy (power) data must be 2-D (2 axes), got shape [300]"),
         (npy(np.ones((1, 1, 300), np.float32)), "shape [1, 1, 300]"),
         (npy(np.ones((1, 0), np.float32)), "the array is empty"),
         (npy(np.array([[1.0, np.nan]])), "NaN or infinite"),
@@ -470,5 +470,4 @@ def test_health_lists_the_plugins_file_types_and_chat_refuses_a_bad_npy(tmp_path
     bad = {"parts": [{"type": "power", "name": "fridge.npy", "data": b64(npy(np.ones((2, 2, 2))))}]}
     status, error = asgi(app, "POST", "/api/chat", bad)
     assert status == 400 and error["code"] == "INVALID_ARGUMENT", error
-    assert error["error"] == "fridge.npy (power): the array has shape [2, 2, 2]; expected a .npy array of 2 axes of " \
-        "floating-point numbers"  # fmt: skip
+    assert error["error"] == "fridge.npy (power) data must be 2-D (2 axes), got shape [2, 2, 2]"

@@ -16,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import json
 import logging
-import math
 import re
 import time
 import uuid
@@ -114,31 +112,17 @@ def media_part(kind: str, name: str, raw: bytes, imu_channels: int = 6, plugins:
 
 
 def npy_tensor(raw: bytes, what: str, rank: int) -> np.ndarray:
-    """A tensor plugin's .npy upload as float32, checked before it goes out: never unpickled, and its header checked
-    against the bytes that follow it first (``np.load`` allocates the header's shape: 100 bytes could ask for
-    terabytes), so it is no bigger than the body the size limit let in."""
-    expected = f"a .npy array of {rank} axes of floating-point numbers"
-    f = io.BytesIO(raw)
-    try:  # numpy's errors on a corrupt header are of several types, and may quote it: not echoed
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
-    except Exception:  # noqa: BLE001
-        raise BadRequest(f"{what}: not a .npy file; expected {expected}") from None
-    if dtype.hasobject or dtype.kind != "f":
-        raise BadRequest(f"{what}: the array holds {dtype}; expected {expected}")
-    if len(shape) != rank:
-        raise BadRequest(f"{what}: the array has shape {list(shape)}; expected {expected}")
-    if math.prod(shape) * dtype.itemsize != len(raw) - f.tell():
-        raise BadRequest(f"{what}: the .npy header says shape {list(shape)} of {dtype}, which does not match its "
-                         f"{len(raw) - f.tell()} data bytes")  # fmt: skip
-    if math.prod(shape) == 0:
-        raise BadRequest(f"{what}: the array is empty (shape {list(shape)})")
+    """A tensor plugin's .npy upload as float32, checked before it goes out by the client package's reader (never
+    unpickled; its header checked against the bytes that follow it before anything is allocated), then for
+    emptiness and finiteness in float32."""
     try:
-        with np.errstate(over="ignore"):  # out of float32's range: refused just below, as infinite
-            arr = np.load(io.BytesIO(raw), allow_pickle=False).astype(np.float32)
-    except Exception:  # noqa: BLE001
-        raise BadRequest(f"{what}: not a readable .npy file; expected {expected}") from None
+        arr = client.load_npy(raw, what, rank, f" ({rank} axes)")
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    if arr.size == 0:
+        raise BadRequest(f"{what}: the array is empty (shape {list(arr.shape)})")
+    with np.errstate(over="ignore"):  # out of float32's range: refused just below, as infinite
+        arr = arr.astype(np.float32)
     if not np.isfinite(arr).all():  # after float32: 1e300 is finite in float64 only
         raise BadRequest(f"{what}: the array has NaN or infinite values (in float32)")
     return arr
