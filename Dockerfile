@@ -30,8 +30,8 @@ COPY protos protos
 COPY clients/python clients/python
 RUN pip install ./clients/python
 # modalink's dependencies before its code, so that a code change rebuilds from here on only
-# (aeon: only its packaged series, read by modality plugins' samples and data, e.g. power's ACSF1, --no-deps as
-# the Makefile installs it)
+# (aeon: only its packaged series, read by modality plugins' samples and data, e.g. power's ACSF1, whose training
+# series also give its encoder's feature scale at first start; --no-deps as the Makefile installs it)
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['k8s']))" > /tmp/requirements.txt \

@@ -69,6 +69,10 @@ def test_power_end_to_end_through_modalink_up(tmp_path, samples):
             with pytest.raises(grpc.RpcError) as bad:
                 c.ask(["Which appliance is this?", media("power", np.ones((2, 300), np.float32))])
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "one channel" in bad.value.details()
+            with pytest.raises(grpc.RpcError) as huge:  # 4 MB of well-formed samples: refused before any kernel runs
+                c.ask(["Which appliance is this?", media("power", np.ones((1, 1_000_000), np.float32))])
+            assert huge.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "1000000 samples; 64 to 20000 are accepted" in huge.value.details()
             with pytest.raises(grpc.RpcError) as unknown:
                 c.ask(["What is this?", media("radar", np.ones((1, 300), np.float32))])
             assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -95,3 +99,21 @@ def test_power_end_to_end_through_modalink_up(tmp_path, samples):
     finally:
         stopped = modalink("down", "--run-dir", run)
     assert stopped.returncode == 0
+
+
+def test_an_adapter_trained_on_another_encoder_is_refused_not_misread(tmp_path):
+    """Power's features changed from raw to standardized ROCKET (same width): an adapter records the encoder it was
+    trained on by name, and one trained on raw features is refused, not served as if they were the same."""
+    from modalink.assistant import Assistant
+    from modalink.config import Settings
+    from modalink.projectors import ProjectorConfig, build_projector
+    from modalink.registry import AdapterRegistry
+
+    proj = build_projector(ProjectorConfig(kind="mlp", d_in=2000, d_llm=576, n_tokens=1))
+    registry = AdapterRegistry(tmp_path)
+    registry.publish("power", proj, extra={"encoder": "rocket-1000-s0"}, promote=True)
+    with pytest.raises(RuntimeError, match="trained on encoder 'rocket-1000-s0' but this process encodes with "
+                                           "'rocket-1000-s0-std'"):  # fmt: skip
+        Assistant(Settings(adapters_dir=tmp_path)).projector("power")
+    registry.publish("power", proj, extra={"encoder": "rocket-1000-s0-std"}, promote=True)
+    assert Assistant(Settings(adapters_dir=tmp_path)).projector("power")[1] == "v2"

@@ -88,6 +88,11 @@ class Embedder:
         loaded = self.registry.load(modality, self.pinned.get(modality), self.settings.torch_device())
         if loaded is not None:
             module, version, meta = loaded
+            if meta.get("encoder") and meta["encoder"] != enc.name:  # features of another encoder: wrong answers
+                raise RuntimeError(
+                    f"{modality} adapter {version} was trained on encoder {meta['encoder']!r} but this process "
+                    f"encodes with {enc.name!r}: retrain the adapter (or pin a version trained on {enc.name!r})"
+                )
             if meta.get("encoder_weights") and meta["encoder_weights"] != enc.weights_id:
                 raise RuntimeError(
                     f"{modality} adapter {version} was trained on encoder weights {meta['encoder_weights']} "

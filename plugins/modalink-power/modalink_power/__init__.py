@@ -109,7 +109,7 @@ def rocket_baseline(data_dir: Path, n_kernels: int = 10_000) -> tuple[str, float
 def _load_encoder(settings):
     from modalink_power.encoder import PowerEncoder
 
-    return PowerEncoder(N_KERNELS)
+    return PowerEncoder(N_KERNELS, cache_dir=settings.cache_dir)
 
 
 MODALITY = Modality(
