@@ -146,6 +146,15 @@ def test_a_node_client_without_deadlines_streams_embeds_captions_and_runs_a_job(
     assert node["bad_input"]["error"]["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "not a decodable image" in node["bad_input"]["error"]["details"]
 
+    # The generic media part (how a plugin's media travels, no new stubs): the same answer and embeddings.
+    assert node["media_generate"]["ok"]["text"] == expected
+    assert node["media_embed"]["ok"] == {"shape": [8, 576], "data": base64.b64encode(emb.embeddings.data).decode(),
+                                         "modality": "image"}  # fmt: skip
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert node["media_unknown"]["error"]["code"] == invalid and "smell" in node["media_unknown"]["error"]["details"]
+    wrong = node["media_tensor_for_a_file"]["error"]
+    assert wrong["code"] == invalid and "is an encoded file: set media.data" in wrong["details"], wrong
+
 
 def test_openai_route_lists_models_reads_earlier_media_and_matches_grpc(up, stub, samples):
     import openai

@@ -68,6 +68,16 @@ if (job.ok) {
   result.job_final = state;
   result.job_results = state.results ? readFileSync(state.results, "utf8") : null;
 }
+// The generic media part (modality by name, as a plugin's media travels): the same picture, the same answers.
+const media = { media: { modality: "image", data: png, mime: "image/png" } };
+result.media_generate = await generate({ parts: [{ text: question }, media], params: { max_new_tokens: 16 } });
+const mediaEmbed = await call("Embed", { part: media });
+result.media_embed = mediaEmbed.error ? mediaEmbed : { ok: { shape: mediaEmbed.ok.embeddings.shape.map(Number),
+  data: mediaEmbed.ok.embeddings.data.toString("base64"), modality: mediaEmbed.ok.modality } };
+result.media_unknown = await call("Embed", { part: { media: { modality: "smell", data: png } } });
+result.media_tensor_for_a_file = await call("Embed", {
+  part: { media: { modality: "image", tensor: { dtype: "float32", shape: [1, 1], data: Buffer.alloc(4) } } },
+});
 result.adapters = await call("ListAdapters", {});
 result.bad_input = await generate({ parts: [{ text: question }, { image: { data: Buffer.from("not a picture") } }] });
 client.close();
