@@ -6,7 +6,8 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v /usr/bin/python3.11 || command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := python3.11-venv dataset-fashion-mnist asterisk-core-sounds-en-wav espeak-ng sox redis-server chromium
+APT_PACKAGES := python3.11-venv dataset-fashion-mnist asterisk-core-sounds-en-wav espeak-ng sox redis-server chromium \
+	g++ cmake
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -81,6 +82,13 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml $(PLUGINS)
 	$(foreach p,$(PLUGINS),$(BIN)/pip install -q -e $(dir $(p)) &&) true
 	touch $@
 
+# llama.cpp, the engine bench/llamacpp.py races modalink's against on the same GGUF file: llama-cpp-python built from
+# its PyPI sdist (g++ and cmake; a few minutes on 2 cores), for the benchmarks only (modalink never imports it).
+LLAMACPP := $(VENV)/.llamacpp
+$(LLAMACPP): $(VENV)/.installed
+	$(BIN)/pip install -q llama-cpp-python==0.3.36
+	touch $@
+
 # The demo goes through the services: `modalink up` starts the topology, the questions go to the gateway.
 demo: install
 	$(BIN)/modalink samples build/samples
@@ -138,7 +146,7 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: install $(NODE) protos-check
+test: install $(NODE) $(LLAMACPP) protos-check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
@@ -146,7 +154,7 @@ test: install $(NODE) protos-check
 # Every benchmark (one heavy job at a time), then the table in docs/PERFORMANCE.md and README.md's marked figures from
 # bench/results/ (tests/test_docs_figures.py checks they agree); stops at the first that fails.
 # `python bench/<name>.py --smoke` runs one at tiny sizes (tests/test_bench_smoke.py runs them all).
-bench: install
+bench: install $(LLAMACPP)
 	@for f in $(filter-out bench/report.py bench/_%.py,$(wildcard bench/*.py)); do echo "== $$f"; \
 		$(BIN)/python $$f || { rc=$$?; echo "make bench: $$f failed (exit $$rc); stopped before the rest and" \
 			"docs/PERFORMANCE.md (\`$(BIN)/python $$f --smoke\` reproduces it in a minute or two)" >&2; exit 1; }; \
