@@ -3,7 +3,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modalink.engine import GenerationParams
-from modalink.engines.transformers import TransformersEngine, _sample
+from modalink.engines.decoding import sample
+from modalink.engines.transformers import TransformersEngine
 from modalink.errors import InputError
 from modalink.prompt import Media, Message, build_prompt
 
@@ -78,17 +79,17 @@ def test_length_limit_and_sampling_seed(engine):
 def test_repetition_penalty_demotes_seen_tokens():
     logits = torch.tensor([1.0, 3.0, 2.5, -1.0])
     seen = torch.tensor([1])
-    assert _sample(logits, GenerationParams(), seen, None) == 1
-    assert _sample(logits, GenerationParams(repetition_penalty=1.5), seen, None) == 2  # 3.0 / 1.5 < 2.5
+    assert sample(logits, GenerationParams(), seen, None) == 1
+    assert sample(logits, GenerationParams(repetition_penalty=1.5), seen, None) == 2  # 3.0 / 1.5 < 2.5
     assert logits[1] == 3.0  # the caller's logits are untouched
 
 
 def test_top_k_and_top_p_restrict_sampling():
     logits = torch.tensor([5.0, 4.9, 0.0, -2.0])
     g = torch.Generator().manual_seed(0)
-    draws = {_sample(logits, GenerationParams(temperature=1.0, top_k=2), torch.tensor([]), g) for _ in range(200)}
+    draws = {sample(logits, GenerationParams(temperature=1.0, top_k=2), torch.tensor([]), g) for _ in range(200)}
     assert draws == {0, 1}
-    draws = {_sample(logits, GenerationParams(temperature=1.0, top_p=0.3), torch.tensor([]), g) for _ in range(50)}
+    draws = {sample(logits, GenerationParams(temperature=1.0, top_p=0.3), torch.tensor([]), g) for _ in range(50)}
     assert draws == {0}
 
 

@@ -15,7 +15,7 @@ from modalink import lora
 from modalink.config import Settings
 from modalink.embedder import UNTRAINED, Embedder
 from modalink.engine import Engine, GenerationParams
-from modalink.engines.transformers import TransformersEngine
+from modalink.engines import load_engine
 from modalink.pipeline import Answer, Pipeline, Reply, Turn
 from modalink.prompt import Message, Segment
 from modalink.safety import SafetyFilter
@@ -37,10 +37,11 @@ class Assistant(Embedder):
 
     @property
     def engine(self) -> Engine:
-        """Loaded on first use, so bad inputs are refused before the LLM is loaded."""
+        """The runtime ``MODALINK_ENGINE`` names, loaded on first use, so bad inputs are refused before the LLM is
+        loaded."""
         with self._engine_lock:
             if self._engine is None:
-                self._engine = TransformersEngine.load(settings=self.settings)
+                self._engine = load_engine(self.settings)
             return self._engine
 
     @property

@@ -39,8 +39,10 @@ class Settings(BaseSettings):
     imu_encoder: str = Field("imu-cnn", description="'imu-cnn' or a dir with imu_encoder.safetensors+config.json.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     dtype: str = Field("auto", description="'auto' (fp32 on CPU, bf16 on GPU), 'float32', 'bfloat16', 'float16'.")
-    engine: Literal["transformers", "vllm"] = Field(
-        "transformers", description="LLM runtime of the LLM service: transformers, or vllm (CUDA, prompt embeds)."
+    engine: Literal["transformers", "vllm", "llamacpp"] = Field(
+        "transformers",
+        description="LLM runtime of the LLM service: transformers, vllm (CUDA, prompt embeds) or llamacpp (CPU, "
+        "the GGUF file run by llama-cpp-python; no LoRA adapters yet).",
     )
     quantize: Literal["none", "8bit", "4bit", "fp16-cpu"] = Field(
         "none",

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from modalink.errors import InputError
@@ -134,6 +135,37 @@ class Engine(ABC):
 
         A server checks each request before batching it with others, so one bad request fails alone.
         """
+
+    @staticmethod
+    def per_prompt(
+        prompts: Sequence, params: GenerationParams | Sequence[GenerationParams], adapters: Sequence[str | None] | None
+    ) -> tuple[list[GenerationParams], list[str | None]]:
+        """``stream``'s arguments as one GenerationParams and one adapter name (or None) per prompt."""
+        n = len(prompts)
+        plist = [params] * n if isinstance(params, GenerationParams) else list(params)
+        names = list(adapters) if adapters is not None else [None] * n
+        if len(plist) != n or len(names) != n:
+            raise ValueError("one GenerationParams and one adapter name (or None) per prompt")
+        return plist, names
+
+    def check_embeddings(self, seg: torch.Tensor) -> None:
+        """Prefix embeddings this LLM can read: ``[n, hidden_size]``, finite."""
+        if seg.ndim != 2 or seg.shape[1] != self.hidden_size:
+            raise InputError(f"prefix embeddings must be [n, {self.hidden_size}] for this LLM, got {list(seg.shape)}")
+        if not torch.isfinite(seg).all():
+            raise InputError("prefix embeddings contain NaN or Inf")
+
+    def check_prompt(self, prompt: list[Segment], params: GenerationParams) -> int:
+        """A prompt's tokens, bounded before the expensive steps: embeddings checked, text by size before it is
+        tokenized, tokens against the context before anything is embedded."""
+        for seg in prompt:
+            if not isinstance(seg, str):
+                self.check_embeddings(seg)
+        length = self.prompt_length(prompt)
+        if not length:
+            raise InputError("empty prompt")
+        self._check_budget(length, params)
+        return length
 
     @functools.cached_property
     def max_token_bytes(self) -> int:

@@ -2,6 +2,7 @@
 
     transformers  default, CPU or GPU: our own batched decode loop (``engines/transformers.py``)
     vllm          GPU: vLLM fed with prompt embeddings (``engines/vllm.py``)
+    llamacpp      CPU: llama.cpp running the GGUF file, fed with prompt embeddings (``engines/llamacpp.py``)
 
 A new runtime is one more file and one more line in ``RUNTIMES``; nothing else changes.
 """
@@ -17,6 +18,7 @@ from modalink.errors import ConfigError
 RUNTIMES = {
     "transformers": ("modalink.engines.transformers", "TransformersEngine"),
     "vllm": ("modalink.engines.vllm", "VLLMEngine"),
+    "llamacpp": ("modalink.engines.llamacpp", "LlamaCppEngine"),
 }
 
 

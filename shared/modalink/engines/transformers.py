@@ -6,78 +6,18 @@ batch, and it is the hot path a later optimization (static KV cache, compile) wo
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from modalink.engine import FINISH_LENGTH, FINISH_STOP, Engine, GenerationParams, Join, TokenEvent
+from modalink.engine import Engine, GenerationParams, Join, TokenEvent
+from modalink.engines.decoding import Row
 from modalink.errors import InputError
 from modalink.lora import BASE as LORA_BASE
 from modalink.prefix_cache import Layers, Piece, PrefixCache, add_text, embedding_piece
 from modalink.prompt import Segment, text_ids
-
-
-class _TextStream:
-    """Incremental detokenization with stop sequences: emits only text that can no longer change."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Add a token; returns (newly visible text, whether a stop sequence was hit)."""
-        self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if self.stop:
-            hits = [i for s in self.stop if (i := self.text.find(s)) >= 0]
-            if hits:
-                end = min(hits)
-                delta = self.text[self.emitted : end]
-                self.emitted = max(self.emitted, end)
-                return delta, True
-        safe = len(self.text)
-        if self.text.endswith("\ufffd"):  # an incomplete UTF-8 character
-            safe -= 1
-        for s in self.stop:  # hold back a tail that may grow into a stop sequence
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:k]):
-                    safe = min(safe, len(self.text) - k)
-                    break
-        delta = self.text[self.emitted : safe] if safe > self.emitted else ""
-        self.emitted = max(self.emitted, safe)
-        return delta, False
-
-    def flush(self) -> str:
-        delta = self.text[self.emitted :]
-        self.emitted = len(self.text)
-        return delta
-
-
-def _sample(logits: torch.Tensor, p: GenerationParams, seen: torch.Tensor, gen: torch.Generator | None) -> int:
-    """Next token for one row: repetition penalty, then greedy or temperature / top-k / top-p sampling."""
-    logits = logits.to(torch.float32, copy=True)  # a normal tensor we may edit (the model's is an inference tensor)
-    if p.repetition_penalty != 1.0 and seen.numel():
-        vals = logits[seen]
-        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if p.temperature == 0.0:
-        return int(logits.argmax())
-    logits = logits / p.temperature
-    if p.top_k:
-        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = torch.softmax(logits, -1)
-    if p.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest set reaching top_p
-        sorted_p[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 class TransformersEngine(Engine):
@@ -158,7 +98,7 @@ class TransformersEngine(Engine):
         pieces = [text_ids(self.tokenizer, s) if isinstance(s, str) else s for s in prompt]  # client text: plain
         for piece in pieces:
             if not isinstance(piece, list):
-                self._check_embeddings(piece)
+                self.check_embeddings(piece)
         if params is not None:
             self._check_budget(sum(len(p) for p in pieces), params)
         parts, ids = [], []
@@ -180,20 +120,7 @@ class TransformersEngine(Engine):
         """Bounded before the expensive steps: text by size before it is tokenized, tokens against the context
         before anything is embedded."""
         self._adapter_kw([adapter], 1)
-        for seg in prompt:
-            if not isinstance(seg, str):
-                self._check_embeddings(seg)
-        length = self.prompt_length(prompt)
-        if not length:
-            raise InputError("empty prompt")
-        self._check_budget(length, params)
-        return length
-
-    def _check_embeddings(self, seg: torch.Tensor) -> None:
-        if seg.ndim != 2 or seg.shape[1] != self.hidden_size:
-            raise InputError(f"prefix embeddings must be [n, {self.hidden_size}] for this LLM, got {list(seg.shape)}")
-        if not torch.isfinite(seg).all():
-            raise InputError("prefix embeddings contain NaN or Inf")
+        return self.check_prompt(prompt, params)
 
     @property
     def _runner(self):
@@ -222,10 +149,7 @@ class TransformersEngine(Engine):
         leave the batch. Each finished prompt's keys and values, its answer included, go to the prefix cache, so
         a chat's next turn, which repeats that answer in its history, prefills only its new text."""
         n = len(prompts)
-        plist = [params] * n if isinstance(params, GenerationParams) else list(params)
-        names = list(adapters) if adapters is not None else [None] * n
-        if len(plist) != n or len(names) != n:
-            raise ValueError("one GenerationParams and one adapter name (or None) per prompt")
+        plist, names = self.per_prompt(prompts, params, adapters)
         rows, logits, cache, pos, mask = self._admit(list(zip(prompts, plist, names, strict=True)), 0)
         while True:
             step = []  # each row's sampled token: its input to the next forward
@@ -268,14 +192,14 @@ class TransformersEngine(Engine):
         with torch.inference_mode():
             embedded = [self._embed_prompt(pr, p, k) for (pr, p, _), k in zip(requests, keys, strict=True)]
         logits, cache, pos, mask = self._prefill([e for e, _ in embedded], keys, names, route)
-        rows = [_Row(first + i, p, a, tuple(k) if k is not None else (), e.shape[0], ids, self.tokenizer)
+        rows = [Row(first + i, p, a, tuple(k) if k is not None else (), e.shape[0], ids, self.tokenizer)
                 for i, ((_, p, a), k, (e, ids)) in enumerate(zip(requests, keys, embedded, strict=True))]  # fmt: skip
         return rows, logits, cache, pos, mask
 
-    def _route(self, rows: list[_Row]) -> dict:
+    def _route(self, rows: list[Row]) -> dict:
         return self._adapter_kw([r.adapter for r in rows], len(rows))
 
-    def _keep_answer(self, row: _Row, cache, mask: torch.Tensor, i: int) -> None:
+    def _keep_answer(self, row: Row, cache, mask: torch.Tensor, i: int) -> None:
         """Store a finished row's prompt and answer (all but the last token, whose keys were never computed)."""
         answer = row.tokens[:-1]
         if not answer:
@@ -345,37 +269,6 @@ class TransformersEngine(Engine):
                     k[i, :, c - r :], v[i, :, c - r :] = layers[li]
             data.append((k, v))
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
-
-
-class _Row:
-    """One request in a running batch: its sampling state and what the prefix cache needs to keep its answer."""
-
-    def __init__(self, index: int, params: GenerationParams, adapter: str | None, key: tuple[Piece, ...],
-                 length: int, prompt_ids: list[int], tokenizer: PreTrainedTokenizerBase):  # fmt: skip
-        self.index, self.params, self.adapter, self.key, self.length = index, params, adapter, key, length
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.seen = torch.tensor(prompt_ids, dtype=torch.long)
-        self.text = _TextStream(tokenizer, params.stop)
-        self.tokens: list[int] = []
-        self.done = False
-
-    def next(self, eos_ids: set[int], logits: torch.Tensor) -> TokenEvent:
-        """Sample the next token from this row's logits; the event ends the row on EOS, a stop or the length."""
-        p = self.params
-        tok = _sample(logits.cpu(), p, self.seen, self.gen)
-        self.tokens.append(tok)
-        if tok in eos_ids:
-            self.done = True
-            return TokenEvent(self.index, tok, self.text.flush(), FINISH_STOP)
-        if p.repetition_penalty != 1.0:
-            self.seen = torch.cat([self.seen, torch.tensor([tok])])
-        delta, hit_stop = self.text.push(tok)
-        if hit_stop or len(self.tokens) >= p.max_new_tokens:
-            self.done = True
-            tail = "" if hit_stop else self.text.flush()
-            return TokenEvent(self.index, tok, delta + tail, FINISH_STOP if hit_stop else FINISH_LENGTH)
-        return TokenEvent(self.index, tok, delta)
 
 
 @torch.inference_mode()

@@ -1,0 +1,104 @@
+"""What every decode loop does per row, whatever runs the model: sampling (repetition penalty, greedy or temperature /
+top-k / top-p, seeded), incremental detokenization with stop sequences, and the finish reasons. The transformers and
+llama.cpp engines share it, so one request decodes the same way on either."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from modalink.engine import FINISH_LENGTH, FINISH_STOP, GenerationParams, TokenEvent
+from modalink.prefix_cache import Piece
+
+
+class TextStream:
+    """Incremental detokenization with stop sequences: emits only text that can no longer change."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; returns (newly visible text, whether a stop sequence was hit)."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stop:
+            hits = [i for s in self.stop if (i := self.text.find(s)) >= 0]
+            if hits:
+                end = min(hits)
+                delta = self.text[self.emitted : end]
+                self.emitted = max(self.emitted, end)
+                return delta, True
+        safe = len(self.text)
+        if self.text.endswith("\ufffd"):  # an incomplete UTF-8 character
+            safe -= 1
+        for s in self.stop:  # hold back a tail that may grow into a stop sequence
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    safe = min(safe, len(self.text) - k)
+                    break
+        delta = self.text[self.emitted : safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return delta, False
+
+    def flush(self) -> str:
+        delta = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return delta
+
+
+def sample(logits: torch.Tensor, p: GenerationParams, seen: torch.Tensor, gen: torch.Generator | None) -> int:
+    """Next token for one row: repetition penalty, then greedy or temperature / top-k / top-p sampling."""
+    logits = logits.to(torch.float32, copy=True)  # a normal tensor we may edit (the model's is an inference tensor)
+    if p.repetition_penalty != 1.0 and seen.numel():
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if p.temperature == 0.0:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, -1)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest set reaching top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class Row:
+    """One request in a running batch: its sampling state and what the prefix cache needs to keep its answer."""
+
+    def __init__(self, index: int, params: GenerationParams, adapter: str | None, key: tuple[Piece, ...],
+                 length: int, prompt_ids: list[int], tokenizer: PreTrainedTokenizerBase):  # fmt: skip
+        self.index, self.params, self.adapter, self.key, self.length = index, params, adapter, key, length
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.seen = torch.tensor(prompt_ids, dtype=torch.long)
+        self.text = TextStream(tokenizer, params.stop)
+        self.tokens: list[int] = []
+        self.done = False
+
+    def next(self, eos_ids: set[int], logits: torch.Tensor) -> TokenEvent:
+        """Sample the next token from this row's logits; the event ends the row on EOS, a stop or the length."""
+        p = self.params
+        tok = sample(logits.cpu(), p, self.seen, self.gen)
+        self.tokens.append(tok)
+        if tok in eos_ids:
+            self.done = True
+            return TokenEvent(self.index, tok, self.text.flush(), FINISH_STOP)
+        if p.repetition_penalty != 1.0:
+            self.seen = torch.cat([self.seen, torch.tensor([tok])])
+        delta, hit_stop = self.text.push(tok)
+        if hit_stop or len(self.tokens) >= p.max_new_tokens:
+            self.done = True
+            tail = "" if hit_stop else self.text.flush()
+            return TokenEvent(self.index, tok, delta + tail, FINISH_STOP if hit_stop else FINISH_LENGTH)
+        return TokenEvent(self.index, tok, delta)

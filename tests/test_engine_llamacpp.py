@@ -1,0 +1,147 @@
+"""The llama.cpp engine (``MODALINK_ENGINE=llamacpp``): llama.cpp itself, under modalink's decode loop.
+
+Against llama.cpp's own API on the same GGUF file (greedy tokens equal), against itself (a row decodes the same
+alone, in a batch and when it joins a running batch), with real prefix embeddings (the shipped image adapter's
+projection of the demo picture, in process and through the LLM service), and with bad input (refused with the
+reason, and the engine serves on). ``make test`` builds llama-cpp-python from its sdist before these run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modalink.engine import GenerationParams
+from modalink.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nCount from one to ten."
+          "<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine(settings):
+    from modalink.engines.llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine.load(settings)
+
+
+def media_prompt(seed: int, n: int = 4) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return ["<|im_start|>user\nDescribe this: <image>", torch.randn(n, 576, generator=g) * 0.05,
+            "</image><|im_end|>\n<|im_start|>assistant\n"]  # fmt: skip
+
+
+def test_greedy_tokens_are_llama_cpps_own(engine):
+    from llama_cpp import Llama
+
+    from modalink.cache import package_dir
+    from modalink.llm import EMBEDDED_LLMS
+
+    spec = EMBEDDED_LLMS["smollm2-135m-instruct"]
+    raw = Llama(model_path=str(package_dir(spec.package) / spec.gguf_file), n_ctx=512,
+                n_threads=torch.get_num_threads(), verbose=False)  # fmt: skip
+    theirs = []
+    for tok in raw.generate(raw.tokenize(PROMPT.encode(), add_bos=False, special=True), top_k=1, temp=0.0,
+                            repeat_penalty=1.0):  # fmt: skip
+        theirs.append(tok)
+        if len(theirs) == 24:
+            break
+    [ours] = engine.generate([[PROMPT]], GenerationParams(max_new_tokens=24))
+    assert ours.token_ids == theirs[: len(ours.token_ids)] and len(ours.token_ids) >= 16, (ours.text, theirs)
+    assert "1" in ours.text and ours.prompt_tokens == len(raw.tokenize(PROMPT.encode(), add_bos=False, special=True))
+
+
+def test_a_row_decodes_the_same_alone_in_a_batch_and_when_it_joins(engine):
+    params = GenerationParams(max_new_tokens=16)
+    alone = [engine.generate([p], params)[0].token_ids for p in (media_prompt(1), [PROMPT], media_prompt(2, 7))]
+    together = [c.token_ids for c in engine.generate([media_prompt(1), [PROMPT], media_prompt(2, 7)], params)]
+    assert together == alone
+
+    class JoinAfterTwoSteps:  # the batcher's view of its queue: one request arrives while the batch decodes
+        calls = 0
+
+        def more(self, running: int):
+            self.calls += 1
+            return [(media_prompt(2, 7), params, None)] if self.calls == 2 else []
+
+        def cancelled(self, index: int) -> bool:
+            return False
+
+    events = list(engine.stream([media_prompt(1)], params, join=JoinAfterTwoSteps()))
+    rows = {i: [e.token_id for e in events if e.index == i] for i in (0, 1)}
+    assert rows == {0: alone[0], 1: alone[2]}
+    finished = [e for e in events if e.finish_reason]
+    assert sorted(e.index for e in finished) == [0, 1]
+
+
+def test_stop_sequences_lengths_and_seeds_are_the_shared_decode_loops(engine):
+    [full] = engine.generate([[PROMPT]], GenerationParams(max_new_tokens=30))
+    events = list(engine.stream([[PROMPT]], GenerationParams(max_new_tokens=30, stop=["5"])))
+    text = "".join(e.text for e in events)
+    assert "5" in full.text and "5" not in text and full.text.startswith(text) and events[-1].finish_reason == "stop"
+    [short] = engine.generate([[PROMPT]], GenerationParams(max_new_tokens=3))
+    assert short.finish_reason == "length" and short.completion_tokens == 3
+    sampled = GenerationParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=11)
+    a, b = engine.generate([[PROMPT], [PROMPT]], [sampled, sampled])
+    assert a.token_ids == b.token_ids == engine.generate([[PROMPT]], sampled)[0].token_ids
+
+
+def test_bad_input_is_refused_with_its_reason_and_the_engine_serves_on(engine):
+    params = GenerationParams(max_new_tokens=4)
+    for prompt, message in ((["hi", torch.zeros(3, 100)], r"\[n, 576\]"),
+                            (["hi", torch.full((2, 576), float("nan"))], "NaN"),
+                            ([""], "empty prompt")):  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            engine.generate([prompt], params)
+    with pytest.raises(InputError, match="context"):
+        engine.generate([[PROMPT]], GenerationParams(max_new_tokens=engine.max_context))
+    with pytest.raises(InputError, match="llama.cpp engine serves none"):
+        engine.generate([[PROMPT]], params, adapters=["audio@v3"])
+    with pytest.raises(InputError, match="cannot serve"):
+        engine.load_adapter("audio@v3", REPO / "adapters")
+    assert engine.generate([[PROMPT]], params)[0].completion_tokens == 4
+
+
+def test_the_shipped_image_adapter_reads_through_llama_cpp_in_process_and_as_the_llm_service(engine, samples,
+                                                                                             tmp_path):  # fmt: skip
+    """The demo picture's projection, fed as llama.cpp embeddings: the answer names the sneaker; the LLM service
+    started with MODALINK_ENGINE=llamacpp (behind a real gateway and image encoder) gives the same answer."""
+    from procs import Procs, free_port, wait_grpc, wait_triton
+
+    from modalink.assistant import Assistant
+    from modalink.client import Client, image
+    from modalink.config import Settings
+    from modalink.evaluate import is_correct
+
+    settings = Settings(adapters_dir=REPO / "adapters")
+    question = "What is shown in this picture?"
+    local = Assistant(settings, engine=engine).ask(question, [("image", samples["image"])],
+                                                   GenerationParams(max_new_tokens=24)).text  # fmt: skip
+    assert is_correct("image", "sneaker", local), local
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MODALINK_NUM_THREADS": "1",
+           "MODALINK_ADAPTERS_DIR": str(REPO / "adapters")}  # fmt: skip
+    procs = Procs(tmp_path, env)
+    modalink = [sys.executable, "-m", "modalink.cli"]
+    try:
+        http, grpc_port, metrics, llm_port, gw_port = (free_port() for _ in range(5))
+        encoder = procs.start("image", [*modalink, "serve", "encoder", "-m", "image", "--http-port", str(http),
+                                        "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)])  # fmt: skip
+        llm = procs.start("llm", [*modalink, "serve", "llm", "--port", str(llm_port), "--http-port", "0"],
+                          {"MODALINK_ENGINE": "llamacpp"})  # fmt: skip
+        gateway = procs.start("gateway", [*modalink, "serve", "gateway", "--port", str(gw_port), "--http-port", "0"],
+                              {"MODALINK_ENCODERS": f"image=127.0.0.1:{grpc_port}",
+                               "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}"})  # fmt: skip
+        wait_triton(http, "image_encoder", *encoder)
+        wait_grpc(f"127.0.0.1:{llm_port}", *llm)
+        wait_grpc(f"127.0.0.1:{gw_port}", *gateway)
+        with Client(f"127.0.0.1:{gw_port}") as c:
+            served = c.ask([question, image(samples["image"])], max_new_tokens=24)
+    finally:
+        procs.stop_all()
+    assert served.strip() == local.strip()
