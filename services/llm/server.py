@@ -82,7 +82,7 @@ def serve(settings: Settings | None = None, port: int = ports.LLM_GRPC, host: st
                          settings.llm, max_batch, max_wait_ms)  # fmt: skip
     served = make_server(port, [(llm_pb2_grpc.add_LLMServicer_to_server, service)], [SERVICE], host, workers=96,
                          settings=settings)  # fmt: skip
-    log.info("%s ready on %s:%d", SERVICE, host, served.port)
+    log.info("%s ready on %s:%d (engine %s)", SERVICE, host, served.port, settings.engine)
     app = build_app(service.batcher, settings.llm, settings) if http_port else None
     tls = server_tls(settings)
     if app is not None:

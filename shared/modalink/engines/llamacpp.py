@@ -56,6 +56,8 @@ class LlamaCppEngine(Engine):
         params.n_ctx, params.n_batch, params.n_ubatch = self.kv_tokens, N_BATCH, N_BATCH
         params.n_seq_max, params.kv_unified = max_rows, True
         params.n_threads = params.n_threads_batch = threads
+        # flash attention off, as llama-cpp-python's Llama has it: its CPU kernel rounds queries to fp16
+        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = lc.llama_init_from_model(self._model, params)
         if not self._ctx:
             raise ConfigError(f"llama.cpp could not make a context of {self.kv_tokens} positions for {gguf}")
@@ -140,6 +142,16 @@ class LlamaCppEngine(Engine):
             raise InputError("empty prompt")
         self._check_budget(length, params)
         return pieces
+
+    def next_token_logits(self, prompt: list[Segment], adapter: str | None = None) -> torch.Tensor:
+        """Logits [vocab] for the token after ``prompt`` (scoring, evaluation, tests)."""
+        self._no_adapter([adapter])
+        pieces = self._pieces(prompt, GenerationParams(max_new_tokens=1))
+        self.lc.llama_memory_clear(self._memory, True)
+        try:
+            return self._prefill(0, pieces)
+        finally:
+            self.lc.llama_memory_clear(self._memory, True)
 
     # -- llama.cpp calls -------------------------------------------------------------------------------------------
 
