@@ -246,9 +246,10 @@ detokenizing per row, shared with the transformers engine) is 3% of a batch-8 ru
 `llama_decode`, whose batch of 8 costs 40 ms on 2 threads against about 8 ms for one token: llama.cpp's own batched
 decode bounds the batch-8 row. On image, IMU and power (200, 40 and 100 test items, the stage-1 adapters) its
 accuracy (`MODALINK_ENGINE=llamacpp modalink eval -m image -m imu -m power --limit 200`, 59 s against the
-transformers engine's 120 s) is 85.5/90.0/86.0% against 83.5/90.0/85.0%. What it lacks before it can be the
-default: stage-2 LoRA adapters (audio and video; llama.cpp takes GGUF LoRAs, so peft adapters need converting) and
-the KV prefix cache across requests.
+transformers engine's 120 s) is 85.5/90.0/86.0% against 83.5/90.0/85.0%. Stage-2 LoRA adapters (audio, video) are
+converted from peft to GGUF LoRAs on load and served in a llama.cpp context of their own (llama.cpp applies a LoRA
+per context; the weights are shared); the demo's audio and video answers through it are the transformers engine's.
+What it lacks before it can be the default: the KV prefix cache across requests, and batch 8 at 2x.
 """
 
 

@@ -1,9 +1,11 @@
 """The llama.cpp engine (``MODALINK_ENGINE=llamacpp``): llama.cpp itself, under modalink's decode loop.
 
-Against llama.cpp's own API on the same GGUF file (greedy tokens equal), against itself (a row decodes the same
-alone, in a batch and when it joins a running batch), with real prefix embeddings (the shipped image adapter's
-projection of the demo picture, in process and through the LLM service), and with bad input (refused with the
-reason, and the engine serves on). ``make test`` builds llama-cpp-python from its sdist before these run.
+Against llama.cpp's own API on the same GGUF file (logits and greedy tokens equal), against itself (a row decodes
+the same alone, in a batch and when it joins a running batch), with real prefix embeddings (the shipped image
+adapter's projection of the demo picture, in process and through the LLM service), with the shipped stage-2 LoRA
+(audio: converted from peft to a GGUF LoRA; its effect on the logits that of the transformers engine's), and with
+bad input (refused with the reason, and the engine serves on). ``make test`` builds llama-cpp-python from its sdist
+before these run.
 """
 
 from __future__ import annotations
@@ -105,10 +107,8 @@ def test_bad_input_is_refused_with_its_reason_and_the_engine_serves_on(engine):
             engine.generate([prompt], params)
     with pytest.raises(InputError, match="context"):
         engine.generate([[PROMPT]], GenerationParams(max_new_tokens=engine.max_context))
-    with pytest.raises(InputError, match="llama.cpp engine serves none"):
-        engine.generate([[PROMPT]], params, adapters=["audio@v3"])
-    with pytest.raises(InputError, match="cannot serve"):
-        engine.load_adapter("audio@v3", REPO / "adapters")
+    with pytest.raises(InputError, match=r"unknown LoRA adapter\(s\) \['nope@v1'\]"):
+        engine.generate([[PROMPT]], params, adapters=["nope@v1"])
     assert engine.generate([[PROMPT]], params)[0].completion_tokens == 4
 
 
@@ -153,3 +153,37 @@ def test_the_shipped_image_adapter_reads_through_llama_cpp_in_process_and_as_the
     finally:
         procs.stop_all()
     assert is_correct("image", "sneaker", served), served
+
+
+def test_the_shipped_stage2_lora_converts_and_acts_as_in_the_transformers_engine(engine, samples):
+    """The audio adapter's LoRA (peft, q_proj and v_proj) converted to a GGUF LoRA and served in a context of its own:
+    it moves the logits as it does in the transformers engine, its rows decode beside base rows in one stream as they
+    do alone, and the demo's recorded "seven" is heard through it."""
+    from modalink.assistant import Assistant
+    from modalink.config import Settings
+    from modalink.engines.transformers import TransformersEngine
+    from modalink.evaluate import is_correct
+    from modalink.registry import AdapterRegistry
+
+    registry = AdapterRegistry(REPO / "adapters")
+    version = registry.current("audio")
+    path = registry.lora_path("audio", version)
+    assert path is not None, "the shipped audio adapter is a stage-2 one (with a LoRA)"
+    name = f"audio@{version}"
+    engine.load_adapter(name, path)
+    assert name in engine.adapters
+    reference = TransformersEngine.load(settings=Settings())
+    reference.load_adapter(name, path)
+    moved = {e: e.next_token_logits([PROMPT], name) - e.next_token_logits([PROMPT]) for e in (engine, reference)}
+    assert moved[engine].abs().max() > 1.0  # the LoRA does something ...
+    assert torch.corrcoef(torch.stack(list(moved.values())))[0, 1] > 0.9  # ... and the same thing in both engines
+
+    params = GenerationParams(max_new_tokens=12)
+    alone = [engine.generate([[PROMPT]], params, adapters=[a])[0].token_ids for a in (name, None)]
+    together = engine.generate([[PROMPT], [PROMPT]], params, adapters=[name, None])
+    assert [c.token_ids for c in together] == alone
+
+    answer = Assistant(Settings(adapters_dir=REPO / "adapters"), engine=engine).ask(
+        "What does the voice say?", [("audio", samples["audio"])], GenerationParams(max_new_tokens=24)
+    )
+    assert is_correct("audio", "seven", answer.text), answer.text

@@ -12,13 +12,16 @@ running batch between steps (continuous batching) when a sequence and KV room ar
 and finish reasons are ``engines.decoding``'s, shared with the transformers engine. The tokenizer is the GGUF's own,
 read by transformers, so prompts are built and counted exactly as in the other engines.
 
-Not (yet) here: stage-2 LoRA adapters (llama.cpp takes GGUF LoRAs; a peft adapter needs converting), so a request
-naming one is refused with a clear error; and the KV prefix cache across requests.
+Stage-2 LoRA adapters: llama.cpp applies a LoRA to a whole context, so each loaded adapter gets a context of its
+own (the model's weights are shared; each context holds its own KV cache), and a step decodes each adapter's rows
+in its context. A peft adapter is converted to a GGUF LoRA on load (``lora_to_gguf``). Not (yet) here: the KV
+prefix cache across requests.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -33,41 +36,65 @@ from modalink.prompt import Segment, text_ids
 N_BATCH = 512  # positions per llama_decode call (a longer prompt is fed in chunks)
 
 
+class _Context:
+    """One llama.cpp context (the base model, or the model with one LoRA): its KV cache and free sequences."""
+
+    def __init__(self, engine: LlamaCppEngine, lora=None):
+        lc = engine.lc
+        params = lc.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = engine.kv_tokens, N_BATCH, N_BATCH
+        params.n_seq_max, params.kv_unified = engine.max_rows, True  # every row shares the KV positions
+        params.n_threads = params.n_threads_batch = engine.threads
+        # flash attention off, as llama-cpp-python's Llama has it: its CPU kernel rounds queries to fp16
+        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.lc, self.ctx = lc, lc.llama_init_from_model(engine.model, params)
+        if not self.ctx:
+            raise ConfigError(f"llama.cpp could not make a context of {engine.kv_tokens} positions")
+        if lora is not None and lc.llama_set_adapters_lora(self.ctx, (lc.llama_adapter_lora_p_ctypes * 1)(lora), 1,
+                                                           (ctypes.c_float * 1)(1.0)) != 0:  # fmt: skip
+            raise ConfigError("llama.cpp could not apply the LoRA adapter")
+        self.memory = lc.llama_get_memory(self.ctx)
+        self.free = list(range(engine.max_rows))
+        self.room = engine.kv_tokens
+
+    def __del__(self) -> None:
+        if getattr(self, "ctx", None):
+            self.lc.llama_free(self.ctx)
+
+
 class LlamaCppEngine(Engine):
-    """A GGUF model run by llama.cpp, with prefix embeddings and continuous batching."""
+    """A GGUF model run by llama.cpp, with prefix embeddings, continuous batching and LoRA adapters."""
 
     joins = True
 
-    def __init__(self, gguf: Path, tokenizer, threads: int, max_rows: int = 32, kv_tokens: int | None = None):
+    def __init__(self, gguf: Path, tokenizer, threads: int, max_rows: int = 32, kv_tokens: int | None = None,
+                 lora_dir: Path | None = None):  # fmt: skip
         import llama_cpp as lc
         from llama_cpp import _logger  # noqa: F401  (routes llama.cpp's log through Python logging, quiet)
 
         _logger.set_verbose(False)
-        self.lc, self.tokenizer, self.max_rows = lc, tokenizer, max_rows
-        self.adapters: set[str] = set()  # LoRA adapters loaded: none can be (``load_adapter``)
+        self.lc, self.tokenizer, self.max_rows, self.threads = lc, tokenizer, max_rows, threads
+        self.lora_dir = lora_dir  # where converted GGUF LoRAs are kept (None: a temporary folder)
         lc.llama_backend_init()
-        self._model = lc.llama_model_load_from_file(str(gguf).encode(), lc.llama_model_default_params())
-        if not self._model:
+        self.model = lc.llama_model_load_from_file(str(gguf).encode(), lc.llama_model_default_params())
+        if not self.model:
             raise ConfigError(f"llama.cpp could not load {gguf}")
-        self.hidden_size = lc.llama_model_n_embd(self._model)
-        self.max_context = lc.llama_model_n_ctx_train(self._model)
-        self.kv_tokens = kv_tokens or self.max_context  # shared by every row (a unified KV cache)
-        params = lc.llama_context_default_params()
-        params.n_ctx, params.n_batch, params.n_ubatch = self.kv_tokens, N_BATCH, N_BATCH
-        params.n_seq_max, params.kv_unified = max_rows, True
-        params.n_threads = params.n_threads_batch = threads
-        # flash attention off, as llama-cpp-python's Llama has it: its CPU kernel rounds queries to fp16
-        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        self._ctx = lc.llama_init_from_model(self._model, params)
-        if not self._ctx:
-            raise ConfigError(f"llama.cpp could not make a context of {self.kv_tokens} positions for {gguf}")
-        self._memory = lc.llama_get_memory(self._ctx)
-        vocab = lc.llama_model_get_vocab(self._model)
+        self.hidden_size = lc.llama_model_n_embd(self.model)
+        self.max_context = lc.llama_model_n_ctx_train(self.model)
+        self.kv_tokens = kv_tokens or self.max_context  # per context, shared by its rows
+        vocab = lc.llama_model_get_vocab(self.model)
         self.vocab_size = lc.llama_vocab_n_tokens(vocab)
         eos = {tokenizer.eos_token_id, *(t for t in range(self.vocab_size) if lc.llama_vocab_is_eog(vocab, t))}
         self.eos_ids = {t for t in eos if t is not None}
+        self._contexts: dict[str | None, _Context] = {None: _Context(self)}
+        self._loras: dict[str, object] = {}
         self._tokens = lc.llama_batch_init(N_BATCH, 0, max_rows)
         self._embeds = lc.llama_batch_init(N_BATCH, self.hidden_size, 1)
+
+    @property
+    def adapters(self) -> set[str]:
+        """The LoRA adapters loaded (``load_adapter``), each in a context of its own."""
+        return set(self._loras)
 
     def __del__(self) -> None:
         lc = getattr(self, "lc", None)
@@ -76,10 +103,11 @@ class LlamaCppEngine(Engine):
         for batch in ("_tokens", "_embeds"):
             if hasattr(self, batch):
                 lc.llama_batch_free(getattr(self, batch))
-        if getattr(self, "_ctx", None):
-            lc.llama_free(self._ctx)
-        if getattr(self, "_model", None):
-            lc.llama_model_free(self._model)
+        self._contexts = {}
+        for lora in getattr(self, "_loras", {}).values():
+            lc.llama_adapter_lora_free(lora)
+        if getattr(self, "model", None):
+            lc.llama_model_free(self.model)
 
     @classmethod
     def from_settings(cls, settings) -> LlamaCppEngine:
@@ -109,23 +137,37 @@ class LlamaCppEngine(Engine):
             raise ConfigError("MODALINK_ENGINE=llamacpp needs llama-cpp-python (pip install llama-cpp-python, "
                               "built from its sdist; `make bench` does it)") from None  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        return cls(gguf, tokenizer, threads=max(1, torch.get_num_threads()))
+        return cls(gguf, tokenizer, threads=max(1, torch.get_num_threads()), lora_dir=settings.cache_dir / "gguf-lora")
 
     def load_adapter(self, name: str, path) -> None:
-        raise InputError(f"adapter {name} was trained with a LoRA (stage 2), which the llama.cpp engine cannot serve "
-                         "yet: use MODALINK_ENGINE=transformers for it")  # fmt: skip
+        """A peft LoRA folder, converted to a GGUF LoRA (once, kept by its checksum), in a context of its own."""
+        if name in self._loras:
+            return
+        import tempfile
+
+        weights = Path(path) / "adapter_model.safetensors"
+        digest = hashlib.sha256(weights.read_bytes() + (Path(path) / "adapter_config.json").read_bytes()).hexdigest()
+        folder = self.lora_dir or Path(tempfile.mkdtemp())
+        out = folder / f"{digest[:16]}.gguf"
+        if not out.is_file():
+            lc = self.lc
+            lora_to_gguf(Path(path), out, lc.llama_model_n_head(self.model), lc.llama_model_n_head_kv(self.model))
+        lora = self.lc.llama_adapter_lora_init(self.model, str(out).encode())
+        if not lora:
+            raise ConfigError(f"llama.cpp could not load the LoRA adapter {name} ({out})")
+        self._contexts[name] = _Context(self, lora)
+        self._loras[name] = lora
 
     # -- checks, before any work -----------------------------------------------------------------------------------
 
     def check(self, prompt: list[Segment], params: GenerationParams, adapter: str | None = None) -> int:
-        self._no_adapter([adapter])
+        self._known([adapter])
         return self.check_prompt(prompt, params)
 
-    def _no_adapter(self, adapters: Sequence[str | None]) -> None:
-        named = sorted({a for a in adapters if a})
-        if named:
-            raise InputError(f"unknown LoRA adapter(s) {named}: the llama.cpp engine serves none (use "
-                             "MODALINK_ENGINE=transformers for stage-2 adapters)")  # fmt: skip
+    def _known(self, adapters: Sequence[str | None]) -> None:
+        unknown = sorted({a for a in adapters if a and a not in self._loras})
+        if unknown:
+            raise InputError(f"unknown LoRA adapter(s) {unknown}; loaded: {sorted(self._loras)}")
 
     def _pieces(self, prompt: list[Segment], params: GenerationParams) -> list[list[int] | np.ndarray]:
         """The prompt as token-id runs and float32 embedding blocks, bounded and checked before any is fed."""
@@ -145,27 +187,28 @@ class LlamaCppEngine(Engine):
 
     def next_token_logits(self, prompt: list[Segment], adapter: str | None = None) -> torch.Tensor:
         """Logits [vocab] for the token after ``prompt`` (scoring, evaluation, tests)."""
-        self._no_adapter([adapter])
+        self._known([adapter])
         pieces = self._pieces(prompt, GenerationParams(max_new_tokens=1))
-        self.lc.llama_memory_clear(self._memory, True)
+        c = self._contexts[adapter]
+        self.lc.llama_memory_clear(c.memory, True)
         try:
-            return self._prefill(0, pieces)
+            return self._prefill(c, 0, pieces)
         finally:
-            self.lc.llama_memory_clear(self._memory, True)
+            self.lc.llama_memory_clear(c.memory, True)
 
     # -- llama.cpp calls -------------------------------------------------------------------------------------------
 
-    def _decode(self, batch, n: int) -> None:
+    def _decode(self, c: _Context, batch, n: int) -> None:
         batch.n_tokens = n
-        rc = self.lc.llama_decode(self._ctx, batch)
+        rc = self.lc.llama_decode(c.ctx, batch)
         if rc != 0:  # 1: no KV slot (admission keeps within room, so a bug), < 0: an error
             raise RuntimeError(f"llama_decode failed ({rc}) on a batch of {n} positions")
 
-    def _logits(self, i: int) -> torch.Tensor:
-        ptr = self.lc.llama_get_logits_ith(self._ctx, i)
+    def _logits(self, c: _Context, i: int) -> torch.Tensor:
+        ptr = self.lc.llama_get_logits_ith(c.ctx, i)
         return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy())
 
-    def _prefill(self, seq: int, pieces: list[list[int] | np.ndarray]) -> torch.Tensor:
+    def _prefill(self, c: _Context, seq: int, pieces: list[list[int] | np.ndarray]) -> torch.Tensor:
         """Feed one prompt into sequence ``seq``, in chunks of at most ``N_BATCH`` positions; its last logits."""
         pos, total, last = 0, sum(len(p) for p in pieces), 0
         for piece in pieces:
@@ -182,18 +225,18 @@ class LlamaCppEngine(Engine):
                     batch.seq_id[j][0] = seq
                     if pos + j == total - 1:
                         last = j
-                self._decode(batch, len(chunk))
+                self._decode(c, batch, len(chunk))
                 pos += len(chunk)
-        return self._logits(last)
+        return self._logits(c, last)
 
-    def _step(self, rows: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        """One decode step: (sequence, position, token) per row, all in one batch; each row's next logits."""
+    def _step(self, c: _Context, rows: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """One decode step in context ``c``: (sequence, position, token) per row, in one batch; their next logits."""
         batch = self._tokens
         for j, (seq, pos, tok) in enumerate(rows):
             batch.token[j], batch.pos[j], batch.n_seq_id[j], batch.logits[j] = tok, pos, 1, True
             batch.seq_id[j][0] = seq
-        self._decode(batch, len(rows))
-        return [self._logits(j) for j in range(len(rows))]
+        self._decode(c, batch, len(rows))
+        return [self._logits(c, j) for j in range(len(rows))]
 
     # -- the decode loop -------------------------------------------------------------------------------------------
 
@@ -204,50 +247,97 @@ class LlamaCppEngine(Engine):
         adapters: Sequence[str | None] | None = None,
         join: Join | None = None,
     ) -> Iterator[TokenEvent]:
-        """All prompts decoded together, one sequence each; with ``join``, requests arriving meanwhile are admitted
-        between decode steps while a sequence and KV room (prompt + ``max_new_tokens``) are free, else they wait
-        for a running row to finish."""
+        """All prompts decoded together, one sequence each in its adapter's context; with ``join``, requests arriving
+        meanwhile are admitted between decode steps while their context has a sequence and KV room (prompt +
+        ``max_new_tokens``) free, else they wait for a running row to finish."""
         n = len(prompts)
         plist, names = self.per_prompt(prompts, params, adapters)
-        self._no_adapter(names)
-        waiting = [(i, self._pieces(pr, p), p) for i, (pr, p) in enumerate(zip(prompts, plist, strict=True))]
-        self.lc.llama_memory_clear(self._memory, True)
-        free = list(range(self.max_rows))
-        running: list[tuple[Row, int, int, int]] = []  # (row, sequence, next position, reserved KV positions)
+        self._known(names)
+        waiting = [
+            (i, self._pieces(pr, p), p, a) for i, (pr, p, a) in enumerate(zip(prompts, plist, names, strict=True))
+        ]
+        for c in self._contexts.values():
+            self.lc.llama_memory_clear(c.memory, True)
+            c.free, c.room = list(range(self.max_rows)), self.kv_tokens
+        running: list[tuple[Row, _Context, int, int, int]] = []  # (row, context, sequence, next position, reserved)
         logits: list[torch.Tensor] = []
         try:
             while True:
-                room = self.kv_tokens - sum(r for *_, r in running)
-                need = lambda w: sum(map(len, w[1])) + w[2].max_new_tokens  # noqa: E731  (prompt + answer)
-                while waiting and free and need(waiting[0]) <= room:
-                    index, pieces, p = waiting.pop(0)
-                    seq = free.pop(0)
-                    ids = [t for piece in pieces if isinstance(piece, list) for t in piece]
+                for w in list(waiting):  # in arrival order, each when its context has room
+                    index, pieces, p, adapter = w
+                    c = self._contexts[adapter]
                     length = sum(len(piece) for piece in pieces)
-                    logits.append(self._prefill(seq, pieces))
-                    reserved = length + p.max_new_tokens
-                    running.append((Row(index, p, None, (), length, ids, self.tokenizer), seq, length, reserved))
-                    room -= reserved
+                    if not c.free or length + p.max_new_tokens > c.room:
+                        continue
+                    waiting.remove(w)
+                    seq = c.free.pop(0)
+                    c.room -= length + p.max_new_tokens
+                    ids = [t for piece in pieces if isinstance(piece, list) for t in piece]
+                    logits.append(self._prefill(c, seq, pieces))
+                    row = Row(index, p, adapter, (), length, ids, self.tokenizer)
+                    running.append((row, c, seq, length, length + p.max_new_tokens))
                 if not running:
                     if waiting:  # cannot happen: one request alone fits (checked against the context)
                         raise RuntimeError("a request does not fit the llama.cpp KV cache")
                     return
-                step, keep = [], []
-                for (row, seq, pos, reserved), row_logits in zip(running, logits, strict=True):
+                keep = []
+                for (row, c, seq, pos, reserved), row_logits in zip(running, logits, strict=True):
                     ev = row.next(self.eos_ids, row_logits)
                     yield ev
                     if row.done or (join and join.cancelled(row.index)):
-                        self.lc.llama_memory_seq_rm(self._memory, seq, -1, -1)
-                        free.append(seq)
+                        self.lc.llama_memory_seq_rm(c.memory, seq, -1, -1)
+                        c.free.append(seq)
+                        c.room += reserved
                     else:
-                        step.append((seq, pos, ev.token_id))
-                        keep.append((row, seq, pos + 1, reserved))
-                running = keep
-                logits = self._step(step) if step else []
+                        keep.append((row, c, seq, pos + 1, reserved, ev.token_id))
+                running, logits = [], []
+                for c in {id(k[1]): k[1] for k in keep}.values():  # one batch per context, in a fixed order
+                    rows = [k for k in keep if k[1] is c]
+                    logits += self._step(c, [(seq, pos - 1, tok) for _, _, seq, pos, _, tok in rows])
+                    running += [(row, c, seq, pos, reserved) for row, c, seq, pos, reserved, _ in rows]
                 if join is not None:
                     for prompt, p, adapter in join.more(len(running) + len(waiting)):
-                        self._no_adapter([adapter])
-                        waiting.append((n, self._pieces(prompt, p), p))
+                        self._known([adapter])
+                        waiting.append((n, self._pieces(prompt, p), p, adapter))
                         n += 1
         finally:
-            self.lc.llama_memory_clear(self._memory, True)
+            for c in self._contexts.values():
+                self.lc.llama_memory_clear(c.memory, True)
+
+
+def lora_to_gguf(peft_dir: Path, out: Path, n_head: int, n_head_kv: int) -> Path:
+    """A peft LoRA of a LLaMA-architecture model as a GGUF LoRA llama.cpp loads: the tensors renamed to llama.cpp's
+    (``blk.N.attn_q.weight.lora_a`` ...), ``lora_alpha`` kept (llama.cpp scales by alpha / rank, as peft does), and
+    the query projection's B rows permuted as llama.cpp's converter permutes the query weights (its rotary layout)."""
+    import json
+    import os
+
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("fan_in_fan_out") or cfg.get("bias", "none") != "none":
+        raise ConfigError(f"{peft_dir}: only plain LoRA converts to llama.cpp (no DoRA, rsLoRA, fan-in-fan-out, bias)")
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
+    writer = gguf.GGUFWriter(str(out.with_suffix(f".{os.getpid()}.tmp")), "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(cfg["lora_alpha"]))
+    for key, w in sorted(load_file(str(peft_dir / "adapter_model.safetensors")).items()):
+        parts = key.split(".")  # base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight
+        layer, module, ab = int(parts[parts.index("layers") + 1]), parts[-3], parts[-2]
+        if module not in names or ab not in ("lora_A", "lora_B"):
+            raise ConfigError(f"{peft_dir}: cannot convert {key} (modules {sorted(names)} only)")
+        w = w.float()
+        if module in ("q_proj", "k_proj") and ab == "lora_B":
+            heads = n_head if module == "q_proj" else n_head_kv
+            w = w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+        writer.add_tensor(f"blk.{layer}.{names[module]}.weight.lora_{ab[-1].lower()}", w.numpy())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out.with_suffix(f".{os.getpid()}.tmp").replace(out)
+    return out
