@@ -88,17 +88,17 @@ class Embedder:
         loaded = self.registry.load(modality, self.pinned.get(modality), self.settings.torch_device())
         if loaded is not None:
             module, version, meta = loaded
-            if meta.get("encoder") and meta["encoder"] != enc.name:  # features of another encoder: wrong answers
-                raise RuntimeError(
-                    f"{modality} adapter {version} was trained on encoder {meta['encoder']!r} but this process "
-                    f"encodes with {enc.name!r}: retrain the adapter (or pin a version trained on {enc.name!r})"
-                )
             if meta.get("encoder_weights") and meta["encoder_weights"] != enc.weights_id:
                 raise RuntimeError(
                     f"{modality} adapter {version} was trained on encoder weights {meta['encoder_weights']} "
                     f"but {enc.name} has {enc.weights_id}: retrain the adapter or restore that encoder"
                 )
             check_video_tokens(modality, version, meta, enc)
+            if meta.get("encoder") and meta["encoder"] != enc.name:  # features of another encoder: wrong answers
+                raise RuntimeError(
+                    f"{modality} adapter {version} was trained on encoder {meta['encoder']!r} but this process "
+                    f"encodes with {enc.name!r}: retrain the adapter (or pin a version trained on {enc.name!r})"
+                )
         else:
             log.info("no trained %s adapter in %s: using an untrained projector", modality, self.registry.root)
             cfg = ProjectorConfig(d_in=enc.feature_dim, d_llm=self.d_llm, **get_modality(modality).projector)
