@@ -55,6 +55,9 @@ def serve(
             return model.infer(data)
         except InputError as e:
             raise PyTritonBadParameterError(INVALID_INPUT + str(e)) from None
+        except Exception:  # the caller hears INTERNAL and "its log has the details": here they are
+            log.exception("%s: a batch of %d failed", model_name(modality), len(data))
+            raise
 
     dtype, shape = input_spec(modality)
     # On SIGTERM Triton stops taking requests and finishes those in flight for up to exit_timeout_secs.
