@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install install-system stubs demo up down test lint format bench chart clean data adapters eval \
+.PHONY: help install install-system stubs demo up down test lint format bench chart clean data adapters eval methods \
 	protos-check protos-release docs-images image image-test
 
 help:
@@ -24,6 +24,7 @@ help:
 	@echo "make install - Debian packages + .venv (torch CPU wheel first, then modalink-client and modalink editable)"
 	@echo "make adapters - rebuild the data and retrain every adapter from scratch"
 	@echo "make eval    - class-word accuracy of the current adapters on the held-out test splits"
+	@echo "make methods - the stage-2 methods compared and MAGIC (IMU), into docs/RESULTS.md"
 	@echo "make docs-images - rerun the playground test, writing its screenshots to docs/img/ (the README's)"
 	@echo "make chart   - render + lint the Helm chart, validate it (Kubernetes 1.30/1.33) and docker-compose.yml"
 	@echo "make image   - build every container image on the local Docker engine (no registry needed; starts dockerd)"
@@ -117,10 +118,12 @@ data: install
 	$(BIN)/modalink data build --out build/data
 
 # Re-trains every embedded-default adapter from the packaged data, exactly as the shipped ones were made:
-# stage 1 aligns each projector (LLM frozen; about 45 min for all five on 2 cores); for audio and video, stage 2
-# then adds a LoRA and tunes both on instructions (about 10 and 13 min). Each run publishes a new version.
+# stage 1 aligns each projector (LLM frozen; about 45 min for all five on 2 cores); for audio and image, stage 2
+# then trains every stage-2 method (LoRA, IA3, bottleneck adapter, prompt, prefix, LLaMA-Adapter; about 12 min
+# each) from that projector and ships the best by validation accuracy, promoted only if not worse than the current
+# version; video's stage 2 is a LoRA (13 min). Each run publishes a new version.
 TRAIN := $(BIN)/modalink train --promote always --restart
-STAGE2 := $(BIN)/modalink train --restart --stage 2 --lr 5e-4  # promoted only if not worse on validation
+METHODS_SHIP := $(BIN)/modalink eval --methods --method-steps 100 --work build/methods --ship
 adapters: data
 	rm -rf adapters/encoders/imu-cnn
 	$(TRAIN) --modality imu --steps 40
@@ -128,7 +131,8 @@ adapters: data
 	$(TRAIN) --modality image --steps 450
 	$(TRAIN) --modality audio --steps 120 --lr 2e-3
 	$(TRAIN) --modality video --steps 200 --lr 2e-3 --order 0.3 --ground 30
-	$(STAGE2) --modality audio --steps 100
+	rm -rf build/methods
+	$(METHODS_SHIP) -m audio -m image
 	$(BIN)/modalink train --restart --stage 2 --modality video --steps 150 --lr 1e-3 --order 0.3 --checks 0
 	# power: a plugin modality (plugins/modalink-power), trained the same way (stage 1 only: a stage 2 of 150 steps
 	# scored 70% on validation against stage 1's 75%, so it would not be promoted)
@@ -137,6 +141,12 @@ adapters: data
 eval: data
 	$(BIN)/modalink eval --data build/data --split test
 	$(BIN)/modalink eval --data build/data --split real --modality audio
+
+# The stage-2 methods side by side and MAGIC, written into docs/RESULTS.md (after `make adapters`; the method runs
+# are kept in build/methods and reused).
+methods: data
+	$(BIN)/modalink eval --methods -m audio -m image --method-steps 100 --work build/methods --report docs/RESULTS.md
+	$(BIN)/modalink eval --magic --report docs/RESULTS.md
 
 lint: install
 	$(BIN)/ruff check .

@@ -124,9 +124,9 @@ def shipped():
     from modalink.assistant import Assistant
 
     assistant = Assistant(Settings(quantize="fp16-cpu", device="cpu"))
-    audio_lora = assistant.lora("audio")
+    audio_lora = assistant.llm_adapter("audio")
     assert audio_lora, "the shipped audio adapter must be a stage-2 one with a LoRA"
-    assert assistant.lora("image") is None, "the shipped image adapter must be a stage-1 one (no LoRA)"
+    assert assistant.llm_adapter("image") is None, "the shipped image adapter must be a stage-1 one (no LoRA)"
     return assistant
 
 
@@ -144,7 +144,7 @@ def prompt_of(assistant, inputs, fp16: bool = False):
 
 def answers(assistant, prompt) -> dict[str, str]:
     """Greedy answers to ``prompt`` with the audio LoRA and with the bare LLM; they must differ for the test to tell."""
-    lora, = assistant.engine.generate([prompt], PARAMS, [assistant.lora("audio")])  # fmt: skip
+    lora, = assistant.engine.generate([prompt], PARAMS, [assistant.llm_adapter("audio")])  # fmt: skip
     bare, = assistant.engine.generate([prompt], PARAMS, [None])  # fmt: skip
     assert lora.text != bare.text, f"the audio LoRA does not change this answer ({lora.text!r}): nothing to tell"
     return {"lora": lora.text, "bare": bare.text}
@@ -157,7 +157,7 @@ ORDERS = {"image first": ("image", "audio"), "audio first": ("audio", "image")}
 def test_the_lora_of_the_first_media_with_one_answers_in_process(shipped, samples, order):
     """Image (no LoRA) and audio (LoRA) in one prompt, either order: the audio LoRA is the one applied (the first
     media part whose adapter has one), not the first part's (none) nor the bare LLM."""
-    from modalink import lora
+    from modalink import methods
 
     inputs = [(m, samples[m]) for m in ORDERS[order]]
     expected = answers(shipped, prompt_of(shipped, inputs))
@@ -165,7 +165,7 @@ def test_the_lora_of_the_first_media_with_one_answers_in_process(shipped, sample
     assert got.text == expected["lora"], (got.text, expected)
     assert list(got.adapters) == list(ORDERS[order])  # the adapter names go to the LLM in prompt order
     names = [f"{m}@{got.adapters[m]}" for m in ORDERS[order]]
-    assert lora.choose(shipped.engine, shipped.registry, names) == shipped.lora("audio")
+    assert methods.choose(shipped.engine, shipped.registry, names) == shipped.llm_adapter("audio")
 
 
 @pytest.mark.parametrize("order", ORDERS)

@@ -154,7 +154,7 @@ def test_vllm_engine_reads_the_embedding_table_and_refuses_a_cpu(engine, setting
 
 def test_fp16_packed_linears_keep_the_answers_and_take_a_lora(settings, engine, tmp_path):
     """MODALINK_QUANTIZE=fp16-cpu: the frozen linears become fbgemm fp16 GEMMs; LoRA targets stay float."""
-    from modalink import lora
+    from modalink import methods
     from modalink.llm import LORA_TARGETS, PackedFp16Linear
 
     packed = TransformersEngine.load(settings=settings.model_copy(update={"quantize": "fp16-cpu"}))
@@ -172,7 +172,7 @@ def test_fp16_packed_linears_keep_the_answers_and_take_a_lora(settings, engine, 
     trainee = TransformersEngine.load(settings=settings)
     for p in trainee.train_adapter("probe"):
         torch.nn.init.normal_(p, std=0.05)
-    lora.save(tmp_path / "lora", *lora.state(trainee.peft, "probe"))
+    methods.save(tmp_path / "lora", *trainee.adapter_state("probe"))
     packed.load_adapter("probe", tmp_path / "lora")
     with_lora = packed.next_token_logits(prompt, adapter="probe")
     assert (with_lora - got).abs().max() > 1e-2

@@ -130,15 +130,15 @@ def test_memory_is_bounded_least_recently_used_first_and_longer_prompts_replace_
 
 def test_answers_with_a_lora_adapter_are_the_same_and_cached_per_adapter(settings):
     """A stage-2 adapter's LoRA (the shipped audio one), in an engine of the test's own."""
-    from modalink import lora
+    from modalink import methods
     from modalink.engines.transformers import TransformersEngine
     from modalink.registry import AdapterRegistry
 
     registry = AdapterRegistry(REPO / "adapters")
     engine = TransformersEngine.load(settings=settings)
-    versions = [v for v in registry.versions("audio") if registry.lora_path("audio", v) is not None]
+    versions = [v for v in registry.versions("audio") if registry.llm_adapter_path("audio", v) is not None]
     assert versions, "the shipped audio adapter is a stage-2 one (with a LoRA)"
-    name = lora.serve(engine, registry, "audio", versions[-1])
+    name = methods.serve(engine, registry, "audio", versions[-1])
     prompts = conversation(engine)
     engine.prefix_cache = PrefixCache(0)
     reference = [answers(engine, [p], [name])[0] for p in prompts] + [answers(engine, [prompts[1]])[0]]

@@ -199,7 +199,7 @@ def test_a_stage_two_adapter_answers_through_its_lora(gateway, local, stack, sam
     part = common_pb2.Part(audio=common_pb2.Audio(data=Path(samples["audio"]).read_bytes(), mime="audio/wav"))
     request = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text=question), part],
                                             params=common_pb2.GenerationParams(max_new_tokens=16))  # fmt: skip
-    adapter = local.lora("audio")
+    adapter = local.llm_adapter("audio")
     assert adapter, "the shipped audio adapter must be a stage-2 one with a LoRA (this test is about serving it)"
     text = "".join(c.text for c in gateway.Generate(request, timeout=120))
     assert text == local.ask(question, [("audio", samples["audio"])], local_params(16)).text

@@ -13,6 +13,7 @@ import torch
 
 from modalink.data import VARIANTS, BuildConfig, build, read_manifest
 from modalink.evaluate import is_correct, mentioned
+from modalink.methods import METHODS
 from modalink.projectors import DEFAULT_PROJECTORS, ProjectorConfig, build_projector, pad_features
 from modalink.registry import AdapterRegistry
 
@@ -146,8 +147,10 @@ def test_a_short_training_run_lowers_the_loss(data, engine, settings, tmp_path):
         assert torch.equal(a, b), k
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_shared_prompt_heads_give_the_plain_loss_and_gradients(data, settings, stage, tmp_path):
+@pytest.mark.parametrize("stage, method", [(1, "lora"), *((2, m) for m in METHODS)])
+def test_shared_prompt_heads_give_the_plain_loss_and_gradients(data, settings, stage, method, tmp_path):
+    """Every stage-2 method through the shared-head training path: the loss and gradients of the plain one (each
+    method's tensors randomized first, so none sits at its identity start where some gradients vanish)."""
     from modalink.encoders import load_encoder
     from modalink.engines.transformers import TransformersEngine
     from modalink.train.align import AlignConfig, AlignTrainer, answer_loss, plain_answer_loss
@@ -157,7 +160,11 @@ def test_shared_prompt_heads_give_the_plain_loss_and_gradients(data, settings, s
     enc = load_encoder("image", settings)
     rows = read_manifest(data / "image" / "train.jsonl")[:6]
     items = list(zip(rows, encode_rows(enc, rows).values(), strict=True))
-    trainer = AlignTrainer(AlignConfig("image", stage=stage), engine, enc.feature_dim, items, items, tmp_path)
+    trainer = AlignTrainer(AlignConfig("image", stage=stage, method=method), engine, enc.feature_dim, items, items,
+                           tmp_path)  # fmt: skip
+    with torch.no_grad():
+        for p in trainer.params[len(list(trainer.projector.parameters())) :]:
+            p.add_(torch.randn_like(p) * 0.02)
     x, mask = pad_features([f.float() for _, f in items])
     media = trainer.projector(x, mask)
     questions = ["What is this?", "Describe the image briefly.", "What is this?", "What kind of item is this?",
@@ -168,7 +175,8 @@ def test_shared_prompt_heads_give_the_plain_loss_and_gradients(data, settings, s
     losses, grads = [], []
     for fn in (lambda: answer_loss(engine, trainer.heads, batch), lambda: plain_answer_loss(engine, batch)):
         trainer.opt.zero_grad()
-        loss = fn()
+        with engine.route(trainer.adapter):
+            loss = fn()
         loss.backward(retain_graph=True)
         losses.append(loss.item())
         grads.append(torch.cat([p.grad.flatten() for p in trainer.params]))
@@ -189,21 +197,21 @@ def test_stage_two_trains_a_lora_that_the_registry_ships_and_the_assistant_serve
     enc = load_encoder("image", settings)
     rows = read_manifest(data / "image" / "train.jsonl")[:8]
     items = list(zip(rows, encode_rows(enc, rows).values(), strict=True))
-    cfg = AlignConfig("image", stage=2, steps=8, batch_size=4, lr=2e-3, lora_lr=2e-3, warmup=1, eval_every=100,
+    cfg = AlignConfig("image", stage=2, steps=8, batch_size=4, lr=2e-3, method_lr=2e-3, warmup=1, eval_every=100,
                       eval_items=8, checkpoint_every=4)  # fmt: skip
     trainer = AlignTrainer(cfg, engine, enc.feature_dim, items, items, tmp_path / "run")
     before = trainer.val_loss()
     trainer.fit()
     assert trainer.val_loss() < before - 0.5
-    tensors, lora_config = trainer.lora_state()
+    tensors, lora_config = trainer.adapter_state()
     assert lora_config["r"] == 8 and sorted(lora_config["target_modules"]) == ["q_proj", "v_proj"]
     assert any(v.abs().sum() > 0 for k, v in tensors.items() if "lora_B" in k)  # B starts at zero: it learned
 
     registry = AdapterRegistry(tmp_path / "adapters")
-    version = registry.publish("image", trainer.projector, lora=(tensors, lora_config), promote=True)
-    assert registry.lora_path("image", version) is not None
+    version = registry.publish("image", trainer.projector, llm_adapter=(tensors, lora_config), promote=True)
+    assert registry.llm_adapter_path("image", version) is not None
     served = Assistant(settings.model_copy(update={"adapters_dir": tmp_path / "adapters"}))
-    name = served.lora("image")
+    name = served.llm_adapter("image")
     assert name == f"image@{version}"
     # The served LoRA (fp16 at rest) reproduces the trained one on the same prompt; the bare LLM differs.
     media = trainer.projector(*pad_features([items[0][1].float()]))[0]
@@ -219,10 +227,10 @@ def test_stage_two_trains_a_lora_that_the_registry_ships_and_the_assistant_serve
     mixed = served.engine.generate([prompt, prompt], params, [name, None])
     assert mixed[0].text == served.engine.generate([prompt], params, [name])[0].text
     assert mixed[1].text == served.engine.generate([prompt], params)[0].text
-    with pytest.raises(Exception, match="unknown LoRA adapter"):
+    with pytest.raises(Exception, match="unknown LLM adapter"):
         served.engine.generate([prompt], params, ["audio@v9"])
     # The LoRA is checksummed like the projector.
-    weights = registry.lora_path("image", version) / "adapter_model.safetensors"
+    weights = registry.llm_adapter_path("image", version) / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-2] + b"00")
     with pytest.raises(RuntimeError, match="checksum mismatch in lora/adapter_model.safetensors"):
         registry.verify("image", version)
@@ -239,7 +247,7 @@ proj = build_projector(ProjectorConfig(kind="linear", d_in=2048, d_llm=2048, n_t
 lora = ({"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(8, 576),
          "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(576, 8)},
         {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA"})
-reg.publish("image", proj, metrics={"val_accuracy": 0.1}, promote=True, lora=lora)
+reg.publish("image", proj, metrics={"val_accuracy": 0.1}, promote=True, llm_adapter=lora)
 print("finished", flush=True)
 """
 
@@ -264,7 +272,7 @@ def test_a_writer_killed_mid_publish_leaves_current_complete(tmp_path):
         reg.verify("image", current)  # complete and checksum-valid
         for v in reg.versions("image"):
             reg.verify("image", v)  # no half-written version is visible
-            assert (reg.lora_path("image", v) is not None) == (v != "v1")  # a stage-2 version has its LoRA
+            assert (reg.llm_adapter_path("image", v) is not None) == (v != "v1")  # a stage-2 version has its LoRA
         assert reg.promotions("image")[-1] == current
         renamed = WRITE_STEPS.index(step) >= WRITE_STEPS.index("version-renamed")
         assert reg.versions("image") == before + [target] * renamed, step

@@ -16,7 +16,7 @@ import threading
 
 import grpc
 
-from modalink import lora, ports
+from modalink import methods, ports
 from modalink.aio import server_tls
 from modalink.batching import DynamicBatcher
 from modalink.config import Settings, get_settings
@@ -37,15 +37,15 @@ class LLMService(llm_pb2_grpc.LLMServicer):
     ):
         self.engine, self.registry, self.model = engine, registry, model
         self.batcher = DynamicBatcher(engine, max_batch, max_wait_ms)
-        self._lora_lock = threading.Lock()
+        self._adapter_lock = threading.Lock()
 
     def _adapter(self, names: list[str]) -> str | None:
         @contextlib.contextmanager
         def between_batches():
-            with self._lora_lock, self.batcher.between_batches():
+            with self._adapter_lock, self.batcher.between_batches():
                 yield
 
-        return lora.choose(self.engine, self.registry, names, between_batches)
+        return methods.choose(self.engine, self.registry, names, between_batches)
 
     def Generate(self, request: llm_pb2.LLMRequest, context: grpc.ServicerContext):
         try:

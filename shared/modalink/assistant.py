@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from modalink import lora
+from modalink import methods
 from modalink.config import Settings
 from modalink.embedder import UNTRAINED, Embedder
 from modalink.engine import Engine, GenerationParams
@@ -52,14 +52,14 @@ class Assistant(Embedder):
     def d_llm(self) -> int:
         return self.engine.hidden_size
 
-    def lora(self, modality: str) -> str | None:
-        """The LLM LoRA trained with this modality's projector (stage 2), or None (stage 1: the bare LLM)."""
-        return lora.serve(self.engine, self.registry, modality, self.projector(modality)[1])
+    def llm_adapter(self, modality: str) -> str | None:
+        """The LLM adapter trained with this modality's projector (stage 2, any method), or None (stage 1)."""
+        return methods.serve(self.engine, self.registry, modality, self.projector(modality)[1])
 
     def start(self, prompt: list[Segment], params: GenerationParams, adapters: Sequence[str],
               timeout_s: float | None = None) -> LocalStream:  # fmt: skip
-        """The ``pipeline.LLM`` interface: generate from ``prompt`` with the LoRA ``lora.choose`` picks."""
-        adapter = lora.choose(self.engine, self.registry, adapters)
+        """The ``pipeline.LLM`` interface: generate from ``prompt`` with the LLM adapter ``methods.choose`` picks."""
+        adapter = methods.choose(self.engine, self.registry, adapters)
         return LocalStream(self.engine.stream([prompt], params, [adapter]), self.engine.prompt_length(prompt))
 
     def stream(self, text: str, inputs: Sequence[tuple[str, Any]] = (), params: GenerationParams | None = None,

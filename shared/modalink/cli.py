@@ -20,6 +20,32 @@ app = typer.Typer(
 )
 
 
+def _method_args(method: str, pairs: list[str]) -> dict:
+    """``--method-arg KEY=VALUE`` pairs as settings (numbers and true/false parsed), checked by the method itself."""
+    from modalink.methods import routed_class
+
+    args: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _fail(f"--method-arg must be KEY=VALUE, got {pair!r}")
+        try:
+            args[key] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
+        except json.JSONDecodeError:
+            args[key] = value
+    try:
+        routed_class(method)(_TinyShape(), args)
+    except (ValueError, TypeError) as e:
+        raise _fail(f"--method-arg: {e}") from None
+    return args
+
+
+class _TinyShape:
+    """An LLM shape small enough to build a method's tensors only to check its settings."""
+
+    num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads, intermediate_size = 1, 8, 2, 1, 8
+
+
 def _fail(msg: str) -> typer.Exit:
     typer.echo(f"error: {msg}", err=True)
     return typer.Exit(2)
@@ -276,11 +302,29 @@ def train(
     stage: int = typer.Option(
         1,
         "--stage",
-        help="1: align the projector (LLM frozen). 2: LoRA instruction tuning of LLM + projector, "
-        "from the current (or --init-from) version.",
+        help="1: align the projector (LLM frozen). 2: instruction tuning of an LLM adapter (--method) + the "
+        "projector, from the current (or --init-from) version.",
     ),  # fmt: skip
-    lora_rank: int = typer.Option(8, "--lora-rank", help="Stage 2: LoRA rank (on q_proj and v_proj)."),
-    lora_lr: float = typer.Option(5e-4, "--lora-lr", help="Stage 2: peak learning rate of the LoRA weights."),
+    method: str = typer.Option(
+        "lora",
+        "--method",
+        help="Stage 2: how the LLM is adapted: lora | ia3 | adapter | prompt | prefix | "
+        "llama-adapter (README: choosing a stage-2 method).",
+    ),  # fmt: skip
+    method_arg: list[str] = typer.Option(
+        [],
+        "--method-arg",
+        help="Stage 2: a setting of the method, KEY=VALUE (repeat): adapter dim=16 experts=2, "
+        "prompt tokens=16, prefix tokens=8, llama-adapter tokens=10 layers=8, ia3 feedforward=false.",
+    ),  # fmt: skip
+    lora_rank: int = typer.Option(8, "--lora-rank", help="Stage 2, --method lora: rank (on q_proj and v_proj)."),
+    method_lr: float | None = typer.Option(
+        None,
+        "--method-lr",
+        "--lora-lr",
+        help="Stage 2: peak learning rate of the LLM adapter's weights (default per method: lora 5e-4, ia3 3e-3, "
+        "adapter 1e-3, prompt, prefix and llama-adapter 1e-2).",
+    ),
     order: float = typer.Option(
         0.0, "--order", help="Video: share of questions about what comes first, last or at all (else: describe)."
     ),
@@ -297,8 +341,9 @@ def train(
 ) -> None:
     """Train one modality's adapter, publish it as a new version, promote it if not worse.
 
-    Stage 1 trains the projector on (signal, caption) pairs with encoder and LLM frozen; stage 2 adds a LoRA
-    adapter on the LLM and trains both on instructions. Kill it any time: rerunning resumes the checkpoint.
+    Stage 1 trains the projector on (signal, caption) pairs with encoder and LLM frozen; stage 2 adds an LLM
+    adapter (--method: LoRA, IA3, bottleneck, prompt, prefix or LLaMA-Adapter) and trains both on instructions.
+    Kill it any time: rerunning resumes the checkpoint.
     """
     from modalink.config import get_settings
     from modalink.train.align import AlignConfig
@@ -314,13 +359,20 @@ def train(
         raise _fail("--stage must be 1 or 2")
     if stage == 2 and (kind or n_tokens):
         raise _fail("stage 2 keeps the projector of the version it starts from: drop --projector / --n-tokens")
+    from modalink.methods import METHODS
+
+    if method not in METHODS:
+        raise _fail(f"unknown --method {method!r}; expected one of {', '.join(METHODS)}")
+    if method == "lora":
+        args = {"r": lora_rank, "alpha": 2 * lora_rank}
+    else:
+        args = _method_args(method, method_arg)
     overrides = {k: v for k, v in {"kind": kind, "n_tokens": n_tokens}.items() if v is not None}
     cfg = AlignConfig(modality, projector=overrides, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                      init_from=init_from, stage=stage, lora={"r": lora_rank, "alpha": 2 * lora_rank},
-                      lora_lr=lora_lr, order=order, checks=checks, ground=ground,
-                      balance=balance)  # fmt: skip
+                      init_from=init_from, stage=stage, method=method, method_args=args, method_lr=method_lr,
+                      order=order, checks=checks, ground=ground, balance=balance)  # fmt: skip
     settings = get_settings()
-    run_dir = settings.cache_dir / "runs" / (modality if stage == 1 else f"{modality}-stage2")
+    run_dir = settings.cache_dir / "runs" / (modality if stage == 1 else f"{modality}-stage2-{method}")
     if restart:
         (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)
     result = train_modality(cfg, data, settings, run_dir=run_dir, promote=promote)
@@ -357,6 +409,64 @@ def finetune(
                f"{m.get('baseline_accuracy', 0):.1%} on {m['val_n']} held-out items")  # fmt: skip
 
 
+def _compare_methods(data: Path, modality: list[str], method: list[str], work: Path, steps: int, limit: int,
+                     report: Path | None, ship: bool) -> None:  # fmt: skip
+    from modalink.config import get_settings
+    from modalink.evaluate import methods_section, put_section
+    from modalink.methods import METHODS
+    from modalink.train.compare import score_methods, train_methods
+    from modalink.train.compare import ship as ship_best
+
+    modalities = ["audio", "image"] if set(modality) == set(MODALITIES) else modality
+    chosen = method or list(METHODS)
+    if bad := [m for m in chosen if m not in METHODS]:
+        raise _fail(f"unknown --method {bad}; expected one of {', '.join(METHODS)}")
+    for m in modalities:
+        if not (data / m / "train.jsonl").exists():
+            raise _fail(f"no training data at {data / m}/train.jsonl: run `modalink data build` first")
+    settings = get_settings()
+    results = {}
+    for m in modalities:
+        trained = train_methods(m, data, settings, work, chosen, steps)
+        results[m] = score_methods(m, data, settings, work, trained, limit)
+        for name, r in results[m].items():
+            acc = f"test {r['test_accuracy']:.1%} (val {r['val_accuracy']:.1%})  " if "test_accuracy" in r else ""
+            typer.echo(f"{m:<6} {name:<14} {acc}decode {r['decode_tok_s']:.1f} tok/s")
+        if ship:
+            shipped = ship_best(m, settings, work, trained)
+            state = "promoted" if shipped["promoted"] else "not promoted: the current version is better"
+            typer.echo(f"{m}: shipped {shipped['method']} as {shipped['version']} ({state})")
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if report is not None:
+        cmd = f"modalink eval --methods --data {data} --work {work} --method-steps {steps}"
+        cmd += "".join(f" -m {m}" for m in modalities) + "".join(f" --method {m}" for m in method)
+        cmd += f" --limit {limit}" if limit else ""
+        put_section(report, methods_section(results, cmd + f" --report {report}"))
+        typer.echo(f"'Stage-2 methods' written to {report}")
+
+
+def _magic(data: Path, limit: int, report: Path | None) -> None:
+    from modalink.assistant import Assistant
+    from modalink.config import get_settings
+    from modalink.data import read_manifest
+    from modalink.evaluate import accuracy, answer_rows, magic_section, put_section
+    from modalink.magic import evaluate_magic
+
+    if not (data / "imu" / "test.jsonl").exists():
+        raise _fail(f"no IMU data at {data / 'imu'}: run `modalink data build` first")
+    result = evaluate_magic(data, get_settings(), limit=limit)
+    test = read_manifest(data / "imu" / "test.jsonl")
+    trained = accuracy(list(answer_rows(Assistant(), test[:limit] if limit else test)))["imu"]["accuracy"]
+    typer.echo(f"imu MAGIC (beta {result['beta']}): test {result['test_accuracy']:.1%} (n={result['test_n']}); "
+               f"without the input {result['blind_accuracy']:.1%}; "
+               f"encoder zero-shot {result['zero_shot_accuracy']:.1%}; "
+               f"trained adapter {trained:.1%}")  # fmt: skip
+    if report is not None:
+        cmd = f"modalink eval --magic --data {data}" + (f" --limit {limit}" if limit else "") + f" --report {report}"
+        put_section(report, magic_section(result, trained, cmd))
+        typer.echo(f"the MAGIC section written to {report}")
+
+
 @app.command("eval")
 def evaluate(
     manifest: list[Path] = typer.Option([], "--manifest", help="JSONL of {id, modality, path, label, question?}."),
@@ -372,6 +482,25 @@ def evaluate(
         "probe) and real recorded speech to this markdown file (e.g. docs/RESULTS.md).",
     ),
     baseline_limit: int = typer.Option(100, "--baseline-limit", help="Items per modality for the baselines."),
+    methods: bool = typer.Option(
+        False,
+        "--methods",
+        help="Compare the stage-2 methods (default -m audio -m image): train each from the same stage-1 projector "
+        "into --work (resumable), score each on the test split, time its decoding; with --report, write the "
+        "'Stage-2 methods' section of that file.",
+    ),
+    method: list[str] = typer.Option([], "--method", help="With --methods: only these methods (repeat)."),
+    work: Path = typer.Option(Path("build/methods"), "--work", help="With --methods: scratch registry and results."),
+    method_steps: int = typer.Option(100, "--method-steps", help="With --methods: stage-2 steps per method."),
+    ship: bool = typer.Option(
+        False, "--ship", help="With --methods: publish the best method by validation accuracy, promoted if not worse."
+    ),
+    magic: bool = typer.Option(
+        False,
+        "--magic",
+        help="Score MAGIC, the training-free baseline (IMU: decoding steered by MiniLM similarity to the window); "
+        "with --report, write its section of that file.",
+    ),
 ) -> None:
     """Class-word accuracy of free-text answers, through the full assistant (models loaded once)."""
     from modalink.assistant import Assistant
@@ -379,6 +508,10 @@ def evaluate(
     from modalink.errors import InputError
     from modalink.evaluate import accuracy, answer_rows
 
+    if methods:
+        return _compare_methods(data, modality, method, work, method_steps, limit, report, ship)
+    if magic:
+        return _magic(data, limit, report)
     if report is not None:
         from modalink.config import get_settings
         from modalink.evaluate import write_report

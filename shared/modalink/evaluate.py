@@ -139,7 +139,7 @@ def answer_rows(assistant, rows: Sequence[dict], batch_size: int = 16, max_new_t
             media, _ = assistant.embed(modality, [r["path"] for r in chunk])
             questions = [r.get("question") or default_question(modality) for r in chunk]
             texts = answer_media(assistant.engine, modality, media, questions, assistant.settings.system_prompt,
-                                 max_new_tokens, adapter=assistant.lora(modality))  # fmt: skip
+                                 max_new_tokens, adapter=assistant.llm_adapter(modality))  # fmt: skip
             for r, text in zip(chunk, texts, strict=True):
                 yield Scored(r["id"], modality, r["label"], text, is_correct(modality, r["label"], text))
 
@@ -285,7 +285,7 @@ def write_report(path, data_dir, settings, baseline_limit: int = 100, command: s
         _, version = assistant.projector(m)
         stage1 = None  # the same items through the stage-1 version a stage-2 adapter started from
         init = None
-        if assistant.lora(m):
+        if assistant.llm_adapter(m):
             init = next(v.metrics.get("init_from") for v in assistant.registry.list(m) if v.version == version)
         if init:
             stage1 = accuracy(list(answer_rows(Assistant(settings, assistant.engine, {m: init}), few)))[m]["accuracy"]
@@ -367,6 +367,110 @@ def write_report(path, data_dir, settings, baseline_limit: int = 100, command: s
         "|---|---|---|---|",
     ]
     lines += [f"| {m} | {t} | {a.strip()} | {'yes' if c else 'no'} |" for m, t, a, c in examples]
+    kept = sections(Path(path).read_text()) if Path(path).exists() else {}
+    lines += [line for title, body in kept.items() if title in OWN_SECTIONS for line in ["", *body]]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
     return {"rows": rows_out}
+
+
+METHODS_SECTION = "## Stage-2 methods"
+MAGIC_SECTION = "## Training-free baseline: MAGIC (IMU)"
+OWN_SECTIONS = (
+    METHODS_SECTION,
+    MAGIC_SECTION,
+)  # written by other commands into the report; ``write_report`` keeps them
+
+
+def sections(text: str) -> dict[str, list[str]]:
+    """The report's ``## `` sections by heading line, each with its lines (heading included, trailing blanks cut)."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = line
+            out[current] = []
+        if current is not None:
+            out[current].append(line)
+    return {k: v[: len(v) - next((i for i, x in enumerate(reversed(v)) if x.strip()), 0)] for k, v in out.items()}
+
+
+def put_section(path, body: list[str]) -> None:
+    """Write ``body`` (its first line the ``## `` heading) into the report at ``path``, replacing that section."""
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Results\n"
+    kept = sections(text)
+    head = text.split("\n## ", 1)[0].rstrip("\n").splitlines() if not text.startswith("## ") else []
+    kept[body[0]] = body
+    lines = head + [line for b in kept.values() for line in ["", *b]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def methods_section(results: dict[str, dict[str, dict]], command: str) -> list[str]:
+    """The stage-2 method comparison (``train.compare``) as a markdown section, each method next to LoRA."""
+    import datetime
+    import os
+    import platform
+
+    lines = [
+        METHODS_SECTION,
+        "",
+        f"Reproduce: `{command}`. Measured {datetime.date.today()} on {platform.machine()}, "
+        f"{len(os.sched_getaffinity(0))} CPU cores. Every method starts from the same stage-1 projector and trains "
+        "it together with its LLM adapter on the same instructions, steps, batch and seed, at its own default "
+        "learning rate; accuracy on the held-out test split through the in-process assistant; decode tokens/s at "
+        "batch 1 on the same media prompt, prefill excluded, all methods measured in one run (medians of 3).",
+        "",
+        "| modality | method | adapter lr | trainable LLM params | train s/step | val accuracy | test accuracy "
+        "| vs LoRA | decode tok/s | vs LoRA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, res in results.items():
+        lora = res.get("lora", {})
+        for method, r in res.items():
+            speed = f"{r['decode_tok_s'] / lora['decode_tok_s']:.2f}x" if lora else "–"
+            if "val_accuracy" not in r:  # the bare LLM's decode speed, for reference
+                lines.append(f"| {m} | {r['method']} | – | 0 | – | – | – | – | {r['decode_tok_s']:.1f} | {speed} |")
+                continue
+            dacc = f"{100 * (r['test_accuracy'] - lora['test_accuracy']):+.1f} pt" if lora else "–"
+            lines.append(f"| {m} | `{method}` | {r['lr']:g} | {r['trainable_llm']:,} | {r['step_seconds']:.2f} "
+                         f"| {100 * r['val_accuracy']:.1f}% (n={r['val_n']}) "
+                         f"| **{100 * r['test_accuracy']:.1f}%** (n={r['test_n']}) | {dacc} "
+                         f"| {r['decode_tok_s']:.1f} | {speed} |")  # fmt: skip
+    return lines
+
+
+def magic_section(result: dict, trained: float | None, command: str) -> list[str]:
+    """MAGIC's IMU result (``magic.evaluate_magic``) as a markdown section, beside the trained IMU adapter."""
+    import datetime
+
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    c = result["cfg"]
+    n = result["test_n"]
+    lines = [
+        MAGIC_SECTION,
+        "",
+        f"Reproduce: `{command}`. Measured {datetime.date.today()}. MAGIC (Su et al. 2022) trains nothing: the "
+        "frozen LLM gets only a question (no input), and each decoding step keeps the candidate whose text lies "
+        "closest to the IMU window in all-MiniLM-L6-v2's sentence space, where the IMU encoder was trained to "
+        f"point (k={c['k']}, alpha={c['alpha']}, tau={c['tau']}; beta={result['beta']} chosen on the "
+        f"{result['val_n']} validation windows: {result['val']}). It applies to IMU only: the image, video and "
+        "audio encoders were never trained against text, so without a trained projector there is no space in "
+        "which a sentence and their features can be compared (`shared/modalink/magic.py`).",
+        "",
+        "| IMU, test split | n | accuracy |",
+        "|---|---|---|",
+        f"| MAGIC, no training | {n} | **{pct(result['test_accuracy'])}** |",
+        f"| the same decoding without the input (beta 0) | {n} | {pct(result['blind_accuracy'])} |",
+        f"| the encoder's zero-shot nearest activity description (a classifier, not an answer) | {n} "
+        f"| {pct(result['zero_shot_accuracy'])} |",
+        f"| the trained IMU adapter (projector, table above) | {n} | {pct(trained)} |",
+        "",
+        "| truth | MAGIC's answer |",
+        "|---|---|",
+        *[f"| {label} | {answer} |" for label, answer in result["examples"]],
+    ]
+    return lines

@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 from modalink.cache import atomic_dir, package_dir
 from modalink.config import Settings, get_settings
 from modalink.errors import ConfigError
-from modalink.lora import LoraSettings
+from modalink.methods.lora import LoraSettings
 
 log = logging.getLogger(__name__)
 LORA_TARGETS = tuple(LoraSettings().target_modules)

@@ -93,7 +93,7 @@ class LLM(Protocol):
     def start(self, prompt: list[Segment], params: GenerationParams, adapters: Sequence[str],
               timeout_s: float | None = None) -> TokenStream:  # fmt: skip
         """Start generating now. ``adapters``: "<modality>@<version>" of the prompt's media in prompt order; the
-        LLM applies the LoRA of the first one trained with one (stage 2), as ``lora.choose`` picks it."""
+        LLM applies the LoRA of the first one trained with one (stage 2), as ``methods.choose`` picks it."""
         ...
 
 

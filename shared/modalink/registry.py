@@ -1,6 +1,7 @@
 """Adapter registry: ``<root>/<modality>/<version>/{projector.safetensors, config.json, metrics.json}``.
 
-A stage-2 version also holds the LLM LoRA it was trained with, as a peft folder ``lora/`` (see lora.py).
+A stage-2 version also holds the LLM adapter it was trained with, in peft's folder layout: ``lora/`` for a LoRA,
+``llm-adapter/`` for the other stage-2 methods (see methods/).
 
 Versions are immutable and checksummed (``checksums.json``); a version is written into a temp dir and
 renamed into place, and ``CURRENT`` (the promoted version's name) is replaced atomically (write temp,
@@ -137,7 +138,7 @@ class AdapterRegistry:
         metrics: dict | None = None,
         extra: dict | None = None,
         promote: bool = False,
-        lora: tuple[dict[str, torch.Tensor], dict] | None = None,
+        llm_adapter: tuple[dict[str, torch.Tensor], dict] | None = None,
     ) -> str:
         """Write a new immutable version (next ``vN``); optionally make it current.
 
@@ -153,10 +154,11 @@ class AdapterRegistry:
                     _step("version-partial")
                     (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n")
                     names = ["projector.safetensors", "config.json", "metrics.json"]
-                    if lora is not None:
-                        from modalink import lora as lora_files
+                    if llm_adapter is not None:
+                        from modalink import methods
 
-                        names += [f"lora/{n}" for n in lora_files.save(tmp / "lora", *lora, half=True)]
+                        folder = "lora" if methods.method_of(llm_adapter[1]) == "lora" else "llm-adapter"
+                        names += [f"{folder}/{n}" for n in methods.save(tmp / folder, *llm_adapter, half=True)]
                     sums = {n: _sha256(tmp / n) for n in names}
                     (tmp / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
                     _step("version-written")  # then atomic_dir fsyncs the files and renames the folder
@@ -218,7 +220,10 @@ class AdapterRegistry:
         module, meta = load_projector(self.root / modality / version, device)
         return module, version, meta
 
-    def lora_path(self, modality: str, version: str) -> Path | None:
-        """The peft LoRA folder a stage-2 version was trained with (None for stage-1 versions)."""
-        d = self.root / modality / version / "lora"
-        return d if (d / "adapter_config.json").is_file() else None
+    def llm_adapter_path(self, modality: str, version: str) -> Path | None:
+        """The LLM adapter folder a stage-2 version was trained with (None for stage-1 versions)."""
+        for folder in ("lora", "llm-adapter"):
+            d = self.root / modality / version / folder
+            if (d / "adapter_config.json").is_file():
+                return d
+        return None

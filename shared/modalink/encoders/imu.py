@@ -84,6 +84,8 @@ class IMUEncoder(Encoder):
         name = settings.imu_encoder
         self.name = name
         directory = settings.adapters_dir / "encoders" / "imu-cnn" if name == "imu-cnn" else Path(name)
+        self.directory = directory
+        self._text_head: nn.Module | None = None
         if (directory / "model.safetensors").exists():
             cfg = IMUConfig(**json.loads((directory / "config.json").read_text()))
             self.model = IMUCNN(cfg)
@@ -107,6 +109,20 @@ class IMUEncoder(Encoder):
             if len({x.shape[1] for x in inputs}) == 1:
                 return list(self.model(torch.stack(inputs)))
             return [self.model(x[None])[0] for x in inputs]
+
+    def text_embedding(self, features: torch.Tensor) -> torch.Tensor:
+        """A window's encoded features [tokens, d_out] -> its unit vector in all-MiniLM-L6-v2's sentence space (the
+        space the CNN was trained against; ``modalink.magic`` compares it with sentences there)."""
+        from modalink.errors import ConfigError
+        from modalink.train.imu_encoder import TEXT_HEAD, load_text_head
+
+        if self._text_head is None:
+            if not (self.directory / TEXT_HEAD).exists():
+                raise ConfigError(f"no {TEXT_HEAD} beside the IMU encoder in {self.directory}: `modalink train -m imu`"
+                                  " fits it (the CNN stays as it is)")  # fmt: skip
+            self._text_head = load_text_head(self.directory, self.feature_dim)
+        with torch.inference_mode():
+            return nn.functional.normalize(self._text_head(features.float().mean(0)), dim=-1)
 
 
 def load_imu_encoder(settings: Settings) -> IMUEncoder:

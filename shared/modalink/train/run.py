@@ -3,8 +3,8 @@ published to the adapter registry."""
 
 from __future__ import annotations
 
-import json
 import logging
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,19 +23,23 @@ log = logging.getLogger(__name__)
 
 
 def ensure_imu_encoder(data_dir: Path, settings: Settings, retrain: bool = False) -> dict | None:
-    """Train the IMU CNN (once) into ``<adapters>/encoders/imu-cnn`` unless it is there already."""
+    """Train the IMU CNN (once) into ``<adapters>/encoders/imu-cnn`` unless it is there already; an encoder trained
+    before its text head was kept gets the head fitted, the CNN frozen."""
     import numpy as np
 
-    from modalink.train.imu_encoder import train_imu_encoder
+    from modalink.train.imu_encoder import TEXT_HEAD, train_imu_encoder
 
     out = settings.adapters_dir / "encoders" / "imu-cnn"
+    cnn = None
     if (out / "model.safetensors").exists() and not retrain:
-        return None
+        if (out / TEXT_HEAD).exists():
+            return None
+        cnn = load_encoder("imu", settings).model
     load = lambda split: read_manifest(data_dir / "imu" / f"{split}.jsonl")  # noqa: E731
     train, val = load("train"), load("val")
     windows = lambda rows: np.stack([np.load(r["path"]) for r in rows])  # noqa: E731
     return train_imu_encoder(windows(train), [r["label"] for r in train], out,
-                             val=(windows(val), [r["label"] for r in val]))  # fmt: skip
+                             val=(windows(val), [r["label"] for r in val]), cnn=cnn)  # fmt: skip
 
 
 def ground_projector(projector, modality: str, data_dir: Path, settings: Settings, encoder, engine,
@@ -73,7 +77,7 @@ def train_modality(
     val = features_for(m, "val", data_dir, settings, encoder)
     run_dir = run_dir or settings.cache_dir / "runs" / m
     registry = AdapterRegistry(settings.adapters_dir)
-    init, init_lora = None, None
+    init, init_adapter = None, None
     if cfg.stage == 2 and not cfg.init_from:
         cfg.init_from = "current"  # instruction tuning goes on from the aligned projector
     if cfg.init_from:
@@ -84,15 +88,11 @@ def train_modality(
         check_video_tokens(m, loaded[1], loaded[2], encoder)
         init = loaded[0].train()
         extra_metrics["init_from"] = loaded[1]
-        lora_dir = registry.lora_path(m, loaded[1])
-        if lora_dir is not None and cfg.stage == 2:  # continue its LoRA too, with its own shape
-            from safetensors.torch import load_file
-
-            lcfg = json.loads((lora_dir / "adapter_config.json").read_text())
-            cfg.lora = {"r": lcfg["r"], "alpha": lcfg["lora_alpha"], "target_modules": lcfg["target_modules"]}
-            init_lora = load_file(str(lora_dir / "adapter_model.safetensors"))
+        adapter_dir = registry.llm_adapter_path(m, loaded[1])
+        if adapter_dir is not None and cfg.stage == 2:  # continue its LLM adapter too if of this method, its shape
+            init_adapter, cfg.method_args = continued_adapter(adapter_dir, cfg)
     trainer = AlignTrainer(
-        cfg, engine, encoder.feature_dim, train, val, run_dir, settings.system_prompt, init, init_lora
+        cfg, engine, encoder.feature_dim, train, val, run_dir, settings.system_prompt, init, init_adapter
     )
     question = default_question(m)
     val_accuracy = lambda answers: round(  # noqa: E731
@@ -118,13 +118,16 @@ def train_modality(
         "stage": cfg.stage,
         "steps": trainer.step,
         "train_seconds": round(train_s, 1),
+        "step_seconds": round(statistics.median(trainer.step_seconds), 3) if trainer.step_seconds else None,
+        "trainable_projector": sum(p.numel() for p in projector.parameters()),
+        **({"method": cfg.method, "trainable_llm": trainer.trainable_llm} if cfg.stage == 2 else {}),
         "examples": [{"label": r["label"], "answer": a} for (r, _), a in list(zip(val, answers, strict=True))[:5]],
         **{k: v for k, v in extra_metrics.items() if v is not None},
     }
     extra = {"train": asdict(cfg), "encoder": encoder.name, "encoder_weights": encoder.weights_id, "llm": settings.llm,
              "system_prompt": settings.system_prompt, "history": trainer.history}  # fmt: skip
-    lora_files = trainer.lora_state() if trainer.adapter else None
-    version = registry.publish(m, projector, metrics=metrics, extra=extra, lora=lora_files)
+    llm_adapter = trainer.adapter_state() if trainer.adapter else None
+    version = registry.publish(m, projector, metrics=metrics, extra=extra, llm_adapter=llm_adapter)
     current = registry.current(m)
     current_acc = next((v.metrics.get("val_accuracy", 0) for v in registry.list(m) if v.current), None)
     if baseline is not None:
@@ -135,3 +138,22 @@ def train_modality(
     if promoted:
         registry.promote(m, version)
     return {"modality": m, "version": version, "promoted": promoted, "metrics": metrics}
+
+
+def continued_adapter(path, cfg: AlignConfig) -> tuple[dict | None, dict]:
+    """(tensors, settings) to continue the LLM adapter at ``path`` with, if it is of ``cfg.method``; else (None,
+    ``cfg.method_args``): a stage 2 of another method starts its adapter fresh on the version's projector."""
+    from safetensors.torch import load_file
+
+    from modalink.methods import method_of, read_config
+
+    config = read_config(path)
+    if method_of(config) != cfg.method:
+        log.warning("the %s version's LLM adapter is %s, not %s: starting a fresh %s adapter on its projector",
+                    cfg.modality, method_of(config), cfg.method, cfg.method)  # fmt: skip
+        return None, cfg.method_args
+    if cfg.method == "lora":
+        settings = {"r": config["r"], "alpha": config["lora_alpha"], "target_modules": config["target_modules"]}
+    else:
+        settings = {k: v for k, v in config.items() if k != "method"}
+    return load_file(str(path / "adapter_model.safetensors")), settings
