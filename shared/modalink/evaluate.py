@@ -453,10 +453,12 @@ def magic_section(result: dict, trained: float | None, command: str) -> list[str
     lines = [
         MAGIC_SECTION,
         "",
-        f"Reproduce: `{command}`. Measured {datetime.date.today()}. MAGIC (Su et al. 2022) trains nothing: the "
-        "frozen LLM gets only a question (no input), and each decoding step keeps the candidate whose text lies "
-        "closest to the IMU window in all-MiniLM-L6-v2's sentence space, where the IMU encoder was trained to "
-        f"point (k={c['k']}, alpha={c['alpha']}, tau={c['tau']}; beta={result['beta']} chosen on the "
+        f"Reproduce: `{command}`. Measured {datetime.date.today()}. MAGIC (Su et al. 2022) trains nothing beyond the "
+        "IMU encoder's own contrastive training: the frozen LLM gets only a question (no input), and each decoding "
+        "step keeps the candidate whose text lies closest to the IMU window in all-MiniLM-L6-v2's sentence space, "
+        "where the IMU encoder was trained to point. The question names the four activities, as a zero-shot "
+        f"classifier's label set does (the trained adapter's question does not): \"{result['question']}\" "
+        f"(k={c['k']}, alpha={c['alpha']}, tau={c['tau']}; beta={result['beta']} chosen on the "
         f"{result['val_n']} validation windows: {result['val']}). It applies to IMU only: the image, video and "
         "audio encoders were never trained against text, so without a trained projector there is no space in "
         "which a sentence and their features can be compared (`shared/modalink/magic.py`).",

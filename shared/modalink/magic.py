@@ -110,7 +110,8 @@ def evaluate_magic(data_dir, settings, betas=(1.0, 2.0, 4.0), limit: int = 0) ->
 
     val = {b: score("val", b)[0] for b in betas}
     beta = max(betas, key=lambda b: (val[b], -b))
-    test_acc, examples = score("test", beta)
+    test_acc, answers = score("test", beta)
+    examples = list({label: (label, a) for label, a in reversed(answers)}.values())  # one per activity
     blind_acc, blind_examples = score("test", 0.0)
     descriptions = magic.text.encode([ACTIVITY_TEXT[a] for a in ACTIVITIES], convert_to_tensor=True,
                                      normalize_embeddings=True).float().cpu()  # fmt: skip
@@ -118,5 +119,6 @@ def evaluate_magic(data_dir, settings, betas=(1.0, 2.0, 4.0), limit: int = 0) ->
     zero_shot = sum(n == r["label"] for n, r in zip(nearest, rows["test"], strict=True)) / len(nearest)
     return {"beta": beta, "val": {str(b): round(a, 4) for b, a in val.items()}, "val_n": len(rows["val"]),
             "test_accuracy": round(test_acc, 4), "test_n": len(rows["test"]), "blind_accuracy": round(blind_acc, 4),
-            "zero_shot_accuracy": round(zero_shot, 4), "examples": examples[:4], "blind_examples": blind_examples[:2],
+            "zero_shot_accuracy": round(zero_shot, 4), "examples": examples, "question": QUESTION,
+            "blind_examples": blind_examples[:2],
             "cfg": vars(magic.cfg)}  # fmt: skip

@@ -109,7 +109,11 @@ def decode_speeds(engine, settings: Settings, modality: str, row: dict, versions
         prompt = build_prompt(engine.tokenizer, [Message("user", content)], settings.system_prompt)
         name = choose(engine, assistant.registry, [f"{modality}@{version}"]) if method else None
         prompts[method] = (prompt, name)
-    eos, engine.eos_ids = engine.eos_ids, set()  # every method decodes exactly ``tokens`` tokens
+    from modalink.prefix_cache import PrefixCache
+
+    # every method decodes exactly ``tokens`` tokens, and prefills in full each time (no prefix-cache hits)
+    eos, engine.eos_ids = engine.eos_ids, set()
+    cache, engine.prefix_cache = engine.prefix_cache, PrefixCache(0)
     times: dict[str | None, list[float]] = {m: [] for m in prompts}
     try:
         for _ in range(repeats):
@@ -121,7 +125,7 @@ def decode_speeds(engine, settings: Settings, modality: str, row: dict, versions
                 out = engine.generate([prompt], GenerationParams(max_new_tokens=tokens), adapters=[name])[0]
                 times[method].append((out.completion_tokens - 1) / max(time.perf_counter() - t0 - prefill, 1e-6))
     finally:
-        engine.eos_ids = eos
+        engine.eos_ids, engine.prefix_cache = eos, cache
     return {m: round(statistics.median(v), 1) for m, v in times.items()}
 
 
