@@ -58,6 +58,15 @@ class IMUCNN(nn.Module):
         return self.out(h.transpose(1, 2))
 
 
+TEXT_HEAD = "text_head.safetensors"  # the linear map from the CNN's pooled features into MiniLM's space
+
+
+def load_text_head(encoder_dir: Path, d_in: int, d_out: int = 384) -> nn.Linear:
+    head = nn.Linear(d_in, d_out)
+    head.load_state_dict(load_file(str(encoder_dir / TEXT_HEAD)))
+    return head.eval().requires_grad_(False)
+
+
 def save_imu_encoder(model: IMUCNN, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
@@ -114,7 +123,6 @@ class IMUEncoder(Encoder):
         """A window's encoded features [tokens, d_out] -> its unit vector in all-MiniLM-L6-v2's sentence space (the
         space the CNN was trained against; ``modalink.magic`` compares it with sentences there)."""
         from modalink.errors import ConfigError
-        from modalink.train.imu_encoder import TEXT_HEAD, load_text_head
 
         if self._text_head is None:
             if not (self.directory / TEXT_HEAD).exists():

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from modalink.cache import package_dir
 from modalink.data import ACTIVITIES, ACTIVITY_TEXT
-from modalink.encoders.imu import IMUCNN, IMUConfig, save_imu_encoder
+from modalink.encoders.imu import IMUCNN, TEXT_HEAD, IMUConfig, save_imu_encoder
 from modalink.progress import progress
 
 PARAPHRASES = {
@@ -93,12 +93,3 @@ def train_imu_encoder(
         save_imu_encoder(cnn, out_dir)
     save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(out_dir / TEXT_HEAD))
     return metrics
-
-
-TEXT_HEAD = "text_head.safetensors"  # the linear map from the CNN's pooled features into MiniLM's space
-
-
-def load_text_head(encoder_dir: Path, d_in: int, d_out: int = 384) -> nn.Linear:
-    head = nn.Linear(d_in, d_out)
-    head.load_state_dict(load_file(str(encoder_dir / TEXT_HEAD)))
-    return head.eval().requires_grad_(False)

@@ -27,7 +27,8 @@ def ensure_imu_encoder(data_dir: Path, settings: Settings, retrain: bool = False
     before its text head was kept gets the head fitted, the CNN frozen."""
     import numpy as np
 
-    from modalink.train.imu_encoder import TEXT_HEAD, train_imu_encoder
+    from modalink.encoders.imu import TEXT_HEAD
+    from modalink.train.imu_encoder import train_imu_encoder
 
     out = settings.adapters_dir / "encoders" / "imu-cnn"
     cnn = None
