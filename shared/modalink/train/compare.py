@@ -141,6 +141,7 @@ def ship(modality: str, settings: Settings, work: Path, results: dict[str, dict]
     from safetensors.torch import load_file
 
     from modalink.methods import read_config
+    from modalink.train.run import not_worse
 
     method = best_method(results)
     version = results[method]["version"]
@@ -152,12 +153,10 @@ def ship(modality: str, settings: Settings, work: Path, results: dict[str, dict]
     entry = next(v for v in source.list(modality) if v.version == version)
     extra = {k: v for k, v in meta.items() if k not in ("modality", "version", "projector")}
     registry = AdapterRegistry(settings.adapters_dir)
-    current = registry.current(modality)
-    current_acc = next((v.metrics.get("val_accuracy", 0) for v in registry.list(modality) if v.current), 0)
+    promoted = not_worse(registry, modality, entry.metrics)
     metrics = {**entry.metrics, "chosen_from": {m: r["val_accuracy"] for m, r in results.items()}}
     shipped = registry.publish(modality, projector, metrics=metrics, extra=extra,
                                llm_adapter=(tensors, read_config(folder)))  # fmt: skip
-    promoted = current is None or metrics["val_accuracy"] >= current_acc
     if promoted:
         registry.promote(modality, shipped)
     return {"method": method, "version": shipped, "promoted": promoted, "val_accuracy": metrics["val_accuracy"]}

@@ -129,16 +129,19 @@ def train_modality(
              "system_prompt": settings.system_prompt, "history": trainer.history}  # fmt: skip
     llm_adapter = trainer.adapter_state() if trainer.adapter else None
     version = registry.publish(m, projector, metrics=metrics, extra=extra, llm_adapter=llm_adapter)
-    current = registry.current(m)
-    current_acc = next((v.metrics.get("val_accuracy", 0) for v in registry.list(m) if v.current), None)
-    if baseline is not None:
-        current_acc = baseline
-    promoted = promote == "always" or (
-        promote == "if-better" and (current is None or metrics["val_accuracy"] >= (current_acc or 0))
-    )
+    promoted = promote == "always" or (promote == "if-better" and not_worse(registry, m, metrics, baseline))
     if promoted:
         registry.promote(m, version)
     return {"modality": m, "version": version, "promoted": promoted, "metrics": metrics}
+
+
+def not_worse(registry: AdapterRegistry, modality: str, metrics: dict, baseline: float | None = None) -> bool:
+    """The promotion rule: no current version, or validation accuracy not below the current one's (``baseline``:
+    the current version measured on today's validation set, which wins over its recorded figure)."""
+    if registry.current(modality) is None:
+        return True
+    current = next((v.metrics.get("val_accuracy", 0) for v in registry.list(modality) if v.current), None)
+    return metrics["val_accuracy"] >= ((baseline if baseline is not None else current) or 0)
 
 
 def continued_adapter(path, cfg: AlignConfig) -> tuple[dict | None, dict]:
