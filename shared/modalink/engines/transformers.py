@@ -69,10 +69,7 @@ class TransformersEngine(Engine):
             self.adapters.add(name)
             return lora.parameters(self.peft, name)
         module = routed_class(method)(self.model.config, settings or {}).to(self.device)
-        if hasattr(module, "init_from_model"):
-            module.init_from_model(self.model, self.embedding.weight.detach())
-        elif hasattr(module, "init_from_embeddings"):
-            module.init_from_embeddings(self.embedding.weight.detach())
+        module.initialise(self.model, self.embedding.weight.detach())
         module.attach(self.model, self.router, name)
         self.adapters.add(name)
         return module.trainable()

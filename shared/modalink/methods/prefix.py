@@ -29,7 +29,7 @@ class PrefixTuning(RoutedMethod):
         self.keys = nn.Parameter(torch.randn(shape) * 0.02)
         self.values = nn.Parameter(torch.randn(shape) * 0.02)
 
-    def init_from_model(self, model: nn.Module, table: torch.Tensor, seed: int = 0) -> None:
+    def initialise(self, model: nn.Module, table: torch.Tensor, seed: int = 0) -> None:
         """Start from the keys and values the LLM computes for random vocabulary tokens (Li and Liang: initializing
         with real activations trains more stably than random ones)."""
         g = torch.Generator().manual_seed(seed)

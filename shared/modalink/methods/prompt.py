@@ -22,10 +22,10 @@ class PromptTuning(RoutedMethod):
 
     def __init__(self, config, settings: dict) -> None:
         super().__init__(config, settings)
-        # small random vectors, near the embeddings' scale (set from the vocabulary in ``init_from_embeddings``)
+        # small random vectors, near the embeddings' scale (set from the vocabulary in ``initialise``)
         self.embeddings = nn.Parameter(torch.randn(int(self.settings["tokens"]), config.hidden_size) * 0.02)
 
-    def init_from_embeddings(self, table: torch.Tensor, seed: int = 0) -> None:
+    def initialise(self, model: nn.Module, table: torch.Tensor, seed: int = 0) -> None:
         """Start from the embeddings of random vocabulary tokens (Lester et al.: better than random vectors)."""
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, table.shape[0], (self.embeddings.shape[0],), generator=g)

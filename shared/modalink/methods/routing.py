@@ -118,6 +118,10 @@ class RoutedMethod(nn.Module):
         """An addition to the attention output [b, q, heads, head_dim] of ``module`` for ``rows`` (LLaMA-Adapter)."""
         return None
 
+    def initialise(self, model: nn.Module, table: torch.Tensor, seed: int = 0) -> None:
+        """Set a fresh adapter's starting values from the frozen LLM (``model``, its input embeddings ``table``);
+        by default the values ``__init__`` chose stay (zero gates, identity vectors)."""
+
     def trainable(self) -> list[nn.Parameter]:
         params = list(self.parameters())
         for p in params:
