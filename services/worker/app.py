@@ -7,17 +7,19 @@ adapter fine-tunes (queue ``finetune``, scheduled by beat every ``MODALINK_FINET
     celery -A modalink_services.worker.app beat       # exactly one
 
 Late acks and reject-on-worker-lost: a batch whose worker dies is delivered again, and the job store
-keeps each item's first result only (``modalink.jobs``). An encoder or LLM service that is down makes
+keeps each item's first result only (``modalink.jobs``); a batch the broker lost is queued again by the job
+sweeper each worker runs (``JobSweeper``). An encoder or LLM service that is down makes
 the task retry with backoff; a bad item is recorded with its error and does not fail the job. The app's
 configuration, the job store and ``submit`` are the serving layer's (``modalink.queueing``).
 """
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 
 import grpc
-from celery import Celery
+from celery import Celery, bootsteps
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -32,12 +34,44 @@ from modalink.jobs import caption_batch
 # Redis errors: the job store was unreachable for longer than its retries (bad input never raises: it becomes
 # the item's error row).
 RETRIED = (BackendError, ConnectionError, TimeoutError, grpc.RpcError, RedisConnectionError, RedisTimeoutError)
+log = logging.getLogger(__name__)
+
+
+class JobSweeper(bootsteps.StartStopStep):
+    """Every ``MODALINK_JOB_SWEEP_S``, in the worker's main process, queue again the batches the broker lost
+    (``queueing.sweep``; one worker at a time)."""
+
+    requires = {"celery.worker.components:Timer"}
+
+    def __init__(self, worker, **kwargs):
+        self.tref = None
+
+    def start(self, worker) -> None:
+        settings = worker.app.modalink_settings
+        if settings.job_sweep_s > 0:
+            self.tref = worker.timer.call_repeatedly(settings.job_sweep_s, self.sweep, (settings,), priority=10)
+
+    def stop(self, worker) -> None:
+        if self.tref:
+            self.tref.cancel()
+            self.tref = None
+
+    @staticmethod
+    def sweep(settings: Settings) -> None:
+        try:
+            for job_id, n in queueing.sweep(settings).items():
+                log.warning("job %s made no progress and has no batch in the broker: %d batches queued again",
+                            job_id, n)  # fmt: skip
+        except (RedisConnectionError, RedisTimeoutError) as e:  # Redis restarting: the next sweep tries again
+            log.warning("job sweep skipped: %s", e)
 
 
 def create_app(settings: Settings | None = None) -> Celery:
     """The worker's Celery app with its tasks, on ``settings`` (default: the environment's)."""
     settings = settings or get_settings()
     app = queueing.celery_app(settings)
+    app.modalink_settings = settings  # what JobSweeper reads
+    app.steps["worker"].add(JobSweeper)
 
     @lru_cache(maxsize=1)
     def remote():

@@ -425,7 +425,9 @@ def _compare_methods(data: Path, modality: list[str], method: list[str], work: P
         if not (data / m / "train.jsonl").exists():
             raise _fail(f"no training data at {data / m}/train.jsonl: run `modalink data build` first")
     settings = get_settings()
-    results = {}
+    # a modality compared in an earlier run keeps its rows (the report shows every modality measured in ``work``)
+    saved = work / "results.json"
+    results = json.loads(saved.read_text()) if saved.exists() else {}
     for m in modalities:
         trained = train_methods(m, data, settings, work, chosen, steps)
         results[m] = score_methods(m, data, settings, work, trained, limit)
@@ -436,10 +438,11 @@ def _compare_methods(data: Path, modality: list[str], method: list[str], work: P
             shipped = ship_best(m, settings, work, trained)
             state = "promoted" if shipped["promoted"] else "not promoted: the current version is better"
             typer.echo(f"{m}: shipped {shipped['method']} as {shipped['version']} ({state})")
-    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(results, indent=2) + "\n")
     if report is not None:
         cmd = f"modalink eval --methods --data {data} --work {work} --method-steps {steps}"
-        cmd += "".join(f" -m {m}" for m in modalities) + "".join(f" --method {m}" for m in method)
+        cmd += "".join(f" -m {m}" for m in results) + "".join(f" --method {m}" for m in method)
         cmd += f" --limit {limit}" if limit else ""
         put_section(report, methods_section(results, cmd + f" --report {report}"))
         typer.echo(f"'Stage-2 methods' written to {report}")
@@ -490,7 +493,11 @@ def evaluate(
         "'Stage-2 methods' section of that file.",
     ),
     method: list[str] = typer.Option([], "--method", help="With --methods: only these methods (repeat)."),
-    work: Path = typer.Option(Path("build/methods"), "--work", help="With --methods: scratch registry and results."),
+    work: Path = typer.Option(
+        Path("build/methods"),
+        "--work",
+        help="With --methods: scratch registry and results (modalities compared there before keep their rows).",
+    ),
     method_steps: int = typer.Option(100, "--method-steps", help="With --methods: stage-2 steps per method."),
     ship: bool = typer.Option(
         False, "--ship", help="With --methods: publish the best method by validation accuracy, promoted if not worse."

@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     job_visibility_timeout_s: int = Field(
         3600, ge=5, description="A captioning batch whose worker died unacked is delivered again after this long."
     )
+    job_sweep_s: float = Field(30.0, ge=0, description="How often each caption worker runs the job sweeper (one at "
+                               "a time: a Redis lock); 0 = never.")  # fmt: skip
+    job_stall_s: float = Field(120.0, ge=0, description="A running job whose progress has not moved for this long and "
+                               "has no batch left in the broker gets its unfinished batches queued again.")  # fmt: skip
     redis_url: str = Field(
         f"redis://127.0.0.1:{ports.REDIS_PORT}/0", description="Celery broker and job store (modalink up sets it)."
     )

@@ -7,6 +7,11 @@ id is new makes a re-delivered batch (a worker killed mid-batch, ``acks_late``) 
 delivery, exactly-once results. The worker-side store steps retry while Redis restarts (it persists with an
 append-only file). The Celery side is ``services/worker``.
 
+A batch can also vanish: kombu's Redis transport pops a message, then notes it as unacknowledged, and a worker
+killed between the two steps takes it along. So each job keeps its batches (``modalink:job:<id>:batches``) and
+``modalink:jobs:running`` lists the running jobs: the sweeper (``queueing.sweep``) queues again the unfinished
+batches of a job that has made no progress for a while and has no message left in the broker.
+
 Files a job reads and writes (manifest, items, results) must lie inside ``MODALINK_MANIFEST_ROOTS`` (default:
 the jobs dir), checked with symlinks resolved, so a gateway client cannot make the workers read ``/etc/passwd``.
 
@@ -41,6 +46,7 @@ from modalink.prompt import Media
 
 KEY = "modalink:job:{}"
 CALLER_KEY = "modalink:caller:{}:jobs"
+RUNNING_KEY = "modalink:jobs:running"  # the ids of running jobs, for the sweeper (``queueing.sweep``)
 STATES = ("running", "done", "cancelled")
 ANYWHERE = (Path("/"),)  # the roots of a trusted submitter (the CLI, which reaches the broker directly anyway)
 log = logging.getLogger(__name__)
@@ -151,7 +157,39 @@ class JobStore:
                                                      "items": json.dumps(counts)})  # fmt: skip
         if caller and max_running:
             self._admit(job_id, caller, max_running)
+        self.redis.sadd(RUNNING_KEY, job_id)
         return job_id
+
+    def keep_batches(self, job_id: str, payloads: list[dict]) -> None:
+        """The job's batches as queued (the caption task's arguments), so the sweeper can queue one again."""
+        key = KEY.format(job_id) + ":batches"
+        self.redis.hset(key, mapping={str(i): json.dumps(p) for i, p in enumerate(payloads)})
+
+    def running(self) -> list[str]:
+        """The ids of the running jobs (an ended job leaves the set when it ends)."""
+        return sorted(i.decode() for i in self.redis.smembers(RUNNING_KEY))
+
+    def unfinished_batches(self, job_id: str) -> list[dict]:
+        """The kept batches of a job that still have an item without a result."""
+        key = KEY.format(job_id)
+        done = {k.decode() for k in self.redis.hkeys(key + ":results")}  # not retried: the sweeper's next turn is
+        kept = [json.loads(v) for v in self.redis.hvals(key + ":batches")]
+        return [p for p in kept if any(r["id"] not in done for r in p["rows"])]
+
+    def stalled(self, job_id: str, stall_s: float, now: float | None = None) -> bool:
+        """Whether ``done`` has not moved for ``stall_s`` seconds, as successive sweeps saw it (each call notes
+        what it saw; a stall is noted again, so the next one is ``stall_s`` later)."""
+        now = time.time() if now is None else now
+        key = KEY.format(job_id)
+        done, seen = self.redis.hmget(key, "done", "swept")
+        last_done, since = json.loads(seen) if seen else (None, now)
+        if int(done or 0) != last_done:
+            self.redis.hset(key, "swept", json.dumps([int(done or 0), now]))
+            return False
+        if now - since < stall_s:
+            return False
+        self.redis.hset(key, "swept", json.dumps([last_done, now]))
+        return True
 
     def _admit(self, job_id: str, caller: str, max_running: int) -> None:
         """Count the caller's running jobs with this one (ended ones leave the caller's set here); over the quota,
@@ -233,6 +271,8 @@ class JobStore:
                         return False
                     pipe.multi()
                     pipe.hset(key, "state", state)
+                    pipe.srem(RUNNING_KEY, job_id)
+                    pipe.delete(key + ":batches")  # nothing is queued again for an ended job
                     if self.ttl_s:  # an ended job expires: finished jobs never pile up in Redis
                         pipe.expire(key, self.ttl_s)
                         pipe.expire(key + ":results", self.ttl_s)

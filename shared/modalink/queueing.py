@@ -15,7 +15,7 @@ from celery import Celery
 from modalink.config import Settings, get_settings
 from modalink.engine import GenerationParams
 from modalink.errors import InputError
-from modalink.jobs import JobStore, batches, check_path, deterministic, manifest_roots
+from modalink.jobs import KEY, JobStore, batches, check_path, deterministic, manifest_roots
 
 CAPTION_TASK, FINETUNE_TASK = "modalink.caption_batch", "modalink.finetune"
 MAX_PROMPT_CHARS = 4000
@@ -94,7 +94,7 @@ def submit(
     ``MODALINK_MAX_JOBS_PER_CALLER`` jobs running. ``salt``: the submitter's media embedding cache salt (its key
     id), so the workers' encodings of its items are cached as its own (``modalink.embed_cache``)."""
     settings = settings or get_settings()
-    roots = [str(r) for r in (manifest_roots() if roots is None else roots)]
+    roots = [str(r) for r in (manifest_roots(settings) if roots is None else roots)]
     check_path(results.replace("{job_id}", "job"), roots, "results path")
     params = params or GenerationParams(max_new_tokens=48)
     params.validate()
@@ -112,9 +112,73 @@ def submit(
         raise InputError(f"batch_size must be in 1..256, got {batch_size}")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InputError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
-    job_id = store(settings).create(rows, results, prompt, caller, settings.max_jobs_per_caller)
-    sender = _sender(settings.redis_url)
-    for modality, chunk in batches(rows, batch_size, repeats=deterministic(params)):
-        sender.send_task(CAPTION_TASK, (job_id, modality, chunk, asdict(params), prompt, roots),
-                         {"salt": salt} if salt else None, queue=f"caption.{modality}")  # fmt: skip
+    jobs = store(settings)
+    job_id = jobs.create(rows, results, prompt, caller, settings.max_jobs_per_caller)
+    payloads = [
+        {"modality": modality, "rows": chunk, "params": asdict(params), "prompt": prompt, "roots": roots, "salt": salt}
+        for modality, chunk in batches(rows, batch_size, repeats=deterministic(params))
+    ]
+    jobs.keep_batches(job_id, payloads)
+    for payload in payloads:
+        _send(settings, job_id, payload)
     return job_id
+
+
+def _send(settings: Settings, job_id: str, payload: dict) -> None:
+    """Queue one caption batch (a kept payload: ``JobStore.keep_batches``) on its modality's queue."""
+    p = payload
+    _sender(settings.redis_url).send_task(
+        CAPTION_TASK, (job_id, p["modality"], p["rows"], p["params"], p["prompt"], p["roots"]),
+        {"salt": p["salt"]} if p["salt"] else None, queue=f"caption.{p['modality']}",
+    )  # fmt: skip
+
+
+def queued_jobs(redis) -> set[str]:
+    """The ids of the jobs with a caption batch in the broker: queued (kombu's ``caption.*`` lists, priority
+    lists included) or delivered and not acknowledged yet (kombu's ``unacked`` hash: in a worker's hand, or
+    waiting out a retry's countdown there)."""
+    import base64
+    import json
+
+    def job_of(raw: bytes) -> str | None:
+        message = json.loads(raw)
+        message = message[0] if isinstance(message, list) else message  # unacked: [message, exchange, routing key]
+        if message.get("headers", {}).get("task") != CAPTION_TASK:
+            return None
+        body = message["body"]
+        body = base64.b64decode(body) if message.get("properties", {}).get("body_encoding") == "base64" else body
+        return json.loads(body)[0][0]
+
+    raws = list(redis.hvals("unacked"))
+    for key in redis.scan_iter(match="caption.*", count=100):
+        if redis.type(key) == b"list":
+            for start in range(0, redis.llen(key), 500):
+                raws += redis.lrange(key, start, start + 499)
+    return {job for raw in raws if (job := job_of(raw))}
+
+
+def sweep(settings: Settings | None = None, stall_s: float | None = None) -> dict[str, int]:
+    """Queue again the unfinished batches of each running job that has made no progress for ``stall_s``
+    (default ``MODALINK_JOB_STALL_S``) and has no batch left in the broker: a batch the broker lost (a worker
+    killed between kombu's pop and its unacked note). Sends again are harmless (each item's first result is
+    kept). One sweeper at a time (a Redis lock), so every worker may run it. Returns {job id: batches queued}."""
+    settings = settings or get_settings()
+    stall_s = settings.job_stall_s if stall_s is None else stall_s
+    jobs = store(settings)
+    if not jobs.redis.set("modalink:jobs:sweeping", "1", nx=True, ex=max(int(stall_s), 10)):
+        return {}
+    try:
+        stalled = [j for j in jobs.running() if jobs.stalled(j, stall_s)]
+        if not stalled:
+            return {}
+        in_broker = queued_jobs(jobs.redis)
+        sent = {}
+        for job_id in stalled:
+            if job_id in in_broker or jobs.redis.hget(KEY.format(job_id), "state") != b"running":
+                continue
+            sent[job_id] = len(todo := jobs.unfinished_batches(job_id))
+            for payload in todo:
+                _send(settings, job_id, payload)
+        return {j: n for j, n in sent.items() if n}
+    finally:
+        jobs.redis.delete("modalink:jobs:sweeping")
