@@ -167,6 +167,34 @@ def test_every_method_shares_one_batch_and_each_row_answers_as_alone(trained, se
     assert set(names.values()) <= set(after.adapters)
 
 
+def test_a_soft_prompt_counts_against_the_context(trained, served, llm_service, settings):
+    """A prompt that fits the context alone but not with the prompt-tuning adapter's virtual tokens is refused
+    before any work (in process and by the LLM service, INVALID_ARGUMENT); without the adapter it passes."""
+    from modalink.errors import InputError
+    from modalink.v1 import llm_pb2_grpc
+
+    _, out = trained
+    assistant, names = served
+    engine, name = assistant.engine, names["prompt"]
+    soft = engine.soft_prompt(name).shape[0]
+    assert soft == SETTINGS["prompt"]["tokens"]
+    params = GenerationParams(max_new_tokens=8)
+    base = prompt_of(engine.tokenizer, out["prompt"]["media"], settings.system_prompt)
+    target = engine.max_context - params.max_new_tokens - soft // 2  # fits alone; with the soft prompt it does not
+    words = target - engine.check(base, params)
+    for _ in range(5):  # " ok" is about one token a word: correct the count until it is exact
+        prompt = [" ok" * words, *base]
+        words += target - engine.check(prompt, params)
+    assert engine.check(prompt, params) == target
+    with pytest.raises(InputError, match="exceeds the context"):
+        engine.check(prompt, params, name)
+    request = llm_pb2.LLMRequest(segments=segments_to_msg(prompt), adapters=[name],
+                                 params=common_pb2.GenerationParams(max_new_tokens=params.max_new_tokens))  # fmt: skip
+    with grpc.insecure_channel(llm_service) as ch, pytest.raises(grpc.RpcError) as e:
+        list(llm_pb2_grpc.LLMStub(ch).Generate(request, timeout=120))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"{target + soft} tokens" in e.value.details()
+
+
 def test_a_bad_method_or_setting_is_refused_clearly(settings, tmp_path):
     from modalink.engines.transformers import TransformersEngine
     from modalink.errors import ConfigError
