@@ -440,6 +440,11 @@ def methods_section(results: dict[str, dict[str, dict]], command: str) -> list[s
                          f"| {100 * r['val_accuracy']:.1f}% (n={r['val_n']}) "
                          f"| **{100 * r['test_accuracy']:.1f}%** (n={r['test_n']}) | {dacc} "
                          f"| {r['decode_tok_s']:.1f} | {speed} |")  # fmt: skip
+    scored = [r for res in results.values() for r in res.values() if "test_accuracy" in r]
+    if scored:  # how far apart two test accuracies must be to mean anything at this n (normal approximation)
+        half = max(1.96 * (r["test_accuracy"] * (1 - r["test_accuracy"]) / r["test_n"]) ** 0.5 for r in scored)
+        lines += ["", f"At these test sizes a test accuracy's 95% interval is up to ±{100 * half:.1f} pt: methods "
+                  "closer than that are not told apart by this run."]  # fmt: skip
     return lines
 
 
