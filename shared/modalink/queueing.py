@@ -5,6 +5,7 @@ tasks run in ``services/worker``, and a job is queued by task name, so a submitt
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
 from functools import lru_cache
@@ -18,6 +19,8 @@ from modalink.errors import InputError
 from modalink.jobs import KEY, JobStore, batches, check_path, deterministic, manifest_roots
 
 CAPTION_TASK, FINETUNE_TASK = "modalink.caption_batch", "modalink.finetune"
+SWEEP_LOCK = "modalink:jobs:sweeping"
+RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 MAX_PROMPT_CHARS = 4000
 MAX_ID_CHARS = 256
 
@@ -165,7 +168,8 @@ def sweep(settings: Settings | None = None, stall_s: float | None = None) -> dic
     settings = settings or get_settings()
     stall_s = settings.job_stall_s if stall_s is None else stall_s
     jobs = store(settings)
-    if not jobs.redis.set("modalink:jobs:sweeping", "1", nx=True, ex=max(int(stall_s), 10)):
+    token = uuid.uuid4().hex  # released only by its holder: a sweep outliving the lock frees no one else's
+    if not jobs.redis.set(SWEEP_LOCK, token, nx=True, ex=max(int(stall_s), 10)):
         return {}
     try:
         stalled = [j for j in jobs.running() if jobs.stalled(j, stall_s)]
@@ -181,4 +185,4 @@ def sweep(settings: Settings | None = None, stall_s: float | None = None) -> dic
                 _send(settings, job_id, payload)
         return {j: n for j, n in sent.items() if n}
     finally:
-        jobs.redis.delete("modalink:jobs:sweeping")
+        jobs.redis.eval(RELEASE, 1, SWEEP_LOCK, token)
