@@ -172,7 +172,7 @@ class JobStore:
     def unfinished_batches(self, job_id: str) -> list[dict]:
         """The kept batches of a job that still have an item without a result."""
         key = KEY.format(job_id)
-        done = {k.decode() for k in self.redis.hkeys(key + ":results")}  # not retried: the sweeper's next turn is
+        done = self.done_ids.__wrapped__(self, job_id)  # not retried: a sweep skipped now runs again next turn
         kept = [json.loads(v) for v in self.redis.hvals(key + ":batches")]
         return [p for p in kept if any(r["id"] not in done for r in p["rows"])]
 

@@ -16,7 +16,7 @@ from celery import Celery
 from modalink.config import Settings, get_settings
 from modalink.engine import GenerationParams
 from modalink.errors import InputError
-from modalink.jobs import KEY, JobStore, batches, check_path, deterministic, manifest_roots
+from modalink.jobs import JobStore, batches, check_path, deterministic, manifest_roots
 
 CAPTION_TASK, FINETUNE_TASK = "modalink.caption_batch", "modalink.finetune"
 SWEEP_LOCK = "modalink:jobs:sweeping"
@@ -152,12 +152,12 @@ def queued_jobs(redis) -> set[str]:
         body = base64.b64decode(body) if message.get("properties", {}).get("body_encoding") == "base64" else body
         return json.loads(body)[0][0]
 
-    raws = list(redis.hvals("unacked"))
+    jobs = {job for raw in redis.hvals("unacked") if (job := job_of(raw))}
     for key in redis.scan_iter(match="caption.*", count=100):
         if redis.type(key) == b"list":
-            for start in range(0, redis.llen(key), 500):
-                raws += redis.lrange(key, start, start + 499)
-    return {job for raw in raws if (job := job_of(raw))}
+            for start in range(0, redis.llen(key), 500):  # a chunk at a time: a long queue is never held whole
+                jobs |= {job for raw in redis.lrange(key, start, start + 499) if (job := job_of(raw))}
+    return jobs
 
 
 def sweep(settings: Settings | None = None, stall_s: float | None = None) -> dict[str, int]:
@@ -178,7 +178,7 @@ def sweep(settings: Settings | None = None, stall_s: float | None = None) -> dic
         in_broker = queued_jobs(jobs.redis)
         sent = {}
         for job_id in stalled:
-            if job_id in in_broker or jobs.redis.hget(KEY.format(job_id), "state") != b"running":
+            if job_id in in_broker:  # (a job that ended meanwhile has no kept batches left: nothing is sent)
                 continue
             sent[job_id] = len(todo := jobs.unfinished_batches(job_id))
             for payload in todo:
