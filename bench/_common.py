@@ -105,6 +105,22 @@ def stack(run: Path, **up_kwargs) -> Iterator[list]:
             up.down(run, echo=quiet)
 
 
+def distinct_picture(src: str, n: int) -> bytes:
+    """The sample picture (PNG bytes) with an 8x8 corner patch of noise seeded by ``n``: what it shows is the same,
+    but its embeddings differ from every other ``n``'s even after fp16 rounding (a flipped low bit does not survive
+    it), so no cache (the gateway's media embeddings, the LLM's KV prefix, which matches media by content) holds it."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(src).convert("RGB")).copy()
+    img[-8:, -8:] = np.random.default_rng(n + 1_000_003).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(img).save(out, "PNG")
+    return out.getvalue()
+
+
 def confine_jobs(folder: Path) -> Path:
     """Make ``folder`` (resolved, created) the jobs dir and the only manifest root of this process and of the stack
     it starts (``modalink up`` passes its environment on): a benchmark then submits captioning jobs the way the

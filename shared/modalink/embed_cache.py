@@ -22,7 +22,8 @@ entries are stored under the version the encoder answered with. A promotion or r
 key of every lookup: an entry made by another adapter version is never served.
 
 Values are the embeddings in fp16 at rest (``MODALINK_EMBED_CACHE_DTYPE=float16``; ``wire`` keeps the encoder's
-float32); a miss returns the same rounded values as a hit would, so answers do not depend on hit or miss.
+float32); a miss returns the same rounded values as a hit would, and with the cache off the embedder rounds them
+the same way (``RemoteEmbedder``), so answers depend neither on hit or miss nor on the cache being on.
 """
 
 from __future__ import annotations

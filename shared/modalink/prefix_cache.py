@@ -7,6 +7,9 @@ those of the longest prefix it shares with any of them. Prompts are compared pie
 its token ids, an embedding piece by a hash of its values, so media match by content, never by position
 alone. Memory is bounded in bytes, least recently used first; the entry that holds a system head is used by
 every prompt, so it stays hot. Size: ``MODALINK_KV_CACHE_MB`` (0 = off).
+
+What an entry holds is the engine's: the transformers engine keeps per-layer key and value tensors (``Layers``),
+the llama.cpp engine a sequence's saved state (bytes); the cache only needs each value's size in bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -74,23 +78,30 @@ class PrefixStats:
     entries: int = 0
 
 
+def layers_nbytes(layers: Layers) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+
+
+def cut(layers: Layers, n: int) -> Layers:
+    """The first ``n`` positions of an entry's layers (views)."""
+    return [(k[:, :n], v[:, :n]) for k, v in layers]
+
+
 @dataclass
 class _Entry:
     adapter: str | None
     pieces: tuple[Piece, ...]
     length: int
-    layers: Layers
-    nbytes: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+    value: Any
+    nbytes: int
 
 
 class PrefixCache:
-    """Keys and values of recent prompts, per adapter, at most ``max_bytes`` in all (LRU)."""
+    """Keys and values of recent prompts, per adapter, at most ``max_bytes`` in all (LRU). ``nbytes`` sizes an
+    entry's value (default: the transformers engine's ``Layers``)."""
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int, nbytes: Callable[[Any], int] = layers_nbytes):
+        self.max_bytes, self._nbytes = max_bytes, nbytes
         self.stats = PrefixStats()
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._next = 0
@@ -99,9 +110,10 @@ class PrefixCache:
     def __bool__(self) -> bool:
         return self.max_bytes > 0
 
-    def lookup(self, adapter: str | None, pieces: tuple[Piece, ...], length: int) -> tuple[int, Layers | None]:
-        """(positions reused, their layers cut to that length) for the longest cached prefix of a prompt of
-        ``length`` positions; at least its last position is left to prefill (its logits pick the first token)."""
+    def lookup(self, adapter: str | None, pieces: tuple[Piece, ...], length: int) -> tuple[int, Any]:
+        """(positions reused, the entry's value: it holds at least that many, the caller uses the first ones) for
+        the longest cached prefix of a prompt of ``length`` positions; at least its last position is left to
+        prefill (its logits pick the first token)."""
         best, best_n = None, 0
         with self._lock:
             for key, entry in self._entries.items():
@@ -115,8 +127,7 @@ class PrefixCache:
             self._entries.move_to_end(best)
             self.stats.hits += 1
             self.stats.tokens_reused += best_n
-            layers = [(k[:, :best_n], v[:, :best_n]) for k, v in self._entries[best].layers]
-        return best_n, layers
+            return best_n, self._entries[best].value
 
     def covers(self, adapter: str | None, pieces: tuple[Piece, ...], length: int) -> bool:
         """Some entry already holds this whole prompt (no need to store it again)."""
@@ -127,13 +138,14 @@ class PrefixCache:
         return any(e.adapter == adapter and min(common_length(e.pieces, pieces), e.length) >= length
                    for e in self._entries.values())  # fmt: skip
 
-    def store(self, adapter: str | None, pieces: tuple[Piece, ...], length: int, layers: Callable[[], Layers]) -> None:
-        """Keep a prompt's keys and values, unless an entry already holds the whole prompt: ``layers()`` is called
-        only then, and what it returns (tensors of their own, not views of a batch's cache) is kept as it is.
-        Entries the prompt extends are dropped, then the oldest go."""
+    def store(self, adapter: str | None, pieces: tuple[Piece, ...], length: int, value: Callable[[], Any]) -> None:
+        """Keep a prompt's keys and values, unless an entry already holds the whole prompt: ``value()`` is called
+        only then, and what it returns (tensors or bytes of their own, not views of a batch's cache) is kept as it
+        is. Entries the prompt extends are dropped, then the oldest go."""
         if length < MIN_REUSE_TOKENS or self.covers(adapter, pieces, length):
             return
-        entry = _Entry(adapter, pieces, length, layers())
+        held = value()
+        entry = _Entry(adapter, pieces, length, held, self._nbytes(held))
         if entry.nbytes > self.max_bytes:
             return
         with self._lock:

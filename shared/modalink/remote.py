@@ -106,6 +106,9 @@ class EncoderPool:
         self._lock = threading.Lock()
         # the media embedding cache (issue 24): with settings (the gateway's, the workers'), as they configure it
         self.cache = embed_cache.EmbedCache.from_settings(settings) if settings is not None else None
+        # embeddings passed on as the cache keeps them at rest (fp16-rounded by default), the cache on or off, so
+        # that no answer depends on whether it is on, hit or missed
+        self.fp16 = settings is not None and settings.embed_cache_dtype == "float16"
 
     def embed(self, modality: str, raw: Any, timeout_s: float | None = None,
               salt: str | None = None) -> tuple[torch.Tensor, str]:  # fmt: skip
@@ -130,11 +133,11 @@ class EncoderPool:
         the batch are sent once, and what the encoder answers is stored under the version it answered with.
         """
         if self.cache is None or modality not in self.replicas:
-            return self._embed_batch(modality, raws, timeout_s)
+            return self._rounded(self._embed_batch(modality, raws, timeout_s))
         cache = self.cache
         identity = cache.current(modality)
         if identity is None:  # no promoted version in the registry this process reads: nothing to key by
-            return self._embed_batch(modality, raws, timeout_s)
+            return self._rounded(self._embed_batch(modality, raws, timeout_s))
         salt = (embed_cache.SALT.get() if salt is None else salt) if cache.config.salt else ""
         digests = [embed_cache.input_digest(modality, raw) for raw in raws]
         hits = cache.get_many([cache.key(identity, d, salt) for d in digests])
@@ -165,6 +168,12 @@ class EncoderPool:
                 r = fresh[d]
                 out[i] = (r[0].clone(), r[1]) if isinstance(r, tuple) and i != first[d] else r
         return out
+
+    def _rounded(self, results: list) -> list:
+        """Embeddings rounded as they would be at rest in the cache (``MODALINK_EMBED_CACHE_DTYPE``)."""
+        if not self.fp16:
+            return results
+        return [(r[0].to(torch.float16).to(torch.float32), r[1]) if isinstance(r, tuple) else r for r in results]
 
     def _embed_batch(
         self, modality: str, raws: Sequence[Any], timeout_s: float | None = None

@@ -14,8 +14,19 @@ read by transformers, so prompts are built and counted exactly as in the other e
 
 Stage-2 LoRA adapters: llama.cpp applies a LoRA to a whole context, so each loaded adapter gets a context of its
 own (the model's weights are shared; each context holds its own KV cache), and a step decodes each adapter's rows
-in its context. A peft adapter is converted to a GGUF LoRA on load (``lora_to_gguf``). Not (yet) here: the KV
-prefix cache across requests.
+in its context. A peft adapter is converted to a GGUF LoRA on load (``lora_to_gguf``).
+
+KV prefix cache across requests (``modalink.prefix_cache``, ``MODALINK_KV_CACHE_MB``): a sequence's keys and values
+are saved from llama.cpp (``llama_state_seq_get_data``) once its prompt is prefilled; a later prompt that starts
+the same way has the longest such prefix restored into its sequence (``llama_state_seq_set_data``, cut with
+``llama_memory_seq_rm``) and prefills only the rest. The saved states live in host memory, not in the KV cache:
+cells held for the cache would widen every step's attention (a unified KV cache attends over all used cells,
+masked). Unlike the transformers engine, answers are not kept: llama.cpp's CPU kernels round a batch of one
+position differently from a batch of several (the same prompt's logits differ by up to 0.7 fed whole and fed a
+position at a time), so an answer's keys and values, computed a position per step, are not those a later prefill
+of the same text computes. Prefilled positions are exact (a prompt restored in part and prefilled in a batch of
+two or more positions gives the logits of the whole prompt prefilled, bit for bit), so with the cache on a greedy
+answer is the one it would be with the cache off.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import torch
 from modalink.engine import Engine, GenerationParams, Join, TokenEvent
 from modalink.engines.decoding import Row
 from modalink.errors import ConfigError, InputError
+from modalink.prefix_cache import Piece, PrefixCache, add_text, embedding_piece
 from modalink.prompt import Segment, text_ids
 
 N_BATCH = 512  # positions per llama_decode call (a longer prompt is fed in chunks)
@@ -90,6 +102,7 @@ class LlamaCppEngine(Engine):
         self._loras: dict[str, object] = {}
         self._tokens = lc.llama_batch_init(N_BATCH, 0, max_rows)
         self._embeds = lc.llama_batch_init(N_BATCH, self.hidden_size, 1)
+        self.prefix_cache = PrefixCache(0, nbytes=len)  # off until ``load`` sizes it (MODALINK_KV_CACHE_MB)
 
     @property
     def adapters(self) -> set[str]:
@@ -137,7 +150,10 @@ class LlamaCppEngine(Engine):
             raise ConfigError("MODALINK_ENGINE=llamacpp needs llama-cpp-python (pip install llama-cpp-python, "
                               "built from its sdist; `make bench` does it)") from None  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        return cls(gguf, tokenizer, threads=max(1, torch.get_num_threads()), lora_dir=settings.cache_dir / "gguf-lora")
+        threads = max(1, torch.get_num_threads())
+        engine = cls(gguf, tokenizer, threads=threads, lora_dir=settings.cache_dir / "gguf-lora")
+        engine.prefix_cache = PrefixCache(settings.kv_cache_mb * 2**20, nbytes=len)
+        return engine
 
     def load_adapter(self, name: str, path) -> None:
         """A peft LoRA folder, converted to a GGUF LoRA (once, kept by its checksum), in a context of its own."""
@@ -211,11 +227,17 @@ class LlamaCppEngine(Engine):
         ptr = self.lc.llama_get_logits_ith(c.ctx, i)
         return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy())
 
-    def _prefill(self, c: _Context, seq: int, pieces: list[list[int] | np.ndarray]) -> torch.Tensor:
-        """Feed one prompt into sequence ``seq``, in chunks of at most ``N_BATCH`` positions; its last logits."""
+    def _prefill(self, c: _Context, seq: int, pieces: list[list[int] | np.ndarray], skip: int = 0) -> torch.Tensor:
+        """Feed one prompt into sequence ``seq``, in chunks of at most ``N_BATCH`` positions, from position ``skip``
+        (those before it are in the sequence already: a restored prefix); its last logits."""
         pos, total, last = 0, sum(len(p) for p in pieces), 0
         for piece in pieces:
-            for start in range(0, len(piece), N_BATCH):
+            if pos + len(piece) <= skip:
+                pos += len(piece)
+                continue
+            first = max(0, skip - pos)
+            pos += first
+            for start in range(first, len(piece), N_BATCH):
                 chunk = piece[start : start + N_BATCH]
                 embeds = isinstance(chunk, np.ndarray)
                 batch = self._embeds if embeds else self._tokens
@@ -241,6 +263,35 @@ class LlamaCppEngine(Engine):
         self._decode(c, batch, len(rows))
         return [self._logits(c, j) for j in range(len(rows))]
 
+    # -- the KV prefix cache: sequences saved to and restored from host memory -------------------------------------
+
+    def _key(self, pieces: list[list[int] | np.ndarray]) -> tuple[Piece, ...]:
+        key: list[Piece] = []
+        for piece in pieces:
+            if isinstance(piece, list):
+                add_text(key, piece)
+            else:
+                key.append(embedding_piece(torch.from_numpy(piece)))
+        return tuple(key)
+
+    def _save(self, c: _Context, seq: int) -> bytearray:
+        """Sequence ``seq``'s keys and values (all its positions), as llama.cpp serializes them."""
+        size = self.lc.llama_state_seq_get_size(c.ctx, seq)
+        state = bytearray(size)
+        n = self.lc.llama_state_seq_get_data(c.ctx, (ctypes.c_uint8 * size).from_buffer(state), size, seq)
+        del state[n:]
+        return state
+
+    def _restore(self, c: _Context, seq: int, state: bytearray, n: int) -> int:
+        """Put a saved prefix into the empty sequence ``seq``, cut to its first ``n`` positions: ``n``, or 0 where
+        llama.cpp found no room for it (the prompt is then prefilled whole)."""
+        buf = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        if not self.lc.llama_state_seq_set_data(c.ctx, buf, len(state), seq):
+            self.lc.llama_memory_seq_rm(c.memory, seq, -1, -1)
+            return 0
+        self.lc.llama_memory_seq_rm(c.memory, seq, n, -1)
+        return n
+
     # -- the decode loop -------------------------------------------------------------------------------------------
 
     def stream(
@@ -262,6 +313,7 @@ class LlamaCppEngine(Engine):
         for c in self._contexts.values():
             self.lc.llama_memory_clear(c.memory, True)
             c.free, c.room = list(range(self.max_rows)), self.kv_tokens
+        pc = self.prefix_cache
         running: list[tuple[Row, _Context, int, int, int]] = []  # (row, context, sequence, next position, reserved)
         logits: list[torch.Tensor] = []
         try:
@@ -276,8 +328,14 @@ class LlamaCppEngine(Engine):
                     seq = c.free.pop(0)
                     c.room -= length + p.max_new_tokens
                     ids = [t for piece in pieces if isinstance(piece, list) for t in piece]
-                    logits.append(self._prefill(c, seq, pieces))
-                    row = Row(index, p, adapter, (), length, ids, self.tokenizer)
+                    key = self._key(pieces) if pc else ()
+                    # at least two positions left to prefill: a one-position batch rounds differently (see above)
+                    reused, state = pc.lookup(adapter, key, length - 1) if pc else (0, None)
+                    skip = self._restore(c, seq, state, reused) if state is not None else 0
+                    logits.append(self._prefill(c, seq, pieces, skip))
+                    if pc:
+                        pc.store(adapter, key, length, lambda c=c, seq=seq: self._save(c, seq))
+                    row = Row(index, p, adapter, key, length, ids, self.tokenizer)
                     running.append((row, c, seq, length, length + p.max_new_tokens))
                 if not running:
                     if waiting:  # cannot happen: one request alone fits (checked against the context)

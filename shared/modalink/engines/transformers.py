@@ -17,7 +17,7 @@ from modalink.engines.decoding import Row
 from modalink.errors import InputError
 from modalink.methods import Router, load_routed, method_of, read_config, routed_class, routed_state
 from modalink.methods.lora import BASE as LORA_BASE
-from modalink.prefix_cache import Layers, Piece, PrefixCache, add_text, embedding_piece
+from modalink.prefix_cache import Layers, Piece, PrefixCache, add_text, cut, embedding_piece
 from modalink.prompt import Segment, text_ids
 
 
@@ -275,6 +275,7 @@ class TransformersEngine(Engine):
         lengths = [e.shape[0] for e in embedded]
         keys_t = [tuple(k) if k is not None else () for k in keys]
         reused = [pc.lookup(names[i], keys_t[i], lengths[i]) if pc else (0, None) for i in range(n)]
+        reused = [(r, cut(layers, r) if layers is not None else None) for r, layers in reused]
         c = max(r for r, _ in reused)
         fresh = [length - r for length, (r, _) in zip(lengths, reused, strict=True)]
         w = max(fresh)
