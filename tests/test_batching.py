@@ -6,6 +6,7 @@ it meanwhile."""
 from __future__ import annotations
 
 import threading
+import time
 
 from modalink.batching import DynamicBatcher
 from modalink.engine import GenerationParams
@@ -126,3 +127,65 @@ def test_a_model_change_waits_for_the_batch_and_nothing_joins_it_meanwhile(engin
         assert batcher.stats.batches == 2  # the short one ran in a batch of its own, after the change
     finally:
         batcher.close()
+
+
+def test_a_cancelled_requests_event_stream_ends_queued_or_decoding(engine):
+    """Whether a request is cancelled while it waits in the queue or while it decodes, its reader gets the end of
+    its stream (a service thread reads each request's stream: one that never ended would hold that thread for
+    good). ``timeout`` makes a stream that never ends fail here instead of waiting."""
+    batcher = DynamicBatcher(engine)
+    try:
+        decoding = batcher.submit(chat(engine, "Write a short story about a dragon."), LONG)
+        events = batcher.events(decoding, timeout=60)
+        next(events)
+        decoding.cancelled.set()  # the lone row of the running batch
+        assert len(list(events)) < LONG.max_new_tokens - 1
+        with batcher.between_batches():  # no batch runs meanwhile: what is submitted waits in the queue
+            queued = [batcher.submit(chat(engine, f"Name {n} colors."), SHORT) for n in (2, 3)]
+            queued[0].cancelled.set()
+        assert list(batcher.events(queued[0], timeout=60)) == []
+        assert list(batcher.events(queued[1], timeout=60))[-1].finish_reason  # the other one is answered
+        rows = [batcher.submit(chat(engine, f"Write a short story about {n} dragons."), LONG) for n in (5, 6, 7)]
+        middle = batcher.events(rows[1], timeout=60)
+        next(middle)
+        rows[1].cancelled.set()  # one row of a running batch: it leaves, its stream ends, the others go on
+        assert len(list(middle)) < LONG.max_new_tokens - 1
+        for r in (rows[0], rows[2]):
+            assert list(batcher.events(r, timeout=60))[-1].finish_reason
+    finally:
+        batcher.close()
+
+
+def test_clients_that_walk_away_do_not_tie_up_the_llm_services_threads(engine, settings):
+    """A real gRPC LLM service with 4 worker threads: 8 clients cancel their calls, 4 of them while their requests
+    wait in the batcher's queue; then a 9th request is answered in full (before the fix, the 4 threads waited for
+    good on the cancelled requests' streams and the 9th never got one)."""
+    import grpc
+    from modalink_services.llm.server import SERVICE, LLMService
+
+    from modalink.ports import free_port
+    from modalink.registry import AdapterRegistry
+    from modalink.rpc import make_server
+    from modalink.v1 import llm_pb2, llm_pb2_grpc
+    from modalink.wire import params_to_msg, segments_to_msg
+
+    service = LLMService(engine, AdapterRegistry(settings.adapters_dir), "test")
+    served = make_server(free_port(), [(llm_pb2_grpc.add_LLMServicer_to_server, service)], [SERVICE], "127.0.0.1",
+                         workers=4)  # fmt: skip
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{served.port}") as ch:
+            stub = llm_pb2_grpc.LLMStub(ch)
+
+            def request(text: str, params: GenerationParams) -> llm_pb2.LLMRequest:
+                return llm_pb2.LLMRequest(segments=segments_to_msg(chat(engine, text)), params=params_to_msg(params))
+
+            with service.batcher.between_batches():  # nothing decodes: the requests wait in the batcher's queue
+                calls = [stub.Generate(request(f"Write a story about {n} dragons.", LONG)) for n in range(8)]
+                time.sleep(2)  # four threads have submitted theirs; the other four calls wait for a thread
+                for call in calls:
+                    call.cancel()
+            tokens = list(stub.Generate(request("Name a color.", SHORT), timeout=120))
+            assert tokens[-1].finish_reason and len(tokens) <= SHORT.max_new_tokens
+    finally:
+        served.server.stop(0)
+        service.batcher.close()

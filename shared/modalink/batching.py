@@ -7,7 +7,9 @@ decode steps, a burst together (once no request came for ``max_wait_ms``); finis
 With one that does not, the scheduler waits up to ``max_wait_ms`` after each arrival for more (at most ten times
 that in all) and the batch runs to its end. Each request is checked alone before it joins a batch
 (``Engine.check``), so a bad one fails by itself. A cancelled request stops receiving events; a batch whose
-requests are all cancelled stops decoding.
+requests are all cancelled stops decoding. Every request's event stream ends, a cancelled one's too (whether it
+was cancelled while queued or while decoding): the service thread that reads it is then free again, so clients
+that walk away cannot tie up the service's threads one by one.
 """
 
 from __future__ import annotations
@@ -83,9 +85,17 @@ class DynamicBatcher:
                 self._changing -= 1
 
     def events(self, req: Request, timeout: float | None = None) -> Iterator[TokenEvent]:
-        """The request's token events until its last one; an engine failure is re-raised here."""
+        """The request's token events until its last one (or its cancellation); an engine failure is re-raised
+        here. ``timeout``: the longest wait for one event (``queue.Empty`` after it)."""
         while True:
-            ev = req.events.get(timeout=timeout)
+            try:
+                ev = req.events.get(timeout=1.0 if timeout is None else timeout)
+            except queue.Empty:
+                if timeout is None and not req.cancelled.is_set():
+                    continue
+                if timeout is None:  # cancelled, and its end has not come: nothing more will
+                    return
+                raise
             if ev is _END:
                 return
             if isinstance(ev, BaseException):
@@ -102,7 +112,7 @@ class DynamicBatcher:
         except queue.Empty:
             return []
         if self.engine.joins:  # whoever is waiting now; later arrivals join between decode steps
-            return [r for r in [first, *self._waiting(self.max_batch - 1)] if not r.cancelled.is_set()]
+            return _live([first, *self._waiting(self.max_batch - 1)])
         # Wait for company up to max_wait after the latest arrival, so a burst (a captioning batch's prompts)
         # joins one batch while a lone request waits only max_wait; never longer than 10 * max_wait in all.
         batch, cap = [first], time.monotonic() + 10 * self.max_wait
@@ -114,7 +124,7 @@ class DynamicBatcher:
                 batch.append(self._pending.get(timeout=wait))
             except queue.Empty:
                 break
-        return [r for r in batch if not r.cancelled.is_set()]
+        return _live(batch)
 
     def _waiting(self, room: int) -> list[Request]:
         """Requests already queued, at most ``room``, without waiting."""
@@ -145,7 +155,9 @@ class DynamicBatcher:
             for ev in events:
                 req = batch[ev.index]
                 if req.cancelled.is_set():
-                    open_.discard(ev.index)
+                    if ev.index in open_:
+                        open_.discard(ev.index)
+                        req.events.put(_END)  # its reader stops waiting
                     if not open_:
                         break  # nobody listens: stop decoding
                     continue
@@ -165,6 +177,17 @@ class DynamicBatcher:
             batch[i].events.put(_END)
 
 
+def _live(requests: list[Request]) -> list[Request]:
+    """The requests not cancelled; a cancelled one's event stream ends here (nothing will be generated for it)."""
+    live = []
+    for r in requests:
+        if r.cancelled.is_set():
+            r.events.put(_END)
+        else:
+            live.append(r)
+    return live
+
+
 class _Join:
     """The running batch's view of the queue (``Engine.Join``): waiting requests join it while there is room and
     no model change waits."""
@@ -178,7 +201,7 @@ class _Join:
             return []
         if running and self._settling():
             return []
-        new = [r for r in b._waiting(b.max_batch - running) if not r.cancelled.is_set()]
+        new = _live(b._waiting(b.max_batch - running))
         self.open.update(range(len(self.batch), len(self.batch) + len(new)))
         self.batch.extend(new)
         b.stats.requests += len(new)
@@ -196,4 +219,12 @@ class _Join:
         return now - b._last_arrival < b.max_wait and now - oldest < 10 * b.max_wait
 
     def cancelled(self, index: int) -> bool:
-        return self.batch[index].cancelled.is_set()
+        """Asked by the engine at each step: a cancelled row leaves the batch, and its event stream ends now (not
+        when the batch, which others may keep joining, ends)."""
+        req = self.batch[index]
+        if not req.cancelled.is_set():
+            return False
+        if index in self.open:
+            self.open.discard(index)
+            req.events.put(_END)
+        return True
