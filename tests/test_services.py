@@ -211,7 +211,10 @@ def test_a_stage_two_adapter_answers_through_its_lora(gateway, local, stack, sam
 def test_embed_and_caption(gateway, local, samples):
     res = gateway.Embed(assistant_pb2.EmbedRequest(part=image_part(samples["image"])), timeout=60)
     expected, version = local.embed("image", [samples["image"]])
-    np.testing.assert_allclose(from_tensor_msg(res.embeddings), expected[0].numpy(), atol=1e-4)
+    # the gateway passes embeddings on as the embedding cache keeps them at rest (fp16 by default), cache on or off:
+    # within one fp16 step of the in-process ones (a value on a rounding boundary may round either way)
+    expected = expected[0].numpy().astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(from_tensor_msg(res.embeddings), expected, rtol=1e-3, atol=1e-4)
     assert (res.adapter_version, res.modality) == (version, "image")
     cap = gateway.Caption(assistant_pb2.CaptionRequest(part=image_part(samples["image"])), timeout=120)
     assert cap.caption and cap.modality == "image"
