@@ -2,12 +2,13 @@
 
 1. service overhead: an image question (greedy, 32 new tokens) through the gateway (image encoder service +
    LLM service) vs the in-process assistant with the same weights: time to first token and total latency
-   (target <= 1.15x); each request's picture has new pixels (an 8x8 patch), so neither path is served from a cache;
+   (target <= 1.15x); each request's picture has new pixels (an 8x8 patch), so neither path is served from a cache
+   ("same answers": the two paths answer each picture alike);
 2. encoder throughput: 16 concurrent tritonclient gRPC clients against one image-encoder service vs the best
    in-process batched throughput of the same encoder + projector code (target >= 0.85x), and the same
    service with Triton's dynamic batching on vs off (target >= 2x);
-5. scaling: the 16 clients spread over two image-encoder replicas vs one (reported: 2 cores bound it);
-6. memory: peak RSS of each service (its process tree: PyTriton's tritonserver counts) at idle and under load.
+3. scaling: the 16 clients spread over two image-encoder replicas vs one (reported: 2 cores bound it);
+4. memory: peak RSS of each service (its process tree: PyTriton's tritonserver counts) at idle and under load.
 
 It also profiles the encoder service, the LLM service and the gateway under load with py-spy (collapsed
 stacks in build/bench-profiles/, the hottest frames in the results).
@@ -272,7 +273,7 @@ def main() -> None:
             sampler.measure_idle()
             with sampler:
                 overhead: dict[str, list[tuple[float, float]]] = {"gateway": [], "in_process": []}
-                answers = set()
+                answers: dict[int, set[str]] = {}  # per picture: the gateway's and the in-process answer
                 for i in range(args.asks):
                     picture = samples / f"ask-{i}.png"  # no cache holds it
                     picture.write_bytes(distinct_picture(image_path, i))
@@ -281,7 +282,7 @@ def main() -> None:
                         call = ask_gateway if path == "gateway" else ask_in_process
                         ttft, total, text = call(client if path == "gateway" else assistant, picture, args.tokens)
                         overhead[path].append((ttft, total))
-                        answers.add(text)
+                        answers.setdefault(i, set()).add(text)
                 loads: dict[str, list[float]] = {"one": [], "two": [], "off": []}
                 for rep in range(args.reps):
                     order = [("one", one), ("two", two), ("off", off)]
@@ -312,7 +313,7 @@ def main() -> None:
     result = {
         "machine": f"{os.cpu_count()} CPU cores, no GPU", "tokens": args.tokens, "asks": args.asks,
         "clients": args.clients, "requests_per_load": args.clients * args.per_client, "reps": args.reps,
-        "same_answers": len(answers) == 1,
+        "same_answers": all(len(texts) == 1 for texts in answers.values()),
         "overhead_s": {p: {k: round(v, 4) for k, v in m.items()} for p, m in med.items()}, "overhead_runs": overhead,
         "encoder_items_per_s": {**{k: round(v, 1) for k, v in load_med.items()}, "in_process_best": round(best, 1),
                                 "in_process_best_batch": best_batch, "in_process_by_batch": by_batch},

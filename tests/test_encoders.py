@@ -310,6 +310,23 @@ def test_image_encoder_batch_matches_single(image_encoder):
         torch.testing.assert_close(image_encoder.encode([x])[0], f, atol=1e-4, rtol=1e-4)
 
 
+def test_folded_batch_norms_compute_the_packages_efficientnet(image_encoder, settings):
+    """The served encoder (BatchNorm folded into its convolutions, symmetric padding into the convolution) gives
+    the features of the package's own EfficientNet-Lite0 with the same weights, to float rounding."""
+    from efficientnet_lite_pytorch import EfficientNet
+    from safetensors.torch import load_file
+
+    reference = EfficientNet.from_name("efficientnet-lite0")
+    reference.load_state_dict(load_file(str(image_encoder._weights(settings.cache_dir))))
+    reference.eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in image_encoder.model.modules())
+    pixels = torch.stack([image_encoder.decode(checkerboard()), image_encoder.decode(gradient_rgb())])
+    with torch.inference_mode():
+        want = reference.extract_features(pixels).flatten(2).transpose(1, 2)
+        got = image_encoder.forward(pixels)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Audio
 # ---------------------------------------------------------------------------------------------------------
