@@ -214,11 +214,11 @@ called in process gains at most {batch_gain:.2f}x from batching ({curve}). Its c
 CPU cores, and oneDNN already keeps both cores busy at batch 1. Batching can then only amortize per-request costs:
 Triton scheduling, Python, and the gRPC round trip. Under the 16-client load, the bench's own 16 tritonclient
 threads compete with the service for the same 2 cores, a cost the in-process run does not pay. The profile shows
-convolutions dominating; channels-last memory made them 1.35x faster in process, and folding each BatchNorm into
-the convolution before it and the symmetric TF-style "same" pads into the convolutions' own padding (December 2026,
-`fold_batch_norms`) another 1.45x at batch 8 (features equal to float rounding). That speeds both sides of the
-ratio alike; the strided convolutions' asymmetric pads (`F.pad` copies) remain. On a GPU batching pays, because
-batch 1 leaves the GPU latency-bound.
+convolutions dominating; channels-last memory made them 1.35x faster in process, and folding each BatchNorm and
+each TF-style "same" pad (an `F.pad` copy of the activations) into the convolution (December 2026,
+`fold_for_inference`: a stride-2 pad one short at the start becomes a leading zero row and column of the kernel)
+another 1.5x at batch 8, features equal to float rounding. That speeds both sides of the ratio alike. On a GPU
+batching pays, because batch 1 leaves the GPU latency-bound.
 
 **LLM batch-1 decode vs the fp32 bandwidth bound (target 0.6).** The served CPU layout
 (`MODALINK_QUANTIZE=fp16-cpu`, fbgemm's packed fp16 GEMM) reads {fp16_mb:.0f} MB per token instead of

@@ -311,7 +311,7 @@ def test_image_encoder_batch_matches_single(image_encoder):
 
 
 def test_folded_batch_norms_compute_the_packages_efficientnet(image_encoder, settings):
-    """The served encoder (BatchNorm folded into its convolutions, symmetric padding into the convolution) gives
+    """The served encoder (BatchNorms and TF "same" pads folded into its convolutions) gives
     the features of the package's own EfficientNet-Lite0 with the same weights, to float rounding."""
     from efficientnet_lite_pytorch import EfficientNet
     from safetensors.torch import load_file
