@@ -310,8 +310,8 @@ def test_image_encoder_batch_matches_single(image_encoder):
         torch.testing.assert_close(image_encoder.encode([x])[0], f, atol=1e-4, rtol=1e-4)
 
 
-def test_folded_batch_norms_compute_the_packages_efficientnet(image_encoder, settings):
-    """The served encoder (BatchNorms and TF "same" pads folded into its convolutions) gives
+def test_the_encoder_folded_for_inference_computes_the_packages_efficientnet(image_encoder, settings):
+    """The served encoder (BatchNorms and TF "same" pads folded into its convolutions, ReLU6 in place) gives
     the features of the package's own EfficientNet-Lite0 with the same weights, to float rounding."""
     from efficientnet_lite_pytorch import EfficientNet
     from safetensors.torch import load_file
