@@ -212,8 +212,8 @@ more than a question's prefill (an LLM on a GPU).
 **Encoder service vs in process (target 0.85x) and dynamic batching on vs off (target 2x).** The same model code
 called in process gains at most {batch_gain:.2f}x from batching ({curve}). Its convolutions are compute-bound on 2
 CPU cores, and oneDNN already keeps both cores busy at batch 1. Batching can then only amortize per-request costs:
-Triton scheduling, Python, and the gRPC round trip. Under the 16-client load, the bench's own 16 tritonclient
-threads compete with the service for the same 2 cores, a cost the in-process run does not pay. The profile shows
+Triton scheduling, Python, and the gRPC round trip. (The bench's own 16 tritonclient threads share the 2 cores
+too, but spend under 1 ms of CPU per image.) The profile shows
 convolutions dominating; channels-last memory made them 1.35x faster in process, and folding each BatchNorm and
 each TF-style "same" pad (an `F.pad` copy of the activations) into the convolution, with the ReLU6s in place
 (December 2026, `fold_for_inference`: a stride-2 pad one short at the start becomes a leading zero row and column
@@ -221,7 +221,9 @@ of the kernel) another 2x at batch 8, features equal to float rounding. That spe
 so the per-request costs weigh more: through the service, one client's image takes about 14 ms longer than the
 same call in process, while the model process spends the same CPU time per image (about 42 ms, over 2 threads) as
 in process; Triton, PyTriton's stub and the client together spend under 3 ms. The gap is time the model process
-waits between batches (PyTriton's hand-off), not work. On a GPU batching pays, because batch 1 leaves the GPU
+waits between batches (PyTriton's hand-off), not work. Tried against it: Triton's max batch 8 or 4 instead of 32,
+no queue delay instead of 2 ms, and two model instances in the process (one receives while the other computes):
+all within this machine's noise (two instances ~6%). On a GPU batching pays, because batch 1 leaves the GPU
 latency-bound.
 
 **LLM batch-1 decode vs the fp32 bandwidth bound (target 0.6).** The served CPU layout
