@@ -220,7 +220,8 @@ each TF-style "same" pad (an `F.pad` copy of the activations) into the convoluti
 of the kernel) another 2x at batch 8, features equal to float rounding. That speeds both sides of the ratio alike,
 so the per-request costs weigh more: through the service, one client's image takes about 14 ms longer than the
 same call in process, while the model process spends the same CPU time per image (about 42 ms, over 2 threads) as
-in process; Triton, PyTriton's stub and the client together spend under 3 ms. The gap is time the model process
+in process; Triton, PyTriton's stub and the client together spend about 4 ms of CPU per image at one client and
+under 2 ms under the 16-client load. The gap is time the model process
 waits between batches (PyTriton's hand-off), not work. Tried against it: Triton's max batch 8 or 4 instead of 32,
 no queue delay instead of 2 ms, and two model instances in the process (one receives while the other computes):
 all within this machine's noise (two instances ~6%). On a GPU batching pays, because batch 1 leaves the GPU
