@@ -66,12 +66,12 @@ class Magic:
         target = self.target(window) if beta else None
         out = model(inputs_embeds=self.prompt_embeds[None].to(self.engine.dtype), use_cache=True,
                     output_hidden_states=True)  # fmt: skip
-        cache, logits, seen = out.past_key_values, out.logits[0, -1], out.hidden_states[-1][0]
+        cache, logits, seen = out.cache, out.logits[0, -1], out.hidden_states[-1][0]
         ids: list[int] = []
         for _ in range(c.max_new_tokens):
             probs, cand = logits.float().softmax(-1).topk(c.k)
             cache.batch_repeat_interleave(c.k)
-            step = model(input_ids=cand[:, None], past_key_values=cache, use_cache=True, output_hidden_states=True)
+            step = model(input_ids=cand[:, None], cache=cache, use_cache=True, output_hidden_states=True)
             hidden = step.hidden_states[-1][:, 0].float()  # [k, d]
             degeneration = F.cosine_similarity(hidden[:, None], seen[None].float(), dim=-1).max(-1).values
             score = (1 - c.alpha) * probs - c.alpha * degeneration

@@ -181,7 +181,7 @@ class TransformersEngine(Engine):
     def _forward(self, routes: Sequence[str | None] = (), **kw):
         with self.router.route(list(routes) or None):
             out = self._runner(use_cache=True, **kw)
-        return out.logits[:, -1], out.past_key_values
+        return out.logits[:, -1], out.cache
 
     def stream(
         self,
@@ -215,7 +215,7 @@ class TransformersEngine(Engine):
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
                 ids = torch.tensor(step, device=self.device).unsqueeze(1)
                 logits, cache = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                              past_key_values=cache, **self._route(rows))  # fmt: skip
+                                              cache=cache, **self._route(rows))  # fmt: skip
                 pos = pos + 1
             new = join.more(len(rows)) if join is not None else []
             if new:
@@ -290,7 +290,7 @@ class TransformersEngine(Engine):
         past = self._assemble(reused, c) if c else None
         # logits of the last position only: the prompt's others would cost a [n * width, vocab] matmul
         logits, cache = self._forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                      past_key_values=past, logits_to_keep=1, **route)  # fmt: skip
+                                      cache=past, logits_to_keep=1, **route)  # fmt: skip
         if pc:
             for i in range(n):
 

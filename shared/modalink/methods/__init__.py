@@ -17,7 +17,7 @@ method             what it trains                                              i
 =================  ==========================================================  ======================================
 
 peft has IA3, prompt, prefix and adaption-prompt models too, but each applies one adapter to a whole batch and the
-prompt-learning ones own ``past_key_values``; modalink's engine batches requests of different adapters together and
+prompt-learning ones own the KV cache; modalink's engine batches requests of different adapters together and
 keeps its own KV and prefix caches, so those methods are written here as :class:`~modalink.methods.routing.RoutedMethod`
 modules that act per row (``routing.py``). Every method therefore shares the dynamic batcher with every other.
 Engines: the transformers engine serves all; vLLM and llama.cpp serve LoRA only (and say so for the others).

@@ -35,7 +35,7 @@ class PrefixTuning(RoutedMethod):
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, table.shape[0], (1, self.keys.shape[2]), generator=g)
         with torch.no_grad():
-            cache = model.model(input_ids=ids.to(table.device), use_cache=True).past_key_values
+            cache = model.model(input_ids=ids.to(table.device), use_cache=True).cache
             for i, layer in enumerate(cache.layers):
                 self.keys[i].copy_(layer.keys[0].float())
                 self.values[i].copy_(layer.values[0].float())

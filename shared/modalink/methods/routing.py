@@ -4,7 +4,7 @@ Every method but LoRA (peft routes LoRA rows itself, ``adapter_names``) is a :cl
 that hooks into the frozen LLM once and, on every forward, acts only on the rows whose adapter is its own, as
 :class:`Router` says. So requests of different methods (and of the bare LLM) share one dynamic batch and one KV
 cache, as LoRA requests already did; peft's own prefix, prompt, IA3 and adaption-prompt models apply one adapter to
-the whole batch and own the ``past_key_values``, which the engine's continuous batching and prefix cache need.
+the whole batch and own the KV cache, which the engine's continuous batching and prefix cache need.
 
 Methods that act inside attention (prefix tuning's extra keys and values, LLaMA-Adapter's gated adaption prompts)
 do it through one attention function, ``modalink``: transformers' SDPA attention with those additions, registered

@@ -150,7 +150,7 @@ class HeadCache:
         x = self.engine.embedding(torch.tensor([ids]))
         if (soft := self.soft) is not None:
             x = torch.cat([soft.to(x.dtype)[None], x], 1)
-        cache = self.engine.model.model(inputs_embeds=x, use_cache=True).past_key_values
+        cache = self.engine.model.model(inputs_embeds=x, use_cache=True).cache
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     def kv(self, ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -185,7 +185,7 @@ def answer_loss(engine: TransformersEngine, heads: HeadCache, batch: Batch) -> t
     positions = lengths[:, None] + torch.arange(batch.x.shape[1])
     hidden = engine.model.model(
         inputs_embeds=batch.x, attention_mask=torch.cat([head_mask, batch.mask], 1), position_ids=positions,
-        past_key_values=cache, use_cache=True,
+        cache=cache, use_cache=True,
     ).last_hidden_state  # fmt: skip
     h = torch.cat([hidden[i, w] for i, w in enumerate(batch.where)])
     logits = engine.model.lm_head(h)
