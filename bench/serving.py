@@ -5,7 +5,8 @@
    (target <= 1.15x); each request's picture has new pixels (an 8x8 patch), so neither path is served from a cache
    ("same answers": the two paths answer each picture alike);
 2. encoder throughput: 16 concurrent tritonclient gRPC clients against one image-encoder service vs the best
-   in-process batched throughput of the same encoder + projector code (target >= 0.85x), and the same
+   in-process batched throughput of the same encoder + projector code, measured between the loads of each
+   repetition (target >= 0.9x, issue 23), and the same
    service with Triton's dynamic batching on vs off (target >= 2x);
 3. scaling: the 16 clients spread over two image-encoder replicas vs one (reported: 2 cores bound it);
 4. memory: peak RSS of each service (its process tree: PyTriton's tritonserver counts) at idle and under load.
@@ -149,14 +150,17 @@ def encoder_load(addresses: list[str], raw: bytes, clients: int, per_client: int
     return clients * per_client / (time.perf_counter() - t0)
 
 
-def in_process_rates(raw: bytes, reps: int, sizes: tuple[int, ...] = (1, 8, 16, 32), items: int = 64) -> dict:
-    """Items/s of the service's own model code (decode + encode + project) called in process, by batch size
-    (``items`` per measurement)."""
+def in_process_model():
+    """The service's own model code (decode + encode + project), called in this process."""
     from modalink.config import Settings
     from modalink.embedder import Embedder
     from modalink.triton import EncoderModel
 
-    model = EncoderModel(Embedder(Settings()), "image")
+    return EncoderModel(Embedder(Settings()), "image")
+
+
+def in_process_rates(model, raw: bytes, reps: int, sizes: tuple[int, ...] = (1, 8, 16, 32), items: int = 64) -> dict:
+    """Items/s of ``model`` (``in_process_model``) by batch size (``items`` per measurement)."""
     rates_by_size = {}
     for size in sizes:
         data = np.array([[raw]] * size, dtype=object)
@@ -264,6 +268,7 @@ def main() -> None:
         one, two, off = ["127.0.0.1:8001"], ["127.0.0.1:8001", "127.0.0.1:8101"], [f"127.0.0.1:{NO_BATCHING + 1}"]
         # the same weights as the LLM service (`modalink up` serves fp16-cpu on a CPU)
         assistant = Assistant(Settings(quantize=os.environ.get("MODALINK_QUANTIZE", "fp16-cpu")))
+        encoder = in_process_model()
         with Client("localhost:50051") as client:
             for _ in range(warm):  # warm every path: lazy loads, first-call allocations
                 ask_gateway(client, image_path, args.tokens)
@@ -284,10 +289,15 @@ def main() -> None:
                         overhead[path].append((ttft, total))
                         answers.setdefault(i, set()).add(text)
                 loads: dict[str, list[float]] = {"one": [], "two": [], "off": []}
-                for rep in range(args.reps):
-                    order = [("one", one), ("two", two), ("off", off)]
+                in_process: dict[int, list[float]] = {size: [] for size in sizes}
+                for rep in range(args.reps):  # the in-process rates between the loads: both see the same noise
+                    order = [("one", one), ("in_process", None), ("two", two), ("off", off)]
                     for name, addresses in order if rep % 2 else order[::-1]:
-                        loads[name].append(encoder_load(addresses, raw, args.clients, args.per_client))
+                        if addresses is None:
+                            for size, rate in in_process_rates(encoder, raw, 1, sizes, items).items():
+                                in_process[size].append(rate)
+                        else:
+                            loads[name].append(encoder_load(addresses, raw, args.clients, args.per_client))
                 # profiles under load (not during the measured runs: sampling costs CPU too)
                 spies = [py_spy(pids["image-encoder-0"], profile_s, "image-encoder")]
                 encoder_load(one, raw, args.clients, args.per_client * 2)
@@ -297,8 +307,8 @@ def main() -> None:
                     ask_gateway(client, image_path, args.tokens)
                 for spy in spies:
                     spy.wait(timeout=60)
-        by_batch = in_process_rates(raw, args.reps, sizes, items)
-        best, best_batch = max((v, k) for k, v in by_batch.items())
+    by_batch = {size: round(statistics.median(rates), 1) for size, rates in in_process.items()}
+    best, best_batch = max((v, k) for k, v in by_batch.items())
 
     med = {p: {"ttft": statistics.median(t for t, _ in v), "total": statistics.median(t for _, t in v)}
            for p, v in overhead.items()}  # fmt: skip
@@ -319,7 +329,7 @@ def main() -> None:
                                 "in_process_best_batch": best_batch, "in_process_by_batch": by_batch},
         "encoder_runs": loads, "ratios": ratios,
         "targets": {"ttft_gateway_vs_in_process": 1.15, "latency_gateway_vs_in_process": 1.15,
-                    "encoder_service_vs_in_process": 0.85, "dynamic_batching_on_vs_off": 2.0},
+                    "encoder_service_vs_in_process": 0.9, "dynamic_batching_on_vs_off": 2.0},
         "rss_mib": {name: {"idle": round(sampler.idle[name]), "peak": round(sampler.peak[name])} for name in pids},
         "profiles": {name: hottest(name) for name in ("image-encoder", "llm", "gateway")},
     }  # fmt: skip
@@ -334,7 +344,7 @@ def main() -> None:
     )
     print(
         f"  encoder, {args.clients} tritonclient gRPC clients: {e['one']} items/s vs in-process best "
-        f"{e['in_process_best']} (batch {best_batch}) -> {r['encoder_service_vs_in_process']:.2f}x (target >= 0.85)"
+        f"{e['in_process_best']} (batch {best_batch}) -> {r['encoder_service_vs_in_process']:.2f}x (target >= 0.9)"
     )
     print(
         f"  dynamic batching on vs off: {e['one']} vs {e['off']} items/s -> {r['dynamic_batching_on_vs_off']:.2f}x "

@@ -128,10 +128,12 @@ def test_stock_tritonclient_gets_the_in_process_embeddings(stack, local, samples
 def test_a_bad_item_fails_alone_in_a_shared_batch(stack, samples):
     """Good and corrupt images from concurrent clients in one forward pass: only the corrupt ones get an error.
 
-    The batch's composition is made certain, not left to timing: a request of ``max_batch_size`` (32) good images
-    holds the replica's one model instance by itself (nothing can join it), and the 8 single-image requests sent
-    while it runs queue up; Triton's dynamic batcher then hands all 8 to the next execution. Triton's counters
-    must show exactly that: 2 executions, 40 items, 9 requests."""
+    The batch's composition is made certain, not left to timing: two requests of ``max_batch_size`` (32) good
+    images hold the replica's two model instances (``--instances`` 2) by themselves (nothing can join them), and
+    the 8 single-image requests sent while they run queue up; Triton's dynamic batcher then hands all 8 to the next
+    execution. Triton's counters must show exactly that: 3 executions, 72 items, 10 requests."""
+    import tritonclient.grpc as tg
+
     from modalink.remote import EncoderPool
 
     replica = stack["encoders"]["image"][1]
@@ -152,16 +154,20 @@ def test_a_bad_item_fails_alone_in_a_shared_batch(stack, samples):
         except Exception as e:  # noqa: BLE001
             results[i] = e
 
-    blocker = threading.Thread(target=lambda: results.update(blocker=pool.embed_batch("image", [good] * 32)))
-    blocker.start()
-    time.sleep(1.0)  # the 32-image request is running (it takes several seconds on one thread)
+    config = tg.InferenceServerClient(f"127.0.0.1:{replica['grpc']}").get_model_config("image_encoder").config
+    assert [g.count for g in config.instance_group] == [2]  # the service's default: two instances
+    blockers = [threading.Thread(target=lambda b=b: results.update({b: pool.embed_batch("image", [good] * 32)}))
+                for b in ("blocker0", "blocker1")]  # fmt: skip
+    for b in blockers:
+        b.start()
+    time.sleep(1.0)  # both 32-image requests are running (each takes several seconds on one thread)
     threads = [threading.Thread(target=call, args=(i, good if i % 2 else b"\x89PNG not really")) for i in range(8)]
     for t in threads:
         t.start()
-    blocker.join()
-    for t in threads:
+    for t in [*blockers, *threads]:
         t.join()
-    assert all(tuple(out[0].shape) == (8, 576) for out in results.pop("blocker"))
+    for b in ("blocker0", "blocker1"):
+        assert all(tuple(out[0].shape) == (8, 576) for out in results.pop(b))
     for i, r in results.items():
         if i % 2:
             assert tuple(r) == (8, 576), r
@@ -169,9 +175,9 @@ def test_a_bad_item_fails_alone_in_a_shared_batch(stack, samples):
             assert "not a decodable image" in str(r) and type(r).__name__ == "InputError", r
     after = counters()
     delta = {n: after[n] - before[n] for n in after}
-    # 9 requests, 40 items, 2 forward passes: the 32-image request alone, then the 4 good and 4 corrupt images
+    # 10 requests, 72 items, 3 forward passes: each 32-image request alone, then the 4 good and 4 corrupt images
     # together (the corrupt ones' errors are per item: every request succeeded).
-    assert delta == {"nv_inference_exec_count": 2, "nv_inference_count": 40, "nv_inference_request_success": 9}, delta
+    assert delta == {"nv_inference_exec_count": 3, "nv_inference_count": 72, "nv_inference_request_success": 10}, delta
 
 
 def test_gateway_streams_the_in_process_answer(gateway, local, samples):

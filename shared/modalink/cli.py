@@ -645,6 +645,9 @@ def serve_encoder(
         None, envvar="MODALINK_ADAPTER_VERSION", help="Serve this adapter version (default: follow CURRENT)."
     ),
     dynamic_batching: bool = typer.Option(True, help="Concatenate concurrent requests (off: one at a time)."),
+    instances: int = typer.Option(
+        2, min=1, help="Model instances (threads on the same weights): one computes while another hands a batch over."
+    ),
 ) -> None:
     """Encoder + projector of one modality on Triton (PyTriton), model <modality>_encoder, dynamic batching."""
     if modality not in MODALITIES:
@@ -653,7 +656,7 @@ def serve_encoder(
     from modalink_services.encoder.server import serve
 
     serve(modality, None, http_port, grpc_port, metrics_port, max_batch_size, max_queue_delay_us, host, adapter_version,
-          dynamic_batching)  # fmt: skip
+          dynamic_batching, instances)  # fmt: skip
 
 
 @serve_app.command("llm")

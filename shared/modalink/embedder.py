@@ -59,6 +59,7 @@ class Embedder:
         self._projectors: dict[str, tuple[nn.Module, str]] = {}
         self._d_llm: int | None = None
         self._lock = threading.RLock()
+        self._refresh_lock = threading.Lock()  # an encoder service's model instances refresh from their threads
 
     @property
     def d_llm(self) -> int:
@@ -115,10 +116,15 @@ class Embedder:
     def refresh(self, modality: str) -> str | None:
         """Switch to the registry's current version if it changed (hot reload); returns the new version or None.
 
-        A broken new version is logged and skipped: the service keeps answering with the one it has.
+        A broken new version is logged and skipped: the service keeps answering with the one it has. Callers in
+        several threads load a new version once (the others wait, then find it loaded).
         """
         if modality in self.pinned or modality not in self._projectors:
             return None
+        with self._refresh_lock:
+            return self._refresh(modality)
+
+    def _refresh(self, modality: str) -> str | None:
         current = self.registry.current(modality)
         if current is None or current == self._projectors[modality][1]:
             return None

@@ -45,7 +45,8 @@ class Modality:
 
     - ``load_encoder(settings)``: the frozen encoder (``modalink.encoders.base.Encoder``): ``decode`` checks the raw
       input and its size limits before any heavy work (``InputError`` for bad input), ``encode`` returns features
-      ``[n, feature_dim]`` per item.
+      ``[n, feature_dim]`` per item. An encoder service calls both from two threads at once (``--instances``):
+      keep no per-call state on the encoder.
     - ``input``: how raw input arrives: ``"file"`` (encoded bytes: a Triton BYTES ``[1]`` input, a file or a data
       URL on the HTTP routes) or ``"tensor"`` (float32 of ``tensor_rank`` axes: Triton FP32, ``.npy`` files).
     - ``questions`` (the first is the default question), ``answers`` (caption templates with ``{label}``),
