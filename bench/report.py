@@ -217,14 +217,17 @@ too, but spend under 1 ms of CPU per image.) The profile shows
 convolutions dominating; channels-last memory made them 1.35x faster in process, and folding each BatchNorm and
 each TF-style "same" pad (an `F.pad` copy of the activations) into the convolution, with the ReLU6s in place
 (December 2026, `fold_for_inference`: a stride-2 pad one short at the start becomes a leading zero row and column
-of the kernel) another 2x at batch 8, features equal to float rounding. That speeds both sides of the ratio alike,
-so the per-request costs weigh more: through the service, one client's image takes about 14 ms longer than the
-same call in process, while the model process spends the same CPU time per image (about 42 ms, over 2 threads) as
-in process; Triton, PyTriton's stub and the client together spend about 4 ms of CPU per image at one client and
-under 2 ms under the 16-client load. The gap is time the model process
-waits between batches (PyTriton's hand-off), not work. Tried against it: Triton's max batch 8 or 4 instead of 32,
-no queue delay instead of 2 ms, and two model instances in the process (one receives while the other computes):
-all within this machine's noise (two instances ~6%). On a GPU batching pays, because batch 1 leaves the GPU
+of the kernel) another 2x at batch 8, features equal to float rounding. With one Triton model instance the
+service then reached only 0.52-0.92x of in process across runs. Timing each batch inside the model process under
+the 16-client load showed why: it sat idle about 8% of the time (a median 16 ms from one batch's end to the next's
+start, while PyTriton hands the answers out and the next batch in through its stub), and it decodes a batch's
+files on one core while the other waits. The service now runs two model instances (`--instances 2`, the default:
+two threads of one process over one copy of the weights), so one computes while the other hands over or decodes:
+A/B on two live services, 16 clients, 6 interleaved runs each, 41.3-43.9 against 36.4-38.7 items/s (+8 to 17%;
+Triton's max batch 8 or 4, and no queue delay, had changed nothing beyond noise). The in-process side is one
+calling thread, so the service can pass it; its rates are measured between each repetition's loads, so both sides
+see the same machine. Dynamic batching off runs the same two instances, one request each. Two replicas no longer
+add anything on 2 cores: one replica keeps both busy. On a GPU batching pays, because batch 1 leaves the GPU
 latency-bound.
 
 **LLM batch-1 decode vs the fp32 bandwidth bound (target 0.6).** The served CPU layout

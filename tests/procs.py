@@ -13,6 +13,11 @@ import grpc
 
 from modalink.ports import free_port  # noqa: F401 (the tests import it from here)
 
+# Every path rounds embeddings to fp16 (``embedder.as_at_rest``): two computations of one item (in another process,
+# in another batch) agree to float rounding before it, so within one fp16 step after it (a value on a rounding
+# boundary may round either way). Keyword arguments of numpy's assert_allclose and torch's assert_close.
+ONE_FP16_STEP = {"rtol": 1e-3, "atol": 1e-4}
+
 
 def wait_grpc(address: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from procs import ONE_FP16_STEP
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from modalink import MODALITIES
@@ -32,8 +33,8 @@ def test_embeddings_have_the_llm_width_and_batching_matches_single(assistant, sa
         [one], _ = assistant.embed(modality, [samples[modality]])
         assert one.shape == (get_modality(modality).projector["n_tokens"], assistant.engine.hidden_size)
         both, _ = assistant.embed(modality, [samples[modality], samples[modality]])
-        torch.testing.assert_close(both[0], one, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(both[1], one, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(both[0], one, **ONE_FP16_STEP)
+        torch.testing.assert_close(both[1], one, **ONE_FP16_STEP)
 
 
 def test_the_input_changes_the_answer_distribution(assistant, samples):

@@ -130,14 +130,12 @@ def shipped():
     return assistant
 
 
-def prompt_of(assistant, inputs, fp16: bool = False):
-    """The prompt the pipeline builds for QUESTION + ``inputs`` (AnyMAL order); ``fp16``: the media embeddings
-    rounded to fp16, as the gateway's media embedding cache hands them on."""
-    from modalink.prompt import Media, Message, build_prompt, place_media
+def prompt_of(assistant, inputs):
+    """The prompt the pipeline builds for QUESTION + ``inputs`` (AnyMAL order; its media embeddings rounded to fp16
+    as every path, the gateway's included, passes them on)."""
+    from modalink.prompt import Message, build_prompt, place_media
 
     media, _ = assistant.media(inputs)
-    if fp16:
-        media = [Media(m.modality, m.embeddings.half().float(), m.version) for m in media]
     return build_prompt(assistant.tokenizer, [Message("user", place_media(QUESTION, media))],
                         assistant.settings.system_prompt)  # fmt: skip
 
@@ -170,7 +168,7 @@ def test_the_lora_of_the_first_media_with_one_answers_in_process(shipped, sample
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_the_lora_of_the_first_media_with_one_answers_through_the_gateway(hostile_stack, shipped, samples, order):
-    """The same through the gateway and the LLM service (its embeddings come rounded to fp16 by the media cache)."""
+    """The same through the gateway and the LLM service."""
     from modalink.v1 import assistant_pb2_grpc
     from modalink.wire import assistant_pb2, common_pb2
 
@@ -181,7 +179,7 @@ def test_the_lora_of_the_first_media_with_one_answers_through_the_gateway(hostil
         return common_pb2.Part(audio=common_pb2.Audio(data=data, mime="audio/wav"))
 
     inputs = [(m, samples[m]) for m in ORDERS[order]]
-    expected = answers(shipped, prompt_of(shipped, inputs, fp16=True))
+    expected = answers(shipped, prompt_of(shipped, inputs))
     req = assistant_pb2.GenerateRequest(
         parts=[common_pb2.Part(text=QUESTION), *map(part, ORDERS[order])],
         params=common_pb2.GenerationParams(max_new_tokens=PARAMS.max_new_tokens),

@@ -17,6 +17,7 @@ from pytriton.decorators import batch
 from pytriton.exceptions import PyTritonBadParameterError
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
+from tritonclient.utils import InferenceServerException
 
 from modalink.config import Settings, get_settings
 from modalink.embedder import Embedder
@@ -25,6 +26,12 @@ from modalink.ports import ENCODER_HTTP
 from modalink.triton import INVALID_INPUT, EncoderModel, input_spec, model_name
 
 log = logging.getLogger("modalink.encoder")
+
+# PyTriton's model instances after the first read their config from the first's Unix socket, waiting only for the
+# socket file: one that connects between that socket's bind and listen is refused and fails the model's load
+# (seen on a loaded machine while several services start). Triton is then started again.
+HANDSHAKE = "get_config_from_handshake_server"
+START_ATTEMPTS = 4
 
 
 def tls_config(settings: Settings) -> dict:
@@ -73,25 +80,37 @@ def serve(
         **tls_config(settings),
     )  # fmt: skip
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # else tritonserver lingers after a SIGTERM
-    with Triton(config=config) as triton:
-        triton.bind(
-            model_name=model_name(modality),
-            infer_func=[infer] * instances,
-            inputs=[Tensor(name="data", dtype=dtype, shape=shape)],
-            outputs=[
-                Tensor(name="embeddings", dtype=np.float32, shape=(model.n_tokens, model.d_llm)),
-                Tensor(name="tokens", dtype=np.int32, shape=(1,)),
-                Tensor(name="adapter_version", dtype=np.bytes_, shape=(1,)),
-                Tensor(name="error", dtype=np.bytes_, shape=(1,)),
-            ],
-            config=ModelConfig(
-                max_batch_size=max_batch_size,
-                batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us) if dynamic_batching else None,
-            ),
-            strict=True,
-        )
-        log.info("%s ready: HTTP %s, gRPC %s", model_name(modality), config.http_port, config.grpc_port)
-        try:
-            triton.serve()
-        except KeyboardInterrupt:
-            pass
+    for attempt in range(1, START_ATTEMPTS + 1):
+        with Triton(config=config) as triton:
+            try:
+                triton.bind(
+                    model_name=model_name(modality),
+                    infer_func=[infer] * instances,
+                    inputs=[Tensor(name="data", dtype=dtype, shape=shape)],
+                    outputs=[
+                        Tensor(name="embeddings", dtype=np.float32, shape=(model.n_tokens, model.d_llm)),
+                        Tensor(name="tokens", dtype=np.int32, shape=(1,)),
+                        Tensor(name="adapter_version", dtype=np.bytes_, shape=(1,)),
+                        Tensor(name="error", dtype=np.bytes_, shape=(1,)),
+                    ],
+                    config=ModelConfig(
+                        max_batch_size=max_batch_size,
+                        batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us)
+                        if dynamic_batching
+                        else None,
+                    ),
+                    strict=True,
+                )
+            except InferenceServerException as e:
+                if HANDSHAKE not in str(e) or attempt == START_ATTEMPTS:
+                    raise
+                log.warning("%s: PyTriton's model instances raced at start (attempt %d): starting Triton again",
+                            model_name(modality), attempt)  # fmt: skip
+                continue  # leaving the block stops this Triton
+            log.info("%s ready: HTTP %s, gRPC %s (%d instances)", model_name(modality), config.http_port,
+                     config.grpc_port, instances)  # fmt: skip
+            try:
+                triton.serve()
+            except KeyboardInterrupt:
+                pass
+            return

@@ -129,8 +129,9 @@ class Settings(BaseSettings):
     embed_cache_ttl_s: int = Field(3600, ge=1, description="Lifetime of an embedding in the Redis tier.")
     embed_cache_max_entry_kb: int = Field(1024, ge=1, description="Largest embedding stored in the Redis tier.")
     embed_cache_dtype: Literal["float16", "wire"] = Field(
-        "float16", description="Embeddings at rest: float16 (half the bytes; a miss answers the same rounded values "
-        "as a hit, and the cache off too), or wire (the encoder's float32)."
+        "float16", description="Embeddings at rest: float16 (half the bytes), or wire (float32). Every path rounds "
+        "to it (encoder services, the in-process assistant, eval, the gateway with the cache on, hit, missed or "
+        "off), so no answer depends on the path."
     )  # fmt: skip
     embed_cache_salt: bool = Field(
         True, description="With API keys configured, a caller's entries are keyed by its key id: another tenant "

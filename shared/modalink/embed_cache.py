@@ -22,8 +22,9 @@ entries are stored under the version the encoder answered with. A promotion or r
 key of every lookup: an entry made by another adapter version is never served.
 
 Values are the embeddings in fp16 at rest (``MODALINK_EMBED_CACHE_DTYPE=float16``; ``wire`` keeps the encoder's
-float32); a miss returns the same rounded values as a hit would, and with the cache off the embedder rounds them
-the same way (``RemoteEmbedder``), so answers depend neither on hit or miss nor on the cache being on.
+float32); every path that embeds rounds to it (``embedder.as_at_rest``: the encoder services, the in-process
+assistant, ``modalink eval``, and the gateway's ``EncoderPool`` for what comes back), so answers depend neither on
+hit or miss, nor on the cache being on, nor on in process vs through the services.
 """
 
 from __future__ import annotations

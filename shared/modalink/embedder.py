@@ -48,6 +48,13 @@ def check_video_tokens(modality: str, version: str, meta: dict, enc: Encoder) ->
         )
 
 
+def as_at_rest(embeddings: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Embeddings rounded as the media embedding cache keeps them at rest (``MODALINK_EMBED_CACHE_DTYPE``: float16
+    rounds, wire keeps float32). Every path rounds alike (encoder services, the in-process assistant, ``modalink
+    eval``, the gateway whether the cache is on, hit or missed), so no answer depends on the path taken."""
+    return embeddings.to(torch.float16).to(torch.float32) if dtype == "float16" else embeddings
+
+
 class Embedder:
     def __init__(self, settings: Settings | None = None, versions: dict[str, str] | None = None):
         """``versions`` pins adapter versions per modality (default: the registry's current ones, followed)."""
@@ -145,7 +152,7 @@ class Embedder:
 
     def embed(self, modality: str, items: Sequence[Any], decoded: bool = False) -> tuple[list[torch.Tensor], str]:
         """Encode + project a batch of raw (or already decoded) items: one [n_tokens, d_llm] tensor each (fewer
-        tokens for a short item of a projector that does not stretch: a one-frame video)."""
+        tokens for a short item of a projector that does not stretch: a one-frame video), rounded ``as_at_rest``."""
         enc = self.encoder(modality)
         inputs = list(items) if decoded else self.decode(modality, items)
         projector, version = self.projector(modality)
@@ -153,7 +160,7 @@ class Embedder:
         x, mask = pad_features([f.to(self.settings.torch_device()) for f in feats])
         with torch.inference_mode():
             out = project(projector, x, mask)
-        return [o.float().cpu() for o in out], version
+        return [as_at_rest(o.float().cpu(), self.settings.embed_cache_dtype) for o in out], version
 
     def media(
         self, inputs: Sequence[tuple[str, Any]], timeout_s: float | None = None

@@ -23,6 +23,7 @@ import torch
 
 from modalink import MODALITIES, check_modality, embed_cache
 from modalink.config import Settings, get_settings
+from modalink.embedder import as_at_rest
 from modalink.engine import GenerationParams, TokenEvent
 from modalink.errors import (
     BackendCrashed,
@@ -170,10 +171,11 @@ class EncoderPool:
         return out
 
     def _rounded(self, results: list) -> list:
-        """Embeddings rounded as they would be at rest in the cache (``MODALINK_EMBED_CACHE_DTYPE``)."""
+        """Embeddings rounded as they would be at rest in the cache (``MODALINK_EMBED_CACHE_DTYPE``): a modalink
+        encoder service already sends them so, another Triton model of the contract may not."""
         if not self.fp16:
             return results
-        return [(r[0].to(torch.float16).to(torch.float32), r[1]) if isinstance(r, tuple) else r for r in results]
+        return [(as_at_rest(r[0], "float16"), r[1]) if isinstance(r, tuple) else r for r in results]
 
     def _embed_batch(
         self, modality: str, raws: Sequence[Any], timeout_s: float | None = None
