@@ -52,14 +52,24 @@ class TextStream:
         return delta
 
 
+def argmax(logits: torch.Tensor) -> int:
+    """The greedy token of a CPU logits row: numpy's argmax, about 10x faster than torch's on a vocabulary row (60
+    vs 6 us for 49152 logits on 2 cores, once per row per token); both take the first of equal maxima."""
+    return int(logits.detach().to(torch.float32).numpy().argmax())
+
+
 def sample(logits: torch.Tensor, p: GenerationParams, seen: torch.Tensor, gen: torch.Generator | None) -> int:
-    """Next token for one row: repetition penalty, then greedy or temperature / top-k / top-p sampling."""
+    """Next token for one row (logits on the CPU): repetition penalty, then greedy or temperature / top-k / top-p
+    sampling."""
+    penalize = p.repetition_penalty != 1.0 and seen.numel()
+    if p.temperature == 0.0 and not penalize:
+        return argmax(logits)  # nothing to edit: no copy
     logits = logits.to(torch.float32, copy=True)  # a normal tensor we may edit (the model's is an inference tensor)
-    if p.repetition_penalty != 1.0 and seen.numel():
+    if penalize:
         vals = logits[seen]
         logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if p.temperature == 0.0:
-        return int(logits.argmax())
+        return argmax(logits)
     logits = logits / p.temperature
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
