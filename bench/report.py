@@ -261,8 +261,9 @@ own multimodal path feeds images), one sequence per request in a unified KV cach
 {lcp_b1}x and {lcp_b8}x, its greedy tokens and logits exactly llama.cpp's (flash attention off in both,
 llama-cpp-python's default; on, both decode about 12% faster and round queries to fp16). Its Python (sampling and
 detokenizing per row, shared with the transformers engine) is 3% of a batch-8 run's time; the other 97% is
-`llama_decode`, whose batch of 8 costs 40 ms on 2 threads against about 8 ms for one token: llama.cpp's own batched
-decode bounds the batch-8 row. On image, IMU and power (200, 40 and 100 test items, the stage-1 adapters) its
+`llama_decode`, whose batch of 8 costs about 5x one token on 2 threads (70 vs 15 ms on this AVX2 machine, 40 vs 8 ms
+on an AVX-512 one, where the two ratios were 0.96x and 1.59x): llama.cpp's own batched decode bounds the batch-8
+row. On image, IMU and power (200, 40 and 100 test items, the stage-1 adapters) its
 accuracy (`MODALINK_ENGINE=llamacpp modalink eval -m image -m imu -m power --limit 200`, 59 s against the
 transformers engine's 120 s) is 85.5/90.0/86.0% against 83.5/90.0/85.0%. Stage-2 LoRA adapters (audio, video) are
 converted from peft to GGUF LoRAs on load and served in a llama.cpp context of their own (llama.cpp applies a LoRA
