@@ -80,27 +80,26 @@ def serve(
         **tls_config(settings),
     )  # fmt: skip
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # else tritonserver lingers after a SIGTERM
+    model_spec = dict(
+        model_name=model_name(modality),
+        infer_func=[infer] * instances,
+        inputs=[Tensor(name="data", dtype=dtype, shape=shape)],
+        outputs=[
+            Tensor(name="embeddings", dtype=np.float32, shape=(model.n_tokens, model.d_llm)),
+            Tensor(name="tokens", dtype=np.int32, shape=(1,)),
+            Tensor(name="adapter_version", dtype=np.bytes_, shape=(1,)),
+            Tensor(name="error", dtype=np.bytes_, shape=(1,)),
+        ],
+        config=ModelConfig(
+            max_batch_size=max_batch_size,
+            batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us) if dynamic_batching else None,
+        ),
+        strict=True,
+    )
     for attempt in range(1, START_ATTEMPTS + 1):
         with Triton(config=config) as triton:
             try:
-                triton.bind(
-                    model_name=model_name(modality),
-                    infer_func=[infer] * instances,
-                    inputs=[Tensor(name="data", dtype=dtype, shape=shape)],
-                    outputs=[
-                        Tensor(name="embeddings", dtype=np.float32, shape=(model.n_tokens, model.d_llm)),
-                        Tensor(name="tokens", dtype=np.int32, shape=(1,)),
-                        Tensor(name="adapter_version", dtype=np.bytes_, shape=(1,)),
-                        Tensor(name="error", dtype=np.bytes_, shape=(1,)),
-                    ],
-                    config=ModelConfig(
-                        max_batch_size=max_batch_size,
-                        batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us)
-                        if dynamic_batching
-                        else None,
-                    ),
-                    strict=True,
-                )
+                triton.bind(**model_spec)
             except InferenceServerException as e:
                 if HANDSHAKE not in str(e) or attempt == START_ATTEMPTS:
                     raise

@@ -109,7 +109,7 @@ class EncoderPool:
         self.cache = embed_cache.EmbedCache.from_settings(settings) if settings is not None else None
         # embeddings passed on as the cache keeps them at rest (fp16-rounded by default), the cache on or off, so
         # that no answer depends on whether it is on, hit or missed
-        self.fp16 = settings is not None and settings.embed_cache_dtype == "float16"
+        self.at_rest = settings.embed_cache_dtype if settings is not None else "wire"
 
     def embed(self, modality: str, raw: Any, timeout_s: float | None = None,
               salt: str | None = None) -> tuple[torch.Tensor, str]:  # fmt: skip
@@ -173,9 +173,7 @@ class EncoderPool:
     def _rounded(self, results: list) -> list:
         """Embeddings rounded as they would be at rest in the cache (``MODALINK_EMBED_CACHE_DTYPE``): a modalink
         encoder service already sends them so, another Triton model of the contract may not."""
-        if not self.fp16:
-            return results
-        return [(as_at_rest(r[0], "float16"), r[1]) if isinstance(r, tuple) else r for r in results]
+        return [(as_at_rest(r[0], self.at_rest), r[1]) if isinstance(r, tuple) else r for r in results]
 
     def _embed_batch(
         self, modality: str, raws: Sequence[Any], timeout_s: float | None = None
