@@ -63,6 +63,54 @@ def test_streamed_deltas_add_up_and_stop_sequences_cut(engine):
     assert "5" not in text and full.text.startswith(text) and text
 
 
+class CountingTokenizer:
+    """The real tokenizer, recording how many ids each decode call is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.sizes = tokenizer, []
+
+    def decode(self, ids, **kw):
+        self.sizes.append(len(ids))
+        return self.tokenizer.decode(ids, **kw)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Plain words, with punctuation: 3.14 and (brackets).", "Emoji 🤖🎉 and accents: café, naïve, Zürich.",
+     "汉字と日本語のテキスト、한국어도。", "  leading spaces,\ttabs\nand new lines\n\n"],
+)  # fmt: skip
+def test_incremental_detokenization_is_the_whole_decode_and_stays_short(tokenizer, text):
+    from modalink.engines.decoding import TextStream
+
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids = ids + [tokenizer.eos_token_id] + ids * 40  # a special token inside, and a long answer
+    counting = CountingTokenizer(tokenizer)
+    stream = TextStream(counting, [])
+    deltas = [stream.push(i)[0] for i in ids]
+    deltas.append(stream.flush())
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert max(counting.sizes) <= 16  # each token decodes a short window, however long the answer grows
+
+
+def test_incremental_detokenization_cuts_at_a_stop_sequence_across_tokens(tokenizer):
+    from modalink.engines.decoding import TextStream
+
+    ids = tokenizer("one, two, three, four, five", add_special_tokens=False).input_ids
+    stream = TextStream(tokenizer, ["e, fo", "zzz"])
+    out, hit = "", False
+    for i in ids:
+        delta, hit = stream.push(i)
+        out += delta
+        if hit:
+            break
+    assert hit and out == "one, two, thre"
+    stream = TextStream(tokenizer, [])  # an answer cut inside a character still flushes what it decoded
+    emoji = tokenizer("🤖", add_special_tokens=False).input_ids
+    assert len(emoji) > 1, "the test needs a character spread over several tokens"
+    text = "".join(stream.push(i)[0] for i in ids[:3] + emoji[:1]) + stream.flush()
+    assert text == tokenizer.decode(ids[:3] + emoji[:1]) and text.endswith("\ufffd")
+
+
 def test_length_limit_and_sampling_seed(engine):
     prompt = chat(engine.tokenizer, "Write a long story about a cat.")
     [out] = engine.generate([prompt], GenerationParams(max_new_tokens=5))

@@ -209,13 +209,19 @@ class LlamaCppEngine(Engine):
         self._known([adapter])
         pieces = self._pieces(prompt, GenerationParams(max_new_tokens=1))
         c = self._contexts[adapter]
-        self.lc.llama_memory_clear(c.memory, True)
+        self._clear(c)
         try:
             return self._prefill(c, 0, pieces)
         finally:
-            self.lc.llama_memory_clear(c.memory, True)
+            self._clear(c)
 
     # -- llama.cpp calls -------------------------------------------------------------------------------------------
+
+    def _clear(self, c: _Context) -> None:
+        """Free every cell of ``c``'s KV cache: the metadata only. Free cells are masked out of attention and written
+        over when used again; clearing the data too would zero the whole buffer (about 190 MB at 8192 positions, ~8 ms
+        a call on 2 cores), which each request paid twice, once before its first token."""
+        self.lc.llama_memory_clear(c.memory, False)
 
     def _decode(self, c: _Context, batch, n: int) -> None:
         batch.n_tokens = n
@@ -311,7 +317,7 @@ class LlamaCppEngine(Engine):
             (i, self._pieces(pr, p), p, a) for i, (pr, p, a) in enumerate(zip(prompts, plist, names, strict=True))
         ]
         for c in self._contexts.values():
-            self.lc.llama_memory_clear(c.memory, True)
+            self._clear(c)
             c.free, c.room = list(range(self.max_rows)), self.kv_tokens
         pc = self.prefix_cache
         running: list[tuple[Row, _Context, int, int, int]] = []  # (row, context, sequence, next position, reserved)
@@ -363,7 +369,7 @@ class LlamaCppEngine(Engine):
                         n += 1
         finally:
             for c in self._contexts.values():
-                self.lc.llama_memory_clear(c.memory, True)
+                self._clear(c)
 
 
 def lora_to_gguf(peft_dir: Path, out: Path, n_head: int, n_head_kv: int) -> Path:
