@@ -156,6 +156,11 @@ def test_stop_sequences_lengths_and_seeds_are_the_shared_decode_loops(engine):
     sampled = GenerationParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=11)
     a, b = engine.generate([[PROMPT], [PROMPT]], [sampled, sampled])
     assert a.token_ids == b.token_ids == engine.generate([[PROMPT]], sampled)[0].token_ids
+    # greedy rows take their token where llama.cpp wrote the logits, the others a copy: in one batch, each as alone
+    greedy, penalized = GenerationParams(max_new_tokens=8), GenerationParams(max_new_tokens=8, repetition_penalty=1.5)
+    mixed = engine.generate([[PROMPT]] * 3, [greedy, sampled, penalized])
+    alone = [engine.generate([[PROMPT]], p)[0].token_ids for p in (greedy, sampled, penalized)]
+    assert [m.token_ids for m in mixed] == alone and alone[0] == full.token_ids[:8] and alone[2] != alone[0]
 
 
 def test_bad_input_is_refused_with_its_reason_and_the_engine_serves_on(engine, tmp_path):

@@ -7,22 +7,26 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from modalink.engine import FINISH_LENGTH, FINISH_STOP, GenerationParams, TokenEvent
 from modalink.prefix_cache import Piece
 
+WINDOW = 8  # tokens of context a window keeps at most before its start moves on (then one more decode)
+
 
 class TextStream:
     """Incremental detokenization with stop sequences: emits only text that can no longer change.
 
-    Each token decodes a short window, not the whole answer (vLLM's and TGI's method): the tokens since the text
-    last grew, after those of the step before as context; what the window decodes to beyond its context is what the
-    new tokens added. A token then costs the same at the 10th position and the 8000th (decoding the whole answer
-    each time made a long answer quadratic: ~2 ms a token at 8000 tokens, per row of the batch). A window that ends
-    inside a multi-byte character decodes to U+FFFD and waits for the next token. Stop sequences are searched only
-    where the new text can complete one."""
+    Each token decodes a short window, not the whole answer (vLLM's and TGI's method): the tokens not yet settled,
+    after a few settled ones as context; what the window decodes to beyond its context is what they added. A
+    window's text is the next one's context, so a token costs one decode of a few ids (one more every ``WINDOW``
+    tokens, when the context starts again later), the same at the 10th position and the 8000th: decoding the whole
+    answer each time made a long answer quadratic (~1.5 ms a token at 4000 tokens, per row of the batch). A window
+    that ends inside a multi-byte character decodes to U+FFFD and waits for the next token. Stop sequences are
+    searched only where the new text can complete one."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
@@ -30,15 +34,23 @@ class TextStream:
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
-        self.context = 0  # ids[context:settled] were decoded last time: context for the window ids[settled:]
+        self.context = 0  # ids[context:settled]: the context of the unsettled tokens ids[settled:]
         self.settled = 0
+        self.context_text: str | None = ""  # its text, once decoded
+        # A fast tokenizer's decode is its Rust tokenizer's, plus a clean-up pass when configured: without that pass,
+        # call the Rust one directly (half the time of a call through transformers, every token of every row)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        cleanup = getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        self._decoder = backend.decode if backend is not None and not cleanup else tokenizer.decode
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self._decoder(ids, skip_special_tokens=True)
 
     def _window(self) -> tuple[str, str]:
-        """The text of the context and of the context plus the unsettled tokens."""
-        return self._decode(self.ids[self.context : self.settled]), self._decode(self.ids[self.context :])
+        """The text of the context, and of the context with the unsettled tokens."""
+        if self.context_text is None:
+            self.context_text = self._decode(self.ids[self.context : self.settled])
+        return self.context_text, self._decode(self.ids[self.context :])
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; returns (newly visible text, whether a stop sequence was hit)."""
@@ -47,7 +59,11 @@ class TextStream:
         context, window = self._window()
         if len(window) > len(context) and not window.endswith("\ufffd"):
             self.text += window[len(context) :]
-            self.context, self.settled = self.settled, len(self.ids)
+            if self.settled - self.context >= WINDOW:  # start a shorter context at the last settled point
+                self.context, self.context_text = self.settled, None
+            else:  # the same context start: what was decoded is the next context (one decode per token)
+                self.context_text = window
+            self.settled = len(self.ids)
         if self.stop and len(self.text) > before:
             start = max(0, before - self.longest_stop + 1)  # a stop may begin in text seen before
             hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
@@ -70,16 +86,18 @@ class TextStream:
         """The rest, at the end of the answer: held-back text and an unfinished character (as U+FFFD)."""
         context, window = self._window()
         self.text += window[len(context) :]
-        self.context = self.settled = len(self.ids)
+        self.context, self.settled, self.context_text = len(self.ids), len(self.ids), ""
         delta = self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta
 
 
-def argmax(logits: torch.Tensor) -> int:
+def argmax(logits: torch.Tensor | np.ndarray) -> int:
     """The greedy token of a CPU logits row: numpy's argmax, about 10x faster than torch's on a vocabulary row (60
     vs 6 us for 49152 logits on 2 cores, once per row per token); both take the first of equal maxima."""
-    return int(logits.detach().to(torch.float32).numpy().argmax())
+    if isinstance(logits, torch.Tensor):
+        logits = logits.detach().to(torch.float32).numpy()
+    return int(logits.argmax())
 
 
 def sample(logits: torch.Tensor, p: GenerationParams, seen: torch.Tensor, gen: torch.Generator | None) -> int:
@@ -120,10 +138,16 @@ class Row:
         self.tokens: list[int] = []
         self.done = False
 
-    def next(self, eos_ids: set[int], logits: torch.Tensor) -> TokenEvent:
-        """Sample the next token from this row's logits; the event ends the row on EOS, a stop or the length."""
+    @property
+    def greedy(self) -> bool:
+        """Its next token is the argmax of the logits, whatever came before (an engine may take it where they are)."""
+        return self.params.temperature == 0.0 and self.params.repetition_penalty == 1.0
+
+    def next(self, eos_ids: set[int], logits: torch.Tensor | int) -> TokenEvent:
+        """Sample the next token from this row's logits (or take the greedy token an engine read from them); the
+        event ends the row on EOS, a stop or the length."""
         p = self.params
-        tok = sample(logits.cpu(), p, self.seen, self.gen)
+        tok = logits if isinstance(logits, int) else sample(logits.cpu(), p, self.seen, self.gen)
         self.tokens.append(tok)
         if tok in eos_ids:
             self.done = True

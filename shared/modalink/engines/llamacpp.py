@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from modalink.engine import Engine, GenerationParams, Join, TokenEvent
-from modalink.engines.decoding import Row
+from modalink.engines.decoding import Row, argmax
 from modalink.errors import ConfigError, InputError
 from modalink.prefix_cache import Piece, PrefixCache, add_text, embedding_piece
 from modalink.prompt import Segment, text_ids
@@ -102,6 +102,7 @@ class LlamaCppEngine(Engine):
         self._loras: dict[str, object] = {}
         self._tokens = lc.llama_batch_init(N_BATCH, 0, max_rows)
         self._embeds = lc.llama_batch_init(N_BATCH, self.hidden_size, 1)
+        self._row_type = ctypes.c_float * self.vocab_size  # a logits row, read in place
         self.prefix_cache = PrefixCache(0, nbytes=len)  # off until ``load`` sizes it (MODALINK_KV_CACHE_MB)
 
     @property
@@ -230,12 +231,25 @@ class LlamaCppEngine(Engine):
             raise RuntimeError(f"llama_decode failed ({rc}) on a batch of {n} positions")
 
     def _logits(self, c: _Context, i: int) -> torch.Tensor:
-        ptr = self.lc.llama_get_logits_ith(c.ctx, i)
-        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy())
+        """Row ``i``'s logits of the last decode, copied: the next ``llama_decode`` in ``c`` writes over them."""
+        out = torch.empty(self.vocab_size)
+        ctypes.memmove(out.data_ptr(), self.lc.llama_get_logits_ith(c.ctx, i), self.vocab_size * 4)
+        return out
 
-    def _prefill(self, c: _Context, seq: int, pieces: list[list[int] | np.ndarray], skip: int = 0) -> torch.Tensor:
+    def _out(self, c: _Context, i: int, greedy: bool) -> torch.Tensor | int:
+        """What row ``i``'s sampling needs of the last decode: a greedy row's token, its argmax read where llama.cpp
+        wrote the logits (a copy of a 49152-logit row and a second pass over it cost more than the argmax, each
+        token), else the logits, copied."""
+        if not greedy:
+            return self._logits(c, i)
+        address = ctypes.cast(self.lc.llama_get_logits_ith(c.ctx, i), ctypes.c_void_p).value
+        return argmax(np.frombuffer(self._row_type.from_address(address), dtype=np.float32))
+
+    def _prefill(
+        self, c: _Context, seq: int, pieces: list[list[int] | np.ndarray], skip: int = 0, greedy: bool = False
+    ) -> torch.Tensor | int:
         """Feed one prompt into sequence ``seq``, in chunks of at most ``N_BATCH`` positions, from position ``skip``
-        (those before it are in the sequence already: a restored prefix); its last logits."""
+        (those before it are in the sequence already: a restored prefix); its last logits (``_out``)."""
         pos, total, last = 0, sum(len(p) for p in pieces), 0
         for piece in pieces:
             if pos + len(piece) <= skip:
@@ -258,16 +272,17 @@ class LlamaCppEngine(Engine):
                         last = j
                 self._decode(c, batch, len(chunk))
                 pos += len(chunk)
-        return self._logits(c, last)
+        return self._out(c, last, greedy)
 
-    def _step(self, c: _Context, rows: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        """One decode step in context ``c``: (sequence, position, token) per row, in one batch; their next logits."""
+    def _step(self, c: _Context, rows: list[tuple[int, int, int, bool]]) -> list[torch.Tensor | int]:
+        """One decode step in context ``c``: (sequence, position, token, greedy) per row, in one batch; what each
+        row samples from next (``_out``)."""
         batch = self._tokens
-        for j, (seq, pos, tok) in enumerate(rows):
+        for j, (seq, pos, tok, _) in enumerate(rows):
             batch.token[j], batch.pos[j], batch.n_seq_id[j], batch.logits[j] = tok, pos, 1, True
             batch.seq_id[j][0] = seq
         self._decode(c, batch, len(rows))
-        return [self._logits(c, j) for j in range(len(rows))]
+        return [self._out(c, j, greedy) for j, (_, _, _, greedy) in enumerate(rows)]
 
     # -- the KV prefix cache: sequences saved to and restored from host memory -------------------------------------
 
@@ -321,7 +336,7 @@ class LlamaCppEngine(Engine):
             c.free, c.room = list(range(self.max_rows)), self.kv_tokens
         pc = self.prefix_cache
         running: list[tuple[Row, _Context, int, int, int]] = []  # (row, context, sequence, next position, reserved)
-        logits: list[torch.Tensor] = []
+        logits: list[torch.Tensor | int] = []  # per running row: its logits, or its greedy token
         try:
             while True:
                 for w in list(waiting):  # in arrival order, each when its context has room
@@ -338,10 +353,10 @@ class LlamaCppEngine(Engine):
                     # at least two positions left to prefill: a one-position batch rounds differently (see above)
                     reused, state = pc.lookup(adapter, key, length - 1) if pc else (0, None)
                     skip = self._restore(c, seq, state, reused) if state is not None else 0
-                    logits.append(self._prefill(c, seq, pieces, skip))
+                    row = Row(index, p, adapter, key, length, ids, self.tokenizer)
+                    logits.append(self._prefill(c, seq, pieces, skip, row.greedy))
                     if pc:
                         pc.store(adapter, key, length, lambda c=c, seq=seq: self._save(c, seq))
-                    row = Row(index, p, adapter, key, length, ids, self.tokenizer)
                     running.append((row, c, seq, length, length + p.max_new_tokens))
                 if not running:
                     if waiting:  # cannot happen: one request alone fits (checked against the context)
@@ -360,7 +375,7 @@ class LlamaCppEngine(Engine):
                 running, logits = [], []
                 for c in {id(k[1]): k[1] for k in keep}.values():  # one batch per context, in a fixed order
                     rows = [k for k in keep if k[1] is c]
-                    logits += self._step(c, [(seq, pos - 1, tok) for _, _, seq, pos, _, tok in rows])
+                    logits += self._step(c, [(seq, pos - 1, tok, row.greedy) for row, _, seq, pos, _, tok in rows])
                     running += [(row, c, seq, pos, reserved) for row, c, seq, pos, reserved, _ in rows]
                 if join is not None:
                     for prompt, p, adapter in join.more(len(running) + len(waiting)):
