@@ -83,11 +83,12 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml $(PLUGINS)
 	$(foreach p,$(PLUGINS),$(BIN)/pip install -q -e $(dir $(p)) &&) true
 	touch $@
 
-# llama.cpp, the engine bench/llamacpp.py races modalink's against on the same GGUF file: llama-cpp-python built from
-# its PyPI sdist (g++ and cmake; a few minutes on 2 cores), for the benchmarks only (modalink never imports it).
+# llama.cpp: llama-cpp-python built from its PyPI sdist (g++ and cmake; 5-7 minutes on 2 cores), for the llamacpp
+# engine (MODALINK_ENGINE=llamacpp) and bench/llamacpp.py, which races it and modalink's engines on the same GGUF file.
+# Without its multimodal library (mtmd, ~15% of the build): the engine feeds media as embeddings itself.
 LLAMACPP := $(VENV)/.llamacpp
 $(LLAMACPP): $(VENV)/.installed
-	$(BIN)/pip install -q llama-cpp-python==0.3.36
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install -q llama-cpp-python==0.3.36
 	touch $@
 
 # The demo goes through the services: `modalink up` starts the topology, the questions go to the gateway.
