@@ -272,8 +272,8 @@ The batch-8 row is bound inside `llama_decode`, whose batch of 8 costs about 5x 
 on this AVX2 machine, 40 vs 8 ms on an AVX-512 one): its Q4_1 matrix products have no batched kernel (llama.cpp's
 repacked and tinyBLAS kernels take Q4_0, Q8_0 and K-quants, not Q4_1). Requantizing the file at load would reach
 them, but not losslessly: Q8_0 on this machine gave 127 tok/s at batch 8 (1.98x of that run's 64 tok/s Q4_1
-batch 1) and 53 tok/s at batch 1, F16 123 and 39. On image, IMU and power (200, 40 and 100 test items, the stage-1 adapters) its
-accuracy (`MODALINK_ENGINE=llamacpp modalink eval -m image -m imu -m power --limit 200`, 59 s against the
+batch 1) and 53 tok/s at batch 1, F16 123 and 39. On image, IMU and power (200, 40 and 100 test items, the stage-1
+adapters) its accuracy (`MODALINK_ENGINE=llamacpp modalink eval -m image -m imu -m power --limit 200`, 59 s against the
 transformers engine's 120 s) is 85.5/90.0/86.0% against 83.5/90.0/85.0%. Stage-2 LoRA adapters (audio, video) are
 converted from peft to GGUF LoRAs on load and served in a llama.cpp context of their own (llama.cpp applies a LoRA
 per context; the weights are shared); the demo's audio and video answers through it are the transformers engine's.
