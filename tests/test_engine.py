@@ -88,8 +88,11 @@ def test_incremental_detokenization_is_the_whole_decode_and_stays_short(tokenize
     stream = TextStream(counting, [])
     deltas = [stream.push(i)[0] for i in ids]
     deltas.append(stream.flush())
-    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    assert "".join(deltas) == whole
     assert max(counting.sizes) <= 16  # each token decodes a short window, however long the answer grows
+    fast = TextStream(tokenizer, [])  # the tokenizer itself: its Rust decoder called directly (no clean-up pass)
+    assert "".join([fast.push(i)[0] for i in ids]) + fast.flush() == whole
 
 
 def test_incremental_detokenization_cuts_at_a_stop_sequence_across_tokens(tokenizer):

@@ -29,7 +29,7 @@ class TextStream:
     searched only where the new text can complete one."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, stop
+        self.stop = stop
         self.longest_stop = max((len(s) for s in stop), default=0)
         self.ids: list[int] = []
         self.text = ""
