@@ -190,12 +190,14 @@ def test_the_shipped_image_adapter_reads_through_llama_cpp_in_process_and_as_the
     the LLM service started with MODALINK_ENGINE=llamacpp behind a real gateway and image encoder. (Not the same
     words necessarily: the encoder service's features differ from in-process ones in the last bits, and the LLM
     service runs one thread here.)"""
+    import grpc
     from procs import Procs, free_port, wait_grpc, wait_triton
 
     from modalink.assistant import Assistant
     from modalink.client import Client, image
     from modalink.config import Settings
     from modalink.evaluate import is_correct
+    from modalink.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
 
     settings = Settings(adapters_dir=REPO / "adapters")
     question = "What is shown in this picture?"
@@ -221,10 +223,17 @@ def test_the_shipped_image_adapter_reads_through_llama_cpp_in_process_and_as_the
         wait_grpc(f"127.0.0.1:{gw_port}", *gateway)
         with Client(f"127.0.0.1:{gw_port}") as c:
             served = c.ask([question, image(samples["image"])], max_new_tokens=24)
+        # a bare generated stub, as any gRPC client sends it (no deadline, no metadata): the same streamed answer
+        picture = common_pb2.Image(data=Path(samples["image"]).read_bytes(), mime="image/png")
+        request = assistant_pb2.GenerateRequest(parts=[common_pb2.Part(text=question), common_pb2.Part(image=picture)],
+                                                params=common_pb2.GenerationParams(max_new_tokens=24))  # fmt: skip
+        with grpc.insecure_channel(f"127.0.0.1:{gw_port}") as ch:
+            bare = "".join(m.text for m in assistant_pb2_grpc.AssistantStub(ch).Generate(request))
         assert "(engine llamacpp)" in llm[1].read_text()
     finally:
         procs.stop_all()
     assert is_correct("image", "sneaker", served), served
+    assert bare == served
 
 
 def test_the_shipped_stage2_lora_converts_and_acts_as_in_the_transformers_engine(engine, samples):
