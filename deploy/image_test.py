@@ -239,7 +239,7 @@ def main() -> int:
     samples = workdir / "samples"
     write_samples(samples)
     claim = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")["metadata"]["name"]
-    ok = False
+    ok, failure = False, ""
     try:
         log(f"{len(cluster.pods)} pods from the chart: {', '.join(p.name for p in cluster.pods)}")
         ready = start(cluster, a.timeout)
@@ -264,7 +264,8 @@ def main() -> int:
     except KeyboardInterrupt:
         print("image-test: interrupted", file=sys.stderr)
     except Exception as e:  # noqa: BLE001  (the report, then the cleanup)
-        print(f"image-test: FAILED: {e}", file=sys.stderr)
+        failure = f"image-test: FAILED: {type(e).__name__}: {e}"
+        print(failure, file=sys.stderr)
         for name in (n for p in cluster.pods for n in p.containers):
             print(f"--- the last lines of {name}'s log:\n{podrun.logs(name, 25)}", file=sys.stderr)
     finally:
@@ -279,6 +280,8 @@ def main() -> int:
                     print(f"image-test: {e}", file=sys.stderr)
             shutil.rmtree(workdir, ignore_errors=True)
             log("removed every container it started")
+        if failure:  # again, last: the containers' logs above push it out of a CI log's tail
+            print(failure, file=sys.stderr)
     return 0 if ok else 1
 
 

@@ -624,15 +624,45 @@ def test_a_deadline_reaches_the_llm(gateway, stack):
 
 
 def test_an_unavailable_replica_is_skipped(stack, samples):
+    """A replica that refuses connections, and one whose Triton is up without the model loaded (NOT_FOUND: a pod
+    still loading it, or retrying a failed load; the audio encoder's Triton stands in for it), are skipped."""
     from modalink.remote import EncoderPool
 
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    not_loaded = f"127.0.0.1:{stack['encoders']['audio'][0]['grpc']}"  # serves audio_encoder, not image_encoder
     live = f"127.0.0.1:{stack['encoders']['image'][0]['grpc']}"
-    pool = EncoderPool({"image": [dead, live]}, retries=1)
+    pool = EncoderPool({"image": [dead, not_loaded, live]}, retries=1)
     raw = Path(samples["image"]).read_bytes()
     assert [tuple(pool.embed("image", raw)[0].shape) for _ in range(4)] == [(8, 576)] * 4
     with pytest.raises(ConnectionError, match="every image encoder replica is unavailable"):
         EncoderPool({"image": [dead]}, retries=1).embed("image", raw)
+
+
+def test_the_charts_encoder_probes_pass_only_with_the_model_loaded(stack):
+    """The chart's startup and readiness probes ask for the model, not the server: Triton's /v2/health/ready says
+    200 with no model loaded, and a pod ready that early gets requests it answers NOT_FOUND. The audio encoder's
+    Triton stands in for an image encoder whose model is not loaded."""
+    import urllib.error
+    import urllib.request
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "charts"))
+    import validate
+
+    pod = next(o for o in validate.render() if o["kind"] == "Deployment" and o["metadata"]["name"].endswith(
+        "image-encoder"))["spec"]["template"]["spec"]["containers"][0]  # fmt: skip
+
+    def status(port: int, path: str) -> int:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    loaded, not_loaded = stack["encoders"]["image"][0]["http"], stack["encoders"]["audio"][0]["http"]
+    assert status(not_loaded, "/v2/health/ready") == 200  # what the probes asked before: no help
+    for probe in ("startupProbe", "readinessProbe"):
+        path = pod[probe]["httpGet"]["path"]
+        assert status(loaded, path) == 200, path
+        assert status(not_loaded, path) != 200, path
 
 
 def test_history_continues_the_conversation_as_in_process(stack, local):

@@ -46,6 +46,9 @@ from modalink.wire import params_to_msg, segments_to_msg
 log = logging.getLogger(__name__)
 # gRPC's words for a call that never reached a replica (refused at connect): it can go to the next one freely
 NOT_CONNECTED = "failed to connect"
+# Triton's words (NOT_FOUND) for a model a replica has not loaded: a pod whose server is up and its model still
+# loading, or whose load failed and is being retried. The request ran nowhere: the next replica is asked freely.
+NOT_LOADED = "request for unknown model"
 
 
 def parse_addresses(spec: str) -> dict[str, list[str]]:
@@ -215,12 +218,12 @@ class EncoderPool:
     def _infer(
         self, modality: str, raws: list[Any], timeout_s: float | None
     ) -> list[tuple[torch.Tensor, str] | InputError]:
-        """One request to the next replica. Encoding is idempotent, so a replica that is unavailable is marked
-        down for a few seconds and the next one is asked; after a full round, ``retries`` more attempts with a short
-        backoff. A replica that went away with the request in flight (it was sent, not refused at connect) may
-        have been killed by the request itself: such a request is retried once, and if that replica goes away too
-        (or none is left to retry on) it fails with ``BackendCrashed`` instead of taking down every replica in
-        turn."""
+        """One request to the next replica. Encoding is idempotent, so a replica that is unavailable (or has not
+        loaded the model) is marked down for a few seconds and the next one is asked; after a full round,
+        ``retries`` more attempts with a short backoff. A replica that went away with the request in flight (it was
+        sent, not refused at connect) may have been killed by the request itself: such a request is retried once,
+        and if that replica goes away too (or none is left to retry on) it fails with ``BackendCrashed`` instead of
+        taking down every replica in turn."""
         from tritonclient.utils import InferenceServerException
 
         order = self._order(modality)
@@ -240,12 +243,13 @@ class EncoderPool:
                     raise InputError(msg.split(INVALID_INPUT, 1)[1].split("\n")[0].strip()) from None
                 if "DEADLINE_EXCEEDED" in status:  # the call's deadline is spent: another replica cannot help
                     raise BackendTimeout(f"the {modality} encoder service did not answer before the deadline") from None
-                if "UNAVAILABLE" not in status:
+                not_loaded = "NOT_FOUND" in status and NOT_LOADED in msg.lower()
+                if "UNAVAILABLE" not in status and not not_loaded:
                     log.error("%s encoder at %s failed: %s %s", modality, address, status, msg)
                     raise BackendError(f"the {modality} encoder service failed; its log has the details") from None
                 with self._lock:
                     self._down_until[address] = time.monotonic() + 5.0
-                if NOT_CONNECTED not in msg.lower():  # it was sent: the replica went away while handling it
+                if not not_loaded and NOT_CONNECTED not in msg.lower():  # sent: the replica went away handling it
                     crashes += 1
                     log.error("%s encoder at %s went away with a request of %d item(s) in flight (%s)", modality,
                               address, len(raws), msg)  # fmt: skip
