@@ -189,7 +189,8 @@ def test_the_shipped_image_adapter_reads_through_llama_cpp_in_process_and_as_the
     """The demo picture's projection, fed as llama.cpp embeddings: the answer names the sneaker, in process and from
     the LLM service started with MODALINK_ENGINE=llamacpp behind a real gateway and image encoder. (Not the same
     words necessarily: the encoder service's features differ from in-process ones in the last bits, and the LLM
-    service runs one thread here.)"""
+    service runs one thread here.) The same service's TGI port answers the stock ``text-generation`` client with
+    the in-process engine's greedy text, whole and streamed."""
     import grpc
     from procs import Procs, free_port, wait_grpc, wait_triton
 
@@ -210,10 +211,10 @@ def test_the_shipped_image_adapter_reads_through_llama_cpp_in_process_and_as_the
     procs = Procs(tmp_path, env)
     modalink = [sys.executable, "-m", "modalink.cli"]
     try:
-        http, grpc_port, metrics, llm_port, gw_port = (free_port() for _ in range(5))
+        http, grpc_port, metrics, llm_port, gw_port, tgi_port = (free_port() for _ in range(6))
         encoder = procs.start("image", [*modalink, "serve", "encoder", "-m", "image", "--http-port", str(http),
                                         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)])  # fmt: skip
-        llm = procs.start("llm", [*modalink, "serve", "llm", "--port", str(llm_port), "--http-port", "0"],
+        llm = procs.start("llm", [*modalink, "serve", "llm", "--port", str(llm_port), "--http-port", str(tgi_port)],
                           {"MODALINK_ENGINE": "llamacpp"})  # fmt: skip
         gateway = procs.start("gateway", [*modalink, "serve", "gateway", "--port", str(gw_port), "--http-port", "0"],
                               {"MODALINK_ENCODERS": f"image=127.0.0.1:{grpc_port}",
@@ -230,10 +231,20 @@ def test_the_shipped_image_adapter_reads_through_llama_cpp_in_process_and_as_the
         with grpc.insecure_channel(f"127.0.0.1:{gw_port}") as ch:
             bare = "".join(m.text for m in assistant_pb2_grpc.AssistantStub(ch).Generate(request))
         assert "(engine llamacpp)" in llm[1].read_text()
+        from text_generation import Client as TGIClient
+
+        tgi = TGIClient(f"http://127.0.0.1:{tgi_port}", timeout=120)
+        text_prompt = "The capital of France is"
+        expected = engine.generate([[text_prompt]], GenerationParams(max_new_tokens=12))[0]
+        whole = tgi.generate(text_prompt, max_new_tokens=12)
+        streamed = list(tgi.generate_stream(text_prompt, max_new_tokens=12))
     finally:
         procs.stop_all()
     assert is_correct("image", "sneaker", served), served
     assert bare == served
+    assert whole.generated_text == expected.text and [t.id for t in whole.details.tokens] == expected.token_ids
+    assert "".join(r.token.text for r in streamed if not r.token.special) == expected.text
+    assert streamed[-1].generated_text == expected.text
 
 
 def test_the_shipped_stage2_lora_converts_and_acts_as_in_the_transformers_engine(engine, samples):
