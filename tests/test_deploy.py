@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -217,7 +218,22 @@ def test_the_images_health_checks_and_writable_paths_match_how_the_services_run(
     for svc in ("encoder", "gateway", "llm"):
         check = next(line for line in (REPO_ROOT / f"services/{svc}/Dockerfile").read_text().splitlines()
                      if line.startswith("HEALTHCHECK"))  # fmt: skip
-        assert "os.environ.get('MODALINK_HOST','127.0.0.1')" in check and "127.0.0.1:" not in check, svc
+        if f"/app/services/{svc}/healthcheck.py" in check:  # a script (the encoder's reads its model's name)
+            check = (REPO_ROOT / f"services/{svc}/healthcheck.py").read_text()
+        host = re.search(r"os\.environ\.get\(['\"]MODALINK_HOST['\"], ?['\"]127\.0\.0\.1['\"]\)", check)
+        assert host and "127.0.0.1:" not in check, svc
+    # the encoder's check finds its modality where the image's entrypoint and compose's commands put it
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("healthcheck", REPO_ROOT / "services/encoder/healthcheck.py")
+    healthcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(healthcheck)
+    dockerfile = (REPO_ROOT / "services/encoder/Dockerfile").read_text()
+    entrypoint = json.loads(dockerfile.split("\nENTRYPOINT ")[1].splitlines()[0])
+    assert healthcheck.modality([*entrypoint, *json.loads(dockerfile.split("\nCMD ")[1].splitlines()[0])]) == "image"
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    assert healthcheck.modality([*entrypoint, *compose["audio-encoder"]["command"]]) == "audio"
+    assert healthcheck.modality([*entrypoint, "-m", "video"]) == healthcheck.modality(["--modality=video"]) == "video"
     root = (REPO_ROOT / "Dockerfile").read_text()
     assert "install -d -o 10001 -g 10001 /data" in root and "USER 10001" in root
     assert "python3 -m venv" in root and "useradd" not in root  # a Debian base has python3, not python
