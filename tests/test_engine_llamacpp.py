@@ -74,12 +74,44 @@ def test_logits_and_greedy_tokens_are_llama_cpps_own(engine):
     assert "1" in ours.text and ours.prompt_tokens == len(raw.tokenize(PROMPT.encode(), add_bos=False, special=True))
 
 
+# Logits this close can swap between a row decoded alone and in a batch (measured on an AVX-512 CPU: swaps at gaps
+# of 0.01 and 0.09, the latter 14 tokens in, where small differences have compounded); a batching bug (another
+# row's cells, wrong positions) moves logits by whole units from the first token on.
+TIE = 0.25
+
+
+def alone_with_margins(engine, prompt: list, params: GenerationParams) -> tuple[list[int], list[float]]:
+    """A prompt's greedy tokens decoded alone, and at each step the gap between its two best logits."""
+    out, margins = engine._out, []
+
+    def recording(c, i: int, greedy: bool):
+        logits = out(c, i, False)
+        best = torch.topk(logits.float(), 2).values
+        margins.append(float(best[0] - best[1]))
+        return int(logits.argmax()) if greedy else logits
+
+    engine._out = recording
+    try:
+        return engine.generate([prompt], params)[0].token_ids, margins
+    finally:
+        engine._out = out
+
+
+def same_but_for_a_tie(got: list[int], alone: tuple[list[int], list[float]]) -> bool:
+    """``got`` is the alone decode, or leaves it only at a near tie of the alone decode's logits: a batch's KV
+    layout changes the order of llama.cpp's sums over cells (on AVX-512 CPUs visibly), which may swap two close
+    logits; after that the texts differ by design. A batching bug changes decisive tokens."""
+    ids, margins = alone
+    k = next((j for j, (a, b) in enumerate(zip(got, ids, strict=False)) if a != b), None)
+    return len(got) == len(ids) if k is None else margins[k] < TIE
+
+
 def test_a_row_decodes_the_same_alone_in_a_batch_and_when_it_joins(engine, media_prompt):
     params = GenerationParams(max_new_tokens=16)
     first, third = media_prompt("a photo of a red shirt"), media_prompt("the spoken word seven, twice over")
-    alone = [engine.generate([p], params)[0].token_ids for p in (first, [PROMPT], third)]
+    alone = [alone_with_margins(engine, p, params) for p in (first, [PROMPT], third)]
     together = [c.token_ids for c in engine.generate([first, [PROMPT], third], params)]
-    assert together == alone
+    assert all(same_but_for_a_tie(t, a) for t, a in zip(together, alone, strict=True)), (together, alone)
 
     class JoinAfterTwoSteps:  # the batcher's view of its queue: one request arrives while the batch decodes
         calls = 0
@@ -93,7 +125,7 @@ def test_a_row_decodes_the_same_alone_in_a_batch_and_when_it_joins(engine, media
 
     events = list(engine.stream([first], params, join=JoinAfterTwoSteps()))
     rows = {i: [e.token_id for e in events if e.index == i] for i in (0, 1)}
-    assert rows == {0: alone[0], 1: alone[2]}
+    assert same_but_for_a_tie(rows[0], alone[0]) and same_but_for_a_tie(rows[1], alone[2]), (rows, alone)
     finished = [e for e in events if e.finish_reason]
     assert sorted(e.index for e in finished) == [0, 1]
 
