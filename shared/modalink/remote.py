@@ -249,7 +249,8 @@ class EncoderPool:
                     raise BackendError(f"the {modality} encoder service failed; its log has the details") from None
                 with self._lock:
                     self._down_until[address] = time.monotonic() + 5.0
-                if not not_loaded and NOT_CONNECTED not in msg.lower():  # sent: the replica went away handling it
+                ran_nowhere = not_loaded or NOT_CONNECTED in msg.lower()  # no model there, or refused at connect
+                if not ran_nowhere:  # it was sent: the replica went away while handling it
                     crashes += 1
                     log.error("%s encoder at %s went away with a request of %d item(s) in flight (%s)", modality,
                               address, len(raws), msg)  # fmt: skip
