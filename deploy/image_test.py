@@ -4,12 +4,13 @@ Renders the chart with ``deploy/image-test-values.yaml`` (the local images, a Re
 encoder replicas, an API key) and runs every Deployment and StatefulSet through ``podrun`` (pod IPs on loopback,
 the rendered security contexts, volumes, limits and probes), then, through the containerized gateway:
 
-1. asks the ``make demo`` questions (image, audio, IMU, video) and checks the class words in the answers;
+1. asks the ``make demo`` questions (image, audio, IMU, video) and checks the class words in the answers, and that
+   the LLM pod serves them with llama.cpp (``MODALINK_ENGINE=auto`` on a CPU);
 2. runs a 5-item captioning job on the containerized workers (files on the shared volume, results back on it);
 3. kills one of the two image encoder containers and asks again: the gateway routes around it.
 
 Then it brings up ``docker-compose.host.yml`` (Compose v2 or Debian's docker-compose 1.29), waits for every
-health check and asks the demo questions through that gateway on 127.0.0.1:50051.
+health check and asks the demo questions through that gateway on 127.0.0.1:50051 (llama.cpp serving them too).
 
 Every container it started is removed at the end, also on failure or Ctrl-C (``--keep`` leaves the chart's
 running and skips compose).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -97,6 +99,16 @@ def first_answer(client, samples: Path, timeout: float = 60) -> float:
                 raise
             log(f"not answering yet: {e.details()}")
             time.sleep(1)
+
+
+def llm_engine(containers: list[str]) -> str:
+    """The runtime the LLM service's log says it serves with: the chart's and compose's ``MODALINK_ENGINE=auto``
+    must resolve to llama.cpp in these CPU images (their build installs llama-cpp-python)."""
+    text = "\n".join(podrun.logs(c, 400) for c in containers)
+    found = re.findall(r"\(engine (\w+)\)", text)
+    if found != ["llamacpp"]:
+        raise AssertionError(f"the LLM service runs {found or 'no engine it names'}, not llamacpp:\n{text[-2000:]}")
+    return found[0]
 
 
 def ask_demo(client, samples: Path) -> dict[str, str]:
@@ -201,6 +213,8 @@ def compose_test(samples: Path, timeout: float = 600) -> float:
 
     with Client("127.0.0.1:50051", timeout=300) as client:
         log(f"compose: first answer {first_answer(client, samples):.1f}s after that")
+        llm = [k for k in states if re.search(r"[-_]llm[-_]\d+$", k)]
+        log(f"compose: the llm service serves with the {llm_engine(llm)} engine (MODALINK_ENGINE=auto)")
         ask_demo(client, samples)
     return healthy
 
@@ -247,6 +261,8 @@ def main() -> int:
         with Client(f"{gateway.ip}:{values.get('gateway', {}).get('service', {}).get('grpcPort', 50051)}",
                     api_key=API_KEY, timeout=300) as client:  # fmt: skip
             log(f"first answer {first_answer(client, samples):.1f}s after every pod was ready")
+            (llm,) = pods_named(cluster, "llm")
+            log(f"the LLM pod serves with the {llm_engine(llm.containers)} engine (MODALINK_ENGINE=auto)")
             ask_demo(client, samples)
             job = caption_job(client, cluster, samples, claim)
             victim = kill_one_encoder(client, cluster, samples)

@@ -171,6 +171,23 @@ def test_docker_compose_runs_what_modalink_up_runs():
     assert f"127.0.0.1:{up.PLAYGROUND}:{up.PLAYGROUND}" in compose["playground"]["ports"]
 
 
+def test_the_deployments_pick_the_llm_runtime_by_auto(default, monkeypatch):
+    """The chart, both compose files and ``modalink up`` run the LLM service with MODALINK_ENGINE=auto (llama.cpp on a
+    CPU where it can serve: issue 23's faster CPU engine as the default); the GPU values file names vllm."""
+    from modalink import up
+
+    monkeypatch.delenv("MODALINK_ENGINE", raising=False)
+    assert find(default, "ConfigMap", "modalink-config")["data"]["MODALINK_ENGINE"] == "auto"
+    for file in validate.COMPOSE_FILES:
+        assert validate.load_compose(file)["services"]["llm"]["environment"]["MODALINK_ENGINE"] == "auto"
+    plan = {s.name: s for s in up.plan({}, ["image"], "redis://x")}
+    assert plan["llm"].env["MODALINK_ENGINE"] == "auto"
+    monkeypatch.setenv("MODALINK_ENGINE", "transformers")  # a user's choice is theirs: up passes nothing over it
+    assert "MODALINK_ENGINE" not in {s.name: s for s in up.plan({}, ["image"], "redis://x")}["llm"].env
+    gpu = yaml.safe_load(validate.VALUES_FILES[1].read_text())
+    assert find(validate.render(gpu), "ConfigMap", "modalink-config")["data"]["MODALINK_ENGINE"] == "vllm"
+
+
 def test_the_host_network_compose_file_runs_the_same_services_on_distinct_loopback_addresses():
     """docker-compose.host.yml (engines without a bridge network): docker-compose.yml's services, settings and
     commands, every container on the host's network, each binding its own address (MODALINK_HOST), the service

@@ -311,3 +311,52 @@ def test_the_shipped_stage2_lora_converts_and_acts_as_in_the_transformers_engine
         "What does the voice say?", [("audio", samples["audio"])], GenerationParams(max_new_tokens=24)
     )
     assert is_correct("audio", "seven", answer.text), answer.text
+
+
+def test_auto_picks_llama_cpp_on_a_cpu_where_it_can_serve_and_says_why_not_elsewhere(settings, tmp_path):
+    """MODALINK_ENGINE=auto (the deployments' setting): llama.cpp on a CPU with llama-cpp-python, a GGUF LLM and
+    LoRA adapters only; the transformers engine otherwise, with the reason."""
+    import json
+
+    from modalink.engines import choose, load_engine
+
+    auto = settings.model_copy(update={"engine": "auto", "adapters_dir": REPO / "adapters"})
+    assert choose(auto)[0] == "llamacpp"
+    engine = load_engine(auto)
+    assert engine.runtime == "llamacpp" and type(engine).__name__ == "LlamaCppEngine"
+    del engine
+    runtime, why = choose(auto.model_copy(update={"llm": str(tmp_path / "Llama-2-7b-chat-hf")}))
+    assert runtime == "transformers" and "not a GGUF file" in why
+    runtime, why = choose(auto.model_copy(update={"device": "cuda"}))
+    assert runtime == "transformers" and "cuda" in why
+    ia3 = tmp_path / "adapters" / "audio" / "v1" / "llm-adapter"  # a promoted stage-2 IA3 adapter
+    ia3.mkdir(parents=True)
+    (ia3 / "adapter_config.json").write_text(json.dumps({"method": "ia3"}))
+    (tmp_path / "adapters" / "audio" / "CURRENT").write_text("v1")
+    runtime, why = choose(auto.model_copy(update={"adapters_dir": tmp_path / "adapters"}))
+    assert runtime == "transformers" and "audio (v1, 'ia3')" in why
+
+
+def test_a_lora_converts_where_the_cache_is_read_only(engine, tmp_path):
+    """The chart's pods mount the cache read-only (only /tmp and two cache folders are writable): a stage-2 LoRA is
+    then converted into a temporary folder instead, and served (found by ``make image-test``: the first audio
+    question failed with "Read-only file system: '/cache/gguf-lora'")."""
+    from modalink.registry import AdapterRegistry
+
+    registry = AdapterRegistry(REPO / "adapters")
+    path = registry.llm_adapter_path("audio", registry.current("audio"))
+    (tmp_path / "cache").write_text("a file where the cache's folder would be: no folder can be made under it")
+    kept = engine.lora_dir
+    engine.lora_dir = tmp_path / "cache" / "gguf-lora"
+    try:
+        engine.load_adapter("audio@read-only-cache", path)
+        used = engine.lora_dir
+    finally:
+        engine.lora_dir = kept
+    assert "audio@read-only-cache" in engine.adapters
+    assert used != tmp_path / "cache" / "gguf-lora" and len(list(used.glob("*.gguf"))) == 1
+    name = f"audio@{registry.current('audio')}"
+    engine.load_adapter(name, path)  # the same LoRA, converted into the cache folder as usual
+    params = GenerationParams(max_new_tokens=8)
+    ids = [engine.generate([[PROMPT]], params, adapters=[a])[0].token_ids for a in ("audio@read-only-cache", name)]
+    assert ids[0] and ids[0] == ids[1]

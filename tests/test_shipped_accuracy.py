@@ -4,7 +4,8 @@ Each modality's current adapter answers a fixed, deterministic subset of held-ou
 scored by ``modalink eval``'s own code (``evaluate.answer_rows`` + ``accuracy``: class-word accuracy, video both items
 in order), and must stay above a floor a few points under both the published figure and the one measured on that
 subset (greedy decoding, so the subset's figure does not move unless the models, adapters or pipeline do). The demo's
-answers (``make demo``, quoted in README.md) are checked as well: the recorded "seven" is answered "seven".
+answers (``make demo``, quoted in README.md) are checked as well: the recorded "seven" is answered "seven". The
+llamacpp engine (the deployments' default on a CPU) answers each subset within one item of the transformers engine.
 
 Held-out data, built here (``modalink.data``, seed 0, as ``modalink data build``):
 - image: every 25th item of the published test split (1000 Fashion-MNIST test images): 40 items;
@@ -72,6 +73,17 @@ def shipped(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def on_llama_cpp(tmp_path_factory):
+    """The same assistant on the llamacpp engine: what ``modalink up``, compose and the chart run on a CPU
+    (``MODALINK_ENGINE=auto``). Its stage-2 LoRAs (audio, video) are converted to GGUF LoRAs on load."""
+    from modalink.assistant import Assistant
+
+    adapters = tmp_path_factory.mktemp("shipped-llamacpp") / "adapters"
+    shutil.copytree(SHIPPED_ADAPTERS, adapters)
+    return Assistant(Settings(adapters_dir=adapters, engine="llamacpp"))
+
+
+@pytest.fixture(scope="module")
 def held_out(tmp_path_factory) -> dict[str, list[dict]]:
     """{row of FLOORS: manifest rows with absolute paths}, built into a temp dir."""
     out = tmp_path_factory.mktemp("data")
@@ -115,6 +127,24 @@ def test_shipped_adapter_accuracy_stays_above_its_floor(shipped, held_out, name)
     if name == "audio (real recorded digits)":  # README: the recorded "seven" is heard as "seven"
         (seven,) = [s for s in scored if s.label == "seven"]
         assert seven.correct, f"the recorded 'seven' was answered {seven.answer!r}"
+
+
+@pytest.mark.parametrize("name", list(FLOORS))
+def test_the_llamacpp_engine_answers_the_held_out_items_as_well_as_the_reference_engine(on_llama_cpp, held_out, name):
+    """The deployments' CPU engine (llama.cpp on the Q4_1 file, activations rounded to 8 bits in its dot products)
+    against the reference (the transformers engine on the same weights in float): on each subset it gets at least as
+    many items right as the reference's measured figure, less one."""
+    rows = held_out[name]
+    modality = rows[0]["modality"]
+    scored = list(answer_rows(on_llama_cpp, rows))
+    got = accuracy(scored)[modality]
+    reference = round(FLOORS[name][1] * got["n"])
+    wrong = [f"{s.label}: {s.answer!r}" for s in scored if not s.correct]
+    print(f"\n{name} on llama.cpp: {got['correct']}/{got['n']} (the transformers engine: {reference}/{got['n']})")
+    assert got["correct"] >= reference - 1, (
+        f"{name} on the llamacpp engine: {got['correct']}/{got['n']}, more than one item under the transformers "
+        f"engine's {reference}/{got['n']}; wrong: {wrong}"
+    )
 
 
 @pytest.mark.parametrize("modality", list(DEMO))

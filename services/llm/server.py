@@ -78,11 +78,11 @@ def serve(settings: Settings | None = None, port: int = ports.LLM_GRPC, host: st
     from modalink_services.llm.tgi import build_app
 
     settings = settings or get_settings()
-    service = LLMService(load_engine(settings), AdapterRegistry(settings.adapters_dir),
-                         settings.llm, max_batch, max_wait_ms)  # fmt: skip
+    engine = load_engine(settings)
+    service = LLMService(engine, AdapterRegistry(settings.adapters_dir), settings.llm, max_batch, max_wait_ms)
     served = make_server(port, [(llm_pb2_grpc.add_LLMServicer_to_server, service)], [SERVICE], host, workers=96,
                          settings=settings)  # fmt: skip
-    log.info("%s ready on %s:%d (engine %s)", SERVICE, host, served.port, settings.engine)
+    log.info("%s ready on %s:%d (engine %s)", SERVICE, host, served.port, engine.runtime)
     app = build_app(service.batcher, settings.llm, settings) if http_port else None
     tls = server_tls(settings)
     if app is not None:

@@ -39,10 +39,11 @@ class Settings(BaseSettings):
     imu_encoder: str = Field("imu-cnn", description="'imu-cnn' or a dir with imu_encoder.safetensors+config.json.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     dtype: str = Field("auto", description="'auto' (fp32 on CPU, bf16 on GPU), 'float32', 'bfloat16', 'float16'.")
-    engine: Literal["transformers", "vllm", "llamacpp"] = Field(
+    engine: Literal["transformers", "vllm", "llamacpp", "auto"] = Field(
         "transformers",
-        description="LLM runtime of the LLM service: transformers, vllm (CUDA, prompt embeds) or llamacpp (CPU, "
-        "the GGUF file run by llama-cpp-python; no LoRA adapters yet).",
+        description="LLM runtime: transformers (the reference, CPU or GPU), vllm (CUDA, prompt embeds), llamacpp "
+        "(CPU: the GGUF file run by llama-cpp-python; LoRA adapters only) or auto (llamacpp on a CPU where it can "
+        "serve, else transformers: modalink.engines.choose; what modalink up, compose and the chart run).",
     )
     quantize: Literal["none", "8bit", "4bit", "fp16-cpu"] = Field(
         "none",

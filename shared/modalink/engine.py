@@ -104,6 +104,7 @@ class Engine(ABC):
     tokenizer: PreTrainedTokenizerBase
     hidden_size: int
     max_context: int
+    runtime: str = ""  # its MODALINK_ENGINE name, set by ``load_engine`` (auto resolves to one)
     joins: bool = False  # whether ``stream`` takes ``join`` (continuous batching); else a batch runs to its end
 
     @abstractmethod

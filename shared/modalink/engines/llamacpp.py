@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -167,7 +168,14 @@ class LlamaCppEngine(Engine):
         require_lora(Path(path), "llama.cpp")
         weights = Path(path) / "adapter_model.safetensors"
         digest = hashlib.sha256(weights.read_bytes() + (Path(path) / "adapter_config.json").read_bytes()).hexdigest()
-        folder = self.lora_dir or Path(tempfile.mkdtemp())
+        folder = self.lora_dir
+        try:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only cache (the chart's pods: only /tmp and two cache folders are writable)
+            folder = None
+        if folder is None or not os.access(folder, os.W_OK):
+            folder = self.lora_dir = Path(tempfile.mkdtemp(prefix="modalink-gguf-lora-"))
         out = folder / f"{digest[:16]}.gguf"
         if not out.is_file():
             lc = self.lc
@@ -392,7 +400,6 @@ def lora_to_gguf(peft_dir: Path, out: Path, n_head: int, n_head_kv: int) -> Path
     (``blk.N.attn_q.weight.lora_a`` ...), ``lora_alpha`` kept (llama.cpp scales by alpha / rank, as peft does), and
     the query projection's B rows permuted as llama.cpp's converter permutes the query weights (its rotary layout)."""
     import json
-    import os
 
     import gguf
     from safetensors.torch import load_file
