@@ -266,8 +266,10 @@ def main() -> None:
         image_path = write_samples(samples)["image"]["path"]
         raw = Path(image_path).read_bytes()
         one, two, off = ["127.0.0.1:8001"], ["127.0.0.1:8001", "127.0.0.1:8101"], [f"127.0.0.1:{NO_BATCHING + 1}"]
-        # the same weights as the LLM service (`modalink up` serves fp16-cpu on a CPU)
-        assistant = Assistant(Settings(quantize=os.environ.get("MODALINK_QUANTIZE", "fp16-cpu")))
+        # the LLM service's engine and weights: `modalink up` runs MODALINK_ENGINE=auto (llama.cpp on a CPU where it
+        # can serve, else the transformers engine with fp16-cpu), and so does this side
+        assistant = Assistant(Settings(quantize=os.environ.get("MODALINK_QUANTIZE", "fp16-cpu"),
+                                       engine=os.environ.get("MODALINK_ENGINE", "auto")))  # fmt: skip
         encoder = in_process_model()
         with Client("localhost:50051") as client:
             for _ in range(warm):  # warm every path: lazy loads, first-call allocations
@@ -321,7 +323,8 @@ def main() -> None:
         "two_replicas_vs_one": round(load_med["two"] / load_med["one"], 3),
     }
     result = {
-        "machine": f"{os.cpu_count()} CPU cores, no GPU", "tokens": args.tokens, "asks": args.asks,
+        "machine": f"{os.cpu_count()} CPU cores, no GPU", "engine": assistant.engine.runtime, "tokens": args.tokens,
+        "asks": args.asks,
         "clients": args.clients, "requests_per_load": args.clients * args.per_client, "reps": args.reps,
         "same_answers": all(len(texts) == 1 for texts in answers.values()),
         "overhead_s": {p: {k: round(v, 4) for k, v in m.items()} for p, m in med.items()}, "overhead_runs": overhead,
