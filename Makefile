@@ -165,10 +165,15 @@ test: install $(NODE) $(LLAMACPP) protos-check
 # Every benchmark (one heavy job at a time), then the table in docs/PERFORMANCE.md and README.md's marked figures from
 # bench/results/ (tests/test_docs_figures.py checks they agree); stops at the first that fails.
 # `python bench/<name>.py --smoke` runs one at tiny sizes (tests/test_bench_smoke.py runs them all).
+# Every benchmark on the default engine, then the three serving ones on the llama.cpp engine as well (their
+# <name>-llamacpp.json results: docs/PERFORMANCE.md shows both engines' rows).
+BENCH_ENGINES := bench/captioning.py bench/serving.py bench/embed_cache.py
 bench: install $(LLAMACPP)
-	@for f in $(filter-out bench/report.py bench/_%.py,$(wildcard bench/*.py)); do echo "== $$f"; \
-		$(BIN)/python $$f || { rc=$$?; echo "make bench: $$f failed (exit $$rc); stopped before the rest and" \
-			"docs/PERFORMANCE.md (\`$(BIN)/python $$f --smoke\` reproduces it in a minute or two)" >&2; exit 1; }; \
+	@for f in $(filter-out bench/report.py bench/_%.py,$(wildcard bench/*.py)) \
+		$(addsuffix @llamacpp,$(BENCH_ENGINES)); do echo "== $$f"; \
+		cmd="$${f%@*}"; [ "$$f" = "$$cmd" ] || cmd="$$cmd --engine $${f#*@}"; \
+		$(BIN)/python $$cmd || { rc=$$?; echo "make bench: $$cmd failed (exit $$rc); stopped before the rest and" \
+			"docs/PERFORMANCE.md (\`$(BIN)/python $$cmd --smoke\` reproduces it in a minute or two)" >&2; exit 1; }; \
 	done
 	$(BIN)/python bench/report.py
 

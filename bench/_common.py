@@ -22,8 +22,12 @@ RESULTS = Path("bench/results")
 SMOKE = Path("build/bench-smoke")
 
 
-def add_options(ap: argparse.ArgumentParser, stack: bool = False) -> None:
-    """``--smoke`` and ``--results``; ``stack``: the benchmark starts ``modalink up`` (``--run-dir`` too)."""
+ENGINES = ("transformers", "llamacpp", "auto")
+
+
+def add_options(ap: argparse.ArgumentParser, stack: bool = False, engine: bool = False) -> None:
+    """``--smoke`` and ``--results``; ``stack``: the benchmark starts ``modalink up`` (``--run-dir`` too); ``engine``:
+    its LLM service runs the engine ``--engine`` names (``use_engine``)."""
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes, one repetition, no targets: checks that the benchmark still runs; results go "
                          f"to {SMOKE}/results/ (not {RESULTS}/)")  # fmt: skip
@@ -34,6 +38,21 @@ def add_options(ap: argparse.ArgumentParser, stack: bool = False) -> None:
                         help="run dir of the `modalink up` it starts and stops (state, logs, job files; default: "
                              f"build/bench-run, with --smoke {SMOKE}/run-<benchmark>); ports are the defaults, so "
                              "no other stack may be up")  # fmt: skip
+    if engine:
+        ap.add_argument("--engine", choices=ENGINES, default="transformers",
+                        help="the LLM runtime (MODALINK_ENGINE) of the services it starts and of its in-process side: "
+                             "transformers (default) is what `modalink up`, compose and the chart run; another's "
+                             "results go to <benchmark>-<engine>.json (`make bench` runs llamacpp too)")  # fmt: skip
+
+
+def use_engine(args: argparse.Namespace) -> str:
+    """Sets ``MODALINK_ENGINE`` for everything the benchmark starts (``modalink up`` passes it on) and returns the
+    runtime it resolves to here (``modalink.engines.choose`` for auto), for the result."""
+    from modalink.config import Settings
+    from modalink.engines import choose
+
+    os.environ["MODALINK_ENGINE"] = args.engine
+    return choose(Settings())[0] if args.engine == "auto" else args.engine
 
 
 def results_dir(args: argparse.Namespace) -> Path:
@@ -47,7 +66,8 @@ def run_dir(args: argparse.Namespace, name: str) -> Path:
 
 
 def write_result(args: argparse.Namespace, name: str, result: dict) -> Path:
-    out = results_dir(args) / f"{name}.json"
+    engine = getattr(args, "engine", "transformers")
+    out = results_dir(args) / (f"{name}.json" if engine == "transformers" else f"{name}-{engine}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**result, **({"smoke": True} if args.smoke else {})}, indent=2) + "\n")
     print(f"(result written to {out})")

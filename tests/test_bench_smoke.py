@@ -29,6 +29,8 @@ BENCH = REPO / "bench"
 COMMITTED = BENCH / "results"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if p.name != "report.py" and not p.name.startswith("_"))
 STACK = {"captioning.py", "serving.py"}  # start `modalink up` on the default ports
+# the serving benchmarks `make bench` runs on the llama.cpp engine too (`--engine llamacpp`: <name>-llamacpp.json)
+RUNS = SCRIPTS + [f"{s}@llamacpp" for s in ("captioning.py", "serving.py", "embed_cache.py")]
 TIMEOUT_S = {"captioning.py": 420, "serving.py": 480, "llm_decode.py": 360, "train_step.py": 360}
 PORTS_WAIT_S = 300  # how long a stack benchmark waits for another stack to go away
 BUSY = ("ports in use", "already up", "address already in use")
@@ -79,12 +81,14 @@ def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_benchmark_smoke_run(script, smoke_results, tmp_path):
-    name = script.removesuffix(".py")
+@pytest.mark.parametrize("run_name", RUNS)
+def test_benchmark_smoke_run(run_name, smoke_results, tmp_path):
+    script, _, engine = run_name.partition("@")
+    name = script.removesuffix(".py") + (f"-{engine}" if engine else "")
     committed = COMMITTED / f"{name}.json"
-    assert committed.exists(), f"bench/{script} has no committed bench/results/{name}.json to check its keys against"
+    assert committed.exists(), f"bench/{run_name} has no committed bench/results/{name}.json to check its keys against"
     cmd = [sys.executable, str(BENCH / script), "--smoke", "--results", str(smoke_results)]
+    cmd += ["--engine", engine] if engine else []
     run_dir = tmp_path / "run"
     if script in STACK:
         cmd += ["--run-dir", str(run_dir)]

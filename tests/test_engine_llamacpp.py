@@ -314,8 +314,8 @@ def test_the_shipped_stage2_lora_converts_and_acts_as_in_the_transformers_engine
 
 
 def test_auto_picks_llama_cpp_on_a_cpu_where_it_can_serve_and_says_why_not_elsewhere(settings, tmp_path):
-    """MODALINK_ENGINE=auto (the deployments' setting): llama.cpp on a CPU with llama-cpp-python, a GGUF LLM and
-    LoRA adapters only; the transformers engine otherwise, with the reason."""
+    """MODALINK_ENGINE=auto (make image-test's chart values): llama.cpp on a CPU with llama-cpp-python, a GGUF LLM
+    and LoRA adapters only; the transformers engine otherwise, with the reason."""
     import json
 
     from modalink.engines import choose, load_engine

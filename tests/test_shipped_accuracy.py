@@ -5,7 +5,7 @@ scored by ``modalink eval``'s own code (``evaluate.answer_rows`` + ``accuracy``:
 in order), and must stay above a floor a few points under both the published figure and the one measured on that
 subset (greedy decoding, so the subset's figure does not move unless the models, adapters or pipeline do). The demo's
 answers (``make demo``, quoted in README.md) are checked as well: the recorded "seven" is answered "seven". The
-llamacpp engine (the deployments' default on a CPU) answers each subset within one item of the transformers engine.
+llamacpp engine (a CPU deployment's other choice) answers each subset within one item of the transformers engine.
 
 Held-out data, built here (``modalink.data``, seed 0, as ``modalink data build``):
 - image: every 25th item of the published test split (1000 Fashion-MNIST test images): 40 items;
@@ -74,8 +74,8 @@ def shipped(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def on_llama_cpp(tmp_path_factory):
-    """The same assistant on the llamacpp engine: what ``modalink up``, compose and the chart run on a CPU
-    (``MODALINK_ENGINE=auto``). Its stage-2 LoRAs (audio, video) are converted to GGUF LoRAs on load."""
+    """The same assistant on the llamacpp engine (``MODALINK_ENGINE=llamacpp``, or auto on a CPU where it can serve).
+    Its stage-2 LoRAs (audio, video) are converted to GGUF LoRAs on load."""
     from modalink.assistant import Assistant
 
     adapters = tmp_path_factory.mktemp("shipped-llamacpp") / "adapters"
@@ -131,7 +131,7 @@ def test_shipped_adapter_accuracy_stays_above_its_floor(shipped, held_out, name)
 
 @pytest.mark.parametrize("name", list(FLOORS))
 def test_the_llamacpp_engine_answers_the_held_out_items_as_well_as_the_reference_engine(on_llama_cpp, held_out, name):
-    """The deployments' CPU engine (llama.cpp on the Q4_1 file, activations rounded to 8 bits in its dot products)
+    """The llama.cpp engine (the Q4_1 file itself, activations rounded to 8 bits in its dot products)
     against the reference (the transformers engine on the same weights in float): on each subset it gets at least as
     many items right as the reference's measured figure, less one."""
     rows = held_out[name]

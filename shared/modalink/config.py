@@ -43,7 +43,7 @@ class Settings(BaseSettings):
         "transformers",
         description="LLM runtime: transformers (the reference, CPU or GPU), vllm (CUDA, prompt embeds), llamacpp "
         "(CPU: the GGUF file run by llama-cpp-python; LoRA adapters only) or auto (llamacpp on a CPU where it can "
-        "serve, else transformers: modalink.engines.choose; what modalink up, compose and the chart run).",
+        "serve, else transformers: modalink.engines.choose).",
     )
     quantize: Literal["none", "8bit", "4bit", "fp16-cpu"] = Field(
         "none",

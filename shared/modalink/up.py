@@ -134,13 +134,9 @@ def plan(replicas: dict[str, int], modalities: list[str], redis_url: str | None,
                 {"http": f"http://127.0.0.1:{http}/v2/models/{model_name(m)}/ready"},
             ))  # fmt: skip
             addresses.append(f"{m}=127.0.0.1:{http + 1}")
-    # The LLM runtime: MODALINK_ENGINE=auto unless set, i.e. llama.cpp on a CPU where it can serve (about 3.5x the
-    # transformers engine's batch-1 decode), else the transformers engine, which on a CPU serves fp16 weights
-    # through fbgemm (about 2x its fp32 decode speed, same answers).
+    # on a CPU the transformers engine serves fp16 weights through fbgemm (about 2x the decode speed, same answers)
     on_cpu = get_settings().torch_device().type == "cpu"
     llm_env = {"MODALINK_QUANTIZE": "fp16-cpu"} if on_cpu and "MODALINK_QUANTIZE" not in os.environ else {}
-    if "MODALINK_ENGINE" not in os.environ:
-        llm_env["MODALINK_ENGINE"] = "auto"
     services.append(Service("llm", [*py, "serve", "llm", "--port", str(ports.llm), "--http-port", str(ports.llm_http),
                                     "--host", INTERNAL_HOST],
                             {"grpc": f"127.0.0.1:{ports.llm}"}, llm_env))  # fmt: skip
@@ -211,7 +207,7 @@ def up(run_dir: Path, replicas: dict[str, int] | None = None, modalities: list[s
     busy = [f"{s.name} (port {p})" for s in services if (p := _port_busy(s.check))]
     if busy:
         raise ConfigError(f"ports in use: {', '.join(busy)}; is another stack running?")
-    if any(s.env.get("MODALINK_ENGINE") == "auto" for s in services):
+    if get_settings().engine == "auto":
         from modalink.engines import choose
 
         runtime, why = choose(get_settings())

@@ -4,9 +4,9 @@
                   (``engines/transformers.py``)
     vllm          GPU: vLLM fed with prompt embeddings (``engines/vllm.py``)
     llamacpp      CPU: llama.cpp running the GGUF file, fed with prompt embeddings (``engines/llamacpp.py``)
-    auto          what the deployments ask for (``modalink up``, compose, the chart): llamacpp on a CPU where it can
-                  serve (about 3.5x the transformers engine's batch-1 decode here: docs/PERFORMANCE.md), else
-                  transformers; ``choose`` says which and why
+    auto          llamacpp on a CPU where it can serve (about 3.5x the transformers engine's batch-1 decode; the
+                  transformers engine prefills faster: docs/PERFORMANCE.md), else transformers; ``choose`` says
+                  which and why
 
 A new runtime is one more file and one more line in ``RUNTIMES``; nothing else changes.
 """
