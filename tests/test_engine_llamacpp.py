@@ -221,8 +221,9 @@ def test_the_shipped_image_adapter_reads_through_llama_cpp_in_process_and_as_the
     """The demo picture's projection, fed as llama.cpp embeddings: the answer names the sneaker, in process and from
     the LLM service started with MODALINK_ENGINE=llamacpp behind a real gateway and image encoder. (Not the same
     words necessarily: the encoder service's features differ from in-process ones in the last bits, and the LLM
-    service runs one thread here.) The same service's TGI port answers the stock ``text-generation`` client with
-    the in-process engine's greedy text, whole and streamed."""
+    service runs one thread here.) A bare generated stub and the stock ``openai`` client (the gateway's OpenAI route)
+    get the same answer. The same service's TGI port answers the stock ``text-generation`` client with the
+    in-process engine's greedy text, whole and streamed."""
     import grpc
     from procs import Procs, free_port, wait_grpc, wait_triton
 
@@ -243,12 +244,13 @@ def test_the_shipped_image_adapter_reads_through_llama_cpp_in_process_and_as_the
     procs = Procs(tmp_path, env)
     modalink = [sys.executable, "-m", "modalink.cli"]
     try:
-        http, grpc_port, metrics, llm_port, gw_port, tgi_port = (free_port() for _ in range(6))
+        http, grpc_port, metrics, llm_port, gw_port, tgi_port, gw_http = (free_port() for _ in range(7))
         encoder = procs.start("image", [*modalink, "serve", "encoder", "-m", "image", "--http-port", str(http),
                                         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)])  # fmt: skip
         llm = procs.start("llm", [*modalink, "serve", "llm", "--port", str(llm_port), "--http-port", str(tgi_port)],
                           {"MODALINK_ENGINE": "llamacpp"})  # fmt: skip
-        gateway = procs.start("gateway", [*modalink, "serve", "gateway", "--port", str(gw_port), "--http-port", "0"],
+        gateway = procs.start("gateway", [*modalink, "serve", "gateway", "--port", str(gw_port), "--http-port",
+                                          str(gw_http)],
                               {"MODALINK_ENCODERS": f"image=127.0.0.1:{grpc_port}",
                                "MODALINK_LLM_ADDRESS": f"127.0.0.1:{llm_port}"})  # fmt: skip
         wait_triton(http, "image_encoder", *encoder)
@@ -262,6 +264,17 @@ def test_the_shipped_image_adapter_reads_through_llama_cpp_in_process_and_as_the
                                                 params=common_pb2.GenerationParams(max_new_tokens=24))  # fmt: skip
         with grpc.insecure_channel(f"127.0.0.1:{gw_port}") as ch:
             bare = "".join(m.text for m in assistant_pb2_grpc.AssistantStub(ch).Generate(request))
+        # the OpenAI route, as the stock openai client sends it (the picture as a data URI)
+        import base64
+
+        import openai
+
+        url = "data:image/png;base64," + base64.b64encode(picture.data).decode()
+        content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]
+        oa = openai.OpenAI(base_url=f"http://127.0.0.1:{gw_http}/v1", api_key="unused", timeout=120)
+        chat = oa.chat.completions.create(
+            model="modalink", max_tokens=24, messages=[{"role": "user", "content": content}]
+        )
         assert "(engine llamacpp)" in llm[1].read_text()
         from text_generation import Client as TGIClient
 
@@ -273,7 +286,7 @@ def test_the_shipped_image_adapter_reads_through_llama_cpp_in_process_and_as_the
     finally:
         procs.stop_all()
     assert is_correct("image", "sneaker", served), served
-    assert bare == served
+    assert bare == served == chat.choices[0].message.content
     assert whole.generated_text == expected.text and [t.id for t in whole.details.tokens] == expected.token_ids
     assert "".join(r.token.text for r in streamed if not r.token.special) == expected.text
     assert streamed[-1].generated_text == expected.text
