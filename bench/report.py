@@ -135,8 +135,11 @@ def rows() -> list[tuple[str, str, str, str, str]]:
         base = s["llama.cpp batch 1"]
         for e, what in (
             ("llamacpp", "llamacpp engine (llama.cpp under modalink's decode loop)"),
+            ("llamacpp-f16", "llamacpp engine on a float16 copy of the file (MODALINK_LLAMACPP_WEIGHTS=f16)"),
             ("fp16-cpu", "transformers engine, fp16-cpu"),
         ):
+            if f"{e}_batch1_vs_llamacpp" not in r:  # results from before that engine was raced
+                continue
             b1, b8, g = r[f"{e}_batch1_vs_llamacpp"], r[f"{e}_batch8_vs_llamacpp_batch1"], race["greedy"][e]
             out += [
                 (f"LLM batch-1 decode vs llama.cpp on the same GGUF file: modalink's {what}",
@@ -263,7 +266,7 @@ operators per token (RMSNorm, rotary, KV-cache concatenation, Python dispatch).
 Tried and rejected:
 - dynamic int8 (`torch.ao` `quantize_dynamic`, per-channel): 1.7x at batch 1, but activation outliers in
   `down_proj` broke the answers (image accuracy 0.85 to 0.17);
-- torch's int8 weight-only kernel (`_weight_int8pack_mm`): 2x slower than fp32 on this AVX2-only CPU.
+- torch's int8 weight-only kernel (`_weight_int8pack_mm`): 2x slower than fp32 on an AVX2-only CPU.
 
 What would lift it: one fused decode step (torch.compile with a static KV cache, or CUDA graphs on a GPU, where
 vLLM does this), packing `q_proj`/`v_proj` while no LoRA is loaded, and int8 weight-only kernels on CPUs with
@@ -273,7 +276,7 @@ AVX512-VNNI/AMX.
 1, target 2x).** The transformers engine (fp16-cpu): {race_b1}x and {race_b8}x. llama.cpp runs a token as one graph
 of fused C kernels over the Q4_1 blocks themselves (about 100 MB read per token) with no per-operator dispatch; the
 transformers engine runs the Hugging Face model eagerly: about a thousand dispatched operators and {fp16_mb:.0f} MB
-of weights per token (fp16, `q_proj` and `v_proj` fp32). Two quick trials on this machine (2 threads) said where
+of weights per token (fp16, `q_proj` and `v_proj` fp32). Two quick trials on an AVX2 machine (2 threads) said where
 that gap is not: torch's int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`, group 32, Q4_1's own layout) takes
 as long per call as fbgemm's packed fp16 at batch 1 (31 vs 31 us for 1536x576, 12 vs 13 us for 576x576: the call,
 not the bytes, is the cost at this size), and `torch.compile` of the model's forward with a static KV cache left
@@ -289,20 +292,24 @@ their Python between two `llama_decode` calls: 0.22-0.26 ms in modalink's, 0.23-
 logits instead of copying the 49152-logit row, and detokenizes a short window through the Rust tokenizer. Python
 code right after a decode runs several times slower than in a micro-benchmark (the decode has just streamed ~90 MB
 of weights through the caches), so each of those steps counted. Three runs after that change gave 1.07x, 0.97x and
-0.97x: on this shared machine, whose speed drifts 20% within a minute, that is parity, not a gap we can attribute.
+0.97x: on that shared machine, whose speed drifts 20% within a minute, that is parity, not a gap we can attribute.
 The batch-8 row is bound inside `llama_decode`, whose batch of 8 costs about 5x one token on 2 threads (70 vs 15 ms
-on this AVX2 machine, 40 vs 8 ms on an AVX-512 one): its Q4_1 matrix products have no batched kernel (llama.cpp's
+on an AVX2 machine, 40 vs 8 ms on an AVX-512 one): its Q4_1 matrix products have no batched kernel (llama.cpp's
 repacked and tinyBLAS kernels take Q4_0, Q8_0 and K-quants, not Q4_1). Requantizing the file at load would reach
-them, but not losslessly: Q8_0 on this machine gave 127 tok/s at batch 8 (1.98x of that run's 64 tok/s Q4_1
-batch 1) and 53 tok/s at batch 1, F16 123 and 39. On image, IMU and power (200, 40 and 100 test items, the stage-1
-adapters) its accuracy (`MODALINK_ENGINE=llamacpp modalink eval -m image -m imu -m power --limit 200`, 59 s against the
-transformers engine's 120 s) is 85.5/90.0/86.0% against 83.5/90.0/85.0%. Stage-2 LoRA adapters (audio, video) are
-converted from peft to GGUF LoRAs on load and served in a llama.cpp context of their own (llama.cpp applies a LoRA
-per context; the weights are shared); the demo's audio and video answers through it are the transformers engine's.
-It has the KV prefix cache across requests too: a prompt's prefix restored from a saved llama.cpp sequence state
-and only the rest prefilled (answers are not kept: llama.cpp rounds a one-position batch differently from a larger
-one, so an answer's keys and values, computed a position per step, are not those a later prefill computes; prompts
-restored are bit-exact, so answers with the cache on are those with it off). On the held-out subsets of
+them, but not losslessly: Q8_0 on the AVX2 machine gave 127 tok/s at batch 8 (1.98x of that run's 64 tok/s Q4_1
+batch 1) and 53 tok/s at batch 1, F16 123 and 39. A float16 copy loses nothing against the weights the transformers
+engine serves, so it is an option now (`MODALINK_LLAMACPP_WEIGHTS=f16`, written once into the cache, raced above as
+`llamacpp-f16`): {f16_b1}x at batch 1 and {f16_b8}x at batch 8 in the run above, with greedy tokens that follow the
+transformers engine's rather than llama.cpp's Q4_1 ones. On image, IMU and power (200, 40 and 100 test items, the
+stage-1 adapters) its accuracy (`MODALINK_ENGINE=llamacpp modalink eval -m image -m imu -m power --limit 200`, 59 s
+against the transformers engine's 120 s) is 85.5/90.0/86.0% against 83.5/90.0/85.0%. Stage-2 LoRA adapters (audio,
+video) are converted from peft to GGUF LoRAs on load and served in a llama.cpp context of their own (llama.cpp
+applies a LoRA per context; the weights are shared); the demo's audio and video answers through it are the
+transformers engine's. It has the KV prefix cache across requests too: a prompt's prefix restored from a saved
+llama.cpp sequence state and only the rest prefilled (answers are not kept: llama.cpp rounds a one-position batch
+differently from a larger one, so an answer's keys and values, computed a position per step, are not those a later
+prefill computes; prompts restored are bit-exact, so answers with the cache on are those with it off). On the
+held-out subsets of
 `tests/test_shipped_accuracy.py` (which requires it within one item of the transformers engine) it got as many
 items right as the transformers engine on every one: image 34/40, audio 54/64 and 9/10 recorded digits (its LoRA
 converted), IMU 36/40, video 33/40 and 15/20 (its LoRA converted), power 45/50 (74 s for the 264 items).
@@ -362,6 +369,8 @@ def notes() -> str:
         race_b8=race.get("fp16-cpu_batch8_vs_llamacpp_batch1", "?"),
         lcp_b1=race.get("llamacpp_batch1_vs_llamacpp", "?"),
         lcp_b8=race.get("llamacpp_batch8_vs_llamacpp_batch1", "?"),
+        f16_b1=race.get("llamacpp-f16_batch1_vs_llamacpp", "?"),
+        f16_b8=race.get("llamacpp-f16_batch8_vs_llamacpp_batch1", "?"),
     )  # fmt: skip
 
 

@@ -373,3 +373,34 @@ def test_a_lora_converts_where_the_cache_is_read_only(engine, tmp_path):
     params = GenerationParams(max_new_tokens=8)
     ids = [engine.generate([[PROMPT]], params, adapters=[a])[0].token_ids for a in ("audio@read-only-cache", name)]
     assert ids[0] and ids[0] == ids[1]
+
+
+def test_an_f16_copy_holds_the_reference_weights_and_decodes_as_the_reference_does(settings, tmp_path):
+    """MODALINK_LLAMACPP_WEIGHTS=f16: the GGUF with each quantized matrix dequantized to float16 (the weights the
+    transformers engine serves in fp16), written once; llama.cpp on it decodes the reference engine's greedy tokens
+    on a decisive prompt (where on the Q4_1 file it follows its own rounding)."""
+    import gguf
+    import numpy as np
+
+    from modalink.cache import package_dir
+    from modalink.engines.llamacpp import LlamaCppEngine, f16_copy
+    from modalink.engines.transformers import TransformersEngine
+    from modalink.llm import EMBEDDED_LLMS
+
+    spec = EMBEDDED_LLMS[settings.llm]
+    src = package_dir(spec.package) / spec.gguf_file
+    out = f16_copy(src, tmp_path / "gguf")
+    assert f16_copy(src, tmp_path / "gguf") == out and len(list(out.parent.iterdir())) == 1  # made once
+    original = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
+    copy = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    assert copy.keys() == original.keys()
+    for name in ("blk.0.attn_q.weight", "token_embd.weight", "blk.0.attn_norm.weight"):
+        o, c = original[name], copy[name]
+        want = gguf.quants.dequantize(o.data, o.tensor_type)
+        assert c.tensor_type == (gguf.GGMLQuantizationType.F32 if want.ndim == 1 else gguf.GGMLQuantizationType.F16)
+        assert np.array_equal(np.asarray(c.data).reshape(want.shape), want.astype(c.data.dtype))
+
+    f16 = LlamaCppEngine.load(settings.model_copy(update={"llamacpp_weights": "f16", "cache_dir": tmp_path}))
+    reference = TransformersEngine.load(settings=settings.model_copy(update={"quantize": "fp16-cpu"}))
+    params = GenerationParams(max_new_tokens=16)
+    assert f16.generate([[PROMPT]], params)[0].token_ids == reference.generate([[PROMPT]], params)[0].token_ids

@@ -141,6 +141,12 @@ class Settings(BaseSettings):
     kv_cache_mb: int = Field(512, ge=0, description="The LLM engine's KV prefix cache (modalink.prefix_cache): keys "
                              "and values of recent prompts, per LoRA, MiB; a prompt that starts like one of them "
                              "prefills only the rest. 0 = off.")  # fmt: skip
+    llamacpp_weights: Literal["gguf", "f16"] = Field(
+        "gguf",
+        description="The llamacpp engine's weights: gguf (the file as it is, Q4_1 for the embedded LLM) or f16 (a "
+        "float16 copy of it, written once into the cache: the transformers engine's own fp16 weights, which "
+        "llama.cpp multiplies with batched kernels; docs/PERFORMANCE.md races both).",
+    )
     llm_address: str = Field(f"localhost:{ports.LLM_GRPC}", description="The LLM service's gRPC address.")
     jobs_dir: Path = Field(
         REPO_ROOT / "build" / "jobs",

@@ -153,6 +153,8 @@ class LlamaCppEngine(Engine):
                               "built from its sdist; `make bench` does it)") from None  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         threads = max(1, torch.get_num_threads())
+        if settings.llamacpp_weights == "f16":
+            gguf = f16_copy(gguf, settings.cache_dir / "gguf")
         engine = cls(gguf, tokenizer, threads=threads, lora_dir=settings.cache_dir / "gguf-lora")
         engine.prefix_cache = PrefixCache(settings.kv_cache_mb * 2**20, nbytes=len)
         return engine
@@ -429,4 +431,38 @@ def lora_to_gguf(peft_dir: Path, out: Path, n_head: int, n_head_kv: int) -> Path
     writer.write_tensors_to_file()
     writer.close()
     out.with_suffix(f".{os.getpid()}.tmp").replace(out)
+    return out
+
+
+def f16_copy(src: Path, folder: Path) -> Path:
+    """``src`` with every quantized matrix dequantized to float16 (vectors in float32), its metadata as it is: written
+    once into ``folder`` (``MODALINK_LLAMACPP_WEIGHTS=f16``). These are the weights the transformers engine serves as
+    fp16; llama.cpp multiplies float16 with batched kernels (tinyBLAS) where its Q4_1 dot products are one row
+    at a time, which pays in prefill and batched decode on some CPUs (docs/PERFORMANCE.md)."""
+    import gguf
+
+    out = folder / f"{src.stem}.f16.gguf"
+    if out.is_file():
+        return out
+    folder.mkdir(parents=True, exist_ok=True)
+    reader = gguf.GGUFReader(str(src))
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), str(reader.fields["general.architecture"].contents()))
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
+            continue
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            writer.add_array(field.name, field.contents())
+        else:
+            writer.add_key_value(field.name, field.contents(), kind)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        writer.add_tensor(t.name, data.astype(np.float32 if data.ndim == 1 else np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(out)
     return out
