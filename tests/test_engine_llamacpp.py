@@ -377,8 +377,11 @@ def test_a_lora_converts_where_the_cache_is_read_only(engine, tmp_path):
 
 def test_an_f16_copy_holds_the_reference_weights_and_decodes_as_the_reference_does(settings, tmp_path):
     """MODALINK_LLAMACPP_WEIGHTS=f16: the GGUF with each quantized matrix dequantized to float16 (the weights the
-    transformers engine serves in fp16), written once; llama.cpp on it decodes the reference engine's greedy tokens
-    on a decisive prompt (where on the Q4_1 file it follows its own rounding)."""
+    transformers engine serves in fp16), written once (into a temporary folder where the cache is read-only);
+    llama.cpp on it decodes the reference engine's greedy tokens on a decisive prompt (where on the Q4_1 file it
+    follows its own rounding)."""
+    import shutil
+
     import gguf
     import numpy as np
 
@@ -391,6 +394,10 @@ def test_an_f16_copy_holds_the_reference_weights_and_decodes_as_the_reference_do
     src = package_dir(spec.package) / spec.gguf_file
     out = f16_copy(src, tmp_path / "gguf")
     assert f16_copy(src, tmp_path / "gguf") == out and len(list(out.parent.iterdir())) == 1  # made once
+    (tmp_path / "cache").write_text("a file where a read-only cache's folder would be")
+    elsewhere = f16_copy(src, tmp_path / "cache" / "gguf")  # as in the chart's pods: into a temporary folder
+    assert elsewhere.name == out.name and elsewhere.read_bytes() == out.read_bytes()
+    shutil.rmtree(elsewhere.parent)
     original = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
     copy = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
     assert copy.keys() == original.keys()

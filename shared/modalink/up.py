@@ -207,10 +207,10 @@ def up(run_dir: Path, replicas: dict[str, int] | None = None, modalities: list[s
     busy = [f"{s.name} (port {p})" for s in services if (p := _port_busy(s.check))]
     if busy:
         raise ConfigError(f"ports in use: {', '.join(busy)}; is another stack running?")
-    if get_settings().engine == "auto":
+    if (settings := get_settings()).engine == "auto":
         from modalink.engines import choose
 
-        runtime, why = choose(get_settings())
+        runtime, why = choose(settings)
         echo(f"  LLM engine: {runtime} (MODALINK_ENGINE=auto: {why})")
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     redis_env = {"MODALINK_REDIS_URL": redis_url or f"redis://127.0.0.1:{Ports(port_offset).redis}/0"}

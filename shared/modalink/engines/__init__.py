@@ -58,8 +58,9 @@ def _non_lora_adapter(root: Path) -> str | None:
     for folder in sorted(root.iterdir()) if root.is_dir() else ():
         version = registry.current(folder.name)
         path = version and registry.llm_adapter_path(folder.name, version)
-        if path and method_of(read_config(path)) != "lora":
-            return f"{folder.name} ({version}, {method_of(read_config(path))!r})"
+        method = path and method_of(read_config(path))
+        if method and method != "lora":
+            return f"{folder.name} ({version}, {method!r})"
     return None
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -163,21 +164,12 @@ class LlamaCppEngine(Engine):
         """A peft LoRA folder, converted to a GGUF LoRA (once, kept by its checksum), in a context of its own."""
         if name in self._loras:
             return
-        import tempfile
-
         from modalink.methods import require_lora
 
         require_lora(Path(path), "llama.cpp")
         weights = Path(path) / "adapter_model.safetensors"
         digest = hashlib.sha256(weights.read_bytes() + (Path(path) / "adapter_config.json").read_bytes()).hexdigest()
-        folder = self.lora_dir
-        try:
-            if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)
-        except OSError:  # a read-only cache (the chart's pods: only /tmp and two cache folders are writable)
-            folder = None
-        if folder is None or not os.access(folder, os.W_OK):
-            folder = self.lora_dir = Path(tempfile.mkdtemp(prefix="modalink-gguf-lora-"))
+        folder = self.lora_dir = _writable_folder(self.lora_dir, "modalink-gguf-lora-")
         out = folder / f"{digest[:16]}.gguf"
         if not out.is_file():
             lc = self.lc
@@ -411,7 +403,7 @@ def lora_to_gguf(peft_dir: Path, out: Path, n_head: int, n_head_kv: int) -> Path
         raise ConfigError(f"{peft_dir}: only plain LoRA converts to llama.cpp (no DoRA, rsLoRA, fan-in-fan-out, bias)")
     names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
-    writer = gguf.GGUFWriter(str(out.with_suffix(f".{os.getpid()}.tmp")), "llama")
+    writer = gguf.GGUFWriter(str(_partial(out)), "llama")
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(cfg["lora_alpha"]))
@@ -425,13 +417,7 @@ def lora_to_gguf(peft_dir: Path, out: Path, n_head: int, n_head_kv: int) -> Path
             heads = n_head if module == "q_proj" else n_head_kv
             w = w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
         writer.add_tensor(f"blk.{layer}.{names[module]}.weight.lora_{ab[-1].lower()}", w.numpy())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    out.with_suffix(f".{os.getpid()}.tmp").replace(out)
-    return out
+    return _write(writer, out)
 
 
 def f16_copy(src: Path, folder: Path) -> Path:
@@ -444,10 +430,9 @@ def f16_copy(src: Path, folder: Path) -> Path:
     out = folder / f"{src.stem}.f16.gguf"
     if out.is_file():
         return out
-    folder.mkdir(parents=True, exist_ok=True)
+    out = _writable_folder(folder, "modalink-gguf-f16-") / out.name
     reader = gguf.GGUFReader(str(src))
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), str(reader.fields["general.architecture"].contents()))
+    writer = gguf.GGUFWriter(str(_partial(out)), str(reader.fields["general.architecture"].contents()))
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
             continue
@@ -460,9 +445,34 @@ def f16_copy(src: Path, folder: Path) -> Path:
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type)
         writer.add_tensor(t.name, data.astype(np.float32 if data.ndim == 1 else np.float16))
+    return _write(writer, out)
+
+
+def _writable_folder(folder: Path | None, prefix: str) -> Path:
+    """``folder`` (made if need be) where it can be written, else a new temporary folder: the files derived from the
+    model and adapters go to the cache, which the chart's pods mount read-only (only /tmp and two cache folders are
+    writable there), so they are derived again in each such process."""
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            pass
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def _partial(out: Path) -> Path:
+    """Where a GGUF file is written before it is moved to ``out`` whole (no reader ever sees half a file)."""
+    return out.with_suffix(f".{os.getpid()}.tmp")
+
+
+def _write(writer, out: Path) -> Path:
+    """``writer``'s file, opened at ``_partial(out)``, written and moved to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    tmp.replace(out)
+    _partial(out).replace(out)
     return out
